@@ -1,0 +1,112 @@
+/* edgekv public C API: the one header the Python binding mirrors
+ * (python/edgekv/_native.py hands the part between cffi-begin and cffi-end to cffi).
+ *
+ * Ownership: Python parses GGUF and keeps the weight bytes alive (memory-mapped
+ * or converted); the model only borrows pointers to them. Every function that
+ * can fail returns a negative code and leaves a message in ek_model_error().
+ * A failed call leaves the model's state (context, cache) as it was.
+ */
+#ifndef EDGEKV_H
+#define EDGEKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
+#define EK_ABI_VERSION 1
+
+typedef struct {
+    int n_vocab;
+    int n_embd;
+    int n_layer;
+    int n_head;
+    int n_head_kv;
+    int head_dim;
+    int n_ff;
+    int n_ctx;       /* context window this model instance allocates */
+    int rope_dim;    /* dimensions rotated per head (<= head_dim, even) */
+    int rope_neox;   /* 0: rotate adjacent pairs (llama GGUF); 1: rotate halves (qwen2) */
+    float rope_base;
+    float norm_eps;
+    int has_qkv_bias;
+    int n_threads;
+    int n_batch;     /* max tokens per internal forward chunk */
+} ek_config;
+
+/* Tensor kinds; per-layer kinds take a layer index, global ones take -1. */
+enum {
+    EK_T_TOK_EMBD = 0,
+    EK_T_OUTPUT_NORM,
+    EK_T_OUTPUT, /* optional: absent means tied to the token embedding */
+    EK_T_ATTN_NORM,
+    EK_T_ATTN_Q,
+    EK_T_ATTN_K,
+    EK_T_ATTN_V,
+    EK_T_ATTN_O,
+    EK_T_ATTN_Q_BIAS,
+    EK_T_ATTN_K_BIAS,
+    EK_T_ATTN_V_BIAS,
+    EK_T_FFN_NORM,
+    EK_T_FFN_GATE,
+    EK_T_FFN_UP,
+    EK_T_FFN_DOWN,
+    EK_T_COUNT
+};
+
+/* Error codes */
+enum {
+    EK_OK = 0,
+    EK_ERR_INVALID = -1,  /* bad argument, shape or state */
+    EK_ERR_NOMEM = -2,    /* allocation failed */
+    EK_ERR_CONTEXT = -3,  /* would exceed the context window */
+    EK_ERR_TOKEN = -4,    /* token id out of range */
+};
+
+enum { EK_LOGITS_NONE = 0, EK_LOGITS_LAST = 1, EK_LOGITS_ALL = 2 };
+
+typedef struct ek_model ek_model;
+
+int ek_abi_version(void);
+const char *ek_simd(void); /* "avx2", "neon", "neon+dotprod" or "scalar" */
+
+/* Bytes of one row of n values of a GGML type; 0 if the type is not native or n is not whole blocks. */
+size_t ek_type_row_bytes(int type, int64_t n);
+
+ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len);
+void ek_model_free(ek_model *m);
+const char *ek_model_error(const ek_model *m);
+
+/* Borrow a tensor. n_in: values per row (GGUF ne[0]); n_out: rows (ne[1], 1 for vectors). */
+int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *data, int64_t n_in,
+                        int64_t n_out, size_t n_bytes);
+/* Check that every required tensor is present; the model is usable only after this succeeds. */
+int ek_model_finalize(ek_model *m);
+
+/* Append n tokens to the context and run them. logits: NULL for EK_LOGITS_NONE,
+ * else n_vocab floats (LAST) or n * n_vocab floats (ALL). */
+int ek_forward(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits);
+
+int ek_n_past(const ek_model *m);
+int ek_n_ctx(const ek_model *m);
+/* Drop every cached token at position >= n_past (0 clears the context). */
+int ek_truncate(ek_model *m, int n_past);
+
+/* KV cache memory: bytes held for the tokens in context, and per token. */
+size_t ek_kv_bytes_used(const ek_model *m);
+size_t ek_kv_bytes_per_token(const ek_model *m);
+
+/* Kernel entry for tests and benchmarks: out[t * n_out + r] = dot(W row r, x row t).
+ * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path. */
+int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
+              int impl);
+/* cffi-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,571 @@
+/* The model: borrowed weights, the KV cache, scratch buffers and the forward
+ * pass (batched prefill and single-token decode share one code path; a decode
+ * step is a batch of one).
+ *
+ * forward() reads top to bottom, layer by layer:
+ *   x = embed(tokens)
+ *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); rope(q,k); cache(k,v)
+ *              att = attention(q, cache); x += att @ Wo
+ *              xb = rmsnorm(x); h = silu(xb @ Wgate) * (xb @ Wup); x += h @ Wdown
+ *   logits = rmsnorm(x) @ Woutput
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "edgekv.h"
+#include "kv_cache.h"
+#include "quant.h"
+#include "simd.h"
+#include "threadpool.h"
+
+/* A borrowed weight matrix: n_out rows of n_in values. */
+typedef struct {
+    const void *data;
+    int type;
+    int64_t n_in, n_out;
+    size_t row_bytes;
+} ek_mat;
+
+typedef struct {
+    const float *attn_norm;     /* (n_embd) */
+    ek_mat wq, wk, wv, wo;
+    const float *bq, *bk, *bv;  /* (q_dim), (kv_dim), (kv_dim) or NULL */
+    const float *ffn_norm;      /* (n_embd) */
+    ek_mat w_gate, w_up, w_down;
+} ek_layer;
+
+struct ek_model {
+    ek_config cfg;
+    int q_dim, kv_dim, group;   /* n_head*head_dim, n_head_kv*head_dim, n_head/n_head_kv */
+    int finalized;
+
+    ek_mat tok_embd, output;
+    const float *output_norm;
+    ek_layer *layers;
+
+    ek_kv_cache kv;
+    ek_pool *pool;
+    int n_past;
+
+    /* scratch, sized for n_batch tokens */
+    float *x;          /* (n_batch, n_embd) residual stream */
+    float *xb;         /* (n_batch, max(n_embd, q_dim)) normed input / attention output */
+    float *q;          /* (n_batch, q_dim) */
+    float *k, *v;      /* (n_batch, kv_dim) */
+    float *gate, *up;  /* (n_batch, n_ff) */
+    float *proj;       /* (n_batch, n_embd) output of Wo and Wdown, added into x */
+    void *act;         /* (n_batch, act row bytes) quantized activations */
+    size_t act_stride;
+    float *rope_cos, *rope_sin; /* (n_batch, rope_dim/2) */
+    float *inv_freq;   /* (rope_dim/2) */
+    float *scores;     /* (n_threads, group, n_ctx) attention scratch */
+    float *att_out;    /* (n_threads, group, head_dim) */
+
+    char err[512];
+};
+
+static int fail(ek_model *m, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->err, sizeof m->err, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int ek_abi_version(void) { return EK_ABI_VERSION; }
+const char *ek_simd(void) { return ek_simd_name(); }
+size_t ek_type_row_bytes(int type, int64_t n) { return ek_row_bytes(type, n); }
+const char *ek_model_error(const ek_model *m) { return m->err; }
+int ek_n_past(const ek_model *m) { return m->n_past; }
+int ek_n_ctx(const ek_model *m) { return m->cfg.n_ctx; }
+size_t ek_kv_bytes_per_token(const ek_model *m) { return ek_kv_cache_bytes_per_token(&m->kv); }
+size_t ek_kv_bytes_used(const ek_model *m) { return ek_kv_cache_bytes_per_token(&m->kv) * (size_t)m->n_past; }
+
+/* ------------------------------------------------------------------------- */
+/* construction                                                               */
+/* ------------------------------------------------------------------------- */
+
+static int check_config(const ek_config *c, char *err, size_t err_len) {
+#define REQUIRE(cond, ...)                                                                                    \
+    if (!(cond)) {                                                                                            \
+        if (err) snprintf(err, err_len, __VA_ARGS__);                                                        \
+        return -1;                                                                                            \
+    }
+    REQUIRE(c->n_vocab > 0 && c->n_embd > 0 && c->n_layer > 0 && c->n_ff > 0,
+            "config: n_vocab, n_embd, n_layer and n_ff must be positive");
+    REQUIRE(c->n_head > 0 && c->n_head_kv > 0 && c->n_head % c->n_head_kv == 0,
+            "config: n_head (%d) must be a positive multiple of n_head_kv (%d)", c->n_head, c->n_head_kv);
+    REQUIRE(c->head_dim > 0 && c->head_dim % 8 == 0 && c->head_dim <= 1024,
+            "config: head_dim (%d) must be a multiple of 8 and at most 1024", c->head_dim);
+    REQUIRE(c->rope_dim >= 0 && c->rope_dim <= c->head_dim && c->rope_dim % 2 == 0,
+            "config: rope_dim (%d) must be even and at most head_dim (%d)", c->rope_dim, c->head_dim);
+    REQUIRE(c->n_ctx > 0 && c->n_ctx <= (1 << 22), "config: n_ctx (%d) must be in 1..4194304", c->n_ctx);
+    REQUIRE(c->n_threads >= 1 && c->n_threads <= 256, "config: n_threads (%d) must be in 1..256", c->n_threads);
+    REQUIRE(c->n_batch >= 1 && c->n_batch <= 8192, "config: n_batch (%d) must be in 1..8192", c->n_batch);
+    REQUIRE(c->norm_eps > 0.0f && c->rope_base > 0.0f, "config: norm_eps and rope_base must be positive");
+#undef REQUIRE
+    return 0;
+}
+
+ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
+    if (check_config(cfg, err, err_len)) return NULL;
+    ek_model *m = (ek_model *)calloc(1, sizeof(ek_model));
+    if (!m) goto oom;
+    m->cfg = *cfg;
+    m->q_dim = cfg->n_head * cfg->head_dim;
+    m->kv_dim = cfg->n_head_kv * cfg->head_dim;
+    m->group = cfg->n_head / cfg->n_head_kv;
+    m->layers = (ek_layer *)calloc((size_t)cfg->n_layer, sizeof(ek_layer));
+    if (!m->layers) goto oom;
+    if (ek_kv_init(&m->kv, cfg->n_layer, cfg->n_head_kv, cfg->head_dim, cfg->n_ctx)) goto oom;
+
+    const size_t B = (size_t)cfg->n_batch;
+    const int wide = cfg->n_embd > m->q_dim ? cfg->n_embd : m->q_dim;
+    int widest = wide > cfg->n_ff ? wide : cfg->n_ff;
+    m->act_stride = (size_t)widest * sizeof(float); /* >= any activation row format */
+    m->x = (float *)malloc(B * cfg->n_embd * sizeof(float));
+    m->xb = (float *)malloc(B * wide * sizeof(float));
+    m->q = (float *)malloc(B * m->q_dim * sizeof(float));
+    m->k = (float *)malloc(B * m->kv_dim * sizeof(float));
+    m->v = (float *)malloc(B * m->kv_dim * sizeof(float));
+    m->gate = (float *)malloc(B * cfg->n_ff * sizeof(float));
+    m->up = (float *)malloc(B * cfg->n_ff * sizeof(float));
+    m->proj = (float *)malloc(B * cfg->n_embd * sizeof(float));
+    m->act = malloc(B * m->act_stride);
+    m->rope_cos = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
+    m->rope_sin = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
+    m->inv_freq = (float *)malloc((cfg->rope_dim / 2 + 1) * sizeof(float));
+    m->scores = (float *)malloc((size_t)cfg->n_threads * m->group * cfg->n_ctx * sizeof(float));
+    m->att_out = (float *)malloc((size_t)cfg->n_threads * m->group * cfg->head_dim * sizeof(float));
+    if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
+        !m->rope_sin || !m->inv_freq || !m->scores || !m->att_out)
+        goto oom;
+    for (int i = 0; i < cfg->rope_dim / 2; i++)
+        m->inv_freq[i] = (float)pow((double)cfg->rope_base, -2.0 * i / (double)cfg->rope_dim);
+    m->pool = ek_pool_create(cfg->n_threads);
+    if (!m->pool) goto oom;
+    return m;
+oom:
+    if (err) snprintf(err, err_len, "out of memory allocating the model state (n_ctx=%d, n_batch=%d)", cfg->n_ctx,
+                      cfg->n_batch);
+    ek_model_free(m);
+    return NULL;
+}
+
+void ek_model_free(ek_model *m) {
+    if (!m) return;
+    if (m->pool) ek_pool_free(m->pool);
+    ek_kv_free(&m->kv);
+    free(m->layers);
+    free(m->x); free(m->xb); free(m->q); free(m->k); free(m->v); free(m->gate); free(m->up); free(m->proj);
+    free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq); free(m->scores); free(m->att_out);
+    free(m);
+}
+
+/* What each tensor kind must look like: (n_in, n_out), whether it must be F32, whether per layer. */
+static int expected_shape(const ek_model *m, int kind, int64_t *n_in, int64_t *n_out, int *f32_only,
+                          int *per_layer) {
+    const ek_config *c = &m->cfg;
+    *f32_only = 0;
+    *per_layer = 1;
+    *n_out = 1;
+    switch (kind) {
+    case EK_T_TOK_EMBD: *n_in = c->n_embd; *n_out = c->n_vocab; *per_layer = 0; break;
+    case EK_T_OUTPUT: *n_in = c->n_embd; *n_out = c->n_vocab; *per_layer = 0; break;
+    case EK_T_OUTPUT_NORM: *n_in = c->n_embd; *f32_only = 1; *per_layer = 0; break;
+    case EK_T_ATTN_NORM: case EK_T_FFN_NORM: *n_in = c->n_embd; *f32_only = 1; break;
+    case EK_T_ATTN_Q: *n_in = c->n_embd; *n_out = m->q_dim; break;
+    case EK_T_ATTN_K: case EK_T_ATTN_V: *n_in = c->n_embd; *n_out = m->kv_dim; break;
+    case EK_T_ATTN_O: *n_in = m->q_dim; *n_out = c->n_embd; break;
+    case EK_T_ATTN_Q_BIAS: *n_in = m->q_dim; *f32_only = 1; break;
+    case EK_T_ATTN_K_BIAS: case EK_T_ATTN_V_BIAS: *n_in = m->kv_dim; *f32_only = 1; break;
+    case EK_T_FFN_GATE: case EK_T_FFN_UP: *n_in = c->n_embd; *n_out = c->n_ff; break;
+    case EK_T_FFN_DOWN: *n_in = c->n_ff; *n_out = c->n_embd; break;
+    default: return -1;
+    }
+    return 0;
+}
+
+int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *data, int64_t n_in,
+                        int64_t n_out, size_t n_bytes) {
+    int64_t e_in, e_out;
+    int f32_only, per_layer;
+    if (m->finalized) return fail(m, EK_ERR_INVALID, "model is finalized; tensors can no longer be set");
+    if (expected_shape(m, kind, &e_in, &e_out, &f32_only, &per_layer))
+        return fail(m, EK_ERR_INVALID, "unknown tensor kind %d", kind);
+    if (per_layer && (layer < 0 || layer >= m->cfg.n_layer))
+        return fail(m, EK_ERR_INVALID, "tensor kind %d: layer %d out of range 0..%d", kind, layer, m->cfg.n_layer - 1);
+    if (!data) return fail(m, EK_ERR_INVALID, "tensor kind %d: data is NULL", kind);
+    if (n_in != e_in || n_out != e_out)
+        return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: shape (%lld, %lld), expected (%lld, %lld)", kind,
+                    layer, (long long)n_in, (long long)n_out, (long long)e_in, (long long)e_out);
+    const ek_type_traits *t = ek_type_get(type);
+    if (!t) return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: type %d does not run natively", kind, layer, type);
+    if (f32_only && type != EK_TYPE_F32)
+        return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: norms and biases must be F32", kind, layer);
+    size_t row_bytes = ek_row_bytes(type, n_in);
+    if (row_bytes == 0)
+        return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: %lld values per row is not a whole number of %s blocks",
+                    kind, layer, (long long)n_in, t->name);
+    if (n_bytes != row_bytes * (size_t)n_out)
+        return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: %zu bytes given, %zu expected", kind, layer, n_bytes,
+                    row_bytes * (size_t)n_out);
+    ek_mat mat = {data, type, n_in, n_out, row_bytes};
+    ek_layer *L = per_layer ? &m->layers[layer] : NULL;
+    switch (kind) {
+    case EK_T_TOK_EMBD: m->tok_embd = mat; break;
+    case EK_T_OUTPUT: m->output = mat; break;
+    case EK_T_OUTPUT_NORM: m->output_norm = (const float *)data; break;
+    case EK_T_ATTN_NORM: L->attn_norm = (const float *)data; break;
+    case EK_T_ATTN_Q: L->wq = mat; break;
+    case EK_T_ATTN_K: L->wk = mat; break;
+    case EK_T_ATTN_V: L->wv = mat; break;
+    case EK_T_ATTN_O: L->wo = mat; break;
+    case EK_T_ATTN_Q_BIAS: L->bq = (const float *)data; break;
+    case EK_T_ATTN_K_BIAS: L->bk = (const float *)data; break;
+    case EK_T_ATTN_V_BIAS: L->bv = (const float *)data; break;
+    case EK_T_FFN_NORM: L->ffn_norm = (const float *)data; break;
+    case EK_T_FFN_GATE: L->w_gate = mat; break;
+    case EK_T_FFN_UP: L->w_up = mat; break;
+    case EK_T_FFN_DOWN: L->w_down = mat; break;
+    }
+    return EK_OK;
+}
+
+int ek_model_finalize(ek_model *m) {
+    if (!m->tok_embd.data) return fail(m, EK_ERR_INVALID, "missing tensor: token embedding");
+    if (!m->output_norm) return fail(m, EK_ERR_INVALID, "missing tensor: output norm");
+    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        const ek_layer *L = &m->layers[l];
+        if (!L->attn_norm || !L->ffn_norm || !L->wq.data || !L->wk.data || !L->wv.data || !L->wo.data ||
+            !L->w_gate.data || !L->w_up.data || !L->w_down.data)
+            return fail(m, EK_ERR_INVALID, "missing tensor in layer %d", l);
+        int nb = (L->bq != NULL) + (L->bk != NULL) + (L->bv != NULL);
+        if (m->cfg.has_qkv_bias ? nb != 3 : nb != 0)
+            return fail(m, EK_ERR_INVALID, "layer %d: Q/K/V biases must be all present (qwen2) or all absent (llama)", l);
+    }
+    m->finalized = 1;
+    return EK_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* parallel matmul: out[t, r] = dot(W[r], act[t]) for several matrices at once */
+/* ------------------------------------------------------------------------- */
+
+#define MM_MAX_JOBS 3
+#define MM_TOKEN_TILE 32 /* activation tile kept in L1 while weight rows stream past */
+
+typedef struct {
+    const ek_mat *w;
+    float *out; /* (n_tok, out_stride) */
+    int out_stride;
+} mm_job;
+
+typedef struct {
+    mm_job jobs[MM_MAX_JOBS];
+    int n_jobs;
+    const float *x;   /* (n_tok, n_in) float source */
+    const void *xq;   /* (n_tok, act_stride) quantized activations */
+    size_t act_stride;
+    int n_tok, n_in;
+} mm_ctx;
+
+static void mm_task(void *p, int ith, int nth) {
+    const mm_ctx *c = (const mm_ctx *)p;
+    int64_t total = 0;
+    for (int j = 0; j < c->n_jobs; j++) total += c->jobs[j].w->n_out;
+    const int64_t r0 = total * ith / nth, r1 = total * (ith + 1) / nth;
+    for (int t0 = 0; t0 < c->n_tok; t0 += MM_TOKEN_TILE) {
+        const int t1 = t0 + MM_TOKEN_TILE < c->n_tok ? t0 + MM_TOKEN_TILE : c->n_tok;
+        int64_t base = 0;
+        for (int j = 0; j < c->n_jobs; j++) {
+            const mm_job *job = &c->jobs[j];
+            const ek_mat *w = job->w;
+            const ek_type_traits *tr = ek_type_get(w->type);
+            const void *act = tr->act_is_q8 ? c->xq : (const void *)c->x;
+            const size_t stride = tr->act_is_q8 ? c->act_stride : (size_t)c->n_in * sizeof(float);
+            int64_t lo = r0 > base ? r0 - base : 0, hi = r1 - base < w->n_out ? r1 - base : w->n_out;
+            for (int64_t r = lo; r < hi; r++) {
+                const void *row = (const char *)w->data + (size_t)r * w->row_bytes;
+                int t = t0;
+                float o[4];
+                for (; t + 4 <= t1; t += 4) {
+                    tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 4, o);
+                    for (int i = 0; i < 4; i++) job->out[(size_t)(t + i) * job->out_stride + r] = o[i];
+                }
+                for (; t < t1; t++) {
+                    tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 1, o);
+                    job->out[(size_t)t * job->out_stride + r] = o[0];
+                }
+            }
+            base += w->n_out;
+        }
+    }
+}
+
+typedef struct {
+    const float *x;
+    void *xq;
+    size_t stride;
+    int n_tok, n_in;
+} quant_ctx;
+
+static void quant_task(void *p, int ith, int nth) {
+    const quant_ctx *c = (const quant_ctx *)p;
+    for (int t = ith; t < c->n_tok; t += nth)
+        ek_quantize_row_q8a(c->x + (size_t)t * c->n_in, (block_q8a *)((char *)c->xq + (size_t)t * c->stride), c->n_in);
+}
+
+/* Run up to MM_MAX_JOBS matrices that share the input x (n_tok, n_in). */
+static void matmul(ek_model *m, const float *x, int n_tok, int n_in, const mm_job *jobs, int n_jobs) {
+    mm_ctx c = {.n_jobs = n_jobs, .x = x, .xq = m->act, .act_stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
+    int need_q8 = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        c.jobs[j] = jobs[j];
+        need_q8 |= ek_type_get(jobs[j].w->type)->act_is_q8;
+    }
+    if (need_q8) {
+        quant_ctx q = {x, m->act, m->act_stride, n_tok, n_in};
+        if (n_tok == 1)
+            quant_task(&q, 0, 1);
+        else
+            ek_pool_run(m->pool, quant_task, &q);
+    }
+    ek_pool_run(m->pool, mm_task, &c);
+}
+
+/* ------------------------------------------------------------------------- */
+/* elementwise pieces                                                         */
+/* ------------------------------------------------------------------------- */
+
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+/* Rotate one head in place. llama GGUF rotates adjacent pairs (the converter
+ * permutes Q/K rows for that); NEOX style (qwen2) rotates (i, i + rope_dim/2). */
+static void rope_head(float *v, const float *cs, const float *sn, int rope_dim, int neox) {
+    const int half = rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cs[i] - x1 * sn[i];
+        v[b] = x0 * sn[i] + x1 * cs[i];
+    }
+}
+
+/* Per-token work between the QKV matmul and attention: bias, rope, cache write. */
+typedef struct {
+    ek_model *m;
+    int layer, n_tok;
+    const ek_layer *L;
+} qkv_post_ctx;
+
+static void qkv_post_task(void *p, int ith, int nth) {
+    const qkv_post_ctx *c = (const qkv_post_ctx *)p;
+    ek_model *m = c->m;
+    const ek_config *cf = &m->cfg;
+    const int half = cf->rope_dim / 2;
+    for (int t = ith; t < c->n_tok; t += nth) {
+        float *q = m->q + (size_t)t * m->q_dim, *k = m->k + (size_t)t * m->kv_dim, *v = m->v + (size_t)t * m->kv_dim;
+        if (c->L->bq) {
+            for (int i = 0; i < m->q_dim; i++) q[i] += c->L->bq[i];
+            for (int i = 0; i < m->kv_dim; i++) k[i] += c->L->bk[i];
+            for (int i = 0; i < m->kv_dim; i++) v[i] += c->L->bv[i];
+        }
+        const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
+        for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
+        for (int h = 0; h < cf->n_head_kv; h++) rope_head(k + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
+        ek_kv_write(&m->kv, c->layer, m->n_past + t, k, v);
+    }
+}
+
+/* Attention: one task per (token, KV head); token t sees positions 0..n_past+t. */
+typedef struct {
+    ek_model *m;
+    int layer, n_tok;
+    float *out; /* (n_tok, q_dim) */
+} attn_ctx;
+
+static void attn_task(void *p, int ith, int nth) {
+    const attn_ctx *c = (const attn_ctx *)p;
+    ek_model *m = c->m;
+    const ek_config *cf = &m->cfg;
+    const int hd = cf->head_dim, gs = m->group;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *scores = m->scores + (size_t)ith * gs * cf->n_ctx;
+    float *qs = m->att_out + (size_t)ith * gs * hd;
+    const int n_tasks = c->n_tok * cf->n_head_kv;
+    for (int task = ith; task < n_tasks; task += nth) {
+        const int t = task / cf->n_head_kv, g = task % cf->n_head_kv;
+        const int n_pos = m->n_past + t + 1;
+        const float *q = m->q + (size_t)t * m->q_dim + (size_t)g * gs * hd;
+        for (int i = 0; i < gs * hd; i++) qs[i] = q[i] * scale;
+        ek_attend_f16(ek_kv_k(&m->kv, c->layer, g, 0), ek_kv_v(&m->kv, c->layer, g, 0), n_pos, hd, qs, gs,
+                      c->out + (size_t)t * m->q_dim + (size_t)g * gs * hd, scores);
+    }
+}
+
+typedef struct {
+    ek_model *m;
+    int n_tok;
+    const float *w;
+} norm_ctx;
+
+static void norm_task(void *p, int ith, int nth) {
+    const norm_ctx *c = (const norm_ctx *)p;
+    const int n = c->m->cfg.n_embd;
+    for (int t = ith; t < c->n_tok; t += nth)
+        rmsnorm(c->m->xb + (size_t)t * n, c->m->x + (size_t)t * n, c->w, n, c->m->cfg.norm_eps);
+}
+
+static void swiglu_task(void *p, int ith, int nth) {
+    const norm_ctx *c = (const norm_ctx *)p;
+    const size_t n = (size_t)c->n_tok * c->m->cfg.n_ff;
+    const size_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
+    float *g = c->m->gate, *u = c->m->up;
+    for (size_t i = i0; i < i1; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Run a per-token elementwise task in parallel only when there is enough work. */
+static void run_rows(ek_model *m, ek_task_fn fn, void *ctx, int n_tok) {
+    if (n_tok == 1)
+        fn(ctx, 0, 1);
+    else
+        ek_pool_run(m->pool, fn, ctx);
+}
+
+static void add_into(float *x, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* ------------------------------------------------------------------------- */
+/* forward                                                                    */
+/* ------------------------------------------------------------------------- */
+
+static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
+    const ek_config *cf = &m->cfg;
+    const int E = cf->n_embd, half = cf->rope_dim / 2;
+
+    const ek_type_traits *et = ek_type_get(m->tok_embd.type);
+    for (int t = 0; t < n; t++)
+        et->to_float((const char *)m->tok_embd.data + (size_t)tokens[t] * m->tok_embd.row_bytes, m->x + (size_t)t * E, E);
+    for (int t = 0; t < n; t++) {
+        const double pos = (double)(m->n_past + t);
+        for (int i = 0; i < half; i++) {
+            const double theta = pos * m->inv_freq[i];
+            m->rope_cos[(size_t)t * half + i] = (float)cos(theta);
+            m->rope_sin[(size_t)t * half + i] = (float)sin(theta);
+        }
+    }
+
+    for (int l = 0; l < cf->n_layer; l++) {
+        const ek_layer *L = &m->layers[l];
+        norm_ctx nc = {m, n, L->attn_norm};
+        run_rows(m, norm_task, &nc, n);
+        mm_job qkv[3] = {{&L->wq, m->q, m->q_dim}, {&L->wk, m->k, m->kv_dim}, {&L->wv, m->v, m->kv_dim}};
+        matmul(m, m->xb, n, E, qkv, 3);
+        qkv_post_ctx pc = {m, l, n, L};
+        run_rows(m, qkv_post_task, &pc, n);
+        attn_ctx ac = {m, l, n, m->xb};
+        ek_pool_run(m->pool, attn_task, &ac);
+        mm_job o = {&L->wo, m->proj, E};
+        matmul(m, m->xb, n, m->q_dim, &o, 1);
+        add_into(m->x, m->proj, (size_t)n * E);
+
+        nc.w = L->ffn_norm;
+        run_rows(m, norm_task, &nc, n);
+        mm_job gu[2] = {{&L->w_gate, m->gate, cf->n_ff}, {&L->w_up, m->up, cf->n_ff}};
+        matmul(m, m->xb, n, E, gu, 2);
+        run_rows(m, swiglu_task, &nc, n);
+        mm_job d = {&L->w_down, m->proj, E};
+        matmul(m, m->gate, n, cf->n_ff, &d, 1);
+        add_into(m->x, m->proj, (size_t)n * E);
+    }
+    m->kv.n = m->n_past + n;
+
+    if (logits_mode != EK_LOGITS_NONE) {
+        const int first = logits_mode == EK_LOGITS_ALL ? 0 : n - 1;
+        const int n_out = n - first;
+        for (int t = first; t < n; t++)
+            rmsnorm(m->xb + (size_t)(t - first) * E, m->x + (size_t)t * E, m->output_norm, E, cf->norm_eps);
+        mm_job oj = {&m->output, logits, cf->n_vocab};
+        matmul(m, m->xb, n_out, E, &oj, 1);
+    }
+    m->n_past += n;
+}
+
+int ek_forward(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
+    if (!m->finalized) return fail(m, EK_ERR_INVALID, "model is not finalized");
+    if (n <= 0 || !tokens) return fail(m, EK_ERR_INVALID, "forward needs at least one token");
+    if (logits_mode < EK_LOGITS_NONE || logits_mode > EK_LOGITS_ALL)
+        return fail(m, EK_ERR_INVALID, "invalid logits mode %d", logits_mode);
+    if (logits_mode != EK_LOGITS_NONE && !logits) return fail(m, EK_ERR_INVALID, "logits buffer is NULL");
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.n_vocab)
+            return fail(m, EK_ERR_TOKEN, "token id %d at index %d is out of range [0, %d)", tokens[i], i, m->cfg.n_vocab);
+    if ((int64_t)m->n_past + n > m->cfg.n_ctx)
+        return fail(m, EK_ERR_CONTEXT, "context overflow: %d tokens in context + %d new > n_ctx %d", m->n_past, n,
+                    m->cfg.n_ctx);
+    for (int i = 0; i < n; i += m->cfg.n_batch) {
+        const int nb = n - i < m->cfg.n_batch ? n - i : m->cfg.n_batch;
+        const int last = i + nb == n;
+        int mode = EK_LOGITS_NONE;
+        float *out = NULL;
+        if (logits_mode == EK_LOGITS_ALL) {
+            mode = EK_LOGITS_ALL;
+            out = logits + (size_t)i * m->cfg.n_vocab;
+        } else if (logits_mode == EK_LOGITS_LAST && last) {
+            mode = EK_LOGITS_LAST;
+            out = logits;
+        }
+        forward_chunk(m, tokens + i, nb, mode, out);
+    }
+    return EK_OK;
+}
+
+int ek_truncate(ek_model *m, int n_past) {
+    if (n_past < 0 || n_past > m->n_past)
+        return fail(m, EK_ERR_INVALID, "cannot truncate to %d: context holds %d tokens", n_past, m->n_past);
+    m->n_past = n_past;
+    m->kv.n = n_past;
+    return EK_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* kernel entry for tests                                                     */
+/* ------------------------------------------------------------------------- */
+
+int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
+              int impl) {
+    const ek_type_traits *t = ek_type_get(type);
+    if (!t || !w || !x || !out || n_tok <= 0 || n_out <= 0 || ek_row_bytes(type, n_in) == 0) return EK_ERR_INVALID;
+    const size_t stride = ek_act_row_bytes(type, (int)n_in);
+    void *act = malloc(stride * (size_t)n_tok);
+    if (!act) return EK_ERR_NOMEM;
+    for (int i = 0; i < n_tok; i++) ek_quantize_act_row(type, x + (size_t)i * n_in, (char *)act + (size_t)i * stride, (int)n_in);
+    const size_t rb = ek_row_bytes(type, n_in);
+    ek_dot_fn dot = impl == 0 ? t->dot_ref : t->dot;
+    for (int64_t r = 0; r < n_out; r++) {
+        int i = 0;
+        float o[4];
+        for (; i + 4 <= n_tok; i += 4) {
+            dot((int)n_in, (const char *)w + (size_t)r * rb, (const char *)act + (size_t)i * stride, stride, 4, o);
+            for (int k = 0; k < 4; k++) out[(size_t)(i + k) * n_out + r] = o[k];
+        }
+        for (; i < n_tok; i++) {
+            dot((int)n_in, (const char *)w + (size_t)r * rb, (const char *)act + (size_t)i * stride, stride, 1, o);
+            out[(size_t)i * n_out + r] = o[0];
+        }
+    }
+    free(act);
+    return EK_OK;
+}

@@ -1,0 +1,467 @@
+/* Weight kernels: fp16 conversion, activation quantization, and per-type dot
+ * products (plain C reference + AVX2 + NEON), collected in one traits table.
+ *
+ * Every SIMD kernel computes the same sums as its *_ref twin; tests compare
+ * them with an explicit error bound (tests/test_kernels.c, tests/test_kernels.py).
+ */
+#include "quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "simd.h"
+
+/* ------------------------------------------------------------------------- */
+/* fp16                                                                       */
+/* ------------------------------------------------------------------------- */
+
+float ek_fp16_to_fp32(ek_fp16 h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        /* zero or subnormal: mant * 2^-24 is exact in fp32 */
+        float f = (float)mant * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+ek_fp16 ek_fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx > 0x7f800000u) return (ek_fp16)(sign | 0x7e00); /* NaN stays NaN */
+    if (absx >= 0x477ff000u) return (ek_fp16)(sign | 0x7c00); /* rounds past 65504: inf */
+    if (absx < 0x38800000u) {
+        /* below the smallest normal half (2^-14): subnormal, round to nearest even */
+        float a;
+        memcpy(&a, &absx, 4);
+        return (ek_fp16)(sign | (uint32_t)lrintf(a * 16777216.0f));
+    }
+    uint32_t r = absx + 0xfffu + ((absx >> 13) & 1u); /* round to nearest even */
+    return (ek_fp16)(sign | ((r - 0x38000000u) >> 13));
+}
+
+void ek_fp16_to_fp32_row(const ek_fp16 *x, float *y, int n) {
+    int i = 0;
+#if defined(EK_AVX2)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+#endif
+    for (; i < n; i++) y[i] = ek_fp16_to_fp32(x[i]);
+}
+
+void ek_fp32_to_fp16_row(const float *x, ek_fp16 *y, int n) {
+    for (int i = 0; i < n; i++) y[i] = ek_fp32_to_fp16(x[i]);
+}
+
+/* ------------------------------------------------------------------------- */
+/* activation quantization                                                    */
+/* ------------------------------------------------------------------------- */
+
+void ek_quantize_row_q8a(const float *x, block_q8a *y, int n) {
+    const int nb = n / QK;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)lrintf(xb[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[b].d = d;
+        y[b].s = d * (float)sum;
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* dequantization (embedding lookup, tests)                                   */
+/* ------------------------------------------------------------------------- */
+
+static void to_float_f32(const void *row, float *y, int n) { memcpy(y, row, (size_t)n * sizeof(float)); }
+
+static void to_float_f16(const void *row, float *y, int n) { ek_fp16_to_fp32_row((const ek_fp16 *)row, y, n); }
+
+static void to_float_q4_0(const void *row, float *y, int n) {
+    const block_q4_0 *b = (const block_q4_0 *)row;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = ek_fp16_to_fp32(b[i].d);
+        for (int j = 0; j < QK / 2; j++) {
+            y[i * QK + j] = ((int)(b[i].qs[j] & 0x0f) - 8) * d;
+            y[i * QK + j + QK / 2] = ((int)(b[i].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+static void to_float_q4_1(const void *row, float *y, int n) {
+    const block_q4_1 *b = (const block_q4_1 *)row;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = ek_fp16_to_fp32(b[i].d), m = ek_fp16_to_fp32(b[i].m);
+        for (int j = 0; j < QK / 2; j++) {
+            y[i * QK + j] = (b[i].qs[j] & 0x0f) * d + m;
+            y[i * QK + j + QK / 2] = (b[i].qs[j] >> 4) * d + m;
+        }
+    }
+}
+
+static void to_float_q8_0(const void *row, float *y, int n) {
+    const block_q8_0 *b = (const block_q8_0 *)row;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = ek_fp16_to_fp32(b[i].d);
+        for (int j = 0; j < QK; j++) y[i * QK + j] = b[i].qs[j] * d;
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* reference dot products: one weight row against nx activation rows          */
+/* ------------------------------------------------------------------------- */
+
+#define ACT_ROW(act, stride, r) ((const void *)((const char *)(act) + (size_t)(r) * (stride)))
+
+static void dot_f32_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const float *wr = (const float *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        double s = 0.0;
+        for (int i = 0; i < n; i++) s += (double)wr[i] * x[i];
+        out[r] = (float)s;
+    }
+}
+
+static void dot_f16_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const ek_fp16 *wr = (const ek_fp16 *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        double s = 0.0;
+        for (int i = 0; i < n; i++) s += (double)ek_fp16_to_fp32(wr[i]) * x[i];
+        out[r] = (float)s;
+    }
+}
+
+/* Q4_0: sum (q-8)*dw * a*da = dw * (da * sum(q*a) - 8 * s_a) */
+static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const block_q4_0 *wb = (const block_q4_0 *)w;
+    for (int r = 0; r < nx; r++) {
+        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        float s = 0.0f;
+        for (int b = 0; b < n / QK; b++) {
+            int isum = 0;
+            for (int j = 0; j < QK / 2; j++) {
+                isum += (wb[b].qs[j] & 0x0f) * a[b].qs[j];
+                isum += (wb[b].qs[j] >> 4) * a[b].qs[j + QK / 2];
+            }
+            s += ek_fp16_to_fp32(wb[b].d) * (a[b].d * (float)isum - 8.0f * a[b].s);
+        }
+        out[r] = s;
+    }
+}
+
+/* Q4_1: sum (q*dw + m) * a*da = dw*da*sum(q*a) + m * s_a */
+static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const block_q4_1 *wb = (const block_q4_1 *)w;
+    for (int r = 0; r < nx; r++) {
+        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        float s = 0.0f;
+        for (int b = 0; b < n / QK; b++) {
+            int isum = 0;
+            for (int j = 0; j < QK / 2; j++) {
+                isum += (wb[b].qs[j] & 0x0f) * a[b].qs[j];
+                isum += (wb[b].qs[j] >> 4) * a[b].qs[j + QK / 2];
+            }
+            s += ek_fp16_to_fp32(wb[b].d) * a[b].d * (float)isum + ek_fp16_to_fp32(wb[b].m) * a[b].s;
+        }
+        out[r] = s;
+    }
+}
+
+static void dot_q8_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0 *wb = (const block_q8_0 *)w;
+    for (int r = 0; r < nx; r++) {
+        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        float s = 0.0f;
+        for (int b = 0; b < n / QK; b++) {
+            int isum = 0;
+            for (int j = 0; j < QK; j++) isum += wb[b].qs[j] * a[b].qs[j];
+            s += ek_fp16_to_fp32(wb[b].d) * a[b].d * (float)isum;
+        }
+        out[r] = s;
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* AVX2 kernels                                                               */
+/* ------------------------------------------------------------------------- */
+#if defined(EK_AVX2)
+
+/* 32 nibbles -> 32 bytes in [0,15]: low nibbles are elements 0..15, high nibbles 16..31 */
+static inline __m256i unpack_nibbles(const uint8_t *qs) {
+    __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+/* u8 x s8 products summed in groups of 4, as 8 floats */
+static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+    __m256i p16 = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+#define EK_INLINE static inline __attribute__((always_inline))
+
+/* nx is a compile-time constant at each call site below, so the r-loops unroll. */
+EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, size_t stride, int nx,
+                           float *out) {
+    const int nb = n / QK;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float off[4] = {0, 0, 0, 0};
+    const block_q8a *a[4];
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    for (int b = 0; b < nb; b++) {
+        __m256i q;
+        float dw, ow;
+        if (has_min) {
+            const block_q4_1 *wb = (const block_q4_1 *)w + b;
+            q = unpack_nibbles(wb->qs);
+            dw = ek_h2f(wb->d);
+            ow = ek_h2f(wb->m);
+        } else {
+            const block_q4_0 *wb = (const block_q4_0 *)w + b;
+            q = unpack_nibbles(wb->qs);
+            dw = ek_h2f(wb->d);
+            ow = -8.0f * dw;
+        }
+        for (int r = 0; r < nx; r++) {
+            __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(q, av), acc[r]);
+            off[r] += ow * a[r][b].s;
+        }
+    }
+    for (int r = 0; r < nx; r++) out[r] = ek_hsum256(acc[r]) + off[r];
+}
+
+static void dot_q4_0_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    switch (nx) {
+    case 4: dot_q4_avx2(n, w, 0, act, stride, 4, out); break;
+    case 1: dot_q4_avx2(n, w, 0, act, stride, 1, out); break;
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, ACT_ROW(act, stride, r), stride, 1, out + r);
+    }
+}
+
+static void dot_q4_1_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    switch (nx) {
+    case 4: dot_q4_avx2(n, w, 1, act, stride, 4, out); break;
+    case 1: dot_q4_avx2(n, w, 1, act, stride, 1, out); break;
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, ACT_ROW(act, stride, r), stride, 1, out + r);
+    }
+}
+
+EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const int nb = n / QK;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const block_q8a *a[4];
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    const block_q8_0 *wb = (const block_q8_0 *)w;
+    for (int b = 0; b < nb; b++) {
+        __m256i wq = _mm256_loadu_si256((const __m256i *)wb[b].qs);
+        __m256i wabs = _mm256_sign_epi8(wq, wq); /* |w| as unsigned bytes */
+        const float dw = ek_h2f(wb[b].d);
+        for (int r = 0; r < nx; r++) {
+            __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
+            __m256i as = _mm256_sign_epi8(av, wq); /* move w's sign onto a */
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(wabs, as), acc[r]);
+        }
+    }
+    for (int r = 0; r < nx; r++) out[r] = ek_hsum256(acc[r]);
+}
+
+static void dot_q8_0_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    switch (nx) {
+    case 4: dot_q8_0_avx2_n(n, w, act, stride, 4, out); break;
+    case 1: dot_q8_0_avx2_n(n, w, act, stride, 1, out); break;
+    default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, ACT_ROW(act, stride, r), stride, 1, out + r);
+    }
+}
+
+static void dot_f32_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const float *wr = (const float *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        __m256 acc = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc);
+        float s = ek_hsum256(acc);
+        for (; i < n; i++) s += wr[i] * x[i];
+        out[r] = s;
+    }
+}
+
+static void dot_f16_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const ek_fp16 *wr = (const ek_fp16 *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        __m256 acc = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + i)));
+            acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), acc);
+        }
+        float s = ek_hsum256(acc);
+        for (; i < n; i++) s += ek_fp16_to_fp32(wr[i]) * x[i];
+        out[r] = s;
+    }
+}
+
+#define DOT_BEST(t) dot_##t##_avx2
+
+/* ------------------------------------------------------------------------- */
+/* NEON kernels                                                               */
+/* ------------------------------------------------------------------------- */
+#elif defined(EK_NEON) && defined(__aarch64__)
+
+/* sum of 16 s8*s8 products, 4 int32 lanes */
+static inline int32x4_t dot16_s8(int8x16_t x, int8x16_t y, int32x4_t acc) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, x, y);
+#else
+    int16x8_t p = vmull_s8(vget_low_s8(x), vget_low_s8(y));
+    p = vmlal_s8(p, vget_high_s8(x), vget_high_s8(y)); /* |2 * 127 * 128| fits int16 */
+    return vpadalq_s16(acc, p);
+#endif
+}
+
+static void dot_q4_neon(int n, const void *w, int has_min, const void *act, size_t stride, int nx, float *out) {
+    const int nb = n / QK;
+    for (int r = 0; r < nx; r++) {
+        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        float off = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *qs;
+            float dw, ow;
+            if (has_min) {
+                const block_q4_1 *wb = (const block_q4_1 *)w + b;
+                qs = wb->qs; dw = ek_h2f(wb->d); ow = ek_h2f(wb->m);
+            } else {
+                const block_q4_0 *wb = (const block_q4_0 *)w + b;
+                qs = wb->qs; dw = ek_h2f(wb->d); ow = -8.0f * dw;
+            }
+            uint8x16_t v = vld1q_u8(qs);
+            int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
+            int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+            int32x4_t s = vdupq_n_s32(0);
+            s = dot16_s8(lo, vld1q_s8(a[b].qs), s);
+            s = dot16_s8(hi, vld1q_s8(a[b].qs + 16), s);
+            acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), dw * a[b].d);
+            off += ow * a[b].s;
+        }
+        out[r] = vaddvq_f32(acc) + off;
+    }
+}
+
+static void dot_q4_0_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    dot_q4_neon(n, w, 0, act, stride, nx, out);
+}
+static void dot_q4_1_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    dot_q4_neon(n, w, 1, act, stride, nx, out);
+}
+
+static void dot_q8_0_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const int nb = n / QK;
+    const block_q8_0 *wb = (const block_q8_0 *)w;
+    for (int r = 0; r < nx; r++) {
+        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; b++) {
+            int32x4_t s = vdupq_n_s32(0);
+            s = dot16_s8(vld1q_s8(wb[b].qs), vld1q_s8(a[b].qs), s);
+            s = dot16_s8(vld1q_s8(wb[b].qs + 16), vld1q_s8(a[b].qs + 16), s);
+            acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), ek_h2f(wb[b].d) * a[b].d);
+        }
+        out[r] = vaddvq_f32(acc);
+    }
+}
+
+static void dot_f32_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const float *wr = (const float *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(wr + i), vld1q_f32(x + i));
+        float s = vaddvq_f32(acc);
+        for (; i < n; i++) s += wr[i] * x[i];
+        out[r] = s;
+    }
+}
+
+static void dot_f16_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
+    const ek_fp16 *wr = (const ek_fp16 *)w;
+    for (int r = 0; r < nx; r++) {
+        const float *x = (const float *)ACT_ROW(act, stride, r);
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            float32x4_t wv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(wr + i)));
+            acc = vfmaq_f32(acc, wv, vld1q_f32(x + i));
+        }
+        float s = vaddvq_f32(acc);
+        for (; i < n; i++) s += ek_fp16_to_fp32(wr[i]) * x[i];
+        out[r] = s;
+    }
+}
+
+#define DOT_BEST(t) dot_##t##_neon
+
+#else
+#define DOT_BEST(t) dot_##t##_ref
+#endif
+
+/* ------------------------------------------------------------------------- */
+/* the table                                                                  */
+/* ------------------------------------------------------------------------- */
+
+static const ek_type_traits TRAITS[EK_TYPE_COUNT] = {
+    [EK_TYPE_F32] = {"F32", 1, sizeof(float), 0, DOT_BEST(f32), dot_f32_ref, to_float_f32},
+    [EK_TYPE_F16] = {"F16", 1, sizeof(ek_fp16), 0, DOT_BEST(f16), dot_f16_ref, to_float_f16},
+    [EK_TYPE_Q4_0] = {"Q4_0", QK, sizeof(block_q4_0), 1, DOT_BEST(q4_0), dot_q4_0_ref, to_float_q4_0},
+    [EK_TYPE_Q4_1] = {"Q4_1", QK, sizeof(block_q4_1), 1, DOT_BEST(q4_1), dot_q4_1_ref, to_float_q4_1},
+    [EK_TYPE_Q8_0] = {"Q8_0", QK, sizeof(block_q8_0), 1, DOT_BEST(q8_0), dot_q8_0_ref, to_float_q8_0},
+};
+
+const ek_type_traits *ek_type_get(int type) {
+    if (type < 0 || type >= EK_TYPE_COUNT || TRAITS[type].name == NULL) return NULL;
+    return &TRAITS[type];
+}
+
+size_t ek_row_bytes(int type, int64_t n) {
+    const ek_type_traits *t = ek_type_get(type);
+    if (!t || n % t->blck) return 0;
+    return (size_t)(n / t->blck) * t->block_bytes;
+}
+
+size_t ek_act_row_bytes(int type, int n) {
+    const ek_type_traits *t = ek_type_get(type);
+    if (!t) return 0;
+    return t->act_is_q8 ? (size_t)(n / QK) * sizeof(block_q8a) : (size_t)n * sizeof(float);
+}
+
+void ek_quantize_act_row(int type, const float *x, void *y, int n) {
+    const ek_type_traits *t = ek_type_get(type);
+    if (t->act_is_q8)
+        ek_quantize_row_q8a(x, (block_q8a *)y, n);
+    else
+        memcpy(y, x, (size_t)n * sizeof(float));
+}

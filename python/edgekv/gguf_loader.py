@@ -1,0 +1,225 @@
+"""Read a GGUF file into what the C core needs: a config and borrowed weight buffers.
+
+Weights whose type runs natively (F32, F16, Q4_0, Q4_1, Q8_0) are handed to C as
+pointers into the memory-mapped file: no copy. Any other type (Q4_K, Q5_0, Q6_K,
+BF16, ...) is dequantized with gguf's own dequantizers and re-quantized to Q8_0
+at load time, and the loader logs that it did.
+
+Architectures are rows in ``ARCHS``; tensor names are rows in ``TENSORS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import ModelLoadError
+
+log = logging.getLogger("edgekv")
+
+L = _native.lib
+
+# GGML type ids that the C kernels run directly.
+NATIVE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+CONVERT_TO = 8  # Q8_0: what other weight types become at load time
+F32 = 0
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
+    qkv_bias: bool   # Q/K/V projections carry biases
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(rope_neox=False, qkv_bias=False),
+    "qwen2": ArchSpec(rope_neox=True, qkv_bias=True),
+}
+
+# (C tensor kind, GGUF name, required, is a per-layer tensor)
+TENSORS = [
+    (L.EK_T_TOK_EMBD, "token_embd.weight", True, False),
+    (L.EK_T_OUTPUT_NORM, "output_norm.weight", True, False),
+    (L.EK_T_OUTPUT, "output.weight", False, False),
+    (L.EK_T_ATTN_NORM, "blk.{}.attn_norm.weight", True, True),
+    (L.EK_T_ATTN_Q, "blk.{}.attn_q.weight", True, True),
+    (L.EK_T_ATTN_K, "blk.{}.attn_k.weight", True, True),
+    (L.EK_T_ATTN_V, "blk.{}.attn_v.weight", True, True),
+    (L.EK_T_ATTN_O, "blk.{}.attn_output.weight", True, True),
+    (L.EK_T_ATTN_Q_BIAS, "blk.{}.attn_q.bias", False, True),
+    (L.EK_T_ATTN_K_BIAS, "blk.{}.attn_k.bias", False, True),
+    (L.EK_T_ATTN_V_BIAS, "blk.{}.attn_v.bias", False, True),
+    (L.EK_T_FFN_NORM, "blk.{}.ffn_norm.weight", True, True),
+    (L.EK_T_FFN_GATE, "blk.{}.ffn_gate.weight", True, True),
+    (L.EK_T_FFN_UP, "blk.{}.ffn_up.weight", True, True),
+    (L.EK_T_FFN_DOWN, "blk.{}.ffn_down.weight", True, True),
+]
+_BIAS_KINDS = {L.EK_T_ATTN_Q_BIAS, L.EK_T_ATTN_K_BIAS, L.EK_T_ATTN_V_BIAS}
+_VECTOR_KINDS = _BIAS_KINDS | {L.EK_T_OUTPUT_NORM, L.EK_T_ATTN_NORM, L.EK_T_FFN_NORM}
+
+
+@dataclass
+class Weight:
+    """One tensor as the C core will see it; ``array`` keeps the bytes alive."""
+
+    name: str
+    kind: int
+    layer: int
+    type: int
+    n_in: int
+    n_out: int
+    array: np.ndarray
+    source_type: str  # the GGUF type it came from
+
+
+@dataclass
+class LoadedGGUF:
+    path: Path
+    arch: str
+    spec: ArchSpec
+    hparams: dict[str, Any]
+    fields: dict[str, Any]  # all metadata as Python values (tokenizer included)
+    weights: list[Weight] = field(default_factory=list)
+    converted: dict[str, int] = field(default_factory=dict)  # source type -> tensor count
+    reader: Any = None  # the GGUFReader: keeps the memory map open while weights borrow from it
+
+    @property
+    def weight_types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for w in self.weights:
+            counts[w.source_type] = counts.get(w.source_type, 0) + 1
+        return counts
+
+
+def _field_values(reader) -> dict[str, Any]:
+    out = {}
+    for name, f in reader.fields.items():
+        try:
+            out[name] = f.contents()
+        except Exception as e:  # a malformed field: report it where it is used
+            out[name] = e
+    return out
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors...
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _get(fields: dict, key: str, typ, default=None, required: bool = True):
+    v = fields.get(key, default)
+    if isinstance(v, Exception):
+        raise ModelLoadError(f"metadata field {key!r} is malformed: {v}")
+    if v is None:
+        if required:
+            raise ModelLoadError(f"metadata field {key!r} is missing")
+        return None
+    try:
+        return typ(v)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"metadata field {key!r} has an unusable value {v!r}") from None
+
+
+def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
+    a = arch
+    n_embd = _get(fields, f"{a}.embedding_length", int)
+    n_head = _get(fields, f"{a}.attention.head_count", int)
+    if n_head <= 0 or n_embd <= 0:
+        raise ModelLoadError(f"metadata: embedding_length ({n_embd}) and head_count ({n_head}) must be positive")
+    head_dim = _get(fields, f"{a}.attention.key_length", int, default=n_embd // n_head)
+    tokens = fields.get("tokenizer.ggml.tokens")
+    n_vocab = _get(fields, f"{a}.vocab_size", int, default=len(tokens) if isinstance(tokens, list) else None)
+    hp = dict(
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=_get(fields, f"{a}.block_count", int),
+        n_head=n_head,
+        n_head_kv=_get(fields, f"{a}.attention.head_count_kv", int, default=n_head),
+        head_dim=head_dim,
+        n_ff=_get(fields, f"{a}.feed_forward_length", int),
+        n_ctx_train=_get(fields, f"{a}.context_length", int, default=2048),
+        rope_dim=_get(fields, f"{a}.rope.dimension_count", int, default=head_dim),
+        rope_base=_get(fields, f"{a}.rope.freq_base", float, default=10000.0),
+        norm_eps=_get(fields, f"{a}.attention.layer_norm_rms_epsilon", float, default=1e-5),
+    )
+    for k in ("n_vocab", "n_layer", "n_head_kv", "n_ff", "head_dim"):
+        if hp[k] <= 0 or hp[k] > 1 << 24:
+            raise ModelLoadError(f"metadata: {k} = {hp[k]} is out of range")
+    return hp
+
+
+def _as_native(t, name: str, want_f32: bool) -> tuple[int, np.ndarray, str]:
+    """(type, contiguous array, source type name) for one GGUF tensor, converting if needed.
+
+    want_f32: norms and biases, which the C core reads as float32 vectors.
+    """
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = int(t.tensor_type)
+    src = t.tensor_type.name
+    data = t.data
+    n_in = int(t.shape[0])
+    n_out = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+    expected = int(t.n_bytes)
+    if data.nbytes != expected:
+        raise ModelLoadError(f"tensor {name!r}: file holds {data.nbytes} of its {expected} bytes (truncated file?)")
+    if qtype == F32 or (qtype in NATIVE_TYPES and not want_f32):
+        return qtype, np.ascontiguousarray(data), src
+    try:
+        f32 = quants.dequantize(data, GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
+    except Exception as e:
+        raise ModelLoadError(f"tensor {name!r}: cannot convert weight type {src}: {e}") from None
+    f32 = np.ascontiguousarray(f32.reshape(n_out, n_in))
+    if want_f32 or n_in % 32:  # Q8_0 needs whole blocks of 32
+        return F32, f32, src
+    return CONVERT_TO, np.ascontiguousarray(quants.quantize(f32, GGMLQuantizationType.Q8_0)), src
+
+
+def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    reader = _open_reader(path)
+    fields = _field_values(reader)
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"{path}: metadata field 'general.architecture' is missing")
+    if arch not in ARCHS:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r} (edgekv runs: {', '.join(sorted(ARCHS))})"
+        )
+    hp = read_hparams(fields, arch)
+    out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields, reader=reader)
+    by_name = {t.name: t for t in reader.tensors}
+    for kind, pattern, required, per_layer in TENSORS:
+        layers = range(hp["n_layer"]) if per_layer else [-1]
+        for layer in layers:
+            name = pattern.format(layer) if per_layer else pattern
+            t = by_name.get(name)
+            if t is None:
+                if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias):
+                    raise ModelLoadError(f"{path}: tensor {name!r} is missing")
+                continue
+            want_f32 = kind in _VECTOR_KINDS
+            qtype, arr, src = _as_native(t, name, want_f32)
+            if src not in NATIVE_TYPES.values():
+                out.converted[src] = out.converted.get(src, 0) + 1
+            n_in = int(t.shape[0])
+            n_out = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+            out.weights.append(Weight(name, kind, layer, qtype, n_in, n_out, arr, src))
+    if out.converted:
+        desc = ", ".join(f"{n} {k}" for k, n in sorted(out.converted.items()))
+        log.info("%s: converted %s tensors at load time (to Q8_0; norms and biases to F32)", path.name, desc)
+    return out

@@ -1,0 +1,77 @@
+"""Build: CMake compiles csrc/ into libedgekv, which is installed inside the package.
+
+The Python side binds it with cffi in ABI mode (python/edgekv/_native.py), so there
+is no compiled Python extension: the wheel is platform-specific only because of the
+shared library it carries. Set EDGEKV_ARCH=portable for wheels meant for other
+machines (the default, native, tunes for the build machine).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
+
+ROOT = Path(__file__).resolve().parent
+LIB_NAMES = {"darwin": "libedgekv.dylib", "win32": "edgekv.dll"}
+LIB_NAME = LIB_NAMES.get(sys.platform, "libedgekv.so")
+
+
+def _cmake() -> str:
+    exe = shutil.which("cmake")
+    if exe is None:
+        raise SystemExit(
+            "edgekv: CMake was not found. `pip install .` normally brings it from PyPI "
+            "(build requirement `cmake`); with --no-build-isolation run `pip install cmake ninja` first."
+        )
+    return exe
+
+
+class BuildWithCMake(build_py):
+    """Compile the C core and drop the library, header and model registry into the package."""
+
+    def run(self):
+        super().run()
+        pkg_dir = Path(self.build_lib) / "edgekv"
+        build_dir = ROOT / "build" / f"py-{sys.platform}-{os.uname().machine if hasattr(os, 'uname') else 'x'}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            _cmake(), "-S", str(ROOT), "-B", str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DEDGEKV_BUILD_TESTS=OFF",
+            f"-DEDGEKV_ARCH={os.environ.get('EDGEKV_ARCH', 'native')}",
+        ]
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        try:
+            subprocess.run(args, check=True)
+            subprocess.run([_cmake(), "--build", str(build_dir), "--config", "Release"], check=True)
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"edgekv: building the C core failed ({e}); a C11 compiler (gcc or clang) is required")
+        built = next(build_dir.rglob(LIB_NAME), None)
+        if built is None:
+            raise SystemExit(f"edgekv: CMake finished but {LIB_NAME} is not under {build_dir}")
+        pkg_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, pkg_dir / LIB_NAME)
+        shutil.copy2(ROOT / "csrc" / "edgekv.h", pkg_dir / "edgekv.h")
+        shutil.copy2(ROOT / "models" / "registry.json", pkg_dir / "registry.json")
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries a native library, so it is tagged for this platform."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(
+    package_dir={"": "python"},
+    packages=["edgekv"],
+    cmdclass={"build_py": BuildWithCMake},
+    distclass=BinaryDistribution,
+    zip_safe=False,
+)

@@ -1,0 +1,175 @@
+/* C kernel tests: every compiled SIMD kernel against its plain-C reference,
+ * with explicit error bounds; runs natively and under qemu-aarch64 (NEON). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "edgekv.h"
+#include "quant.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                   \
+    do {                                                   \
+        if (!(cond)) {                                     \
+            failures++;                                    \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
+            printf(__VA_ARGS__);                           \
+            printf("\n");                                  \
+        }                                                  \
+    } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 32);
+}
+static float frand(void) { return (float)rnd() / 4294967296.0f * 2.0f - 1.0f; } /* [-1, 1) */
+
+/* Normalized mean squared error of a against reference b. */
+static double nmse(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? num / den : num;
+}
+
+/* Random but valid weight bytes: random quant codes, sane fp16 scales. */
+static void random_weights(int type, void *buf, int64_t n_in, int64_t n_out) {
+    size_t rb = ek_type_row_bytes(type, n_in);
+    unsigned char *p = (unsigned char *)buf;
+    for (size_t i = 0; i < rb * (size_t)n_out; i++) p[i] = (unsigned char)rnd();
+    if (type == EK_TYPE_F32) {
+        float *f = (float *)buf;
+        for (int64_t i = 0; i < n_in * n_out; i++) f[i] = frand();
+    } else if (type == EK_TYPE_F16) {
+        ek_fp16 *h = (ek_fp16 *)buf;
+        for (int64_t i = 0; i < n_in * n_out; i++) h[i] = ek_fp32_to_fp16(frand());
+    } else {
+        const ek_type_traits *t = ek_type_get(type);
+        int64_t nb = n_in / t->blck * n_out;
+        for (int64_t b = 0; b < nb; b++) {
+            unsigned char *blk = p + b * t->block_bytes;
+            ek_fp16 d = ek_fp32_to_fp16(0.01f + 0.05f * (frand() + 1.0f));
+            memcpy(blk, &d, 2);
+            if (type == EK_TYPE_Q4_1) {
+                ek_fp16 m = ek_fp32_to_fp16(-0.3f * (frand() + 1.0f));
+                memcpy(blk + 2, &m, 2);
+            }
+        }
+    }
+}
+
+static void test_matmul(void) {
+    const int types[] = {EK_TYPE_F32, EK_TYPE_F16, EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0};
+    const int n_ins[] = {32, 64, 576, 1536};
+    const int n_toks[] = {1, 3, 4, 9};
+    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
+        for (size_t ii = 0; ii < sizeof n_ins / sizeof *n_ins; ii++)
+            for (size_t ki = 0; ki < sizeof n_toks / sizeof *n_toks; ki++) {
+                const int type = types[ti], n_in = n_ins[ii], n_tok = n_toks[ki], n_out = 17;
+                void *w = malloc(ek_type_row_bytes(type, n_in) * n_out);
+                float *x = (float *)malloc(sizeof(float) * n_in * n_tok);
+                float *o_ref = (float *)malloc(sizeof(float) * n_out * n_tok);
+                float *o_simd = (float *)malloc(sizeof(float) * n_out * n_tok);
+                random_weights(type, w, n_in, n_out);
+                for (int i = 0; i < n_in * n_tok; i++) x[i] = frand() * 3.0f;
+                CHECK(ek_matmul(type, w, n_in, n_out, x, n_tok, o_ref, 0) == 0, "matmul ref failed");
+                CHECK(ek_matmul(type, w, n_in, n_out, x, n_tok, o_simd, 1) == 0, "matmul simd failed");
+                double e = nmse(o_simd, o_ref, (size_t)n_out * n_tok);
+                CHECK(e < 1e-10, "matmul %s n_in=%d n_tok=%d: nmse %.3g >= 1e-10 (simd=%s)", ek_type_get(type)->name,
+                      n_in, n_tok, e, ek_simd());
+                free(w); free(x); free(o_ref); free(o_simd);
+            }
+}
+
+/* Quantized activations: a q8a dot of float weights must stay close to the float dot. */
+static void test_act_quant(void) {
+    const int n = 256;
+    float x[256], y[256];
+    block_q8a q[256 / QK];
+    for (int i = 0; i < n; i++) x[i] = frand() * 10.0f;
+    ek_quantize_row_q8a(x, q, n);
+    for (int b = 0; b < n / QK; b++) {
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            y[b * QK + j] = q[b].qs[j] * q[b].d;
+            sum += q[b].qs[j];
+        }
+        CHECK(fabsf(q[b].s - q[b].d * sum) <= 1e-5f * fabsf(q[b].d * sum) + 1e-6f, "q8a block %d: s mismatch", b);
+    }
+    /* round-to-nearest: error at most half a step per value */
+    for (int i = 0; i < n; i++) CHECK(fabsf(y[i] - x[i]) <= 0.5001f * q[i / QK].d, "q8a value %d off by %g", i, y[i] - x[i]);
+    float zeros[QK] = {0};
+    ek_quantize_row_q8a(zeros, q, QK);
+    CHECK(q[0].d == 0.0f && q[0].s == 0.0f, "all-zero block must quantize to d = 0");
+}
+
+static void test_fp16(void) {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = ek_fp16_to_fp32((ek_fp16)h);
+        if (isnan(f)) continue;
+        if (ek_fp32_to_fp16(f) != h) bad++;
+    }
+    CHECK(bad == 0, "fp16 round trip failed for %d values", bad);
+    CHECK(ek_fp32_to_fp16(65504.0f) == 0x7bff, "65504 must be the largest finite half");
+    CHECK(ek_fp32_to_fp16(65520.0f) == 0x7c00, "65520 must round to inf");
+    CHECK(ek_fp32_to_fp16(1.0f + 1.0f / 2048.0f) == 0x3c00, "ties round to even (down)");
+    CHECK(ek_fp32_to_fp16(1.0f + 3.0f / 2048.0f) == 0x3c02, "ties round to even (up)");
+    CHECK(isnan(ek_fp16_to_fp32(ek_fp32_to_fp16(NAN))), "NaN must stay NaN");
+}
+
+static void test_attention(void) {
+    const int hds[] = {8, 64, 128};
+    const int n_poss[] = {1, 7, 100};
+    const int gss[] = {1, 3, 7};
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 3; b++)
+            for (size_t c = 0; c < 3; c++) {
+                const int hd = hds[a], n_pos = n_poss[b], gs = gss[c];
+                ek_fp16 *K = (ek_fp16 *)malloc(sizeof(ek_fp16) * n_pos * hd);
+                ek_fp16 *V = (ek_fp16 *)malloc(sizeof(ek_fp16) * n_pos * hd);
+                float *q = (float *)malloc(sizeof(float) * gs * hd);
+                float *o1 = (float *)malloc(sizeof(float) * gs * hd), *o2 = (float *)malloc(sizeof(float) * gs * hd);
+                float *s1 = (float *)malloc(sizeof(float) * gs * n_pos), *s2 = (float *)malloc(sizeof(float) * gs * n_pos);
+                for (int i = 0; i < n_pos * hd; i++) {
+                    K[i] = ek_fp32_to_fp16(frand() * 4.0f);
+                    V[i] = ek_fp32_to_fp16(frand());
+                }
+                for (int i = 0; i < gs * hd; i++) q[i] = frand() * 0.5f;
+                ek_attend_f16_ref(K, V, n_pos, hd, q, gs, o1, s1);
+                ek_attend_f16(K, V, n_pos, hd, q, gs, o2, s2);
+                double e = nmse(o2, o1, (size_t)gs * hd), es = nmse(s2, s1, (size_t)gs * n_pos);
+                CHECK(e < 1e-10 && es < 1e-10, "attention hd=%d n_pos=%d gs=%d: nmse out %.3g probs %.3g", hd, n_pos,
+                      gs, e, es);
+                free(K); free(V); free(q); free(o1); free(o2); free(s1); free(s2);
+            }
+    /* softmax of large-magnitude inputs stays finite and normalized */
+    float x[19];
+    for (int i = 0; i < 19; i++) x[i] = -1000.0f + 100.0f * i;
+    ek_softmax(x, 19);
+    float sum = 0;
+    for (int i = 0; i < 19; i++) sum += x[i];
+    CHECK(fabsf(sum - 1.0f) < 1e-5f && x[18] > 0.99f, "softmax of spread inputs: sum %g, max %g", sum, x[18]);
+}
+
+int main(void) {
+    printf("edgekv C kernel tests (simd: %s)\n", ek_simd());
+    test_fp16();
+    test_act_quant();
+    test_matmul();
+    test_attention();
+    if (failures) {
+        printf("%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("all kernel checks passed\n");
+    return 0;
+}
