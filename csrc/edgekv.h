@@ -99,10 +99,40 @@ int ek_truncate(ek_model *m, int n_past);
 size_t ek_kv_bytes_used(const ek_model *m);
 size_t ek_kv_bytes_per_token(const ek_model *m);
 
+/* ---- mixed-precision KV store ----
+ * Tokens enter at 16 bits; a policy moves them to 8, 4 or 2 bits (keys and values
+ * separately). group_bits8/4/2: quantization group sizes (multiples of 32 dividing
+ * head_dim); rotate: randomized Hadamard rotation of quantized records. Configure
+ * only while the context is empty. */
+int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int rotate);
+int ek_kv_rotating(const ek_model *m);
+/* Re-encode n cached positions at the given bit-widths (16, 8, 4 or 2). */
+int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
+/* Bit-widths of every cached position (n_past entries each). */
+int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits);
+/* Bytes of quantized records only (no map): average bits = 8 * this / (n_past * per-token elements). */
+size_t ek_kv_data_bytes(const ek_model *m);
+/* Dequantized keys and values of one cached position in one layer, (n_head_kv * head_dim) each. */
+int ek_kv_read(const ek_model *m, int layer, int pos, float *k, float *v);
+
+/* Last-layer attention received by each cached position, over heads and queries:
+ * sum and sum of squares of probabilities, and the number of samples (n_ctx entries,
+ * valid for positions < n_past). Pointers stay valid for the model's lifetime. */
+void ek_set_collect_stats(ek_model *m, int on);
+const double *ek_attn_stat_sum(const ek_model *m);
+const double *ek_attn_stat_sumsq(const ek_model *m);
+const int32_t *ek_attn_stat_count(const ek_model *m);
+
 /* Kernel entry for tests and benchmarks: out[t * n_out + r] = dot(W row r, x row t).
  * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path. */
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl);
+/* Quantize and dequantize one record of n values (tests): bits 16/8/4/2, group g. */
+int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
+/* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
+ * are stored at the given per-position bits into a scratch store; out (gs, head_dim). */
+int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out);
 /* cffi-end */
 
 #ifdef __cplusplus

@@ -15,12 +15,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attention.h"
 #include "edgekv.h"
-#include "kv_cache.h"
+#include "kv_attention.h"
+#include "kv_store.h"
 #include "quant.h"
 #include "simd.h"
 #include "threadpool.h"
+
+#define DECODE_SPLIT 512 /* slots per decode attention task */
 
 /* A borrowed weight matrix: n_out rows of n_in values. */
 typedef struct {
@@ -47,9 +49,10 @@ struct ek_model {
     const float *output_norm;
     ek_layer *layers;
 
-    ek_kv_cache kv;
+    ek_kv_store kv;
     ek_pool *pool;
     int n_past;
+    int collect_stats;   /* accumulate last-layer attention statistics per cached token */
 
     /* scratch, sized for n_batch tokens */
     float *x;          /* (n_batch, n_embd) residual stream */
@@ -62,8 +65,15 @@ struct ek_model {
     size_t act_stride;
     float *rope_cos, *rope_sin; /* (n_batch, rope_dim/2) */
     float *inv_freq;   /* (rope_dim/2) */
-    float *scores;     /* (n_threads, group, n_ctx) attention scratch */
-    float *att_out;    /* (n_threads, group, head_dim) */
+    float *q_rot;      /* (n_batch, q_dim) scaled query, rotated for quantized keys */
+    float *raw;        /* (n_head, n_ctx) decode: last-layer raw scores by position */
+    float *th_raw;     /* (n_threads, group, n_ctx) prefill: the same per thread */
+    double *th_stats;  /* (n_threads, 3, n_ctx) prefill: per-thread sum, sumsq, count */
+    float *th_scratch; /* (n_threads, attention scratch + partial) */
+    size_t th_scratch_floats;
+    float *parts;      /* (max_tasks, partial) decode: one partial per task */
+    void *tasks;       /* (max_tasks) decode task list */
+    int max_tasks;
 
     char err[512];
 };
@@ -82,8 +92,10 @@ size_t ek_type_row_bytes(int type, int64_t n) { return ek_row_bytes(type, n); }
 const char *ek_model_error(const ek_model *m) { return m->err; }
 int ek_n_past(const ek_model *m) { return m->n_past; }
 int ek_n_ctx(const ek_model *m) { return m->cfg.n_ctx; }
-size_t ek_kv_bytes_per_token(const ek_model *m) { return ek_kv_cache_bytes_per_token(&m->kv); }
-size_t ek_kv_bytes_used(const ek_model *m) { return ek_kv_cache_bytes_per_token(&m->kv) * (size_t)m->n_past; }
+size_t ek_kv_bytes_per_token(const ek_model *m) {
+    return m->kv.pools[0].rec_bytes * m->cfg.n_layer * m->cfg.n_head_kv + sizeof(uint8_t) + sizeof(int32_t);
+}
+size_t ek_kv_bytes_used(const ek_model *m) { return ek_kv_store_bytes(&m->kv); }
 
 /* ------------------------------------------------------------------------- */
 /* construction                                                               */
@@ -121,7 +133,8 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->group = cfg->n_head / cfg->n_head_kv;
     m->layers = (ek_layer *)calloc((size_t)cfg->n_layer, sizeof(ek_layer));
     if (!m->layers) goto oom;
-    if (ek_kv_init(&m->kv, cfg->n_layer, cfg->n_head_kv, cfg->head_dim, cfg->n_ctx)) goto oom;
+    if (ek_kv_store_init(&m->kv, cfg->n_layer, cfg->n_head_kv, cfg->head_dim, cfg->n_ctx)) goto oom;
+    m->collect_stats = 1;
 
     const size_t B = (size_t)cfg->n_batch;
     const int wide = cfg->n_embd > m->q_dim ? cfg->n_embd : m->q_dim;
@@ -139,10 +152,19 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->rope_cos = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
     m->rope_sin = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
     m->inv_freq = (float *)malloc((cfg->rope_dim / 2 + 1) * sizeof(float));
-    m->scores = (float *)malloc((size_t)cfg->n_threads * m->group * cfg->n_ctx * sizeof(float));
-    m->att_out = (float *)malloc((size_t)cfg->n_threads * m->group * cfg->head_dim * sizeof(float));
+    const size_t T = (size_t)cfg->n_threads, C = (size_t)cfg->n_ctx;
+    m->q_rot = (float *)malloc(B * m->q_dim * sizeof(float));
+    m->raw = (float *)malloc((size_t)cfg->n_head * C * sizeof(float));
+    m->th_raw = (float *)malloc(T * m->group * C * sizeof(float));
+    m->th_stats = (double *)calloc(T * 3 * C, sizeof(double));
+    m->th_scratch_floats = ek_attn_scratch_floats(m->group, cfg->head_dim) + ek_attn_partial_floats(m->group, cfg->head_dim);
+    m->th_scratch = (float *)malloc(T * m->th_scratch_floats * sizeof(float));
+    m->max_tasks = cfg->n_head_kv * (cfg->n_ctx / DECODE_SPLIT + KV_NPOOLS + 1);
+    m->parts = (float *)malloc((size_t)m->max_tasks * ek_attn_partial_floats(m->group, cfg->head_dim) * sizeof(float));
+    m->tasks = malloc((size_t)m->max_tasks * 4 * sizeof(int));
     if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
-        !m->rope_sin || !m->inv_freq || !m->scores || !m->att_out)
+        !m->rope_sin || !m->inv_freq || !m->q_rot || !m->raw || !m->th_raw || !m->th_stats || !m->th_scratch ||
+        !m->parts || !m->tasks)
         goto oom;
     for (int i = 0; i < cfg->rope_dim / 2; i++)
         m->inv_freq[i] = (float)pow((double)cfg->rope_base, -2.0 * i / (double)cfg->rope_dim);
@@ -159,10 +181,11 @@ oom:
 void ek_model_free(ek_model *m) {
     if (!m) return;
     if (m->pool) ek_pool_free(m->pool);
-    ek_kv_free(&m->kv);
+    ek_kv_store_free(&m->kv);
     free(m->layers);
     free(m->x); free(m->xb); free(m->q); free(m->k); free(m->v); free(m->gate); free(m->up); free(m->proj);
-    free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq); free(m->scores); free(m->att_out);
+    free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq);
+    free(m->q_rot); free(m->raw); free(m->th_raw); free(m->th_stats); free(m->th_scratch); free(m->parts); free(m->tasks);
     free(m);
 }
 
@@ -384,33 +407,151 @@ static void qkv_post_task(void *p, int ith, int nth) {
         const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
         for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
         for (int h = 0; h < cf->n_head_kv; h++) rope_head(k + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
-        ek_kv_write(&m->kv, c->layer, m->n_past + t, k, v);
+        ek_kv_store_put(&m->kv, c->layer, m->n_past + t, k, v);
+        /* attention wants the query scaled, and rotated for quantized keys */
+        const float scale = 1.0f / sqrtf((float)cf->head_dim);
+        float *qr = m->q_rot + (size_t)t * m->q_dim;
+        for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
+        memcpy(qr, q, sizeof(float) * m->q_dim);
+        if (m->kv.rotate)
+            for (int h = 0; h < cf->n_head; h++) ek_rotate(qr + h * cf->head_dim, m->kv.signs, cf->head_dim);
     }
 }
 
-/* Attention: one task per (token, KV head); token t sees positions 0..n_past+t. */
+/* Attention.
+ * Prefill: one task per (token, KV head), each walking the whole store.
+ * Decode (one token): tasks split every pool of every KV head into runs of
+ * DECODE_SPLIT slots, so two threads stay busy on three heads; partials merge
+ * by log-sum-exp afterwards. The last layer also yields per-token statistics. */
 typedef struct {
     ek_model *m;
-    int layer, n_tok;
+    int layer, n_tok, stats;
     float *out; /* (n_tok, q_dim) */
 } attn_ctx;
 
-static void attn_task(void *p, int ith, int nth) {
+static ek_attn_args attn_args(const attn_ctx *c, int t, int g, float *raw) {
+    const ek_model *m = c->m;
+    const size_t off = (size_t)t * m->q_dim + (size_t)g * m->group * m->cfg.head_dim;
+    ek_attn_args a = {&m->kv, c->layer, g, m->group, m->q + off, m->q_rot + off, m->n_past + t, raw};
+    return a;
+}
+
+/* Fold probabilities exp(raw - m) / l of positions 0..n_pos-1 into sum/sumsq/count accumulators. */
+static void stats_fold(const float *raw, size_t raw_stride, const ek_attn_partial *p, int gs, int n_pos, double *sum,
+                       double *sumsq, double *count) {
+    for (int h = 0; h < gs; h++) {
+        const float *r = raw + (size_t)h * raw_stride;
+        const float mh = p->m[h], inv = 1.0f / p->l[h];
+        for (int j = 0; j < n_pos; j++) {
+            const double pr = (double)(expf(r[j] - mh) * inv);
+            sum[j] += pr;
+            sumsq[j] += pr * pr;
+        }
+    }
+    for (int j = 0; j < n_pos; j++) count[j] += gs;
+}
+
+static void attn_prefill_task(void *p, int ith, int nth) {
     const attn_ctx *c = (const attn_ctx *)p;
     ek_model *m = c->m;
-    const ek_config *cf = &m->cfg;
-    const int hd = cf->head_dim, gs = m->group;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float *scores = m->scores + (size_t)ith * gs * cf->n_ctx;
-    float *qs = m->att_out + (size_t)ith * gs * hd;
-    const int n_tasks = c->n_tok * cf->n_head_kv;
+    const int gs = m->group, hd = m->cfg.head_dim, C = m->cfg.n_ctx;
+    float *scratch = m->th_scratch + (size_t)ith * m->th_scratch_floats;
+    float *pbuf = scratch + ek_attn_scratch_floats(gs, hd);
+    float *raw = c->stats ? m->th_raw + (size_t)ith * gs * C : NULL;
+    double *st = m->th_stats + (size_t)ith * 3 * C;
+    const int n_tasks = c->n_tok * m->cfg.n_head_kv;
     for (int task = ith; task < n_tasks; task += nth) {
-        const int t = task / cf->n_head_kv, g = task % cf->n_head_kv;
-        const int n_pos = m->n_past + t + 1;
-        const float *q = m->q + (size_t)t * m->q_dim + (size_t)g * gs * hd;
-        for (int i = 0; i < gs * hd; i++) qs[i] = q[i] * scale;
-        ek_attend_f16(ek_kv_k(&m->kv, c->layer, g, 0), ek_kv_v(&m->kv, c->layer, g, 0), n_pos, hd, qs, gs,
-                      c->out + (size_t)t * m->q_dim + (size_t)g * gs * hd, scores);
+        const int t = task / m->cfg.n_head_kv, g = task % m->cfg.n_head_kv;
+        ek_attn_args a = attn_args(c, t, g, raw);
+        ek_attn_partial part;
+        ek_attn_partial_init(&part, pbuf, gs, hd);
+        ek_attend_all(&a, &part, scratch);
+        ek_attn_finish(&part, &m->kv, gs, c->out + (size_t)t * m->q_dim + (size_t)g * gs * hd);
+        if (raw) stats_fold(raw, C, &part, gs, a.max_pos + 1, st, st + C, st + 2 * C);
+    }
+}
+
+typedef struct {
+    int g, pool, j0, j1;
+} decode_task;
+
+typedef struct {
+    attn_ctx c;
+    const decode_task *tasks;
+    int n_tasks;
+} decode_ctx;
+
+static void attn_decode_task(void *p, int ith, int nth) {
+    const decode_ctx *d = (const decode_ctx *)p;
+    ek_model *m = d->c.m;
+    const int gs = m->group, hd = m->cfg.head_dim;
+    float *scratch = m->th_scratch + (size_t)ith * m->th_scratch_floats;
+    const size_t pf = ek_attn_partial_floats(gs, hd);
+    for (int i = ith; i < d->n_tasks; i += nth) {
+        const decode_task *t = &d->tasks[i];
+        ek_attn_args a = attn_args(&d->c, 0, t->g, d->c.stats ? m->raw + (size_t)t->g * gs * m->cfg.n_ctx : NULL);
+        ek_attn_partial part;
+        ek_attn_partial_init(&part, m->parts + (size_t)i * pf, gs, hd);
+        ek_attend_range(&a, &m->kv.pools[t->pool], t->j0, t->j1, &part, scratch);
+    }
+}
+
+static void attention(ek_model *m, int layer, int n_tok, float *out) {
+    const ek_config *cf = &m->cfg;
+    const int gs = m->group, hd = cf->head_dim, C = cf->n_ctx;
+    const int stats = m->collect_stats && layer == cf->n_layer - 1;
+    attn_ctx c = {m, layer, n_tok, stats, out};
+    if (n_tok > 1) {
+        if (stats) memset(m->th_stats, 0, sizeof(double) * 3 * (size_t)C * ek_pool_size(m->pool));
+        ek_pool_run(m->pool, attn_prefill_task, &c);
+        if (stats) {
+            const int n_pos = m->n_past + n_tok;
+            for (int th = 0; th < ek_pool_size(m->pool); th++) {
+                const double *st = m->th_stats + (size_t)th * 3 * C;
+                for (int j = 0; j < n_pos; j++) {
+                    m->kv.att_sum[j] += st[j];
+                    m->kv.att_sumsq[j] += st[C + j];
+                    m->kv.att_count[j] += (int32_t)st[2 * C + j];
+                }
+            }
+        }
+        return;
+    }
+    decode_task *tl = (decode_task *)m->tasks;
+    int nt = 0;
+    for (int g = 0; g < cf->n_head_kv; g++)
+        for (int p = 0; p < KV_NPOOLS; p++)
+            for (int j0 = 0; j0 < m->kv.pools[p].n; j0 += DECODE_SPLIT) {
+                const int j1 = j0 + DECODE_SPLIT < m->kv.pools[p].n ? j0 + DECODE_SPLIT : m->kv.pools[p].n;
+                tl[nt++] = (decode_task){g, p, j0, j1};
+            }
+    decode_ctx d = {c, tl, nt};
+    ek_pool_run(m->pool, attn_decode_task, &d);
+    const size_t pf = ek_attn_partial_floats(gs, hd);
+    float *acc = m->th_scratch; /* thread 0's scratch is free again */
+    for (int g = 0; g < cf->n_head_kv; g++) {
+        ek_attn_partial total, part;
+        ek_attn_partial_init(&total, acc, gs, hd);
+        for (int i = 0; i < nt; i++)
+            if (tl[i].g == g) {
+                part.m = m->parts + (size_t)i * pf;
+                part.l = part.m + gs;
+                part.o_plain = part.m + 2 * gs;
+                part.o_rot = part.o_plain + (size_t)gs * hd;
+                ek_attn_merge(&total, &part, gs, hd);
+            }
+        ek_attn_finish(&total, &m->kv, gs, out + (size_t)g * gs * hd);
+        if (stats) {
+            const int n_pos = m->n_past + 1;
+            double *st = m->th_stats; /* reuse as a (3, n_pos) accumulator */
+            memset(st, 0, sizeof(double) * 3 * (size_t)n_pos);
+            stats_fold(m->raw + (size_t)g * gs * C, C, &total, gs, n_pos, st, st + n_pos, st + 2 * n_pos);
+            for (int j = 0; j < n_pos; j++) {
+                m->kv.att_sum[j] += st[j];
+                m->kv.att_sumsq[j] += st[n_pos + j];
+                m->kv.att_count[j] += (int32_t)st[2 * n_pos + j];
+            }
+        }
     }
 }
 
@@ -455,6 +596,7 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
     const ek_config *cf = &m->cfg;
     const int E = cf->n_embd, half = cf->rope_dim / 2;
 
+    ek_kv_store_append(&m->kv, n);
     const ek_type_traits *et = ek_type_get(m->tok_embd.type);
     for (int t = 0; t < n; t++)
         et->to_float((const char *)m->tok_embd.data + (size_t)tokens[t] * m->tok_embd.row_bytes, m->x + (size_t)t * E, E);
@@ -475,8 +617,7 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         matmul(m, m->xb, n, E, qkv, 3);
         qkv_post_ctx pc = {m, l, n, L};
         run_rows(m, qkv_post_task, &pc, n);
-        attn_ctx ac = {m, l, n, m->xb};
-        ek_pool_run(m->pool, attn_task, &ac);
+        attention(m, l, n, m->xb);
         mm_job o = {&L->wo, m->proj, E};
         matmul(m, m->xb, n, m->q_dim, &o, 1);
         add_into(m->x, m->proj, (size_t)n * E);
@@ -490,7 +631,6 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         matmul(m, m->gate, n, cf->n_ff, &d, 1);
         add_into(m->x, m->proj, (size_t)n * E);
     }
-    m->kv.n = m->n_past + n;
 
     if (logits_mode != EK_LOGITS_NONE) {
         const int first = logits_mode == EK_LOGITS_ALL ? 0 : n - 1;
@@ -536,7 +676,7 @@ int ek_truncate(ek_model *m, int n_past) {
     if (n_past < 0 || n_past > m->n_past)
         return fail(m, EK_ERR_INVALID, "cannot truncate to %d: context holds %d tokens", n_past, m->n_past);
     m->n_past = n_past;
-    m->kv.n = n_past;
+    ek_kv_store_truncate(&m->kv, n_past);
     return EK_OK;
 }
 
@@ -568,4 +708,107 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
     }
     free(act);
     return EK_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* mixed-precision KV                                                          */
+/* ------------------------------------------------------------------------- */
+
+int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int rotate) {
+    if (m->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
+    const int g[KVP_COUNT] = {m->cfg.head_dim, group_bits8, group_bits4, group_bits2};
+    if (ek_kv_store_configure(&m->kv, g, rotate))
+        return fail(m, EK_ERR_INVALID,
+                    "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "
+                    "rotation needs a power-of-two head_dim",
+                    group_bits8, group_bits4, group_bits2, m->cfg.head_dim);
+    return EK_OK;
+}
+
+int ek_kv_rotating(const ek_model *m) { return m->kv.rotate; }
+
+int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
+    /* validate everything first: a rejected call changes nothing */
+    for (int i = 0; i < n; i++) {
+        if (pos[i] < 0 || pos[i] >= m->n_past)
+            return fail(m, EK_ERR_INVALID, "position %d is not in the context (0..%d)", pos[i], m->n_past - 1);
+        const int kp = ek_kv_prec_from_bits(k_bits[i]), vp = ek_kv_prec_from_bits(v_bits[i]);
+        if (kp < 0 || vp < 0)
+            return fail(m, EK_ERR_INVALID, "bit-widths must be 16, 8, 4 or 2 (got k=%d, v=%d at position %d)",
+                        k_bits[i], v_bits[i], pos[i]);
+        if ((kp != KVP_F16 || vp != KVP_F16) && m->cfg.head_dim % 32)
+            return fail(m, EK_ERR_INVALID, "quantized KV needs head_dim to be a multiple of 32 (it is %d)",
+                        m->cfg.head_dim);
+    }
+    for (int i = 0; i < n; i++)
+        ek_kv_store_set_prec(&m->kv, pos[i], ek_kv_prec_from_bits(k_bits[i]), ek_kv_prec_from_bits(v_bits[i]));
+    return EK_OK;
+}
+
+int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits) {
+    for (int j = 0; j < m->n_past; j++) {
+        const ek_kv_pool *p = &m->kv.pools[m->kv.pool_of[j]];
+        k_bits[j] = ek_kv_prec(p->kp)->bits;
+        v_bits[j] = ek_kv_prec(p->vp)->bits;
+    }
+    return EK_OK;
+}
+
+size_t ek_kv_data_bytes(const ek_model *m) { return ek_kv_store_data_bytes(&m->kv); }
+
+int ek_kv_read(const ek_model *m, int layer, int pos, float *k, float *v) {
+    if (layer < 0 || layer >= m->cfg.n_layer || pos < 0 || pos >= m->n_past) return EK_ERR_INVALID;
+    ek_kv_store_get(&m->kv, layer, pos, k, v);
+    return EK_OK;
+}
+
+void ek_set_collect_stats(ek_model *m, int on) { m->collect_stats = on != 0; }
+const double *ek_attn_stat_sum(const ek_model *m) { return m->kv.att_sum; }
+const double *ek_attn_stat_sumsq(const ek_model *m) { return m->kv.att_sumsq; }
+const int32_t *ek_attn_stat_count(const ek_model *m) { return m->kv.att_count; }
+
+int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl) {
+    const int p = ek_kv_prec_from_bits(bits);
+    if (p < 0 || n <= 0 || n > 1024 || n % 32 || (p != KVP_F16 && (g < 32 || g % 32 || n % g))) return EK_ERR_INVALID;
+    uint8_t rec[4096];
+    const ek_kv_prec_traits *t = ek_kv_prec(p);
+    t->quantize(x, rec, n, g);
+    (impl ? t->dequant : t->dequant_ref)(rec, y, n, g);
+    return EK_OK;
+}
+
+int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out) {
+    if (gs <= 0 || n_pos <= 0 || head_dim <= 0 || head_dim % 32 || head_dim > 1024) return EK_ERR_INVALID;
+    ek_kv_store s;
+    if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
+    const int g[KVP_COUNT] = {head_dim, group, group, group};
+    int rc = EK_ERR_INVALID;
+    float *buf = NULL, *qs = NULL;
+    if (ek_kv_store_configure(&s, g, rotate)) goto done;
+    for (int j = 0; j < n_pos; j++)
+        if (ek_kv_prec_from_bits(k_bits[j]) < 0 || ek_kv_prec_from_bits(v_bits[j]) < 0) goto done;
+    ek_kv_store_append(&s, n_pos);
+    for (int j = 0; j < n_pos; j++) ek_kv_store_put(&s, 0, j, k + (size_t)j * head_dim, v + (size_t)j * head_dim);
+    for (int j = 0; j < n_pos; j++)
+        ek_kv_store_set_prec(&s, j, ek_kv_prec_from_bits(k_bits[j]), ek_kv_prec_from_bits(v_bits[j]));
+    rc = EK_ERR_NOMEM;
+    buf = (float *)malloc(sizeof(float) * (ek_attn_scratch_floats(gs, head_dim) + ek_attn_partial_floats(gs, head_dim)));
+    qs = (float *)malloc(sizeof(float) * 2 * (size_t)gs * head_dim);
+    if (!buf || !qs) goto done;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int i = 0; i < gs * head_dim; i++) qs[i] = qs[gs * head_dim + i] = q[i] * scale;
+    if (s.rotate)
+        for (int h = 0; h < gs; h++) ek_rotate(qs + (size_t)(gs + h) * head_dim, s.signs, head_dim);
+    ek_attn_args a = {&s, 0, 0, gs, qs, qs + (size_t)gs * head_dim, n_pos - 1, NULL};
+    ek_attn_partial part;
+    ek_attn_partial_init(&part, buf + ek_attn_scratch_floats(gs, head_dim), gs, head_dim);
+    ek_attend_all(&a, &part, buf);
+    ek_attn_finish(&part, &s, gs, out);
+    rc = EK_OK;
+done:
+    free(buf);
+    free(qs);
+    ek_kv_store_free(&s);
+    return rc;
 }

@@ -18,6 +18,7 @@ from .errors import (
     ModelNotFoundError,
     TokenizerError,
 )
+from .kv_policy import KVPolicy, RandomPolicy, StaticPolicy, TokenFeatures
 from .model import GenerationStats, Model
 from .registry import DEFAULT_MODEL, resolve
 
@@ -27,6 +28,10 @@ __all__ = [
     "load",
     "Model",
     "GenerationStats",
+    "KVPolicy",
+    "StaticPolicy",
+    "RandomPolicy",
+    "TokenFeatures",
     "DEFAULT_MODEL",
     "EdgekvError",
     "ModelLoadError",
@@ -45,12 +50,22 @@ def load(
     ctx: int | None = None,
     n_batch: int = 256,
     progress: bool = True,
+    kv="fp16",
+    kv_window: int = 0,
+    kv_groups: tuple[int, int, int] | None = None,
+    kv_rotate: bool = True,
 ) -> Model:
     """Load a model by registry name (fetched and verified on first use) or .gguf path.
 
     threads: worker threads (default: available cores, at most 8).
     ctx: context window in tokens (default: the model's training context, at most 4096).
     n_batch: tokens per prefill chunk.
+    kv: KV-cache precision policy: "fp16", "int8", "int4", "int2", split forms such as
+        "k4v2", or a policy object / callable (see edgekv.kv_policy).
+    kv_window: W, the age in steps at which a token's precision is decided (0 = at once).
+    kv_groups: group sizes for 8-, 4- and 2-bit records (default: see Model).
+    kv_rotate: Hadamard-rotate quantized keys and values (on by default).
     """
     path = resolve(str(model), progress=progress)
-    return Model(path, threads=threads, ctx=ctx, n_batch=n_batch, name=str(model))
+    return Model(path, threads=threads, ctx=ctx, n_batch=n_batch, name=str(model), kv=kv, kv_window=kv_window,
+                 kv_groups=kv_groups, kv_rotate=kv_rotate)

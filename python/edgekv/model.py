@@ -22,6 +22,7 @@ import numpy as np
 from . import _native
 from .errors import ContextOverflowError, EdgekvError, ModelClosedError, ModelLoadError
 from .gguf_loader import LoadedGGUF, load_gguf
+from .kv_policy import KVPolicy, TokenFeatures, parse_policy
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -30,6 +31,9 @@ log = logging.getLogger("edgekv")
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
+# Quantization group size for 8-, 4- and 2-bit records (values of one head that share
+# an fp16 scale and minimum); see benchmarks/results/kv_groups.md for the measurement.
+DEFAULT_KV_GROUPS = (64, 64, 32)
 
 
 def default_threads() -> int:
@@ -84,6 +88,10 @@ class Model:
         ctx: int | None = None,
         n_batch: int = DEFAULT_BATCH,
         name: str | None = None,
+        kv="fp16",
+        kv_window: int = 0,
+        kv_groups: tuple[int, int, int] | None = None,
+        kv_rotate: bool = True,
     ):
         self._handle = ffi.NULL
         self._lock = threading.RLock()
@@ -149,6 +157,18 @@ class Model:
         self._tokens: list[int] = []  # what the C context holds, position by position
         self._logits = np.empty(hp["n_vocab"], dtype=np.float32)
         self.last_stats: GenerationStats | None = None
+        self._configure_kv(kv_groups, kv_rotate)
+        self.kv_policy: KVPolicy = parse_policy(kv, window=kv_window)
+        self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
+        self._kv_decided = 0  # positions below this have had their precision decided
+        # per-position next-token statistics (NaN where logits were not computed)
+        self._entropy = np.full(ctx, np.nan, np.float32)
+        self._max_prob = np.full(ctx, np.nan, np.float32)
+        self._logprob = np.full(ctx, np.nan, np.float32)
+        # zero-copy views of the C store's attention statistics
+        self._att_sum = np.frombuffer(ffi.buffer(lib.ek_attn_stat_sum(self._handle), 8 * ctx), np.float64)
+        self._att_sumsq = np.frombuffer(ffi.buffer(lib.ek_attn_stat_sumsq(self._handle), 8 * ctx), np.float64)
+        self._att_count = np.frombuffer(ffi.buffer(lib.ek_attn_stat_count(self._handle), 4 * ctx), np.int32)
 
     # ---- lifetime ----------------------------------------------------------
 
@@ -213,8 +233,119 @@ class Model:
             raise ValueError(f"token id {int(arr[i])} at index {i} is out of range [0, {self.vocab_size})")
         return np.ascontiguousarray(arr, dtype=np.int32)
 
-    def _eval(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None) -> None:
-        """Append ids to the context and run them (caller holds the lock and has validated ids)."""
+    def _eval(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None, policy: KVPolicy | None = None) -> None:
+        """Append ids to the context, run them, then let the KV policy decide the tokens that are due.
+
+        The caller holds the lock and has validated ids. policy: the call's KV policy
+        (default: the model's); logits are widened to every position when it needs features.
+        """
+        policy = policy or self.kv_policy
+        if self._ctx_policy is not policy:
+            if self._tokens:
+                self._truncate(0)  # cached tokens were stored under another policy
+            self._ctx_policy = policy
+        first = len(self._tokens)
+        own = None
+        if policy.needs_features and logits_mode != lib.EK_LOGITS_ALL and ids.size > 1:
+            own = np.empty((ids.size, self.vocab_size), np.float32)
+            self._eval_raw(ids, lib.EK_LOGITS_ALL, own)
+            if out is not None:
+                out[...] = own[-1]
+            self._record_logit_features(first, own)
+        else:
+            self._eval_raw(ids, logits_mode, out)
+            if out is not None:
+                rows = out.reshape(-1, self.vocab_size)
+                self._record_logit_features(first + ids.size - rows.shape[0], rows)
+        self._apply_policy(policy)
+
+    def _record_logit_features(self, first_pos: int, logits: np.ndarray) -> None:
+        """Entropy / max-prob at positions first_pos.., and the log-prob each next token got."""
+        if not self._ctx_policy or not self._ctx_policy.needs_features:
+            return
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
+        logp = z - lse
+        p = np.exp(logp)
+        n = logits.shape[0]
+        self._entropy[first_pos:first_pos + n] = -(p * logp).sum(axis=1)
+        self._max_prob[first_pos:first_pos + n] = p.max(axis=1)
+        nxt = np.arange(first_pos + 1, min(first_pos + n, len(self._tokens)))
+        if nxt.size:
+            ids = np.asarray([self._tokens[j] for j in nxt])
+            self._logprob[nxt] = logp[nxt - 1 - first_pos, ids]
+
+    def features(self, positions) -> TokenFeatures:
+        """Token features (see edgekv.kv_policy) of cached positions."""
+        pos = np.asarray(positions, dtype=np.int64)
+        cnt = self._att_count[pos].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._att_sum[pos] / cnt
+            var = np.maximum(self._att_sumsq[pos] / cnt - mean * mean, 0.0)
+        n_past = len(self._tokens)
+        return TokenFeatures(
+            positions=pos.astype(np.int32),
+            token_ids=np.asarray([self._tokens[j] for j in pos], dtype=np.int32),
+            entropy=self._entropy[pos].copy(),
+            max_prob=self._max_prob[pos].copy(),
+            logprob=self._logprob[pos].copy(),
+            attn_mean=mean.astype(np.float32),
+            attn_var=var.astype(np.float32),
+            age=(n_past - 1 - pos).astype(np.int32),
+        )
+
+    def _apply_policy(self, policy: KVPolicy, flush: bool = False) -> None:
+        """Decide the precision of every token at least W steps old (all of them when flush)."""
+        upto = len(self._tokens) - (0 if flush else policy.window)
+        if upto <= self._kv_decided:
+            return
+        pos = np.arange(self._kv_decided, upto, dtype=np.int32)
+        self._kv_decided = upto
+        if policy.is_fp16:
+            return
+        k_bits, v_bits = policy.decide(self.features(pos))
+        k_bits = np.ascontiguousarray(k_bits, dtype=np.int32)
+        v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
+        if k_bits.shape != pos.shape or v_bits.shape != pos.shape:
+            raise ValueError(f"policy {policy.name} returned {k_bits.shape}/{v_bits.shape} bit-widths for {pos.size} tokens")
+        rc = lib.ek_kv_set_bits(
+            self._handle, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", k_bits.ctypes.data),
+            ffi.cast("int32_t *", v_bits.ctypes.data), pos.size,
+        )
+        if rc != 0:
+            raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
+
+    def _configure_kv(self, groups, rotate: bool) -> None:
+        g8, g4, g2 = groups or tuple(min(g, self.hparams["head_dim"]) for g in DEFAULT_KV_GROUPS)
+        hd = self.hparams["head_dim"]
+        can_rotate = hd % 32 == 0 and hd & (hd - 1) == 0
+        if lib.ek_kv_configure(self._handle, g8, g4, g2, int(bool(rotate) and can_rotate)) != 0:
+            raise ValueError(self._c_error())
+        self.kv_groups = (g8, g4, g2)
+        self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
+
+    def kv_bits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(key bits, value bits) of every cached position."""
+        with self._lock:
+            self._check_open()
+            n = len(self._tokens)
+            k = np.empty(n, np.int32)
+            v = np.empty(n, np.int32)
+            if n:
+                lib.ek_kv_get_bits(self._handle, ffi.cast("int32_t *", k.ctypes.data), ffi.cast("int32_t *", v.ctypes.data))
+            return k, v
+
+    @property
+    def kv_avg_bits(self) -> float:
+        """Average bits per cached key/value element, scales and minimums included (maps excluded)."""
+        self._check_open()
+        n = len(self._tokens)
+        hp = self.hparams
+        elems = n * hp["n_layer"] * hp["n_head_kv"] * hp["head_dim"] * 2
+        return 8.0 * lib.ek_kv_data_bytes(self._handle) / elems if elems else float("nan")
+
+    def _eval_raw(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None) -> None:
         if len(self._tokens) + ids.size > self.n_ctx:
             raise ContextOverflowError(
                 f"context overflow: {len(self._tokens)} tokens in context + {ids.size} new > ctx {self.n_ctx}"
@@ -233,6 +364,10 @@ class Model:
         if lib.ek_truncate(self._handle, n) != 0:
             raise EdgekvError(self._c_error())
         del self._tokens[n:]
+        self._kv_decided = min(self._kv_decided, n)
+        self._entropy[n:] = np.nan
+        self._max_prob[n:] = np.nan
+        self._logprob[n:] = np.nan
 
     def reset(self) -> None:
         """Forget the context (the next call starts from an empty KV cache)."""
@@ -269,17 +404,70 @@ class Model:
             self._eval(ids, lib.EK_LOGITS_ALL, out)
             return out
 
+    def score(self, context, continuation, kv=None, sequential: bool = True) -> np.ndarray:
+        """Log-probability of each continuation token given the context (texts or token ids).
+
+        The context is prefilled into the cache and stored under the KV policy (its window
+        W as configured) before the continuation is scored. sequential=True feeds the
+        continuation one token at a time so each scored token also sits in the cache
+        under the policy before the next is scored (how generation sees the cache);
+        False scores it in one batch (continuation tokens then see each other at 16 bits).
+        A context already in the cache under the same policy is reused.
+        """
+        policy = self.kv_policy if kv is None else parse_policy(kv)
+        ctx_ids = self._as_ids(self.tokenize(context) if isinstance(context, str) else context)
+        cont = continuation
+        cont_ids = self._as_ids(self.tokenize(cont, special=False) if isinstance(cont, str) else cont)
+        with self._lock:
+            self._check_open()
+            if ctx_ids.size + cont_ids.size > self.n_ctx:
+                raise ContextOverflowError(
+                    f"context ({ctx_ids.size}) + continuation ({cont_ids.size}) tokens exceed ctx {self.n_ctx}"
+                )
+            n = ctx_ids.size
+            if (
+                self._ctx_policy is policy
+                and len(self._tokens) >= n
+                and self._tokens[:n] == ctx_ids.tolist()
+                and getattr(self, "_score_ctx_logits", None) is not None
+                and self._score_ctx_key == (n, id(policy))
+            ):
+                self._truncate(n)
+                first = self._score_ctx_logits
+            else:
+                self._truncate(0)
+                self._score_ctx_logits = None
+                self._eval(ctx_ids, lib.EK_LOGITS_LAST, self._logits, policy)
+                self._apply_policy(policy, flush=False)
+                first = self._logits.copy()
+                self._score_ctx_logits, self._score_ctx_key = first, (n, id(policy))
+            out = np.empty(cont_ids.size, np.float64)
+            out[0] = _log_softmax_at(first, cont_ids[0])
+            if cont_ids.size > 1:
+                if sequential:
+                    for i in range(cont_ids.size - 1):
+                        self._eval(cont_ids[i:i + 1], lib.EK_LOGITS_LAST, self._logits, policy)
+                        out[i + 1] = _log_softmax_at(self._logits, cont_ids[i + 1])
+                else:
+                    rows = np.empty((cont_ids.size - 1, self.vocab_size), np.float32)
+                    self._eval(cont_ids[:-1], lib.EK_LOGITS_ALL, rows, policy)
+                    for i in range(rows.shape[0]):
+                        out[i + 1] = _log_softmax_at(rows[i], cont_ids[i + 1])
+            return out
+
     # ---- generation ------------------------------------------------------------
 
-    def _prefill_prompt(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+    def _prefill_prompt(self, ids: np.ndarray, policy: KVPolicy) -> tuple[np.ndarray, int]:
         """Make the context hold exactly ids, reusing the longest cached prefix; return last logits."""
+        if self._ctx_policy is not policy:
+            self._truncate(0)
         cached = self._tokens
         common = 0
         limit = min(len(cached), ids.size - 1)  # always run at least one token to get logits
         while common < limit and cached[common] == ids[common]:
             common += 1
         self._truncate(common)
-        self._eval(ids[common:], lib.EK_LOGITS_LAST, self._logits)
+        self._eval(ids[common:], lib.EK_LOGITS_LAST, self._logits, policy)
         return self._logits, ids.size - common
 
     def generate(
@@ -292,12 +480,14 @@ class Model:
         seed: int | None = None,
         stream: bool = False,
         stop: Sequence[str] | None = None,
+        kv=None,
     ) -> str | Iterator[str]:
         """Continue prompt (text or token ids). Greedy when temperature == 0.
 
         Returns the text, or with stream=True an iterator of text pieces. Stops at an
         end-of-turn token, a stop string, max_tokens, or a full context. Statistics
-        of the run are in ``model.last_stats`` afterwards.
+        of the run are in ``model.last_stats`` afterwards. kv: this call's KV policy
+        (default: the one given at load).
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         _check_int("max_tokens", max_tokens, 0, 1 << 30)
@@ -309,10 +499,11 @@ class Model:
             raise ContextOverflowError(
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
-        it = self._generate_iter(ids, max_tokens, params, list(stop or []))
+        policy = self.kv_policy if kv is None else parse_policy(kv)
+        it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy)
         return it if stream else "".join(it)
 
-    def _generate_iter(self, ids, max_tokens, params, stop) -> Iterator[str]:
+    def _generate_iter(self, ids, max_tokens, params, stop, policy) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=int(ids.size))
         self.last_stats = stats
         sampler = Sampler(params)
@@ -323,7 +514,7 @@ class Model:
         with self._lock:
             self._check_open()
             t0 = time.perf_counter()
-            logits, stats.prefilled_tokens = self._prefill_prompt(ids)
+            logits, stats.prefilled_tokens = self._prefill_prompt(ids, policy)
             stats.prefill_s = time.perf_counter() - t0
             t_dec = time.perf_counter()
             stats.finish_reason = "length"
@@ -352,7 +543,7 @@ class Model:
                 if len(self._tokens) >= self.n_ctx:
                     stats.finish_reason = "context"
                     break
-                self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits)
+                self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy)
                 logits = self._logits
             stats.decode_s = time.perf_counter() - t_dec
             stats.kv_bytes = self.kv_bytes
@@ -390,6 +581,12 @@ class Model:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "hparams": dict(self.hparams),
         }
+
+
+def _log_softmax_at(logits: np.ndarray, idx: int) -> float:
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(z[idx] - m - np.log(np.exp(z - m).sum()))
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:

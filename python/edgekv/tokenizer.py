@@ -15,7 +15,9 @@ around it:
   case-spelled-out form of the ``(?i:'s|...)`` contractions); for ``gpt-2``/``gpt2`` the GPT-2
   split; for ``default`` (and a missing name) llama.cpp's four-expression default chain.
   No Unicode normalisation is applied (llama.cpp applies none, even where the HF tokenizer.json
-  of the model has an NFC normaliser).
+  of the model has an NFC normaliser). Letters, digits and punctuation new in Unicode 16.0 are
+  taken out of ``\\p{L}``/``\\p{N}``/``\\p{P}``, because llama.cpp's tables do not have them yet
+  (see ``_UNICODE16_LNP``).
 * **Special tokens.** Control tokens (type 3), user-defined tokens (type 4) and unknown tokens
   (type 2) are cut out of the input as whole tokens before the pre-tokenizer runs, longest token
   text first, leftmost occurrence first, exactly like llama.cpp's ``tokenizer_st_partition``.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import codecs
 import datetime
 import json
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -689,6 +692,10 @@ class Tokenizer:
         tokenized as plain text (user-defined tokens are still matched, as in llama.cpp)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: not text llama.cpp could receive
+            raise ValueError(f"text is not valid Unicode (it cannot be encoded as UTF-8): {exc}") from None
         if add_bos is None:
             add_bos = self._add_bos
         out: List[int] = []
@@ -724,11 +731,11 @@ class Tokenizer:
 
     def _check_id(self, tid: Any) -> int:
         try:
-            i = int(tid)
-        except (TypeError, ValueError):
+            i = operator.index(tid)  # ints and numpy integers; not floats or strings
+        except TypeError:
             raise ValueError(f"token id {tid!r} is not an integer") from None
-        if i != tid or not 0 <= i < len(self._tokens):
-            raise ValueError(f"token id {tid!r} is out of range for a vocabulary of size {len(self._tokens)}")
+        if not 0 <= i < len(self._tokens):
+            raise ValueError(f"token id {i} is out of range for a vocabulary of size {len(self._tokens)}")
         return i
 
     def token_to_piece(self, token_id: int, special: bool = True) -> bytes:

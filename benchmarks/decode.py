@@ -1,0 +1,721 @@
+#!/usr/bin/env python
+"""Prefill and decode speed of edgekv against llama.cpp (llama-cpp-python), plus resident memory.
+
+For each context length N (default 256, 1024, 4096; 8192 is accepted):
+
+* prefill: N tokens of WikiText-2 (``../shared/data/wikitext2_valid.txt``, tokenized once, the
+  same ids fed to every engine) from an empty context, in chunks of ``--n-batch`` tokens for both
+  engines, logits of the last token only. Reported as tok/s, median over ``--reps`` runs.
+* decode: after each prefill, ``--steps`` single-token steps, greedy (each engine feeds its own
+  argmax back). Reported as ms/token: median, p10 and p90 over all steps of all reps.
+
+Engines run in the SAME process and are interleaved: prefills alternate engine order rep by rep;
+decode steps run in blocks of ``--block`` back-to-back steps (as in a real generation loop), the
+engines taking turns block by block. Between blocks and prefills the process sleeps ``--gap-ms``
+so that neither engine's spinning worker threads (edgekv's pool spins ~20k pause iterations;
+llama.cpp's OpenMP team spins several ms after each decode) overlap the other's timed region.
+Only the engine call itself is timed (the argmax over the logits, identical numpy work for both,
+is not).
+
+How each engine is driven (no Python-side overhead beyond one foreign call per step):
+
+* edgekv: ``Model._eval(ids, EK_LOGITS_LAST, Model._logits)`` (one ``ek_forward`` call), and
+  ``Model._truncate(0)`` to reset.
+* llama.cpp: the low-level API on the context of a ``llama_cpp.Llama`` object:
+  ``llama_decode(ctx, llama_batch_get_one(tokens, n))`` per chunk/step,
+  ``llama_get_logits_ith(ctx, -1)`` for the logits and ``llama_memory_clear`` to reset.
+  (``Llama.eval`` would add a Python loop filling the batch and a KV-range removal per call.)
+
+Memory: for each N, a fresh subprocess per engine loads the model with ctx=N and reads
+VmRSS/RssAnon/RssFile/VmHWM from /proc/self/status after imports, after load, and after prefilling
+N tokens. The ratio compared with the target is RSS after load / (GGUF file size + KV cache bytes
+for N tokens).
+
+Configurations are rows of ``CONFIGS``: each names the keyword arguments for edgekv.load and for
+llama_cpp.Llama. A KV-precision row (edgekv ``kv=...``; llama.cpp ``type_k``/``type_v`` with
+``flash_attn=True``, which quantized V requires) is one more entry there. Engine instances with
+identical arguments are shared between rows, so a row that only changes llama.cpp costs one
+extra engine, not two.
+
+Writes benchmarks/results/decode.json and benchmarks/results/decode.md.
+
+    PYTHONPATH=python python benchmarks/decode.py                  # 256, 1024, 4096
+    PYTHONPATH=python python benchmarks/decode.py --ctx 256 8192 --configs f16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
+RESULTS = REPO / "benchmarks" / "results"
+
+if str(REPO / "python") not in sys.path:  # run from a checkout without PYTHONPATH
+    sys.path.insert(0, str(REPO / "python"))
+
+GGML_TYPE_F16 = 1  # llama_cpp.GGML_TYPE_F16 (kept literal so the table needs no import)
+
+
+# ------------------------------------------------------------------------------------------
+# configurations: one row per KV setting
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    description: str
+    edgekv: dict = field(default_factory=dict)  # extra kwargs for edgekv.load (e.g. kv="q8")
+    llama: dict = field(default_factory=dict)   # extra kwargs for llama_cpp.Llama
+
+
+CONFIGS: dict[str, Config] = {
+    "f16": Config(
+        "f16",
+        "FP16 KV cache. llama.cpp: type_k=type_v=f16, flash_attn off (llama-cpp-python's default)",
+        edgekv={},
+        llama=dict(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=False),
+    ),
+    "f16-fa": Config(
+        "f16-fa",
+        "FP16 KV cache. llama.cpp: type_k=type_v=f16, flash_attn on (llama.cpp CLI's 'auto' on CPU)",
+        edgekv={},
+        llama=dict(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=True),
+    ),
+    # Later, e.g.:
+    # "q8": Config("q8", "8-bit KV", edgekv=dict(kv="q8"),
+    #              llama=dict(type_k=8, type_v=8, flash_attn=True)),  # GGML_TYPE_Q8_0 = 8
+}
+DEFAULT_CONFIGS = ["f16", "f16-fa"]
+PRIMARY_CONFIG = "f16"  # the row the project targets are checked on
+
+TARGETS = {
+    "decode_ratio_max_at_256": 1.25,   # edgekv decode ms/token <= 1.25x llama.cpp's at ctx 256
+    "prefill_ratio_min": 0.75,         # edgekv prefill tok/s >= 0.75x llama.cpp's
+    "rss_ratio_max": 1.3,              # RSS after load <= 1.3x (file size + KV bytes)
+}
+
+
+# ------------------------------------------------------------------------------------------
+# engines
+# ------------------------------------------------------------------------------------------
+
+class EdgekvEngine:
+    kind = "edgekv"
+
+    def __init__(self, path: str, n_ctx: int, threads: int, n_batch: int, **kw):
+        import edgekv
+
+        self._lib = edgekv._native.lib
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ctx beyond the training context at 8192
+            self.m = edgekv.load(path, threads=threads, ctx=n_ctx, n_batch=n_batch, progress=False, **kw)
+        self._one = np.zeros(1, dtype=np.int32)
+        self._ids = None
+
+    def reset(self) -> None:
+        self.m._truncate(0)
+
+    def set_prompt(self, ids: np.ndarray) -> None:
+        self._ids = np.ascontiguousarray(ids, dtype=np.int32)
+
+    def prefill(self) -> None:
+        self.m._eval(self._ids, self._lib.EK_LOGITS_LAST, self.m._logits)
+
+    def step(self, tok: int) -> None:
+        self._one[0] = tok
+        self.m._eval(self._one, self._lib.EK_LOGITS_LAST, self.m._logits)
+
+    def argmax(self) -> int:
+        return int(self.m._logits.argmax())
+
+    def n_past(self) -> int:
+        return self.m.n_past
+
+    def close(self) -> None:
+        self.m.close()
+
+
+class LlamaEngine:
+    kind = "llama.cpp"
+
+    def __init__(self, path: str, n_ctx: int, threads: int, n_batch: int, **kw):
+        import llama_cpp
+
+        self.L = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            n_batch=n_batch, n_ubatch=n_batch, logits_all=False, verbose=False, **kw,
+        )
+        self.ctx = self.llm._ctx.ctx
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_batch = n_batch
+        self._one = (llama_cpp.llama_token * 1)()
+        self._chunks: list = []
+        self._n = 0
+
+    def reset(self) -> None:
+        self.L.llama_memory_clear(self.mem, True)
+        self._n = 0
+
+    def set_prompt(self, ids: np.ndarray) -> None:
+        ids = [int(t) for t in ids]
+        self._chunks = []
+        for i in range(0, len(ids), self.n_batch):
+            c = ids[i:i + self.n_batch]
+            self._chunks.append(((self.L.llama_token * len(c))(*c), len(c)))
+
+    def _decode(self, arr, n: int) -> None:
+        rc = self.L.llama_decode(self.ctx, self.L.llama_batch_get_one(arr, n))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self._n += n
+
+    def prefill(self) -> None:
+        for arr, n in self._chunks:
+            self._decode(arr, n)
+
+    def step(self, tok: int) -> None:
+        self._one[0] = tok
+        self._decode(self._one, 1)
+
+    def argmax(self) -> int:
+        p = self.L.llama_get_logits_ith(self.ctx, -1)
+        return int(np.ctypeslib.as_array(p, shape=(self.n_vocab,)).argmax())
+
+    def n_past(self) -> int:
+        return self._n
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+ENGINES = {"edgekv": EdgekvEngine, "llama.cpp": LlamaEngine}
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+def read_status() -> dict:
+    """VmRSS, RssAnon, RssFile, VmHWM of this process in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
+
+
+def machine_info() -> dict:
+    info: dict = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    model = None
+    flags: list[str] = []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")
+                         if f in have]
+    except OSError:
+        pass
+    info["cpu_model"] = model
+    info["cpu_flags"] = flags
+    info["cpu_count"] = os.cpu_count()
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["mem_total_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    info["platform"] = platform.platform()
+    info["python"] = platform.python_version()
+    info["numpy"] = np.__version__
+    try:
+        import edgekv
+
+        info["edgekv"] = edgekv.__version__
+        info["edgekv_simd"] = edgekv._native.SIMD
+        info["edgekv_lib"] = str(edgekv._native.LIB_PATH)
+    except Exception as e:  # pragma: no cover
+        info["edgekv"] = f"unavailable: {e}"
+    try:
+        import llama_cpp
+
+        info["llama_cpp_python"] = llama_cpp.__version__
+        info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+    except Exception as e:  # pragma: no cover
+        info["llama_cpp_python"] = f"unavailable: {e}"
+    try:
+        import gguf  # noqa: F401
+        from importlib.metadata import version
+
+        info["gguf"] = version("gguf")
+    except Exception:
+        pass
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "csrc", "python"],
+                               capture_output=True, text=True)
+        info["git_commit"] = rev.stdout.strip()
+        info["git_dirty_csrc_or_python"] = bool(dirty.stdout.strip())
+    except OSError:
+        pass
+    return info
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def wikitext_ids(n_tokens: int) -> list[int]:
+    """The first n_tokens token ids of WikiText-2 valid (edgekv's tokenizer, checked against llama.cpp's)."""
+    from edgekv.tokenizer import Tokenizer
+    from edgekv.gguf_loader import load_gguf
+
+    text = DATA.read_text(encoding="utf-8")
+    chars = max(20000, n_tokens * 8)  # ~4.4 chars per token here: a wide margin
+    g = load_gguf(model_path())
+    tok = Tokenizer.from_fields(g.fields)
+    ids = tok.encode(text[:chars], add_bos=False)
+    if len(ids) < n_tokens + 16:
+        raise SystemExit(f"{DATA} gave only {len(ids)} tokens; {n_tokens} needed")
+    return ids[:n_tokens]
+
+
+_MODEL_PATH: str | None = None
+
+
+def model_path() -> str:
+    global _MODEL_PATH
+    if _MODEL_PATH is None:
+        import edgekv
+
+        _MODEL_PATH = str(edgekv.registry.resolve(ARGS.model, progress=True))
+    return _MODEL_PATH
+
+
+# ------------------------------------------------------------------------------------------
+# speed
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineSpec:
+    key: str
+    kind: str
+    kwargs: dict
+
+
+def engine_specs(configs: list[Config]) -> tuple[list[EngineSpec], dict[str, dict[str, str]]]:
+    """Deduplicated engine instances, and for each config the engine key per kind."""
+    specs: dict[str, EngineSpec] = {}
+    rows: dict[str, dict[str, str]] = {}
+    for c in configs:
+        rows[c.name] = {}
+        for kind, kw in (("edgekv", c.edgekv), ("llama.cpp", c.llama)):
+            key = kind + ("" if not kw else " " + json.dumps(kw, sort_keys=True))
+            specs.setdefault(key, EngineSpec(key, kind, dict(kw)))
+            rows[c.name][kind] = key
+    return list(specs.values()), rows
+
+
+def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) -> dict:
+    """Prefill n tokens then decode args.steps tokens, args.reps times, engines interleaved."""
+    n_ctx = n + args.steps + 8
+    engines = {}
+    for s in specs:
+        engines[s.key] = ENGINES[s.kind](model_path(), n_ctx, args.threads, args.n_batch, **s.kwargs)
+    prompt = np.asarray(ids[:n], dtype=np.int32)
+    for e in engines.values():
+        e.set_prompt(prompt)
+    keys = list(engines)
+    prefill_s = {k: [] for k in keys}
+    step_s = {k: [] for k in keys}
+    first_tokens = {k: [] for k in keys}
+    gap = args.gap_ms / 1000.0
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(args.reps):
+            order = keys if rep % 2 == 0 else keys[::-1]
+            nxt = {}
+            for k in order:
+                e = engines[k]
+                e.reset()
+                time.sleep(gap)
+                t0 = time.perf_counter()
+                e.prefill()
+                prefill_s[k].append(time.perf_counter() - t0)
+                assert e.n_past() == n, (k, e.n_past(), n)
+                nxt[k] = e.argmax()
+                bar.update(1)
+            toks = {k: [nxt[k]] for k in keys}
+            done = 0
+            b = 0
+            while done < args.steps:
+                blk = min(args.block, args.steps - done)
+                order = keys if b % 2 == 0 else keys[::-1]
+                for k in order:
+                    e = engines[k]
+                    time.sleep(gap)
+                    tok = nxt[k]
+                    for _ in range(blk):
+                        t0 = time.perf_counter()
+                        e.step(tok)
+                        step_s[k].append(time.perf_counter() - t0)
+                        tok = e.argmax()
+                        toks[k].append(tok)
+                    nxt[k] = tok
+                done += blk
+                b += 1
+                bar.update(1)
+            if rep == 0:
+                first_tokens = toks
+    finally:
+        if gc_was:
+            gc.enable()
+    for e in engines.values():
+        e.close()
+    del engines
+    gc.collect()
+
+    out = {"ctx": n, "n_ctx_allocated": n_ctx, "engines": {}}
+    for k in keys:
+        pf = prefill_s[k]
+        st = np.asarray(step_s[k]) * 1000.0
+        out["engines"][k] = {
+            "prefill_s": pf,
+            "prefill_tok_s_median": n / statistics.median(pf),
+            "prefill_tok_s_all": [n / x for x in pf],
+            "decode_steps": int(st.size),
+            "decode_ms_median": float(np.median(st)),
+            "decode_ms_p10": pct(st, 10),
+            "decode_ms_p90": pct(st, 90),
+            "decode_ms_mean": float(st.mean()),
+            "greedy_tokens_rep0": first_tokens[k],
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# memory (fresh subprocesses)
+# ------------------------------------------------------------------------------------------
+
+def rss_child(kind: str, n_ctx: int, ids_file: str, path: str, threads: int, n_batch: int, kw: dict) -> None:
+    """Runs in a fresh interpreter: print one JSON line of RSS readings."""
+    import numpy  # noqa: F401  (both engines need it; count it in the baseline)
+
+    if kind == "edgekv":
+        import edgekv  # noqa: F401
+    elif kind == "gguf-reader":
+        import gguf
+    else:
+        import llama_cpp  # noqa: F401
+    res = {"kind": kind, "ctx": n_ctx, "after_import": read_status()}
+    if kind == "gguf-reader":  # diagnosis: what opening the file with gguf.GGUFReader alone costs
+        r = gguf.GGUFReader(path, "r")
+        res["after_load"] = read_status()
+        res["n_fields"] = len(r.fields)
+        res["n_field_parts"] = sum(len(f.parts) for f in r.fields.values())
+        print(json.dumps(res))
+        return
+    t0 = time.perf_counter()
+    e = ENGINES[kind](path, n_ctx, threads, n_batch, **kw)
+    res["load_s"] = time.perf_counter() - t0
+    res["after_load"] = read_status()
+    ids = np.load(ids_file)[:n_ctx]
+    e.set_prompt(ids)
+    e.prefill()
+    res["after_prefill"] = read_status()
+    res["prefilled_tokens"] = int(ids.size)
+    if kind == "edgekv":
+        res["kv_bytes_per_token"] = e.m.kv_bytes_per_token
+        res["kv_bytes_used"] = e.m.kv_bytes
+    print(json.dumps(res))
+
+
+def measure_memory(ctxs: list[int], ids: list[int], args, bar) -> dict:
+    path = model_path()
+    file_bytes = os.path.getsize(path)
+    out = {"file_bytes": file_bytes, "rows": []}
+    with tempfile.TemporaryDirectory() as td:
+        ids_file = os.path.join(td, "ids.npy")
+        np.save(ids_file, np.asarray(ids, dtype=np.int32))
+        runs = [("gguf-reader", 0)] + [(k, n) for n in ctxs for k in ("edgekv", "llama.cpp")]
+        for kind, n in runs:
+            cfg = CONFIGS[PRIMARY_CONFIG]
+            kw = cfg.edgekv if kind == "edgekv" else cfg.llama
+            cmd = [sys.executable, __file__, "--_rss-child", json.dumps(
+                dict(kind=kind, n_ctx=n, ids_file=ids_file, path=path, threads=args.threads,
+                     n_batch=args.n_batch, kw=kw))]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            bar.update(1)
+            if p.returncode != 0:
+                out["rows"].append({"kind": kind, "ctx": n, "error": p.stderr[-2000:]})
+                continue
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            if kind == "gguf-reader":
+                out["gguf_reader_alone"] = r
+                continue
+            out["rows"].append(r)
+    kv_pt = next((r["kv_bytes_per_token"] for r in out["rows"] if "kv_bytes_per_token" in r), None)
+    out["kv_bytes_per_token"] = kv_pt
+    for r in out["rows"]:
+        if "error" in r or kv_pt is None:
+            continue
+        denom = file_bytes + kv_pt * r["ctx"]
+        r["file_plus_kv_bytes"] = denom
+        r["ratio_after_load"] = r["after_load"]["VmRSS"] / denom
+        r["ratio_after_prefill"] = r["after_prefill"]["VmRSS"] / denom
+        r["ratio_peak"] = r["after_prefill"]["VmHWM"] / denom
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def summarize(res: dict) -> dict:
+    """Ratios per (ctx, config) and the target checks."""
+    rows = []
+    for c in res["contexts"]:
+        for cname, keys in res["config_engines"].items():
+            ek = c["engines"][keys["edgekv"]]
+            ll = c["engines"][keys["llama.cpp"]]
+            a, b = ek["greedy_tokens_rep0"], ll["greedy_tokens_rep0"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            rows.append({
+                "ctx": c["ctx"], "config": cname,
+                "edgekv_prefill_tok_s": ek["prefill_tok_s_median"],
+                "llama_prefill_tok_s": ll["prefill_tok_s_median"],
+                "prefill_ratio": ek["prefill_tok_s_median"] / ll["prefill_tok_s_median"],
+                "edgekv_decode_ms": ek["decode_ms_median"],
+                "llama_decode_ms": ll["decode_ms_median"],
+                "decode_ratio": ek["decode_ms_median"] / ll["decode_ms_median"],
+                "greedy_tokens_identical_prefix": same,
+                "greedy_tokens_compared": min(len(a), len(b)),
+            })
+    checks = []
+    prim = [r for r in rows if r["config"] == PRIMARY_CONFIG]
+    at256 = [r for r in prim if r["ctx"] == 256]
+    if at256:
+        v = at256[0]["decode_ratio"]
+        checks.append({"target": "decode ms/token at ctx 256 <= 1.25x llama.cpp", "config": PRIMARY_CONFIG,
+                       "value": v, "pass": v <= TARGETS["decode_ratio_max_at_256"]})
+    for r in prim:
+        v = r["prefill_ratio"]
+        checks.append({"target": f"prefill tok/s at ctx {r['ctx']} >= 0.75x llama.cpp", "config": PRIMARY_CONFIG,
+                       "value": v, "pass": v >= TARGETS["prefill_ratio_min"]})
+    for r in res.get("memory", {}).get("rows", []):
+        if r.get("kind") == "edgekv" and "ratio_after_load" in r:
+            v = r["ratio_after_load"]
+            checks.append({"target": f"edgekv RSS after load (ctx {r['ctx']}) <= 1.3x (file + KV)",
+                           "value": v, "pass": v <= TARGETS["rss_ratio_max"]})
+    # decode cost growth with context: a proxy for attention cost per cached token
+    slopes = {}
+    ctxs = sorted({c["ctx"] for c in res["contexts"]})
+    if len(ctxs) >= 2:
+        lo, hi = ctxs[0], ctxs[-1]
+        for c_lo in res["contexts"]:
+            if c_lo["ctx"] != lo:
+                continue
+            c_hi = next(c for c in res["contexts"] if c["ctx"] == hi)
+            for k in c_lo["engines"]:
+                d = c_hi["engines"][k]["decode_ms_median"] - c_lo["engines"][k]["decode_ms_median"]
+                slopes[k] = {"from_ctx": lo, "to_ctx": hi, "ms_per_1k_ctx_tokens": 1000.0 * d / (hi - lo)}
+    return {"rows": rows, "checks": checks, "decode_growth": slopes}
+
+
+def write_md(res: dict, path: Path) -> None:
+    s = res["summary"]
+    m = res["machine"]
+    a = res["args"]
+    L = []
+    L.append("# Decode and prefill: edgekv vs llama.cpp\n")
+    L.append(f"Model `{Path(res['model_path']).name}` ({fmt_mib(res['model_file_bytes'])} MiB), "
+             f"{a['threads']} threads, n_batch {a['n_batch']} for both engines; WikiText-2 valid text. "
+             f"Machine: {m.get('cpu_model')} ({m.get('cpu_count')} cores, flags {', '.join(m.get('cpu_flags', []))}), "
+             f"edgekv SIMD `{m.get('edgekv_simd')}`, llama-cpp-python {m.get('llama_cpp_python')}, "
+             f"{m['date_utc']}. Load average at start/end: {res['loadavg_start']} / {res['loadavg_end']} "
+             "(a shared machine: treat differences under ~10% as noise).\n")
+    L.append(f"Prefill: median of {a['reps']} runs. Decode: median (p10-p90) of {a['reps']} x {a['steps']} "
+             f"greedy single-token steps after the prefill, in blocks of {a['block']} alternating between engines. "
+             "Both engines in one process, interleaved. edgekv via `Model._eval`; llama.cpp via the low-level "
+             "`llama_decode` + `llama_batch_get_one` (no `Llama.eval` overhead).\n")
+    L.append("Configs: " + "; ".join(f"`{n}`: {CONFIGS[n].description}" for n in res["config_engines"]) + "\n")
+    L.append("| context | config | engine | prefill tok/s | decode ms/token median (p10-p90) | "
+             "ratio edgekv/llama.cpp (decode ms; prefill tok/s) |")
+    L.append("|---:|---|---|---:|---:|---|")
+    for r in s["rows"]:
+        c = next(c for c in res["contexts"] if c["ctx"] == r["ctx"])
+        keys = res["config_engines"][r["config"]]
+        for kind in ("edgekv", "llama.cpp"):
+            e = c["engines"][keys[kind]]
+            ratio = (f"{r['decode_ratio']:.2f}x; {r['prefill_ratio']:.2f}x" if kind == "edgekv" else "")
+            L.append(f"| {r['ctx']} | {r['config']} | {kind} | {e['prefill_tok_s_median']:.1f} | "
+                     f"{e['decode_ms_median']:.2f} ({e['decode_ms_p10']:.2f}-{e['decode_ms_p90']:.2f}) | {ratio} |")
+    L.append("")
+    L.append("Greedy agreement (first rep): " + "; ".join(
+        f"ctx {r['ctx']} {r['config']}: first {r['greedy_tokens_identical_prefix']}/{r['greedy_tokens_compared']} "
+        "tokens identical" for r in s["rows"]) + ".\n")
+    if s["decode_growth"]:
+        L.append("Decode cost growth with context (median ms/token, per 1k extra cached tokens): " + "; ".join(
+            f"{k}: {v['ms_per_1k_ctx_tokens']:.3f} ms ({v['from_ctx']}->{v['to_ctx']})"
+            for k, v in s["decode_growth"].items()) + ".\n")
+    mem = res.get("memory")
+    if mem:
+        L.append("## Resident memory (fresh process per row)\n")
+        L.append(f"GGUF file {fmt_mib(mem['file_bytes'])} MiB; edgekv KV cache "
+                 f"{mem['kv_bytes_per_token']} bytes/token (FP16). Ratio = VmRSS / (file + KV bytes for ctx tokens).\n")
+        L.append("| engine | ctx | RSS after import MiB | RSS after load MiB (anon / file) | ratio after load | "
+                 "RSS after prefill MiB (anon / file) | ratio after prefill | peak (VmHWM) MiB |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in mem["rows"]:
+            if "error" in r:
+                L.append(f"| {r['kind']} | {r['ctx']} | error | | | | | |")
+                continue
+            al, ap = r["after_load"], r["after_prefill"]
+            L.append(f"| {r['kind']} | {r['ctx']} | {fmt_mib(r['after_import']['VmRSS'])} | "
+                     f"{fmt_mib(al['VmRSS'])} ({fmt_mib(al['RssAnon'])} / {fmt_mib(al['RssFile'])}) | "
+                     f"{r.get('ratio_after_load', float('nan')):.2f} | "
+                     f"{fmt_mib(ap['VmRSS'])} ({fmt_mib(ap['RssAnon'])} / {fmt_mib(ap['RssFile'])}) | "
+                     f"{r.get('ratio_after_prefill', float('nan')):.2f} | {fmt_mib(ap['VmHWM'])} |")
+        g = mem.get("gguf_reader_alone")
+        if g:
+            d = g["after_load"]["VmRSS"] - g["after_import"]["VmRSS"]
+            L.append(f"\nFor reference, `gguf.GGUFReader(path)` alone (which edgekv's loader keeps alive for the "
+                     f"model's lifetime) adds {fmt_mib(d)} MiB of RSS ({g['n_field_parts']} numpy field parts "
+                     f"over {g['n_fields']} metadata fields).\n")
+    L.append("## Targets\n")
+    L.append("| target | value | result |")
+    L.append("|---|---:|---|")
+    for c in s["checks"]:
+        L.append(f"| {c['target']} | {c['value']:.2f}x | {'PASS' if c['pass'] else 'FAIL'} |")
+    L.append("")
+    L.append(f"Command: `{res['command']}`\n")
+    path.write_text("\n".join(L))
+
+
+# ------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ctx", type=int, nargs="+", default=[256, 1024, 4096],
+                   help="context lengths to prefill (256, 1024, 4096, 8192 or any positive number)")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted(CONFIGS),
+                   help="rows of the config table to run")
+    p.add_argument("--model", default="smollm2-135m", help="registry name or .gguf path")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-batch", type=int, default=256, help="prefill chunk size, both engines")
+    p.add_argument("--reps", type=int, default=3, help="prefill runs per context (each followed by decode)")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per rep (>= 64)")
+    p.add_argument("--block", type=int, default=16, help="back-to-back decode steps per engine turn")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each timed block")
+    p.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for decode.json / decode.md")
+    p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+ARGS = None
+
+
+def main(argv=None) -> int:
+    global ARGS, _MODEL_PATH
+    ARGS = args = parse_args(argv)
+    if args.rss_child:
+        c = json.loads(args.rss_child)
+        rss_child(c["kind"], c["n_ctx"], c["ids_file"], c["path"], c["threads"], c["n_batch"], c["kw"])
+        return 0
+    if args.steps < 64:
+        print("note: --steps below 64 is below what the report is meant to use", file=sys.stderr)
+    from tqdm import tqdm
+
+    la0 = loadavg()
+    info = machine_info()
+    path = model_path()
+    ctxs = list(dict.fromkeys(args.ctx))
+    ids = wikitext_ids(max(ctxs))
+    # the same ids must be what llama.cpp's tokenizer gives (else the engines would see different text)
+    import llama_cpp
+
+    specs, cfg_rows = engine_specs([CONFIGS[c] for c in args.configs])
+    n_blocks = -(-args.steps // args.block)
+    total = len(ctxs) * args.reps * len(specs) + len(ctxs) * args.reps * n_blocks
+    if not args.no_memory:
+        total += 1 + 2 * len(ctxs)
+    res = {
+        "command": " ".join(["python", "benchmarks/decode.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "rss_child"},
+        "machine": info, "model_path": path, "model_file_bytes": os.path.getsize(path),
+        "data": str(DATA.relative_to(REPO.parent)), "loadavg_start": la0,
+        "configs": {n: {"description": CONFIGS[n].description, "edgekv": CONFIGS[n].edgekv,
+                        "llama": CONFIGS[n].llama} for n in args.configs},
+        "config_engines": cfg_rows, "primary_config": PRIMARY_CONFIG, "targets": TARGETS, "contexts": [],
+    }
+    with tqdm(total=total, desc="decode bench", file=sys.stderr, dynamic_ncols=True) as bar:
+        # tokenizer check on the prompt text (the prefill feeds edgekv's ids to both engines)
+        tmp = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
+        text = DATA.read_text(encoding="utf-8")[: max(20000, max(ctxs) * 8)]
+        ll_ids = tmp.tokenize(text.encode(), add_bos=False, special=True)[: len(ids)]
+        res["prompt_ids_match_llama_tokenizer"] = ll_ids == ids
+        del tmp
+        for n in ctxs:
+            bar.set_postfix_str(f"ctx {n}")
+            res["contexts"].append(bench_context(n, ids, specs, args, bar))
+        if not args.no_memory:
+            bar.set_postfix_str("memory")
+            res["memory"] = measure_memory(ctxs, ids, args, bar)
+    res["loadavg_end"] = loadavg()
+    res["summary"] = summarize(res)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.json").write_text(json.dumps(res, indent=1))
+    write_md(res, args.out / "decode.md")
+    for r in res["summary"]["rows"]:
+        print(f"ctx {r['ctx']:5d} {r['config']:7s} prefill edgekv {r['edgekv_prefill_tok_s']:7.1f} "
+              f"llama {r['llama_prefill_tok_s']:7.1f} tok/s ({r['prefill_ratio']:.2f}x) | decode edgekv "
+              f"{r['edgekv_decode_ms']:6.2f} llama {r['llama_decode_ms']:6.2f} ms/tok ({r['decode_ratio']:.2f}x)")
+    for c in res["summary"]["checks"]:
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}: {c['value']:.2f}x")
+    print(f"wrote {args.out / 'decode.json'} and {args.out / 'decode.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+/* Fused attention over the mixed-precision KV store.
+ *
+ * A query group (the gs query heads that share one KV head) attends to the
+ * store pool by pool, chunk by chunk. Each chunk dequantizes one record at a
+ * time into registers/L1 (never a copy of the cache), scores it, and folds it
+ * into a running (max m, sum l, weighted values o) per head: online softmax.
+ * Partials from different chunks, pools or threads merge by log-sum-exp, so
+ * work can be split across heads, pools and positions.
+ *
+ * Keys in FP16 pools are scored with the plain query, quantized keys with the
+ * rotated query; values from FP16 pools sum into o_plain, quantized ones into
+ * o_rot, which is rotated back once at the end.
+ */
+#ifndef EDGEKV_KV_ATTENTION_H
+#define EDGEKV_KV_ATTENTION_H
+
+#include "kv_store.h"
+
+#define ATTN_CHUNK 64 /* records scored before their values are accumulated */
+
+typedef struct {
+    const ek_kv_store *s;
+    int layer, head;     /* KV head */
+    int gs;              /* query heads sharing it */
+    const float *q;      /* (gs, head_dim) scaled query, plain basis */
+    const float *q_rot;  /* (gs, head_dim) scaled query, rotated basis (== q without rotation) */
+    int max_pos;         /* causal limit: positions > max_pos are not attended */
+    float *raw;          /* optional (gs, n_ctx): raw scores by position, for statistics */
+} ek_attn_args;
+
+typedef struct {
+    float *m, *l;        /* (gs) running max and sum of exp */
+    float *o_plain;      /* (gs, head_dim) */
+    float *o_rot;        /* (gs, head_dim) */
+} ek_attn_partial;
+
+/* Floats of scratch a partial needs, and of scratch for ek_attend_range. */
+size_t ek_attn_partial_floats(int gs, int head_dim);
+size_t ek_attn_scratch_floats(int gs, int head_dim);
+
+/* Lay a partial out over buf (ek_attn_partial_floats floats) and clear it. */
+void ek_attn_partial_init(ek_attn_partial *p, float *buf, int gs, int head_dim);
+
+/* Attend to slots [j0, j1) of one pool, folding them into part. */
+void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int j1, ek_attn_partial *part,
+                     float *scratch);
+/* Attend to the whole store. */
+void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch);
+
+/* into <- into (+) from */
+void ek_attn_merge(ek_attn_partial *into, const ek_attn_partial *from, int gs, int head_dim);
+/* out (gs, head_dim) = (o_plain + R^T o_rot) / l */
+void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, float *out);
+
+/* x[i] = exp(x[i] - m); returns the sum. */
+float ek_exp_shift(float *x, int n, float m);
+
+#endif

@@ -1,0 +1,255 @@
+#include "kv_quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define CH 32 /* values per packing chunk */
+
+/* ------------------------------------------------------------------------- */
+/* sizes                                                                      */
+/* ------------------------------------------------------------------------- */
+
+static size_t rec_bytes_f16(int n, int g) { return (size_t)n * sizeof(ek_fp16); }
+static size_t rec_bytes_q(int n, int g, int bits) { return (size_t)n * bits / 8 + (size_t)(n / g) * 2 * sizeof(ek_fp16); }
+static size_t rec_bytes_q8(int n, int g) { return rec_bytes_q(n, g, 8); }
+static size_t rec_bytes_q4(int n, int g) { return rec_bytes_q(n, g, 4); }
+static size_t rec_bytes_q2(int n, int g) { return rec_bytes_q(n, g, 2); }
+
+/* ------------------------------------------------------------------------- */
+/* quantize (scalar: runs once per token, off the hot path)                   */
+/* ------------------------------------------------------------------------- */
+
+static inline float sanitize(float v) {
+    if (v != v) return NAN; /* handled by the caller: stored as the minimum */
+    return v > 65504.0f ? 65504.0f : (v < -65504.0f ? -65504.0f : v);
+}
+
+/* Codes for one group: fp16-rounded scale and minimum are what dequant will use. */
+static void quantize_group(const float *x, int n, int bits, uint8_t *codes, ek_fp16 *d_out, ek_fp16 *m_out) {
+    const int qmax = (1 << bits) - 1;
+    float lo = INFINITY, hi = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        float v = sanitize(x[i]);
+        if (v != v) continue;
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    if (lo > hi) lo = hi = 0.0f; /* all NaN */
+    /* codes are computed against the fp16-rounded minimum and scale that dequant will read */
+    ek_fp16 mh = ek_fp32_to_fp16(lo);
+    const float m = ek_fp16_to_fp32(mh);
+    ek_fp16 dh = ek_fp32_to_fp16((hi - m) / (float)qmax);
+    float d = ek_fp16_to_fp32(dh);
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < n; i++) {
+        float v = sanitize(x[i]);
+        int q = (v != v) ? 0 : (int)lrintf((v - m) * id);
+        codes[i] = (uint8_t)(q < 0 ? 0 : (q > qmax ? qmax : q));
+    }
+    *d_out = dh;
+    *m_out = mh;
+}
+
+static void quantize_f16(const float *x, uint8_t *rec, int n, int g) {
+    ek_fp16 *h = (ek_fp16 *)rec;
+    for (int i = 0; i < n; i++) {
+        float v = sanitize(x[i]);
+        h[i] = ek_fp32_to_fp16(v != v ? 0.0f : v);
+    }
+}
+
+static void quantize_q(const float *x, uint8_t *rec, int n, int g, int bits) {
+    uint8_t codes[1024];
+    ek_fp16 *dm = (ek_fp16 *)(rec + (size_t)n * bits / 8);
+    const int ng = n / g;
+    for (int k = 0; k < ng; k++) quantize_group(x + k * g, g, bits, codes + k * g, &dm[k], &dm[ng + k]);
+    uint8_t *p = rec;
+    for (int c = 0; c < n; c += CH) {
+        const uint8_t *cc = codes + c;
+        if (bits == 8) {
+            memcpy(p, cc, CH);
+            p += CH;
+        } else if (bits == 4) {
+            for (int j = 0; j < 16; j++) p[j] = (uint8_t)(cc[j] | (cc[j + 16] << 4));
+            p += 16;
+        } else {
+            for (int j = 0; j < 8; j++)
+                p[j] = (uint8_t)(cc[j] | (cc[j + 8] << 2) | (cc[j + 16] << 4) | (cc[j + 24] << 6));
+            p += 8;
+        }
+    }
+}
+
+static void quantize_q8(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 8); }
+static void quantize_q4(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 4); }
+static void quantize_q2(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 2); }
+
+/* ------------------------------------------------------------------------- */
+/* dequantize: reference                                                      */
+/* ------------------------------------------------------------------------- */
+
+static void dequant_f16_ref(const uint8_t *rec, float *y, int n, int g) {
+    for (int i = 0; i < n; i++) y[i] = ek_fp16_to_fp32(((const ek_fp16 *)rec)[i]);
+}
+
+static inline int code_at(const uint8_t *rec, int i, int bits) {
+    const int c = i / CH, j = i % CH;
+    if (bits == 8) return rec[i];
+    if (bits == 4) {
+        const uint8_t b = rec[c * 16 + (j & 15)];
+        return j < 16 ? (b & 15) : (b >> 4);
+    }
+    const uint8_t b = rec[c * 8 + (j & 7)];
+    return (b >> (2 * (j >> 3))) & 3;
+}
+
+static void dequant_q_ref(const uint8_t *rec, float *y, int n, int g, int bits) {
+    const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
+    const int ng = n / g;
+    for (int i = 0; i < n; i++)
+        y[i] = code_at(rec, i, bits) * ek_fp16_to_fp32(dm[i / g]) + ek_fp16_to_fp32(dm[ng + i / g]);
+}
+static void dequant_q8_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 8); }
+static void dequant_q4_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 4); }
+static void dequant_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 2); }
+
+/* ------------------------------------------------------------------------- */
+/* dequantize: SIMD (the attention inner loop calls these once per record)    */
+/* ------------------------------------------------------------------------- */
+#if defined(EK_AVX2)
+
+static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { ek_fp16_to_fp32_row((const ek_fp16 *)rec, y, n); }
+
+/* 8 codes (bytes) -> 8 floats d*c + m */
+static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
+}
+
+static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
+    const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
+    const int ng = n / g;
+    const uint8_t *p = rec;
+    for (int c = 0; c < n; c += CH) {
+        const __m256 d = _mm256_set1_ps(ek_h2f(dm[c / g])), m = _mm256_set1_ps(ek_h2f(dm[ng + c / g]));
+        __m128i q0, q1, q2, q3; /* codes c..c+7, +8..15, +16..23, +24..31 in the low 8 bytes */
+        if (bits == 8) {
+            __m128i a = _mm_loadu_si128((const __m128i *)p), b = _mm_loadu_si128((const __m128i *)(p + 16));
+            q0 = a; q1 = _mm_srli_si128(a, 8); q2 = b; q3 = _mm_srli_si128(b, 8);
+            p += 32;
+        } else if (bits == 4) {
+            __m128i t = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0f);
+            __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
+            q0 = lo; q1 = _mm_srli_si128(lo, 8); q2 = hi; q3 = _mm_srli_si128(hi, 8);
+            p += 16;
+        } else {
+            uint64_t x;
+            memcpy(&x, p, 8);
+            const uint64_t mask = 0x0303030303030303ull;
+            q0 = _mm_cvtsi64_si128((long long)(x & mask));
+            q1 = _mm_cvtsi64_si128((long long)((x >> 2) & mask));
+            q2 = _mm_cvtsi64_si128((long long)((x >> 4) & mask));
+            q3 = _mm_cvtsi64_si128((long long)((x >> 6) & mask));
+            p += 8;
+        }
+        _mm256_storeu_ps(y + c, deq8(q0, d, m));
+        _mm256_storeu_ps(y + c + 8, deq8(q1, d, m));
+        _mm256_storeu_ps(y + c + 16, deq8(q2, d, m));
+        _mm256_storeu_ps(y + c + 24, deq8(q3, d, m));
+    }
+}
+
+#elif defined(EK_NEON) && defined(__aarch64__)
+
+static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) {
+    const ek_fp16 *h = (const ek_fp16 *)rec;
+    for (int i = 0; i < n; i += 4) vst1q_f32(y + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
+}
+
+/* 16 codes (bytes) -> 16 floats d*c + m */
+static inline void deq16(uint8x16_t q, float32x4_t d, float32x4_t m, float *y) {
+    uint16x8_t a = vmovl_u8(vget_low_u8(q)), b = vmovl_u8(vget_high_u8(q));
+    vst1q_f32(y, vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(a))), d));
+    vst1q_f32(y + 4, vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(a))), d));
+    vst1q_f32(y + 8, vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_low_u16(b))), d));
+    vst1q_f32(y + 12, vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(b))), d));
+}
+
+static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
+    const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
+    const int ng = n / g;
+    const uint8_t *p = rec;
+    for (int c = 0; c < n; c += CH) {
+        const float32x4_t d = vdupq_n_f32(ek_h2f(dm[c / g])), m = vdupq_n_f32(ek_h2f(dm[ng + c / g]));
+        uint8x16_t lo, hi;
+        if (bits == 8) {
+            lo = vld1q_u8(p); hi = vld1q_u8(p + 16); p += 32;
+        } else if (bits == 4) {
+            uint8x16_t t = vld1q_u8(p);
+            lo = vandq_u8(t, vdupq_n_u8(0x0f)); hi = vshrq_n_u8(t, 4); p += 16;
+        } else {
+            uint8x8_t t = vld1_u8(p), k = vdup_n_u8(3);
+            lo = vcombine_u8(vand_u8(t, k), vand_u8(vshr_n_u8(t, 2), k));
+            hi = vcombine_u8(vand_u8(vshr_n_u8(t, 4), k), vshr_n_u8(t, 6));
+            p += 8;
+        }
+        deq16(lo, d, m, y + c);
+        deq16(hi, d, m, y + c + 16);
+    }
+}
+
+#else
+static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { dequant_f16_ref(rec, y, n, g); }
+static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) { dequant_q_ref(rec, y, n, g, bits); }
+#endif
+
+static void dequant_q8_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 8); }
+static void dequant_q4_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 4); }
+static void dequant_q2_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 2); }
+
+/* ------------------------------------------------------------------------- */
+/* the table                                                                  */
+/* ------------------------------------------------------------------------- */
+
+static const ek_kv_prec_traits PRECS[KVP_COUNT] = {
+    [KVP_F16] = {16, rec_bytes_f16, quantize_f16, dequant_f16_simd, dequant_f16_ref},
+    [KVP_Q8] = {8, rec_bytes_q8, quantize_q8, dequant_q8_simd, dequant_q8_ref},
+    [KVP_Q4] = {4, rec_bytes_q4, quantize_q4, dequant_q4_simd, dequant_q4_ref},
+    [KVP_Q2] = {2, rec_bytes_q2, quantize_q2, dequant_q2_simd, dequant_q2_ref},
+};
+
+const ek_kv_prec_traits *ek_kv_prec(int prec) { return prec >= 0 && prec < KVP_COUNT ? &PRECS[prec] : NULL; }
+
+int ek_kv_prec_from_bits(int bits) {
+    for (int p = 0; p < KVP_COUNT; p++)
+        if (PRECS[p].bits == bits) return p;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------- */
+/* rotation                                                                   */
+/* ------------------------------------------------------------------------- */
+
+static void fwht(float *x, int n) {
+    for (int h = 1; h < n; h *= 2)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                const float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+}
+
+void ek_rotate(float *x, const float *signs, int n) {
+    for (int i = 0; i < n; i++) x[i] *= signs[i];
+    fwht(x, n);
+    const float s = 1.0f / sqrtf((float)n);
+    for (int i = 0; i < n; i++) x[i] *= s;
+}
+
+void ek_unrotate(float *x, const float *signs, int n) {
+    fwht(x, n);
+    const float s = 1.0f / sqrtf((float)n);
+    for (int i = 0; i < n; i++) x[i] *= s * signs[i];
+}

@@ -1,0 +1,186 @@
+#include "kv_store.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static int is_pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
+
+static void set_layout(ek_kv_store *s) {
+    for (int kp = 0; kp < KVP_COUNT; kp++)
+        for (int vp = 0; vp < KVP_COUNT; vp++) {
+            ek_kv_pool *p = &s->pools[KV_POOL(kp, vp)];
+            p->kp = kp;
+            p->vp = vp;
+            p->k_bytes = ek_kv_prec(kp)->record_bytes(s->head_dim, s->group[kp]);
+            p->v_bytes = ek_kv_prec(vp)->record_bytes(s->head_dim, s->group[vp]);
+            p->rec_bytes = p->k_bytes + p->v_bytes;
+        }
+}
+
+int ek_kv_store_init(ek_kv_store *s, int n_layer, int n_kv_head, int head_dim, int n_ctx) {
+    memset(s, 0, sizeof *s);
+    s->n_layer = n_layer;
+    s->n_kv_head = n_kv_head;
+    s->head_dim = head_dim;
+    s->n_ctx = n_ctx;
+    for (int p = 0; p < KVP_COUNT; p++) s->group[p] = head_dim % 64 == 0 ? 64 : 32;
+    s->group[KVP_F16] = head_dim;
+    set_layout(s);
+    s->signs = (float *)malloc(sizeof(float) * head_dim);
+    s->pool_of = (uint8_t *)calloc((size_t)n_ctx, 1);
+    s->slot_of = (int32_t *)calloc((size_t)n_ctx, sizeof(int32_t));
+    s->att_sum = (double *)calloc((size_t)n_ctx, sizeof(double));
+    s->att_sumsq = (double *)calloc((size_t)n_ctx, sizeof(double));
+    s->att_count = (int32_t *)calloc((size_t)n_ctx, sizeof(int32_t));
+    if (!s->signs || !s->pool_of || !s->slot_of || !s->att_sum || !s->att_sumsq || !s->att_count) goto fail;
+    /* fixed signs (xorshift): the same rotation on every machine and run */
+    uint32_t r = 0x2545F491u;
+    for (int i = 0; i < head_dim; i++) {
+        r ^= r << 13; r ^= r >> 17; r ^= r << 5;
+        s->signs[i] = (r & 1) ? -1.0f : 1.0f;
+    }
+    /* Pools reserve room for the whole context, but calloc hands out untouched
+     * pages: memory is only committed as slots fill. Sized for the largest
+     * possible record so reconfiguring the groups never needs a new block. */
+    const size_t max_rec = 2 * ek_kv_prec(KVP_F16)->record_bytes(head_dim, head_dim);
+    for (int i = 0; i < KV_NPOOLS; i++) {
+        ek_kv_pool *p = &s->pools[i];
+        p->data = (uint8_t *)calloc((size_t)n_layer * n_kv_head * n_ctx, max_rec);
+        p->pos = (int32_t *)calloc((size_t)n_ctx, sizeof(int32_t));
+        if (!p->data || !p->pos) goto fail;
+    }
+    s->rotate = is_pow2(head_dim) && head_dim % 32 == 0;
+    return 0;
+fail:
+    ek_kv_store_free(s);
+    return -1;
+}
+
+void ek_kv_store_free(ek_kv_store *s) {
+    for (int i = 0; i < KV_NPOOLS; i++) {
+        free(s->pools[i].data);
+        free(s->pools[i].pos);
+        s->pools[i].data = NULL;
+        s->pools[i].pos = NULL;
+    }
+    free(s->signs); free(s->pool_of); free(s->slot_of); free(s->att_sum); free(s->att_sumsq); free(s->att_count);
+    s->signs = NULL; s->pool_of = NULL; s->slot_of = NULL;
+    s->att_sum = s->att_sumsq = NULL; s->att_count = NULL;
+}
+
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate) {
+    if (s->n != 0) return -1;
+    for (int p = KVP_Q8; p < KVP_COUNT; p++) {
+        const int g = group[p];
+        if (g < 32 || g % 32 || s->head_dim % g) return -1;
+    }
+    if (rotate && (!is_pow2(s->head_dim) || s->head_dim % 32)) return -1;
+    for (int p = KVP_Q8; p < KVP_COUNT; p++) s->group[p] = group[p];
+    s->rotate = rotate;
+    set_layout(s);
+    return 0;
+}
+
+void ek_kv_store_append(ek_kv_store *s, int count) {
+    ek_kv_pool *p = &s->pools[KV_POOL(KVP_F16, KVP_F16)];
+    for (int i = 0; i < count; i++) {
+        const int pos = s->n + i;
+        s->pool_of[pos] = KV_POOL(KVP_F16, KVP_F16);
+        s->slot_of[pos] = p->n;
+        p->pos[p->n++] = pos;
+        s->att_sum[pos] = s->att_sumsq[pos] = 0.0;
+        s->att_count[pos] = 0;
+    }
+    s->n += count;
+}
+
+void ek_kv_store_put(ek_kv_store *s, int layer, int pos, const float *k, const float *v) {
+    /* new tokens are FP16/FP16: records are two fp16 vectors */
+    const ek_kv_pool *p = &s->pools[s->pool_of[pos]];
+    const ek_kv_prec_traits *kt = ek_kv_prec(p->kp), *vt = ek_kv_prec(p->vp);
+    for (int h = 0; h < s->n_kv_head; h++) {
+        uint8_t *rec = ek_kv_rec(s, p, layer, h, s->slot_of[pos]);
+        kt->quantize(k + (size_t)h * s->head_dim, rec, s->head_dim, s->group[p->kp]);
+        vt->quantize(v + (size_t)h * s->head_dim, rec + p->k_bytes, s->head_dim, s->group[p->vp]);
+    }
+}
+
+/* Remove a slot by moving the pool's last slot into it. */
+static void pool_remove(ek_kv_store *s, ek_kv_pool *p, int slot) {
+    const int last = p->n - 1;
+    if (slot != last) {
+        for (int l = 0; l < s->n_layer; l++)
+            for (int h = 0; h < s->n_kv_head; h++)
+                memcpy(ek_kv_rec(s, p, l, h, slot), ek_kv_rec(s, p, l, h, last), p->rec_bytes);
+        const int moved = p->pos[last];
+        p->pos[slot] = moved;
+        s->slot_of[moved] = slot;
+    }
+    p->n = last;
+}
+
+/* One head's vector of a record, as floats in the unrotated basis. */
+static void record_to_float(const ek_kv_store *s, int prec, const uint8_t *rec, float *x) {
+    ek_kv_prec(prec)->dequant_ref(rec, x, s->head_dim, s->group[prec]);
+    if (prec != KVP_F16 && s->rotate) ek_unrotate(x, s->signs, s->head_dim);
+}
+
+static void float_to_record(const ek_kv_store *s, int prec, float *x, uint8_t *rec) {
+    if (prec != KVP_F16 && s->rotate) ek_rotate(x, s->signs, s->head_dim);
+    ek_kv_prec(prec)->quantize(x, rec, s->head_dim, s->group[prec]);
+}
+
+void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp) {
+    ek_kv_pool *src = &s->pools[s->pool_of[pos]];
+    const int dst_id = KV_POOL(kp, vp);
+    if (&s->pools[dst_id] == src) return;
+    ek_kv_pool *dst = &s->pools[dst_id];
+    const int from = s->slot_of[pos], to = dst->n;
+    float x[1024];
+    for (int l = 0; l < s->n_layer; l++)
+        for (int h = 0; h < s->n_kv_head; h++) {
+            const uint8_t *a = ek_kv_rec(s, src, l, h, from);
+            uint8_t *b = ek_kv_rec(s, dst, l, h, to);
+            if (src->kp == kp) {
+                memcpy(b, a, src->k_bytes);
+            } else {
+                record_to_float(s, src->kp, a, x);
+                float_to_record(s, kp, x, b);
+            }
+            if (src->vp == vp) {
+                memcpy(b + dst->k_bytes, a + src->k_bytes, src->v_bytes);
+            } else {
+                record_to_float(s, src->vp, a + src->k_bytes, x);
+                float_to_record(s, vp, x, b + dst->k_bytes);
+            }
+        }
+    dst->pos[to] = pos;
+    dst->n++;
+    pool_remove(s, src, from);
+    s->pool_of[pos] = (uint8_t)dst_id;
+    s->slot_of[pos] = to;
+}
+
+void ek_kv_store_truncate(ek_kv_store *s, int n) {
+    for (int pos = s->n - 1; pos >= n; pos--) pool_remove(s, &s->pools[s->pool_of[pos]], s->slot_of[pos]);
+    if (n < s->n) s->n = n;
+}
+
+size_t ek_kv_store_data_bytes(const ek_kv_store *s) {
+    size_t b = 0;
+    for (int i = 0; i < KV_NPOOLS; i++) b += (size_t)s->pools[i].n * s->pools[i].rec_bytes;
+    return b * s->n_layer * s->n_kv_head;
+}
+
+size_t ek_kv_store_bytes(const ek_kv_store *s) {
+    return ek_kv_store_data_bytes(s) + (size_t)s->n * (sizeof(uint8_t) + sizeof(int32_t));
+}
+
+void ek_kv_store_get(const ek_kv_store *s, int layer, int pos, float *k, float *v) {
+    const ek_kv_pool *p = &s->pools[s->pool_of[pos]];
+    for (int h = 0; h < s->n_kv_head; h++) {
+        const uint8_t *rec = ek_kv_rec(s, p, layer, h, s->slot_of[pos]);
+        record_to_float(s, p->kp, rec, k + (size_t)h * s->head_dim);
+        record_to_float(s, p->vp, rec + p->k_bytes, v + (size_t)h * s->head_dim);
+    }
+}

@@ -1,0 +1,77 @@
+/* Mixed-precision KV store.
+ *
+ * Every token's keys and values (all layers, all KV heads) live in one pool,
+ * chosen by the pair (key precision, value precision): 4 x 4 = 16 pools. A
+ * pool is a dense run of slots, so each attention kernel streams contiguous
+ * records of one precision pair; a position map says where each token is.
+ * Moving a token to another pool re-encodes its records and fills the hole it
+ * leaves with the pool's last slot (one record moves, nothing else).
+ *
+ * Tokens enter in FP16/FP16 (pool 0), unrotated, so an all-FP16 cache gives
+ * exactly the plain FP16 attention. Quantized records are stored rotated
+ * (randomized Hadamard, when enabled): attention rotates the query for
+ * quantized keys and un-rotates the output gathered from quantized values.
+ */
+#ifndef EDGEKV_KV_STORE_H
+#define EDGEKV_KV_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kv_quant.h"
+
+#define KV_NPOOLS (KVP_COUNT * KVP_COUNT)
+#define KV_POOL(kp, vp) ((kp) * KVP_COUNT + (vp))
+
+typedef struct {
+    int kp, vp;           /* key / value precision ids */
+    size_t k_bytes;       /* bytes of one key record (one layer, one head) */
+    size_t v_bytes;
+    size_t rec_bytes;     /* k_bytes + v_bytes */
+    int n;                /* live slots */
+    uint8_t *data;        /* (layer, kv_head, n_ctx, rec_bytes): [key record | value record] */
+    int32_t *pos;         /* (n_ctx) position held by each slot */
+} ek_kv_pool;
+
+typedef struct {
+    int n_layer, n_kv_head, head_dim, n_ctx;
+    int group[KVP_COUNT]; /* quantization group size per precision (ignored for FP16) */
+    int rotate;
+    float *signs;         /* (head_dim) random signs of the rotation */
+    int n;                /* tokens stored: positions 0..n-1 */
+    ek_kv_pool pools[KV_NPOOLS];
+    uint8_t *pool_of;     /* (n_ctx) pool id of each position */
+    int32_t *slot_of;     /* (n_ctx) slot of each position in its pool */
+    /* last-layer attention statistics per position, over heads and queries */
+    double *att_sum, *att_sumsq; /* (n_ctx) */
+    int32_t *att_count;          /* (n_ctx) */
+} ek_kv_store;
+
+int ek_kv_store_init(ek_kv_store *s, int n_layer, int n_kv_head, int head_dim, int n_ctx);
+void ek_kv_store_free(ek_kv_store *s);
+
+/* Group sizes and rotation; only while the store is empty. 0 = ok, -1 = invalid. */
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate);
+
+/* Append positions n..n+count-1 as FP16/FP16 slots (records filled by ek_kv_store_put). */
+void ek_kv_store_append(ek_kv_store *s, int count);
+/* Write one token's keys and values for one layer: (n_kv_head, head_dim) floats each. */
+void ek_kv_store_put(ek_kv_store *s, int layer, int pos, const float *k, const float *v);
+/* Re-encode one position at new precisions (ids). */
+void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp);
+/* Drop positions >= n. */
+void ek_kv_store_truncate(ek_kv_store *s, int n);
+
+static inline uint8_t *ek_kv_rec(const ek_kv_store *s, const ek_kv_pool *p, int layer, int head, int slot) {
+    return p->data + (((size_t)layer * s->n_kv_head + head) * s->n_ctx + slot) * p->rec_bytes;
+}
+
+/* Exact memory: record bytes of all live slots plus the position map. */
+size_t ek_kv_store_bytes(const ek_kv_store *s);
+/* Record bytes only (for average bits per element). */
+size_t ek_kv_store_data_bytes(const ek_kv_store *s);
+
+/* Dequantized keys/values of one position (rotation undone): (n_kv_head, head_dim) floats each. */
+void ek_kv_store_get(const ek_kv_store *s, int layer, int pos, float *k, float *v);
+
+#endif

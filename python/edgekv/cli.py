@@ -1,0 +1,561 @@
+"""The ``edgekv`` command line: generate, chat, pull, info.
+
+    edgekv generate "Why is the sky blue?" --max-tokens 64
+    echo "Write a haiku about caches" | edgekv generate - --chat
+    edgekv chat --system "You are terse."
+    edgekv pull --list
+    edgekv info --json
+
+Text goes to stdout; statistics, progress bars, log messages and errors go to stderr.
+Mistakes a user can make (a bad flag value, a missing model file, an unknown model name, a
+context overflow) print ``edgekv: error: <message>`` and exit with status 2, never a traceback.
+Ctrl-C exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from typing import Any, Iterable, List, Optional, Sequence
+
+from . import registry
+from .errors import ContextOverflowError, EdgekvError
+from .sampling import SamplingParams
+
+PROG = "edgekv"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("edgekv")
+
+
+# --------------------------------------------------------------------------------------------
+# argument types
+# --------------------------------------------------------------------------------------------
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the parser
+# --------------------------------------------------------------------------------------------
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps hand-wrapped descriptions and epilogs (defaults are spelled out in each help)."""
+
+
+def _verbose_parent(top_level: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    # On subcommands the default is SUPPRESS, so `edgekv -v generate ...` is not undone by the
+    # subcommand's own default.
+    p.add_argument(
+        "-v", "--verbose", action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="log progress at INFO level to stderr (e.g. weight types converted at load time)",
+    )
+    return p
+
+
+def _model_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "-m", "--model", default=registry.DEFAULT_MODEL, metavar="NAME_OR_PATH",
+        help="a registry model name (fetched and verified on first use; see `edgekv pull --list`) "
+             "or the path of a local .gguf file (default: %(default)s)",
+    )
+    g.add_argument(
+        "-t", "--threads", type=_int_at_least(1), default=None, metavar="N",
+        help="worker threads (default: available cores, at most 8)",
+    )
+    g.add_argument(
+        "-c", "--ctx", type=_int_at_least(1), default=None, metavar="N",
+        help="context window in tokens (default: the model's training context, at most 4096)",
+    )
+    return p
+
+
+def _sampling_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=_int_at_least(0), default=256, metavar="N",
+                   help="the most tokens to generate per reply (default: %(default)s)")
+    g.add_argument("--temperature", type=_float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 is greedy (deterministic) (default: %(default)s)")
+    g.add_argument("--top-k", type=_int_at_least(0), default=40, metavar="K",
+                   help="sample among the K most likely tokens; 0 disables (default: %(default)s)")
+    g.add_argument("--top-p", type=_float, default=0.95, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches P; "
+                        "1 disables (default: %(default)s)")
+    g.add_argument("--seed", type=_seed, default=None, metavar="N",
+                   help="random seed, for reproducible sampling (default: random)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="edgekv: on-device inference for small Llama-family language models.",
+        epilog=(
+            "examples:\n"
+            '  edgekv generate "Why is the sky blue?" --max-tokens 64\n'
+            '  echo "Name three primes" | edgekv generate - --chat --temperature 0\n'
+            "  edgekv chat --system \"You are a helpful assistant.\"\n"
+            "  edgekv pull --list\n"
+            "  edgekv info --model ./model.gguf --json\n\n"
+            "Run `edgekv COMMAND --help` for the options of one command."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_verbose_parent(top_level=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    verbose = _verbose_parent(top_level=False)
+    model = _model_parent()
+    sampling = _sampling_parent()
+
+    g = sub.add_parser(
+        "generate",
+        help="continue a prompt (or answer it with --chat), streaming the text",
+        description=(
+            "Generate text from PROMPT and stream it to stdout as it is produced. When it is done,\n"
+            "one line of statistics goes to stderr: prompt tokens, prefill speed (tok/s), decode\n"
+            "time per token (ms) and the bytes the KV cache holds."
+        ),
+        epilog=(
+            "examples:\n"
+            '  edgekv generate "Once upon a time" --max-tokens 64 --seed 1\n'
+            '  edgekv generate "Why is the sky blue?" --chat --temperature 0\n'
+            "  cat prompt.txt | edgekv generate - --json"
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose, model, sampling],
+    )
+    g.add_argument("prompt", metavar="PROMPT",
+                   help="the prompt text; `-` reads it from stdin (trailing newlines are dropped)")
+    g.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user message through the model's chat template")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when TEXT is generated (not included in the output); repeatable")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text and statistics) instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser(
+        "chat",
+        help="an interactive conversation",
+        description=(
+            "Chat with the model interactively. Each reply streams to stdout; the conversation\n"
+            "so far is kept (the KV cache of the shared prefix is reused, so later turns only\n"
+            "run their new tokens). Type /reset to start over, /exit (or Ctrl-D) to quit.\n"
+            "Ctrl-C while a reply is being written stops that reply; at the prompt it quits.\n"
+            "With -v, a statistics line follows each reply on stderr."
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose, model, sampling],
+    )
+    c.add_argument("-s", "--system", default=None, metavar="TEXT",
+                   help="a system message that starts the conversation (kept across /reset)")
+    c.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "pull",
+        help="download registry models into the local cache",
+        description=(
+            "Fetch models named in the registry into the local cache (verified against their\n"
+            "pinned sha256) and print each one's path. Cached, verified models are not fetched\n"
+            f"again. The cache is $EDGEKV_CACHE, else $XDG_CACHE_HOME/edgekv/models, else\n"
+            "~/.cache/edgekv/models."
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose],
+    )
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"registry model names (default: {registry.DEFAULT_MODEL})")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="fetch again even when a verified copy is cached")
+    p.add_argument("-l", "--list", action="store_true",
+                   help="list the known models (name, size, architecture, cached or not) and exit")
+    p.set_defaults(func=cmd_pull)
+
+    i = sub.add_parser(
+        "info",
+        help="describe a model: architecture, parameters, weight types, KV cache, SIMD path",
+        description=(
+            "Load a model and describe it: architecture, parameter count, weight types (and which\n"
+            "were converted at load time), context window, KV cache bytes per token, the SIMD\n"
+            "kernels in use, threads, and the file's path and size."
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose, model],
+    )
+    i.add_argument("--json", action="store_true", help="print the description as one JSON object")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _show_progress() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed)
+    # Validate before loading anything: a bad value should fail in milliseconds, not after a
+    # download or a model load. SamplingParams raises ValueError with the library's message.
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return kwargs
+
+
+def _load(args: argparse.Namespace, progress: Optional[bool] = None):
+    from . import load
+
+    log.info("loading %s", args.model)
+    return load(args.model, threads=args.threads, ctx=args.ctx,
+                progress=_show_progress() if progress is None else progress)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # not reached
+
+
+def _human_count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)
+
+
+def _read_prompt(prompt: str) -> str:
+    if prompt == "-":
+        prompt = sys.stdin.read().rstrip("\r\n")
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    return prompt
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    kwargs = _sampling_kwargs(args)
+    prompt = _read_prompt(args.prompt)
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop needs a non-empty TEXT")
+    kwargs["stop"] = args.stop
+
+    with _load(args) as model:
+        if args.chat:
+            def run(stream: bool):
+                return model.chat([{"role": "user", "content": prompt}], stream=stream, **kwargs)
+        else:
+            def run(stream: bool):
+                return model.generate(prompt, stream=stream, **kwargs)
+
+        if args.json:
+            text = run(stream=False)
+            doc = {"model": model.name, "path": str(model.path), "chat": args.chat, "text": text,
+                   "stats": model.last_stats.as_dict()}
+            _out(json.dumps(_json_safe(doc), ensure_ascii=False) + "\n")
+            return EXIT_OK
+
+        last = ""
+        try:
+            for piece in run(stream=True):
+                _out(piece)
+                last = piece or last
+        finally:
+            if last and not last.endswith("\n"):
+                _out("\n")  # end the line, so the shell prompt (or the stats line) starts afresh
+        _err(model.last_stats.line())
+    return EXIT_OK
+
+
+CHAT_HELP = "commands: /reset clears the conversation, /exit quits, /help shows this"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    kwargs = _sampling_kwargs(args)
+    try:  # line editing and history for input(), where available
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+    base: List[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    with _load(args) as model:
+        _err(f"edgekv chat: {model.name} ({model.arch}, ctx {model.n_ctx}). {CHAT_HELP}.")
+        history = list(base)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                _out("\n")
+                return EXIT_OK
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                return EXIT_OK
+            if text == "/reset":
+                history = list(base)
+                model.reset()
+                _err("(conversation cleared)")
+                continue
+            if text in ("/help", "/?"):
+                _err(CHAT_HELP)
+                continue
+            if text.startswith("/") and " " not in text:
+                _err(f"unknown command {text!r}; {CHAT_HELP}")
+                continue
+
+            history.append({"role": "user", "content": text})
+            reply: List[str] = []
+            try:
+                for piece in model.chat(history, stream=True, **kwargs):
+                    reply.append(piece)
+                    _out(piece)
+            except KeyboardInterrupt:
+                # Stop this reply, keep the session: the unfinished turn is dropped.
+                _out("\n")
+                _err("(interrupted)")
+                history.pop()
+                continue
+            except ContextOverflowError as exc:
+                _out("\n")
+                _err(f"edgekv: error: {exc}\n(the conversation no longer fits the context window: "
+                     f"/reset starts over; a larger --ctx keeps more)")
+                history.pop()
+                continue
+            _out("\n")
+            history.append({"role": "assistant", "content": "".join(reply)})
+            if getattr(args, "verbose", False):
+                _err(model.last_stats.line())
+
+
+def _cached_state(entry: dict) -> str:
+    path = registry.cache_dir() / entry["file"]
+    try:
+        st = path.stat()
+    except OSError:
+        return "no"
+    size = entry.get("size")
+    if size is not None and st.st_size != size:
+        return "partial" if st.st_size < size else "mismatch"
+    return "yes"
+
+
+def _list_models(names: Sequence[str]) -> int:
+    entries = registry.list_models()
+    if names:
+        wanted = [registry.get_entry(n)["name"] for n in names]  # unknown names raise
+        entries = [e for e in entries if e["name"] in wanted]
+    rows = [("NAME", "SIZE", "ARCH", "QUANT", "CACHED", "DESCRIPTION")]
+    for e in entries:
+        name = e["name"] + (" (default)" if e["name"] == registry.DEFAULT_MODEL else "")
+        rows.append((name, _human_bytes(e.get("size")), e.get("architecture", "?"),
+                     e.get("quantization", "?"), _cached_state(e), e.get("description", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        _out("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+    _out(f"\ncache: {registry.cache_dir()}\n")
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_models(args.names)
+    names = args.names or [registry.DEFAULT_MODEL]
+    for name in names:
+        registry.get_entry(name)  # fail fast, before any download, on a typo
+    for name in names:
+        log.info("pulling %s", name)
+        path = registry.pull(name, progress=True, force=args.force)
+        _out(f"{path}\n")
+    return EXIT_OK
+
+
+def _info_lines(info: dict) -> Iterable[str]:
+    hp = info.get("hparams", {})
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(info["weight_types"].items(), key=lambda kv: -kv[1]))
+    conv = info.get("converted_at_load") or {}
+    conv_text = ", ".join(f"{t} x{n}" for t, n in sorted(conv.items())) + " (to Q8_0 at load time)" \
+        if conv else "none (all weight types run natively)"
+    ctx = f"{info['ctx']} tokens"
+    if info.get("ctx_train"):
+        ctx += f" (trained on {info['ctx_train']})"
+    kv = info["kv_bytes_per_token"]
+    rows = [
+        ("model", info["name"]),
+        ("architecture", info["architecture"]),
+        ("parameters", f"{_human_count(info['parameters'])} ({info['parameters']:,})"),
+        ("weight types", types),
+        ("converted", conv_text),
+    ]
+    if hp:
+        rows.append(("shape", f"{hp['n_layer']} layers, n_embd {hp['n_embd']}, {hp['n_head']} heads "
+                              f"({hp['n_head_kv']} KV) of {hp['head_dim']}, n_ff {hp['n_ff']}, "
+                              f"vocab {hp['n_vocab']}"))
+    rows += [
+        ("context", ctx),
+        ("KV cache", f"{kv:,} bytes/token ({_human_bytes(kv * info['ctx'])} for the full context)"),
+        ("SIMD", info["simd"]),
+        ("threads", str(info["threads"])),
+        ("file", info["path"]),
+        ("file size", f"{_human_bytes(info['file_bytes'])} ({info['file_bytes']:,} bytes)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        yield f"{k.ljust(width)}  {v}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _load(args) as model:
+        info = model.info()
+    if args.json:
+        _out(json.dumps(_json_safe(info), indent=2) + "\n")
+    else:
+        for line in _info_lines(info):
+            _out(line + "\n")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f"{PROG}: warning: {message}")
+
+
+def _setup_logging(verbose: bool) -> Optional[logging.Handler]:
+    if not verbose:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _quiet_broken_stdout() -> None:
+    """After the reader of our stdout went away (`edgekv generate ... | head`), point stdout at
+    /dev/null so that Python's final flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 user error, 130 Ctrl-C)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
+
+    handler = _setup_logging(args.verbose)
+    old_level = None if handler is None else log.level
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except KeyboardInterrupt:
+        _err("")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_broken_stdout()
+        return EXIT_FAILURE
+    except (EdgekvError, ValueError) as exc:
+        _err(f"{PROG}: error: {exc}")
+        return EXIT_USAGE
+    except OSError as exc:  # unreadable files, an unwritable cache, a full disk
+        _err(f"{PROG}: error: {exc}")
+        return EXIT_FAILURE
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""KV-cache precision policies: which bit-width each token's keys and values get.
+
+Every token enters the cache at 16 bits. Once a token is W steps old (W = the
+policy's ``window``; W=0 means right after the forward pass that produced it),
+the policy decides its key and value bit-widths (16, 8, 4 or 2), in batches:
+a whole prefill is decided at once.
+
+A policy is any object with ``decide(features) -> (k_bits, v_bits)`` (or a
+plain callable with that signature), where ``features`` is a
+:class:`TokenFeatures` batch. Static policies ignore the features.
+
+Token features (all per cached position, one definition here):
+  entropy       entropy (nats) of the next-token distribution computed at that position
+  max_prob      the largest probability of that distribution (confidence)
+  logprob       log-probability the model gave this token when it was the next token
+                (from the previous position's distribution; NaN for the first token)
+  attn_mean     mean attention probability the token received in the last layer,
+                over heads and over every later query that has seen it so far
+  attn_var      variance of the same samples
+  age           steps since the token entered the cache (n_past - 1 - position)
+Quantities that were not computed (e.g. logits at prefill positions when the
+policy does not ask for them) are NaN.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+BITS = (16, 8, 4, 2)
+
+
+@dataclass
+class TokenFeatures:
+    positions: np.ndarray
+    token_ids: np.ndarray
+    entropy: np.ndarray
+    max_prob: np.ndarray
+    logprob: np.ndarray
+    attn_mean: np.ndarray
+    attn_var: np.ndarray
+    age: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.positions.size)
+
+
+class KVPolicy:
+    """Base class. Subclasses set ``name`` and implement :meth:`decide`."""
+
+    name = "policy"
+    window = 0               # W: decide a token once it is this many steps old
+    needs_features = False   # ask the model for per-position logits statistics
+
+    def decide(self, features: TokenFeatures) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def is_fp16(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<KVPolicy {self.name} W={self.window}>"
+
+
+class StaticPolicy(KVPolicy):
+    """Every token gets the same key and value bit-widths."""
+
+    def __init__(self, k_bits: int, v_bits: int, window: int = 0):
+        for b in (k_bits, v_bits):
+            if b not in BITS:
+                raise ValueError(f"bit-width must be one of {BITS}, got {b!r}")
+        self.k_bits, self.v_bits, self.window = int(k_bits), int(v_bits), _check_window(window)
+        self.name = _static_name(self.k_bits, self.v_bits)
+
+    @property
+    def is_fp16(self) -> bool:
+        return self.k_bits == 16 and self.v_bits == 16
+
+    def decide(self, features):
+        n = len(features)
+        return np.full(n, self.k_bits, np.int32), np.full(n, self.v_bits, np.int32)
+
+
+class RandomPolicy(KVPolicy):
+    """Bit-widths drawn at random with given proportions: the control a learned policy must beat."""
+
+    def __init__(self, k_mix: Mapping[int, float], v_mix: Mapping[int, float], seed: int = 0, window: int = 0):
+        self.k_bits, self.k_p = _mix(k_mix, "k_mix")
+        self.v_bits, self.v_p = _mix(v_mix, "v_mix")
+        self.rng = np.random.default_rng(seed)
+        self.window = _check_window(window)
+        fmt = lambda b, p: "+".join(f"{x}:{q:.2f}" for x, q in zip(b, p))  # noqa: E731
+        self.name = f"random(k={fmt(self.k_bits, self.k_p)};v={fmt(self.v_bits, self.v_p)})"
+
+    def decide(self, features):
+        n = len(features)
+        k = self.rng.choice(self.k_bits, size=n, p=self.k_p).astype(np.int32)
+        v = self.rng.choice(self.v_bits, size=n, p=self.v_p).astype(np.int32)
+        return k, v
+
+
+class CallablePolicy(KVPolicy):
+    """Wrap ``fn(features) -> (k_bits, v_bits)``."""
+
+    def __init__(self, fn: Callable, window: int = 0, needs_features: bool = True, name: str | None = None):
+        self.fn = fn
+        self.window = _check_window(window)
+        self.needs_features = needs_features
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def decide(self, features):
+        return self.fn(features)
+
+
+_ALIASES = {"fp16": (16, 16), "f16": (16, 16), "int8": (8, 8), "q8": (8, 8), "int4": (4, 4), "q4": (4, 4),
+            "int2": (2, 2), "q2": (2, 2)}
+
+
+def _static_name(k: int, v: int) -> str:
+    if k == v:
+        return "fp16" if k == 16 else f"int{k}"
+    return f"k{k}v{v}"
+
+
+def parse_policy(spec, window: int = 0) -> KVPolicy:
+    """A policy from a name ("fp16", "int8", "int4", "int2", "k4v2", ...), a policy object or a callable."""
+    if isinstance(spec, KVPolicy):
+        return spec
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s in _ALIASES:
+            return StaticPolicy(*_ALIASES[s], window=window)
+        m = re.fullmatch(r"k(16|8|4|2)v(16|8|4|2)", s)
+        if m:
+            return StaticPolicy(int(m.group(1)), int(m.group(2)), window=window)
+        raise ValueError(
+            f"unknown KV policy {spec!r}: use fp16, int8, int4, int2, a split form such as k4v2, "
+            "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
+        )
+    if callable(spec):
+        return CallablePolicy(spec, window=window)
+    raise ValueError(f"kv must be a policy name, a KVPolicy or a callable, got {type(spec).__name__}")
+
+
+def _check_window(w) -> int:
+    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
+        raise ValueError(f"window must be an integer >= 0, got {w!r}")
+    return int(w)
+
+
+def _mix(mix: Mapping[int, float], what: str):
+    if not mix:
+        raise ValueError(f"{what} must map bit-widths to proportions")
+    bits = np.array(list(mix.keys()), dtype=np.int32)
+    p = np.array(list(mix.values()), dtype=np.float64)
+    if any(b not in BITS for b in bits) or np.any(p < 0) or not np.isfinite(p).all() or p.sum() <= 0:
+        raise ValueError(f"{what}: bit-widths must be in {BITS} with non-negative proportions, got {dict(mix)}")
+    return bits, p / p.sum()

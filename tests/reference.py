@@ -1,0 +1,172 @@
+"""A float64 NumPy reference forward pass for the models edgekv runs (llama, qwen2).
+
+It reads the GGUF file on its own, with ``gguf.GGUFReader`` and ``gguf.quants.dequantize``
+(nothing from edgekv), and computes the next-token logits at every position of a token
+sequence in one causal pass:
+
+    x = token_embd[tokens]
+    per layer:  h = rmsnorm(x) * attn_norm
+                q, k, v = h @ Wq.T (+ bq), h @ Wk.T (+ bk), h @ Wv.T (+ bv)
+                rotate q, k (RoPE; theta_i = pos * base^(-2i / rope_dim), i < rope_dim / 2)
+                   llama: pairs (2i, 2i+1) of each head;  qwen2 (NEOX): pairs (i, i + rope_dim/2)
+                o = softmax(q k^T / sqrt(head_dim) + causal mask) v   (query head h reads KV head
+                    h // (n_head / n_head_kv))
+                x += o @ Wo.T
+                h = rmsnorm(x) * ffn_norm;  x += (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
+    logits = (rmsnorm(x) * output_norm) @ (output or token_embd).T
+
+Everything is float64 on the dequantized weights: the only differences left against edgekv are
+edgekv's own approximations (int8 activations for quantized weights, the FP16 KV cache, float32
+arithmetic), which the tests bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+NEOX_ARCHS = {"qwen2"}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _dequantize(t) -> np.ndarray:
+    """A GGUF tensor as float64, shaped (n_out, n_in) for matrices and (n,) for vectors."""
+    from gguf import GGMLQuantizationType, quants
+
+    a = quants.dequantize(t.data, GGMLQuantizationType(int(t.tensor_type)))
+    shape = [int(s) for s in t.shape]  # GGUF order: ne[0] (values per row) first
+    return np.asarray(a, dtype=np.float64).reshape(tuple(reversed(shape)) if len(shape) > 1 else shape[0])
+
+
+@dataclass
+class Hparams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    rope_dim: int
+    rope_base: float
+    norm_eps: float
+
+    @property
+    def neox(self) -> bool:
+        return self.arch in NEOX_ARCHS
+
+
+class ReferenceModel:
+    """The reference forward pass over one GGUF file (weights dequantized once, to float64)."""
+
+    def __init__(self, path):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        reader = GGUFReader(str(self.path), "r")
+        arch = _field(reader, "general.architecture")
+        a = arch
+        n_embd = int(_field(reader, f"{a}.embedding_length"))
+        n_head = int(_field(reader, f"{a}.attention.head_count"))
+        head_dim = int(_field(reader, f"{a}.attention.key_length", n_embd // n_head))
+        self.w: Dict[str, np.ndarray] = {t.name: _dequantize(t) for t in reader.tensors}
+        n_vocab = self.w["token_embd.weight"].shape[0]
+        self.hp = Hparams(
+            arch=arch,
+            n_vocab=n_vocab,
+            n_embd=n_embd,
+            n_layer=int(_field(reader, f"{a}.block_count")),
+            n_head=n_head,
+            n_head_kv=int(_field(reader, f"{a}.attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            n_ff=int(_field(reader, f"{a}.feed_forward_length")),
+            rope_dim=int(_field(reader, f"{a}.rope.dimension_count", head_dim)),
+            rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+            norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        )
+
+    # ---- pieces ---------------------------------------------------------------------------
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.hp.norm_eps) * w
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Rotate x (n_tok, n_heads, head_dim) at the given positions."""
+        hp = self.hp
+        half = hp.rope_dim // 2
+        inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim)
+        theta = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tok, half)
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        out = x.copy()
+        if hp.neox:
+            a, b = np.arange(half), np.arange(half) + half
+        else:
+            a, b = 2 * np.arange(half), 2 * np.arange(half) + 1
+        x0, x1 = x[..., a], x[..., b]
+        out[..., a] = x0 * cos - x1 * sin
+        out[..., b] = x0 * sin + x1 * cos
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Causal GQA attention: q (n, n_head, hd), k and v (n, n_head_kv, hd) -> (n, n_head * hd)."""
+        hp = self.hp
+        n = q.shape[0]
+        group = hp.n_head // hp.n_head_kv
+        kh = np.repeat(k, group, axis=1)  # query head h -> KV head h // group
+        vh = np.repeat(v, group, axis=1)
+        scores = np.einsum("thd,shd->hts", q, kh) / np.sqrt(hp.head_dim)
+        mask = np.triu(np.ones((n, n), dtype=bool), 1)
+        scores[:, mask] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = np.einsum("hts,shd->thd", p, vh)
+        return out.reshape(n, hp.n_head * hp.head_dim)
+
+    # ---- the forward pass -----------------------------------------------------------------
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: float64 (len(tokens), n_vocab)."""
+        hp, w = self.hp, self.w
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= hp.n_vocab:
+            raise ValueError("tokens must be a non-empty sequence of ids in [0, n_vocab)")
+        n = ids.size
+        pos = np.arange(n)
+        x = w["token_embd.weight"][ids]
+        for l in range(hp.n_layer):
+            p = f"blk.{l}."
+            h = self.rmsnorm(x, w[p + "attn_norm.weight"])
+            q = h @ w[p + "attn_q.weight"].T
+            k = h @ w[p + "attn_k.weight"].T
+            v = h @ w[p + "attn_v.weight"].T
+            if p + "attn_q.bias" in w:
+                q = q + w[p + "attn_q.bias"]
+                k = k + w[p + "attn_k.bias"]
+                v = v + w[p + "attn_v.bias"]
+            q = self.rope(q.reshape(n, hp.n_head, hp.head_dim), pos)
+            k = self.rope(k.reshape(n, hp.n_head_kv, hp.head_dim), pos)
+            v = v.reshape(n, hp.n_head_kv, hp.head_dim)
+            x = x + self.attention(q, k, v) @ w[p + "attn_output.weight"].T
+            h = self.rmsnorm(x, w[p + "ffn_norm.weight"])
+            g = h @ w[p + "ffn_gate.weight"].T
+            u = h @ w[p + "ffn_up.weight"].T
+            x = x + (g / (1.0 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+        h = self.rmsnorm(x, w["output_norm.weight"])
+        out_w: Optional[np.ndarray] = w.get("output.weight")
+        return h @ (w["token_embd.weight"] if out_w is None else out_w).T
+
+
+def reference_logits(path, tokens: Sequence[int]) -> np.ndarray:
+    """One-shot helper: ``ReferenceModel(path).logits(tokens)``."""
+    return ReferenceModel(path).logits(tokens)
