@@ -130,9 +130,11 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 /* Quantize and dequantize one record of n values (tests): bits 16/8/4/2, group g. */
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
 /* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
- * are stored at the given per-position bits into a scratch store; out (gs, head_dim). */
+ * are stored at the given per-position bits into a scratch store; out (gs, head_dim).
+ * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
-                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out);
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
+                         float *k_deq, float *v_deq);
 /* cffi-end */
 
 #ifdef __cplusplus

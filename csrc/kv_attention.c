@@ -196,7 +196,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         for (int h = 0; h < gs; h++) {
             float *row = sc + h * ATTN_CHUNK;
             float cm = -INFINITY;
-            for (int j = 0; j < n; j++) cm = fmaxf(cm, row[j]);
+            for (int j = 0; j < n; j++) cm = row[j] > cm ? row[j] : cm;
             if (cm == -INFINITY) {
                 for (int j = 0; j < n; j++) row[j] = 0.0f;
                 continue;

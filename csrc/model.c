@@ -778,7 +778,8 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
 }
 
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
-                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out) {
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
+                         float *k_deq, float *v_deq) {
     if (gs <= 0 || n_pos <= 0 || head_dim <= 0 || head_dim % 32 || head_dim > 1024) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
@@ -805,6 +806,8 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     ek_attn_partial_init(&part, buf + ek_attn_scratch_floats(gs, head_dim), gs, head_dim);
     ek_attend_all(&a, &part, buf);
     ek_attn_finish(&part, &s, gs, out);
+    if (k_deq && v_deq)
+        for (int j = 0; j < n_pos; j++) ek_kv_store_get(&s, 0, j, k_deq + (size_t)j * head_dim, v_deq + (size_t)j * head_dim);
     rc = EK_OK;
 done:
     free(buf);

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "attention.h"
+#include "kv_attention.h"
 #include "edgekv.h"
 #include "quant.h"
 
@@ -126,38 +126,91 @@ static void test_fp16(void) {
     CHECK(isnan(ek_fp16_to_fp32(ek_fp32_to_fp16(NAN))), "NaN must stay NaN");
 }
 
-static void test_attention(void) {
-    const int hds[] = {8, 64, 128};
-    const int n_poss[] = {1, 7, 100};
-    const int gss[] = {1, 3, 7};
-    for (size_t a = 0; a < 3; a++)
+/* Every KV record format: SIMD dequant == reference dequant, and the round trip
+ * error stays within half a quantization step of each group (rotation off). */
+static void test_kv_records(void) {
+    const int bitss[] = {16, 8, 4, 2};
+    const int ns[] = {32, 64, 128};
+    const int gs[] = {32, 64};
+    for (size_t a = 0; a < 4; a++)
         for (size_t b = 0; b < 3; b++)
-            for (size_t c = 0; c < 3; c++) {
-                const int hd = hds[a], n_pos = n_poss[b], gs = gss[c];
-                ek_fp16 *K = (ek_fp16 *)malloc(sizeof(ek_fp16) * n_pos * hd);
-                ek_fp16 *V = (ek_fp16 *)malloc(sizeof(ek_fp16) * n_pos * hd);
-                float *q = (float *)malloc(sizeof(float) * gs * hd);
-                float *o1 = (float *)malloc(sizeof(float) * gs * hd), *o2 = (float *)malloc(sizeof(float) * gs * hd);
-                float *s1 = (float *)malloc(sizeof(float) * gs * n_pos), *s2 = (float *)malloc(sizeof(float) * gs * n_pos);
-                for (int i = 0; i < n_pos * hd; i++) {
-                    K[i] = ek_fp32_to_fp16(frand() * 4.0f);
-                    V[i] = ek_fp32_to_fp16(frand());
+            for (size_t c = 0; c < 2; c++) {
+                const int bits = bitss[a], n = ns[b], g = gs[c];
+                if (n % g) continue;
+                float x[128], y_ref[128], y_simd[128];
+                for (int i = 0; i < n; i++) x[i] = frand() * 3.0f + (i % 7 == 0 ? 5.0f : 0.0f);
+                CHECK(ek_kv_quant_roundtrip(bits, x, n, g, y_ref, 0) == 0, "kv roundtrip ref failed");
+                CHECK(ek_kv_quant_roundtrip(bits, x, n, g, y_simd, 1) == 0, "kv roundtrip simd failed");
+                double e = nmse(y_simd, y_ref, n);
+                CHECK(e < 1e-12, "kv dequant %d-bit n=%d g=%d: simd vs ref nmse %.3g", bits, n, g, e);
+                for (int k = 0; k < n / g; k++) {
+                    float lo = x[k * g], hi = x[k * g];
+                    for (int i = k * g; i < (k + 1) * g; i++) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+                    const float step = bits == 16 ? 0.0f : (hi - lo) / (float)((1 << bits) - 1);
+                    for (int i = k * g; i < (k + 1) * g; i++) {
+                        /* half a step, plus fp16 rounding of scale (x qmax) and minimum */
+                        const float tol = 0.5f * step * 1.01f + 2e-3f * (fabsf(hi) + fabsf(lo)) + 1e-6f;
+                        CHECK(fabsf(y_ref[i] - x[i]) <= tol, "kv %d-bit n=%d g=%d: value %d off by %g (tol %g)", bits,
+                              n, g, i, y_ref[i] - x[i], tol);
+                    }
                 }
-                for (int i = 0; i < gs * hd; i++) q[i] = frand() * 0.5f;
-                ek_attend_f16_ref(K, V, n_pos, hd, q, gs, o1, s1);
-                ek_attend_f16(K, V, n_pos, hd, q, gs, o2, s2);
-                double e = nmse(o2, o1, (size_t)gs * hd), es = nmse(s2, s1, (size_t)gs * n_pos);
-                CHECK(e < 1e-10 && es < 1e-10, "attention hd=%d n_pos=%d gs=%d: nmse out %.3g probs %.3g", hd, n_pos,
-                      gs, e, es);
-                free(K); free(V); free(q); free(o1); free(o2); free(s1); free(s2);
             }
-    /* softmax of large-magnitude inputs stays finite and normalized */
+}
+
+/* Fused attention over a mixed store == softmax attention over the dequantized
+ * records (computed here in double precision from the same stored values). */
+static void test_kv_attention(void) {
+    const int hd = 64, n_pos = 150, gsz = 3;
+    float *k = malloc(sizeof(float) * n_pos * hd), *v = malloc(sizeof(float) * n_pos * hd);
+    float q[3 * 64], out[3 * 64];
+    int32_t kb[150], vb[150];
+    const int bits[] = {16, 8, 4, 2};
+    for (int i = 0; i < n_pos * hd; i++) { k[i] = frand() * 2.0f; v[i] = frand(); }
+    for (int i = 0; i < gsz * hd; i++) q[i] = frand();
+    for (int rotate = 0; rotate <= 1; rotate++)
+        for (int mix = 0; mix < 3; mix++) {
+            for (int j = 0; j < n_pos; j++) {
+                kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % 4];
+                vb[j] = mix == 0 ? 16 : bits[(j * 5 + 1) % 4];
+            }
+            /* reference: the stored values read back (rotation undone), attended in double precision */
+            float kd[150 * 64], vd[150 * 64];
+            CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, 32, rotate, out, kd, vd) == 0,
+                  "attention test failed");
+            float ref[3 * 64];
+            for (int h = 0; h < gsz; h++) {
+                double s[150], mx = -1e30, sum = 0;
+                for (int j = 0; j < n_pos; j++) {
+                    double d = 0;
+                    for (int i = 0; i < hd; i++) d += (double)q[h * hd + i] * kd[j * hd + i];
+                    s[j] = d / sqrt((double)hd);
+                    if (s[j] > mx) mx = s[j];
+                }
+                for (int j = 0; j < n_pos; j++) { s[j] = exp(s[j] - mx); sum += s[j]; }
+                for (int i = 0; i < hd; i++) {
+                    double o = 0;
+                    for (int j = 0; j < n_pos; j++) o += s[j] * vd[j * hd + i];
+                    ref[h * hd + i] = (float)(o / sum);
+                }
+            }
+            double e = nmse(out, ref, (size_t)gsz * hd);
+            const double bound = 1e-9;
+            CHECK(e < bound, "kv attention mix=%d rotate=%d: nmse %.3g >= %.3g", mix, rotate, e, bound);
+        }
+    free(k);
+    free(v);
+}
+
+static void test_softmax_exp(void) {
     float x[19];
     for (int i = 0; i < 19; i++) x[i] = -1000.0f + 100.0f * i;
-    ek_softmax(x, 19);
-    float sum = 0;
-    for (int i = 0; i < 19; i++) sum += x[i];
-    CHECK(fabsf(sum - 1.0f) < 1e-5f && x[18] > 0.99f, "softmax of spread inputs: sum %g, max %g", sum, x[18]);
+    const float mx = x[18];
+    float sum = ek_exp_shift(x, 19, mx);
+    CHECK(fabsf(sum - 1.0f) < 1e-5f && x[18] == 1.0f, "exp_shift of spread inputs: sum %g", sum);
+    float y[40], z[40];
+    for (int i = 0; i < 40; i++) y[i] = z[i] = -20.0f * frand() - 20.0f;
+    ek_exp_shift(y, 40, 0.0f);
+    for (int i = 0; i < 40; i++) CHECK(fabsf(y[i] - expf(z[i])) <= 1e-6f * expf(z[i]), "exp(%g) off", z[i]);
 }
 
 int main(void) {
@@ -165,7 +218,9 @@ int main(void) {
     test_fp16();
     test_act_quant();
     test_matmul();
-    test_attention();
+    test_kv_records();
+    test_kv_attention();
+    test_softmax_exp();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;
