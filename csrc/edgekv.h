@@ -135,6 +135,16 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
                          float *k_deq, float *v_deq);
+
+/* ---- benchmark entries (benchmarks/kernels.py) ----
+ * ek_bench_fill_kv: replace the context with n synthetic positions (random keys and values,
+ * stored at k_bits/v_bits); logits are meaningless until the context is truncated to 0.
+ * ek_bench_attention: seconds for one decode-step attention over all layers (median of iters),
+ * the query sitting at the last position. ek_bench_read_bandwidth: bytes/s of a sequential
+ * read of a buffer of n_bytes by n_threads threads (best of iters). */
+int ek_bench_fill_kv(ek_model *m, int n, int k_bits, int v_bits, uint32_t seed);
+double ek_bench_attention(ek_model *m, int iters);
+double ek_bench_read_bandwidth(size_t n_bytes, int n_threads, int iters);
 /* cffi-end */
 
 #ifdef __cplusplus

@@ -10,6 +10,7 @@
  *   logits = rmsnorm(x) @ Woutput
  */
 #include <math.h>
+#include <time.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -296,38 +297,44 @@ typedef struct {
     const void *xq;   /* (n_tok, act_stride) quantized activations */
     size_t act_stride;
     int n_tok, n_in;
+    int rows_per_chunk;
+    int job_chunks[MM_MAX_JOBS + 1]; /* prefix sums: chunks before job j */
+    atomic_int next;
 } mm_ctx;
 
-static void mm_task(void *p, int ith, int nth) {
-    const mm_ctx *c = (const mm_ctx *)p;
-    int64_t total = 0;
-    for (int j = 0; j < c->n_jobs; j++) total += c->jobs[j].w->n_out;
-    const int64_t r0 = total * ith / nth, r1 = total * (ith + 1) / nth;
+/* Rows [r0, r1) of one matrix against every token, tile by tile. */
+static void mm_rows(const mm_ctx *c, const mm_job *job, int64_t r0, int64_t r1) {
+    const ek_mat *w = job->w;
+    const ek_type_traits *tr = ek_type_get(w->type);
+    const void *act = tr->act_is_q8 ? c->xq : (const void *)c->x;
+    const size_t stride = tr->act_is_q8 ? c->act_stride : (size_t)c->n_in * sizeof(float);
     for (int t0 = 0; t0 < c->n_tok; t0 += MM_TOKEN_TILE) {
         const int t1 = t0 + MM_TOKEN_TILE < c->n_tok ? t0 + MM_TOKEN_TILE : c->n_tok;
-        int64_t base = 0;
-        for (int j = 0; j < c->n_jobs; j++) {
-            const mm_job *job = &c->jobs[j];
-            const ek_mat *w = job->w;
-            const ek_type_traits *tr = ek_type_get(w->type);
-            const void *act = tr->act_is_q8 ? c->xq : (const void *)c->x;
-            const size_t stride = tr->act_is_q8 ? c->act_stride : (size_t)c->n_in * sizeof(float);
-            int64_t lo = r0 > base ? r0 - base : 0, hi = r1 - base < w->n_out ? r1 - base : w->n_out;
-            for (int64_t r = lo; r < hi; r++) {
-                const void *row = (const char *)w->data + (size_t)r * w->row_bytes;
-                int t = t0;
-                float o[4];
-                for (; t + 4 <= t1; t += 4) {
-                    tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 4, o);
-                    for (int i = 0; i < 4; i++) job->out[(size_t)(t + i) * job->out_stride + r] = o[i];
-                }
-                for (; t < t1; t++) {
-                    tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 1, o);
-                    job->out[(size_t)t * job->out_stride + r] = o[0];
-                }
+        for (int64_t r = r0; r < r1; r++) {
+            const void *row = (const char *)w->data + (size_t)r * w->row_bytes;
+            int t = t0;
+            float o[4];
+            for (; t + 4 <= t1; t += 4) {
+                tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 4, o);
+                for (int i = 0; i < 4; i++) job->out[(size_t)(t + i) * job->out_stride + r] = o[i];
             }
-            base += w->n_out;
+            for (; t < t1; t++) {
+                tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 1, o);
+                job->out[(size_t)t * job->out_stride + r] = o[0];
+            }
         }
+    }
+}
+
+static void mm_task(void *p, int ith, int nth) {
+    mm_ctx *c = (mm_ctx *)p;
+    int i;
+    while ((i = ek_claim(&c->next, c->job_chunks[c->n_jobs])) >= 0) {
+        int j = 0;
+        while (i >= c->job_chunks[j + 1]) j++;
+        const int64_t r0 = (int64_t)(i - c->job_chunks[j]) * c->rows_per_chunk;
+        const int64_t n_out = c->jobs[j].w->n_out;
+        mm_rows(c, &c->jobs[j], r0, r0 + c->rows_per_chunk < n_out ? r0 + c->rows_per_chunk : n_out);
     }
 }
 
@@ -336,24 +343,31 @@ typedef struct {
     void *xq;
     size_t stride;
     int n_tok, n_in;
+    atomic_int next;
 } quant_ctx;
 
 static void quant_task(void *p, int ith, int nth) {
-    const quant_ctx *c = (const quant_ctx *)p;
-    for (int t = ith; t < c->n_tok; t += nth)
+    quant_ctx *c = (quant_ctx *)p;
+    int t;
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0)
         ek_quantize_row_q8a(c->x + (size_t)t * c->n_in, (block_q8a *)((char *)c->xq + (size_t)t * c->stride), c->n_in);
 }
 
 /* Run up to MM_MAX_JOBS matrices that share the input x (n_tok, n_in). */
 static void matmul(ek_model *m, const float *x, int n_tok, int n_in, const mm_job *jobs, int n_jobs) {
     mm_ctx c = {.n_jobs = n_jobs, .x = x, .xq = m->act, .act_stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
+    c.rows_per_chunk = n_tok == 1 ? 64 : 16;
+    atomic_init(&c.next, 0);
     int need_q8 = 0;
+    c.job_chunks[0] = 0;
     for (int j = 0; j < n_jobs; j++) {
         c.jobs[j] = jobs[j];
         need_q8 |= ek_type_get(jobs[j].w->type)->act_is_q8;
+        c.job_chunks[j + 1] = c.job_chunks[j] + (int)((jobs[j].w->n_out + c.rows_per_chunk - 1) / c.rows_per_chunk);
     }
     if (need_q8) {
-        quant_ctx q = {x, m->act, m->act_stride, n_tok, n_in};
+        quant_ctx q = {.x = x, .xq = m->act, .stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
+        atomic_init(&q.next, 0);
         if (n_tok == 1)
             quant_task(&q, 0, 1);
         else
@@ -390,14 +404,16 @@ typedef struct {
     ek_model *m;
     int layer, n_tok;
     const ek_layer *L;
+    atomic_int next;
 } qkv_post_ctx;
 
 static void qkv_post_task(void *p, int ith, int nth) {
-    const qkv_post_ctx *c = (const qkv_post_ctx *)p;
+    qkv_post_ctx *c = (qkv_post_ctx *)p;
     ek_model *m = c->m;
     const ek_config *cf = &m->cfg;
     const int half = cf->rope_dim / 2;
-    for (int t = ith; t < c->n_tok; t += nth) {
+    int t;
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0) {
         float *q = m->q + (size_t)t * m->q_dim, *k = m->k + (size_t)t * m->kv_dim, *v = m->v + (size_t)t * m->kv_dim;
         if (c->L->bq) {
             for (int i = 0; i < m->q_dim; i++) q[i] += c->L->bq[i];
@@ -427,6 +443,7 @@ typedef struct {
     ek_model *m;
     int layer, n_tok, stats;
     float *out; /* (n_tok, q_dim) */
+    atomic_int next;
 } attn_ctx;
 
 static ek_attn_args attn_args(const attn_ctx *c, int t, int g, float *raw) {
@@ -452,7 +469,7 @@ static void stats_fold(const float *raw, size_t raw_stride, const ek_attn_partia
 }
 
 static void attn_prefill_task(void *p, int ith, int nth) {
-    const attn_ctx *c = (const attn_ctx *)p;
+    attn_ctx *c = (attn_ctx *)p;
     ek_model *m = c->m;
     const int gs = m->group, hd = m->cfg.head_dim, C = m->cfg.n_ctx;
     float *scratch = m->th_scratch + (size_t)ith * m->th_scratch_floats;
@@ -460,7 +477,8 @@ static void attn_prefill_task(void *p, int ith, int nth) {
     float *raw = c->stats ? m->th_raw + (size_t)ith * gs * C : NULL;
     double *st = m->th_stats + (size_t)ith * 3 * C;
     const int n_tasks = c->n_tok * m->cfg.n_head_kv;
-    for (int task = ith; task < n_tasks; task += nth) {
+    int task;
+    while ((task = ek_claim(&c->next, n_tasks)) >= 0) {
         const int t = task / m->cfg.n_head_kv, g = task % m->cfg.n_head_kv;
         ek_attn_args a = attn_args(c, t, g, raw);
         ek_attn_partial part;
@@ -482,12 +500,13 @@ typedef struct {
 } decode_ctx;
 
 static void attn_decode_task(void *p, int ith, int nth) {
-    const decode_ctx *d = (const decode_ctx *)p;
+    decode_ctx *d = (decode_ctx *)p;
     ek_model *m = d->c.m;
     const int gs = m->group, hd = m->cfg.head_dim;
     float *scratch = m->th_scratch + (size_t)ith * m->th_scratch_floats;
     const size_t pf = ek_attn_partial_floats(gs, hd);
-    for (int i = ith; i < d->n_tasks; i += nth) {
+    int i;
+    while ((i = ek_claim(&d->c.next, d->n_tasks)) >= 0) {
         const decode_task *t = &d->tasks[i];
         ek_attn_args a = attn_args(&d->c, 0, t->g, d->c.stats ? m->raw + (size_t)t->g * gs * m->cfg.n_ctx : NULL);
         ek_attn_partial part;
@@ -500,7 +519,8 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
     const ek_config *cf = &m->cfg;
     const int gs = m->group, hd = cf->head_dim, C = cf->n_ctx;
     const int stats = m->collect_stats && layer == cf->n_layer - 1;
-    attn_ctx c = {m, layer, n_tok, stats, out};
+    attn_ctx c = {.m = m, .layer = layer, .n_tok = n_tok, .stats = stats, .out = out};
+    atomic_init(&c.next, 0);
     if (n_tok > 1) {
         if (stats) memset(m->th_stats, 0, sizeof(double) * 3 * (size_t)C * ek_pool_size(m->pool));
         ek_pool_run(m->pool, attn_prefill_task, &c);
@@ -525,7 +545,9 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
                 const int j1 = j0 + DECODE_SPLIT < m->kv.pools[p].n ? j0 + DECODE_SPLIT : m->kv.pools[p].n;
                 tl[nt++] = (decode_task){g, p, j0, j1};
             }
-    decode_ctx d = {c, tl, nt};
+    decode_ctx d = {.tasks = tl, .n_tasks = nt};
+    d.c.m = m; d.c.layer = layer; d.c.n_tok = n_tok; d.c.stats = stats; d.c.out = out;
+    atomic_init(&d.c.next, 0);
     ek_pool_run(m->pool, attn_decode_task, &d);
     const size_t pf = ek_attn_partial_floats(gs, hd);
     float *acc = m->th_scratch; /* thread 0's scratch is free again */
@@ -559,25 +581,29 @@ typedef struct {
     ek_model *m;
     int n_tok;
     const float *w;
+    atomic_int next;
 } norm_ctx;
 
 static void norm_task(void *p, int ith, int nth) {
-    const norm_ctx *c = (const norm_ctx *)p;
+    norm_ctx *c = (norm_ctx *)p;
     const int n = c->m->cfg.n_embd;
-    for (int t = ith; t < c->n_tok; t += nth)
+    int t;
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0)
         rmsnorm(c->m->xb + (size_t)t * n, c->m->x + (size_t)t * n, c->w, n, c->m->cfg.norm_eps);
 }
 
 static void swiglu_task(void *p, int ith, int nth) {
-    const norm_ctx *c = (const norm_ctx *)p;
-    const size_t n = (size_t)c->n_tok * c->m->cfg.n_ff;
-    const size_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
+    norm_ctx *c = (norm_ctx *)p;
+    const size_t n_ff = (size_t)c->m->cfg.n_ff;
     float *g = c->m->gate, *u = c->m->up;
-    for (size_t i = i0; i < i1; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    int t;
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0)
+        for (size_t i = (size_t)t * n_ff; i < (size_t)(t + 1) * n_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* Run a per-token elementwise task in parallel only when there is enough work. */
-static void run_rows(ek_model *m, ek_task_fn fn, void *ctx, int n_tok) {
+static void run_rows(ek_model *m, ek_task_fn fn, void *ctx, atomic_int *next, int n_tok) {
+    atomic_store(next, 0);
     if (n_tok == 1)
         fn(ctx, 0, 1);
     else
@@ -611,22 +637,22 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
 
     for (int l = 0; l < cf->n_layer; l++) {
         const ek_layer *L = &m->layers[l];
-        norm_ctx nc = {m, n, L->attn_norm};
-        run_rows(m, norm_task, &nc, n);
+        norm_ctx nc = {.m = m, .n_tok = n, .w = L->attn_norm};
+        run_rows(m, norm_task, &nc, &nc.next, n);
         mm_job qkv[3] = {{&L->wq, m->q, m->q_dim}, {&L->wk, m->k, m->kv_dim}, {&L->wv, m->v, m->kv_dim}};
         matmul(m, m->xb, n, E, qkv, 3);
-        qkv_post_ctx pc = {m, l, n, L};
-        run_rows(m, qkv_post_task, &pc, n);
+        qkv_post_ctx pc = {.m = m, .layer = l, .n_tok = n, .L = L};
+        run_rows(m, qkv_post_task, &pc, &pc.next, n);
         attention(m, l, n, m->xb);
         mm_job o = {&L->wo, m->proj, E};
         matmul(m, m->xb, n, m->q_dim, &o, 1);
         add_into(m->x, m->proj, (size_t)n * E);
 
         nc.w = L->ffn_norm;
-        run_rows(m, norm_task, &nc, n);
+        run_rows(m, norm_task, &nc, &nc.next, n);
         mm_job gu[2] = {{&L->w_gate, m->gate, cf->n_ff}, {&L->w_up, m->up, cf->n_ff}};
         matmul(m, m->xb, n, E, gu, 2);
-        run_rows(m, swiglu_task, &nc, n);
+        run_rows(m, swiglu_task, &nc, &nc.next, n);
         mm_job d = {&L->w_down, m->proj, E};
         matmul(m, m->gate, n, cf->n_ff, &d, 1);
         add_into(m->x, m->proj, (size_t)n * E);
@@ -814,4 +840,107 @@ done:
     free(qs);
     ek_kv_store_free(&s);
     return rc;
+}
+
+/* ------------------------------------------------------------------------- */
+/* benchmark entries                                                          */
+/* ------------------------------------------------------------------------- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint32_t xorshift(uint32_t *s) {
+    *s ^= *s << 13; *s ^= *s >> 17; *s ^= *s << 5;
+    return *s;
+}
+static float gauss(uint32_t *s) { /* sum of 4 uniforms: roughly normal, unit variance */
+    float a = 0.0f;
+    for (int i = 0; i < 4; i++) a += (float)xorshift(s) / 4294967296.0f;
+    return (a - 2.0f) * 1.7320508f;
+}
+
+int ek_bench_fill_kv(ek_model *m, int n, int k_bits, int v_bits, uint32_t seed) {
+    const int kp = ek_kv_prec_from_bits(k_bits), vp = ek_kv_prec_from_bits(v_bits);
+    if (n <= 0 || n > m->cfg.n_ctx || kp < 0 || vp < 0) return fail(m, EK_ERR_INVALID, "bench fill: bad arguments");
+    ek_truncate(m, 0);
+    ek_kv_store_append(&m->kv, n);
+    uint32_t st = seed | 1u;
+    float *k = m->k, *v = m->v;
+    for (int pos = 0; pos < n; pos++) {
+        for (int l = 0; l < m->cfg.n_layer; l++) {
+            for (int i = 0; i < m->kv_dim; i++) { k[i] = gauss(&st); v[i] = gauss(&st); }
+            ek_kv_store_put(&m->kv, l, pos, k, v);
+        }
+        ek_kv_store_set_prec(&m->kv, pos, kp, vp);
+    }
+    m->n_past = n;
+    return EK_OK;
+}
+
+double ek_bench_attention(ek_model *m, int iters) {
+    if (m->n_past < 1 || iters < 1) return -1.0;
+    uint32_t st = 12345u;
+    for (int i = 0; i < m->q_dim; i++) m->q[i] = gauss(&st) / sqrtf((float)m->cfg.head_dim);
+    memcpy(m->q_rot, m->q, sizeof(float) * m->q_dim);
+    if (m->kv.rotate)
+        for (int h = 0; h < m->cfg.n_head; h++) ek_rotate(m->q_rot + h * m->cfg.head_dim, m->kv.signs, m->cfg.head_dim);
+    const int saved = m->n_past;
+    m->n_past = saved - 1; /* the query sits at the last position */
+    double best[64];
+    const int n_it = iters < 64 ? iters : 64;
+    for (int it = 0; it < n_it; it++) {
+        const double t0 = now_s();
+        for (int l = 0; l < m->cfg.n_layer; l++) attention(m, l, 1, m->xb);
+        best[it] = now_s() - t0;
+    }
+    m->n_past = saved;
+    /* median */
+    for (int i = 1; i < n_it; i++)
+        for (int j = i; j > 0 && best[j - 1] > best[j]; j--) { double t = best[j]; best[j] = best[j - 1]; best[j - 1] = t; }
+    return best[n_it / 2];
+}
+
+#define BW_CHUNK (1 << 16) /* 64-bit words per claimed chunk (512 KiB) */
+
+typedef struct {
+    const uint64_t *buf;
+    size_t n;
+    uint64_t sink[64];
+    atomic_int next;
+} bw_ctx;
+
+static void bw_task(void *p, int ith, int nth) {
+    bw_ctx *c = (bw_ctx *)p;
+    const int n_chunks = (int)(c->n / BW_CHUNK);
+    uint64_t a = 0, b = 0, d = 0, e = 0;
+    int k;
+    while ((k = ek_claim(&c->next, n_chunks)) >= 0)
+        for (size_t i = (size_t)k * BW_CHUNK; i < (size_t)(k + 1) * BW_CHUNK; i += 4) {
+            a ^= c->buf[i]; b ^= c->buf[i + 1]; d ^= c->buf[i + 2]; e ^= c->buf[i + 3];
+        }
+    c->sink[ith % 64] ^= a ^ b ^ d ^ e;
+}
+
+double ek_bench_read_bandwidth(size_t n_bytes, int n_threads, int iters) {
+    const size_t n = n_bytes / sizeof(uint64_t) / BW_CHUNK * BW_CHUNK;
+    if (n == 0) return -1.0;
+    uint64_t *buf = (uint64_t *)malloc(n * sizeof(uint64_t));
+    ek_pool *pool = ek_pool_create(n_threads);
+    if (!buf || !pool) { free(buf); if (pool) ek_pool_free(pool); return -1.0; }
+    for (size_t i = 0; i < n; i++) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    bw_ctx c = {.buf = buf, .n = n};
+    double best = 1e30;
+    for (int it = 0; it < iters; it++) {
+        atomic_init(&c.next, 0);
+        const double t0 = now_s();
+        ek_pool_run(pool, bw_task, &c);
+        const double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    ek_pool_free(pool);
+    free(buf);
+    return (double)(n * sizeof(uint64_t)) / best;
 }
