@@ -111,7 +111,7 @@ float ek_exp_shift(float *x, int n, float m) {
 /* ------------------------------------------------------------------------- */
 
 size_t ek_attn_partial_floats(int gs, int head_dim) { return (size_t)gs * (2 + 2 * head_dim); }
-size_t ek_attn_scratch_floats(int gs, int head_dim) { return (size_t)gs * ATTN_CHUNK + 2 * (size_t)head_dim; }
+size_t ek_attn_scratch_floats(int gs, int head_dim) { return (size_t)gs * ATTN_CHUNK + 2 * (size_t)ATTN_CHUNK * head_dim; }
 
 void ek_attn_partial_init(ek_attn_partial *p, float *buf, int gs, int head_dim) {
     p->m = buf;
@@ -164,6 +164,80 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 /* the fused kernel                                                           */
 /* ------------------------------------------------------------------------- */
 
+#if defined(EK_AVX2)
+#define EK_INLINE static inline __attribute__((always_inline))
+
+/* sc[h*ATTN_CHUNK + j] = dot(tile[j], q[h]) for n records; 4 records share one reduction */
+EK_INLINE void score_tile(const float *tile, int n, int hd, const float *q, int gs, float *sc) {
+    for (int h = 0; h < gs; h++) {
+        const float *qh = q + (size_t)h * hd;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const float *t0 = tile + (size_t)j * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < hd; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(t0 + i), qv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(t0 + hd + i), qv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(t0 + 2 * hd + i), qv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(t0 + 3 * hd + i), qv, a3);
+            }
+            /* four horizontal sums at once */
+            __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+            __m256 s = _mm256_hadd_ps(s01, s23);
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            _mm_storeu_ps(sc + (size_t)h * ATTN_CHUNK + j, r);
+        }
+        for (; j < n; j++) sc[(size_t)h * ATTN_CHUNK + j] = dotf(tile + (size_t)j * hd, qh, hd);
+    }
+}
+
+/* o[h] += sum_j w[h][j] * tile[j], accumulators for G heads held in registers */
+EK_INLINE void accum_tile_g(const float *tile, int n, int hd, const float *w, float *o, const int G) {
+    for (int i = 0; i < hd; i += 8) {
+        __m256 acc[8];
+        for (int h = 0; h < G; h++) acc[h] = _mm256_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            const __m256 v = _mm256_loadu_ps(tile + (size_t)j * hd + i);
+            for (int h = 0; h < G; h++)
+                acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + (size_t)h * ATTN_CHUNK + j), v, acc[h]);
+        }
+        for (int h = 0; h < G; h++) {
+            float *oh = o + (size_t)h * hd + i;
+            _mm256_storeu_ps(oh, _mm256_add_ps(_mm256_loadu_ps(oh), acc[h]));
+        }
+    }
+}
+
+static void accum_tile(const float *tile, int n, int hd, const float *w, int gs, float *o) {
+    switch (gs) { /* constant head counts let the compiler keep acc[] in registers */
+    case 1: accum_tile_g(tile, n, hd, w, o, 1); break;
+    case 2: accum_tile_g(tile, n, hd, w, o, 2); break;
+    case 3: accum_tile_g(tile, n, hd, w, o, 3); break;
+    case 4: accum_tile_g(tile, n, hd, w, o, 4); break;
+    case 5: accum_tile_g(tile, n, hd, w, o, 5); break;
+    case 6: accum_tile_g(tile, n, hd, w, o, 6); break;
+    case 7: accum_tile_g(tile, n, hd, w, o, 7); break;
+    case 8: accum_tile_g(tile, n, hd, w, o, 8); break;
+    default:
+        for (int h = 0; h < gs; h += 8) {
+            const int g = gs - h < 8 ? gs - h : 8;
+            for (int k = 0; k < g; k++) /* rare: more than 8 query heads per KV head */
+                for (int j = 0; j < n; j++) axpyf(o + (size_t)(h + k) * hd, w[(size_t)(h + k) * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
+        }
+    }
+}
+#else
+static void score_tile(const float *tile, int n, int hd, const float *q, int gs, float *sc) {
+    for (int h = 0; h < gs; h++)
+        for (int j = 0; j < n; j++) sc[(size_t)h * ATTN_CHUNK + j] = dotf(tile + (size_t)j * hd, q + (size_t)h * hd, hd);
+}
+static void accum_tile(const float *tile, int n, int hd, const float *w, int gs, float *o) {
+    for (int j = 0; j < n; j++)
+        for (int h = 0; h < gs; h++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
+}
+#endif
+
 void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int j1, ek_attn_partial *part,
                      float *scratch) {
     const ek_kv_store *s = a->s;
@@ -172,46 +246,42 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     const int kg = s->group[pool->kp], vg = s->group[pool->vp];
     const float *q = pool->kp == KVP_F16 ? a->q : a->q_rot;
     float *o = pool->vp == KVP_F16 ? part->o_plain : part->o_rot;
-    float *sc = scratch;                         /* (gs, ATTN_CHUNK) scores, then weights */
-    float *buf = scratch + (size_t)gs * ATTN_CHUNK; /* (head_dim) one dequantized record */
+    float *sc = scratch;                                  /* (gs, ATTN_CHUNK) scores, then weights */
+    float *tile = scratch + (size_t)gs * ATTN_CHUNK;      /* (ATTN_CHUNK, head_dim) dequantized records */
+    const int masked_pool = pool->kp == KVP_F16 && pool->vp == KVP_F16; /* only new tokens can be in the future */
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {
         const int n = j1 - c0 < ATTN_CHUNK ? j1 - c0 : ATTN_CHUNK;
         /* scores */
-        for (int j = 0; j < n; j++) {
-            const int pos = pool->pos[c0 + j];
-            if (pos > a->max_pos) {
-                for (int h = 0; h < gs; h++) sc[h * ATTN_CHUNK + j] = -INFINITY;
-                continue;
-            }
-            kt->dequant(ek_kv_rec(s, pool, a->layer, a->head, c0 + j), buf, hd, kg);
-            for (int h = 0; h < gs; h++) {
-                const float v = dotf(buf, q + (size_t)h * hd, hd);
-                sc[h * ATTN_CHUNK + j] = v;
-                if (a->raw) a->raw[(size_t)h * s->n_ctx + pos] = v;
-            }
-        }
-        /* online softmax */
-        int any = 0;
+        for (int j = 0; j < n; j++) kt->dequant(ek_kv_rec(s, pool, a->layer, a->head, c0 + j), tile + (size_t)j * hd, hd, kg);
+        score_tile(tile, n, hd, q, gs, sc);
+        int n_masked = 0;
+        if (masked_pool)
+            for (int j = 0; j < n; j++)
+                if (pool->pos[c0 + j] > a->max_pos) {
+                    for (int h = 0; h < gs; h++) sc[h * ATTN_CHUNK + j] = -INFINITY;
+                    n_masked++;
+                }
+        if (a->raw)
+            for (int h = 0; h < gs; h++)
+                for (int j = 0; j < n; j++)
+                    if (pool->pos[c0 + j] <= a->max_pos) a->raw[(size_t)h * s->n_ctx + pool->pos[c0 + j]] = sc[h * ATTN_CHUNK + j];
+        if (n_masked == n) continue;
+        /* online softmax: rescale the running sums to the new max, turn scores into weights */
         for (int h = 0; h < gs; h++) {
             float *row = sc + h * ATTN_CHUNK;
             float cm = -INFINITY;
             for (int j = 0; j < n; j++) cm = row[j] > cm ? row[j] : cm;
-            if (cm == -INFINITY) {
-                for (int j = 0; j < n; j++) row[j] = 0.0f;
-                continue;
-            }
-            any = 1;
             rebase(part, h, fmaxf(part->m[h], cm), hd);
             part->l[h] += ek_exp_shift(row, n, part->m[h]);
+            if (n_masked) /* exp(-inf) came out as a denormal-sized number: make it exactly 0 */
+                for (int j = 0; j < n; j++)
+                    if (pool->pos[c0 + j] > a->max_pos) row[j] = 0.0f;
         }
-        if (!any) continue;
         /* weighted values */
-        for (int j = 0; j < n; j++) {
-            if (pool->pos[c0 + j] > a->max_pos) continue;
-            vt->dequant(ek_kv_rec(s, pool, a->layer, a->head, c0 + j) + pool->k_bytes, buf, hd, vg);
-            for (int h = 0; h < gs; h++) axpyf(o + (size_t)h * hd, sc[h * ATTN_CHUNK + j], buf, hd);
-        }
+        for (int j = 0; j < n; j++)
+            vt->dequant(ek_kv_rec(s, pool, a->layer, a->head, c0 + j) + pool->k_bytes, tile + (size_t)j * hd, hd, vg);
+        accum_tile(tile, n, hd, sc, gs, o);
     }
 }
 

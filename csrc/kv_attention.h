@@ -1,9 +1,10 @@
 /* Fused attention over the mixed-precision KV store.
  *
  * A query group (the gs query heads that share one KV head) attends to the
- * store pool by pool, chunk by chunk. Each chunk dequantizes one record at a
- * time into registers/L1 (never a copy of the cache), scores it, and folds it
- * into a running (max m, sum l, weighted values o) per head: online softmax.
+ * store pool by pool, tile by tile. A tile is ATTN_CHUNK records dequantized
+ * into an L1-sized scratch (never a copy of the cache); it is scored, then
+ * folded into a running (max m, sum l, weighted values o) per head: online
+ * softmax. GQA pays off here: each record is dequantized once for all gs heads.
  * Partials from different chunks, pools or threads merge by log-sum-exp, so
  * work can be split across heads, pools and positions.
  *
@@ -16,7 +17,7 @@
 
 #include "kv_store.h"
 
-#define ATTN_CHUNK 64 /* records scored before their values are accumulated */
+#define ATTN_CHUNK 32 /* records per tile: scored, then their values accumulated (tiles stay in L1) */
 
 typedef struct {
     const ek_kv_store *s;

@@ -127,7 +127,7 @@ static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
 }
 
-static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
+static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
     const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
     const uint8_t *p = rec;
@@ -176,7 +176,7 @@ static inline void deq16(uint8x16_t q, float32x4_t d, float32x4_t m, float *y) {
     vst1q_f32(y + 12, vfmaq_f32(m, vcvtq_f32_u32(vmovl_u16(vget_high_u16(b))), d));
 }
 
-static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
+static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
     const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
     const uint8_t *p = rec;
