@@ -110,6 +110,15 @@ def _model_parent() -> argparse.ArgumentParser:
         "-c", "--ctx", type=_int_at_least(1), default=None, metavar="N",
         help="context window in tokens (default: the model's training context, at most 4096)",
     )
+    g.add_argument(
+        "--kv", default="fp16", metavar="POLICY",
+        help="KV-cache precision: fp16, int8, int4, int2, or keys/values apart such as k4v2 "
+             "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--kv-window", type=_int_at_least(0), default=0, metavar="W",
+        help="decide a token's KV precision once it is W steps old (default: %(default)s, at once)",
+    )
     return p
 
 
@@ -269,7 +278,7 @@ def _load(args: argparse.Namespace, progress: Optional[bool] = None):
     from . import load
 
     log.info("loading %s", args.model)
-    return load(args.model, threads=args.threads, ctx=args.ctx,
+    return load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv, kv_window=args.kv_window,
                 progress=_show_progress() if progress is None else progress)
 
 

@@ -152,7 +152,7 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
         rope_base=_get(fields, f"{a}.rope.freq_base", float, default=10000.0),
         norm_eps=_get(fields, f"{a}.attention.layer_norm_rms_epsilon", float, default=1e-5),
     )
-    for k in ("n_vocab", "n_layer", "n_head_kv", "n_ff", "head_dim"):
+    for k in ("n_vocab", "n_layer", "n_head_kv", "n_ff", "head_dim", "n_ctx_train"):
         if hp[k] <= 0 or hp[k] > 1 << 24:
             raise ModelLoadError(f"metadata: {k} = {hp[k]} is out of range")
     return hp

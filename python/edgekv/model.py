@@ -52,6 +52,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv_bytes: int = 0
+    kv_bits: float = float("nan")  # average bits per cached key/value element, scales included
     finish_reason: str = ""     # "stop" (end token or stop string), "length" or "context"
 
     @property
@@ -73,7 +74,7 @@ class GenerationStats:
         return (
             f"prompt {self.prompt_tokens} tok | prefill {self.prefill_tok_s:.1f} tok/s | "
             f"decode {self.decode_ms_per_token:.2f} ms/tok ({self.generated_tokens} tok) | "
-            f"KV {self.kv_bytes / 1024:.1f} KiB | {self.finish_reason}"
+            f"KV {self.kv_bytes / 1024:.1f} KiB ({self.kv_bits:.2f} bits) | {self.finish_reason}"
         )
 
 
@@ -317,8 +318,18 @@ class Model:
             raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
 
     def _configure_kv(self, groups, rotate: bool) -> None:
-        g8, g4, g2 = groups or tuple(min(g, self.hparams["head_dim"]) for g in DEFAULT_KV_GROUPS)
         hd = self.hparams["head_dim"]
+        if groups is None and hd % 32:
+            # No quantization group fits (groups are multiples of 32 dividing head_dim): the C
+            # store keeps its defaults and the cache stays FP16 (ek_kv_set_bits refuses quantized
+            # records for such a head_dim).
+            self.kv_groups = None
+            self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
+            return
+        # default: each group the largest multiple of 32 that divides head_dim, at most the default
+        g8, g4, g2 = groups or tuple(
+            max(c for c in range(32, min(g, hd) + 1, 32) if hd % c == 0) for g in DEFAULT_KV_GROUPS
+        )
         can_rotate = hd % 32 == 0 and hd & (hd - 1) == 0
         if lib.ek_kv_configure(self._handle, g8, g4, g2, int(bool(rotate) and can_rotate)) != 0:
             raise ValueError(self._c_error())
@@ -346,6 +357,7 @@ class Model:
         return 8.0 * lib.ek_kv_data_bytes(self._handle) / elems if elems else float("nan")
 
     def _eval_raw(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None) -> None:
+        self._check_open()  # a suspended stream may resume after close(): never pass C a freed handle
         if len(self._tokens) + ids.size > self.n_ctx:
             raise ContextOverflowError(
                 f"context overflow: {len(self._tokens)} tokens in context + {ids.size} new > ctx {self.n_ctx}"
@@ -431,6 +443,7 @@ class Model:
                 and self._tokens[:n] == ctx_ids.tolist()
                 and getattr(self, "_score_ctx_logits", None) is not None
                 and self._score_ctx_key == (n, id(policy))
+                and self._reusable_prefix(n, policy) == n
             ):
                 self._truncate(n)
                 first = self._score_ctx_logits
@@ -466,9 +479,21 @@ class Model:
         limit = min(len(cached), ids.size - 1)  # always run at least one token to get logits
         while common < limit and cached[common] == ids[common]:
             common += 1
+        common = self._reusable_prefix(common, policy)
         self._truncate(common)
         self._eval(ids[common:], lib.EK_LOGITS_LAST, self._logits, policy)
         return self._logits, ids.size - common
+
+    def _reusable_prefix(self, n: int, policy: KVPolicy) -> int:
+        """How much of the first n cached tokens a new call may keep.
+
+        With a window W > 0 the last W tokens of a context must still be at 16 bits, as a
+        fresh prefill would leave them; if any of them was already re-quantized (it aged
+        while later tokens were added), nothing can be reused exactly.
+        """
+        if policy.window == 0 or min(self._kv_decided, n) <= n - policy.window:
+            return n
+        return 0
 
     def generate(
         self,
@@ -515,6 +540,7 @@ class Model:
             self._check_open()
             t0 = time.perf_counter()
             logits, stats.prefilled_tokens = self._prefill_prompt(ids, policy)
+            context = [int(t) for t in ids]  # what the C context must hold for this stream's next step
             stats.prefill_s = time.perf_counter() - t0
             t_dec = time.perf_counter()
             stats.finish_reason = "length"
@@ -529,6 +555,7 @@ class Model:
                     hit = min((pending.find(s) for s in stop if s in pending), default=-1)
                     if hit >= 0:
                         pending = pending[:hit]
+                        decoder.reset()  # bytes held back belong to the cut-off text
                         stats.finish_reason = "stop"
                         break
                     if len(pending) > hold:
@@ -540,13 +567,19 @@ class Model:
                     pending = ""
                 if i + 1 == max_tokens:
                     break
-                if len(self._tokens) >= self.n_ctx:
+                if len(context) >= self.n_ctx:
                     stats.finish_reason = "context"
                     break
-                self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy)
-                logits = self._logits
+                if self._tokens != context or self._ctx_policy is not policy:
+                    # another call on this model ran while this stream was suspended: restore its context
+                    logits, _ = self._prefill_prompt(np.array(context + [tok], dtype=np.int32), policy)
+                else:
+                    self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy)
+                    logits = self._logits
+                context.append(tok)
             stats.decode_s = time.perf_counter() - t_dec
             stats.kv_bytes = self.kv_bytes
+            stats.kv_bits = self.kv_avg_bits
         pending += decoder.flush()
         if pending:
             yield pending
