@@ -57,9 +57,15 @@ float ek_exp_shift(float *x, int n, float m) {
         acc = _mm256_add_ps(acc, e);
     }
     float sum = ek_hsum256(acc);
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
+    if (i < n) { /* the tail through the same polynomial, so results do not depend on where tiles end */
+        float t[8];
+        const int r = n - i;
+        for (int k = 0; k < 8; k++) t[k] = k < r ? x[i + k] - m : 0.0f;
+        _mm256_storeu_ps(t, exp_neg_avx2(_mm256_loadu_ps(t)));
+        for (int k = 0; k < r; k++) {
+            x[i + k] = t[k];
+            sum += t[k];
+        }
     }
     return sum;
 }

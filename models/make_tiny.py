@@ -51,6 +51,7 @@ SIZES = {
 }
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+END_TOKENS = ("<|endoftext|>", "<|im_end|>")  # what llama.cpp (and edgekv) treat as end of generation
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -220,6 +221,7 @@ def write_tiny_model(
     norm_eps: float = 1e-5,
     special_logit_bias: float = 0.0,
     omit_tensors: Iterable[str] = (),
+    omit_metadata: Iterable[str] = (),
     extra_metadata: Optional[dict] = None,
     embd_type: Optional[str] = None,
 ) -> Path:
@@ -233,11 +235,12 @@ def write_tiny_model(
     vocab: a ``TinyVocab`` (default ``make_vocab(arch)``); keep it to share a tokenizer.
     tie_embeddings: False writes a separate ``output.weight``.
     rope_dim: dimensions rotated per head (default head_dim; even and at most head_dim).
-    special_logit_bias: with tie_embeddings=False, shifts the logits of the control tokens
-      (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) by about this much times ~4 at every
-      position: large positive makes the model end its turn at once, large negative makes it
-      never emit them. Done through one residual dimension held large by the embedding.
+    special_logit_bias: with tie_embeddings=False, shifts the logits of the end-of-generation
+      tokens (``<|endoftext|>``, ``<|im_end|>``) by about this much times ~4 at every position:
+      large positive makes the model end its turn at once, large negative makes it never end
+      it. Done through one residual dimension held large by the embedding.
     omit_tensors: tensor names to leave out (for tests of incomplete files).
+    omit_metadata: metadata keys to leave out (e.g. "llama.block_count").
     extra_metadata: more key/values to write (str, int, float, bool, or list thereof); an
       existing key is replaced.
     """
@@ -292,8 +295,8 @@ def write_tiny_model(
         out = normal((n_vocab, n_embd), 0.35)
         if special_logit_bias:
             out[:, 0] = 0.0
-            for s in SPECIAL_TOKENS:
-                out[vocab.special_id(s), 0] = special_logit_bias
+            for name in END_TOKENS:
+                out[vocab.special_id(name), 0] = special_logit_bias
         tensors.append(("output.weight", out, weight_type))
     for l in range(n_layer):
         p = f"blk.{l}."
@@ -316,24 +319,31 @@ def write_tiny_model(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # GGUFWriter writes general.architecture itself (first) unless it is to be left out.
     w = GGUFWriter(str(path), arch)
+    if "general.architecture" in omit_metadata:
+        w.kv_data[0].pop("general.architecture", None)
     a = arch
-    w.add_name(f"edgekv tiny {arch} {weight_type}")
-    w.add_uint32(f"{a}.block_count", n_layer)
-    w.add_uint32(f"{a}.context_length", context_length)
-    w.add_uint32(f"{a}.embedding_length", n_embd)
-    w.add_uint32(f"{a}.feed_forward_length", n_ff)
-    w.add_uint32(f"{a}.attention.head_count", n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", n_head_kv)
-    w.add_float32(f"{a}.rope.freq_base", rope_base)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", norm_eps)
-    w.add_uint32(f"{a}.rope.dimension_count", rope_dim)
+    meta: dict = {
+        "general.name": f"edgekv tiny {arch} {weight_type}",
+        f"{a}.block_count": n_layer,
+        f"{a}.context_length": context_length,
+        f"{a}.embedding_length": n_embd,
+        f"{a}.feed_forward_length": n_ff,
+        f"{a}.attention.head_count": n_head,
+        f"{a}.attention.head_count_kv": n_head_kv,
+        f"{a}.rope.freq_base": float(rope_base),
+        f"{a}.attention.layer_norm_rms_epsilon": float(norm_eps),
+        f"{a}.rope.dimension_count": rope_dim,
+    }
     if not qwen2:
-        w.add_uint32(f"{a}.vocab_size", n_vocab)
-    w.add_uint32("general.file_type", {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8,
-                                        "Q5_1": 9, "BF16": 32}[weight_type])
-    meta = vocab.fields()
+        meta[f"{a}.vocab_size"] = n_vocab
+    meta["general.file_type"] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+                                 "BF16": 32}[weight_type]
+    meta.update(vocab.fields())
     meta.update(extra_metadata or {})
+    for key in omit_metadata:
+        meta.pop(key, None)
     for key, value in meta.items():
         _add_value(w, key, value)
     for name, arr, typ in tensors:

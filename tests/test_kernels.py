@@ -313,6 +313,16 @@ def test_extreme_codes(type_name):
     check(type_name, w, x, n_in, n_out, stat_check=False)
 
 
+@pytest.mark.parametrize("type_name", ["F32", "F16"])
+@pytest.mark.parametrize("n_in", [1, 7, 37, 100])
+def test_float_types_take_any_row_length(type_name, n_in):
+    """F32/F16 rows need not be whole blocks: the SIMD loops' scalar tails must be right too."""
+    rng = np.random.default_rng(n_in)
+    w = encode(type_name, rng.standard_normal((5, n_in)).astype(np.float32))
+    x = rng.standard_normal((6, n_in)).astype(np.float32)
+    check(type_name, w, x, n_in, 5, stat_check=False)
+
+
 @pytest.mark.parametrize("type_name", list(TYPES))
 def test_row_bytes_match_gguf(type_name):
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]

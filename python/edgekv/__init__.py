@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .ead import EADConfig, EADStats, EntropySwitch, ModelPair, load_pair, simulate_switching
 from .errors import (
     ContextOverflowError,
     EdgekvError,
@@ -26,6 +27,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "load_pair",
+    "ModelPair",
+    "EADConfig",
+    "EADStats",
+    "EntropySwitch",
+    "simulate_switching",
     "Model",
     "GenerationStats",
     "KVPolicy",

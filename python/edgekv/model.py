@@ -159,7 +159,7 @@ class Model:
         self._logits = np.empty(hp["n_vocab"], dtype=np.float32)
         self.last_stats: GenerationStats | None = None
         self._configure_kv(kv_groups, kv_rotate)
-        self.kv_policy: KVPolicy = parse_policy(kv, window=kv_window)
+        self.kv_policy: KVPolicy = self._check_policy(parse_policy(kv, window=kv_window))
         self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
         self._kv_decided = 0  # positions below this have had their precision decided
         # per-position next-token statistics (NaN where logits were not computed)
@@ -317,6 +317,15 @@ class Model:
         if rc != 0:
             raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
 
+    def _check_policy(self, policy: KVPolicy) -> KVPolicy:
+        """Refuse, before any work, a static quantized policy this model's head_dim cannot store."""
+        if self.kv_groups is None and not policy.is_fp16 and hasattr(policy, "k_bits"):
+            raise ValueError(
+                f"KV policy {policy.name!r} needs head_dim to be a multiple of 32; this model's head_dim is "
+                f"{self.hparams['head_dim']}, so its cache can only be fp16"
+            )
+        return policy
+
     def _configure_kv(self, groups, rotate: bool) -> None:
         hd = self.hparams["head_dim"]
         if groups is None and hd % 32:
@@ -426,7 +435,7 @@ class Model:
         False scores it in one batch (continuation tokens then see each other at 16 bits).
         A context already in the cache under the same policy is reused.
         """
-        policy = self.kv_policy if kv is None else parse_policy(kv)
+        policy = self.kv_policy if kv is None else self._check_policy(parse_policy(kv))
         ctx_ids = self._as_ids(self.tokenize(context) if isinstance(context, str) else context)
         cont = continuation
         cont_ids = self._as_ids(self.tokenize(cont, special=False) if isinstance(cont, str) else cont)
@@ -524,7 +533,7 @@ class Model:
             raise ContextOverflowError(
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
-        policy = self.kv_policy if kv is None else parse_policy(kv)
+        policy = self.kv_policy if kv is None else self._check_policy(parse_policy(kv))
         it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy)
         return it if stream else "".join(it)
 
