@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             '  edgekv generate "Once upon a time" --max-tokens 64 --seed 1\n'
             '  edgekv generate "Why is the sky blue?" --chat --temperature 0\n'
-            "  cat prompt.txt | edgekv generate - --json"
+            "  cat prompt.txt | edgekv generate - --json\n"
+            "  edgekv generate \"What is 17*23?\" --chat --temperature 0 \\\n"
+            "      --draft qwen2.5-coder-0.5b --model qwen2.5-coder-1.5b --tau 1.5"
         ),
         formatter_class=_Formatter,
         parents=[verbose, model, sampling],
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when TEXT is generated (not included in the output); repeatable")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text and statistics) instead of streaming")
+    _add_ead_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser(
@@ -243,6 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the description as one JSON object")
     i.set_defaults(func=cmd_info)
     return parser
+
+
+def _add_ead_arguments(g: argparse.ArgumentParser) -> None:
+    from .ead import DEFAULT_D_MIN, DEFAULT_TAU, DEFAULT_WINDOW
+
+    e = g.add_argument_group(
+        "entropy adaptive decoding",
+        "With --draft, the draft (small) model writes and --model (the large one, same tokenizer)\n"
+        "takes over while the rolling entropy of the active model's next-token distribution\n"
+        "exceeds --tau. The statistics line then gives each model's share of the tokens, the\n"
+        "switches, the catch-up tokens and compute relative to running --model alone.",
+    )
+    e.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
+                   help="the small model that writes while the text is easy (registry name or .gguf path)")
+    e.add_argument("--tau", type=_float, default=None, metavar="BITS",
+                   help=f"switch to --model when the rolling entropy exceeds BITS (default: {DEFAULT_TAU})")
+    e.add_argument("--tau-low", type=_float, default=None, metavar="BITS",
+                   help="switch back when it falls below BITS (default: --tau; lower adds hysteresis)")
+    e.add_argument("--window", type=_int_at_least(1), default=None, metavar="N",
+                   help=f"tokens in the rolling entropy (default: {DEFAULT_WINDOW})")
+    e.add_argument("--d-min", type=_int_at_least(1), default=None, metavar="N",
+                   help=f"tokens --model writes before it may hand back (default: {DEFAULT_D_MIN})")
+    e.add_argument("--verify", action="store_true",
+                   help="--model checks the draft's tokens when it catches up and rolls back to the "
+                        "first it would not have chosen (the output is then distributed as --model's)")
+    e.add_argument("--max-draft", type=_int_at_least(0), default=None, metavar="N",
+                   help="with --verify: check at least every N draft tokens (default: 0, only at switches "
+                        "and at the end)")
+
+
+def _ead_config(args: argparse.Namespace):
+    """The EAD configuration of a generate command (None without --draft); fails fast on bad values."""
+    from .ead import EADConfig
+
+    given = {k: getattr(args, k) for k in ("tau", "tau_low", "window", "d_min", "max_draft")
+             if getattr(args, k) is not None}
+    if args.draft is None:
+        flags = [f"--{k.replace('_', '-')}" for k in given] + (["--verify"] if args.verify else [])
+        if flags:
+            raise ValueError(f"{', '.join(flags)} needs --draft (the small model of the pair)")
+        return None
+    if "max_draft" in given and not args.verify:
+        raise ValueError("--max-draft needs --verify")
+    return EADConfig(verify=args.verify, **given)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,14 +370,24 @@ def _read_prompt(prompt: str) -> str:
 # commands
 # --------------------------------------------------------------------------------------------
 
+def _load_pair(args: argparse.Namespace):
+    from .ead import load_pair
+
+    log.info("loading %s (draft) and %s", args.draft, args.model)
+    return load_pair(args.draft, args.model, threads=args.threads, ctx=args.ctx, progress=_show_progress())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _sampling_kwargs(args)
+    ead = _ead_config(args)
     prompt = _read_prompt(args.prompt)
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop needs a non-empty TEXT")
     kwargs["stop"] = args.stop
+    if ead is not None:
+        kwargs["config"] = ead
 
-    with _load(args) as model:
+    with (_load(args) if ead is None else _load_pair(args)) as model:
         if args.chat:
             def run(stream: bool):
                 return model.chat([{"role": "user", "content": prompt}], stream=stream, **kwargs)
@@ -340,8 +397,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         if args.json:
             text = run(stream=False)
-            doc = {"model": model.name, "path": str(model.path), "chat": args.chat, "text": text,
-                   "stats": model.last_stats.as_dict()}
+            if ead is None:
+                doc = {"model": model.name, "path": str(model.path), "chat": args.chat, "text": text,
+                       "stats": model.last_stats.as_dict()}
+            else:
+                doc = {"model": model.large.name, "path": str(model.large.path), "draft": model.small.name,
+                       "draft_path": str(model.small.path), "chat": args.chat, "text": text,
+                       "ead": {k: getattr(ead, k) for k in ("tau", "tau_low", "window", "d_min", "verify",
+                                                            "max_draft")},
+                       "stats": model.last_stats.as_dict()}
             _out(json.dumps(_json_safe(doc), ensure_ascii=False) + "\n")
             return EXIT_OK
 

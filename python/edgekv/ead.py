@@ -70,7 +70,7 @@ _LN2 = math.log(2.0)
 def entropy_bits(logits: np.ndarray) -> float:
     """Entropy, in bits, of softmax(logits) (a 1-D array of raw logits)."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max()
+    z = np.maximum(z - z.max(), -1e300)  # -inf logits: probability 0, contributing 0 (not NaN)
     e = np.exp(z)
     s = e.sum()
     return float((math.log(s) - float(np.dot(e, z)) / s) / _LN2)
@@ -79,7 +79,7 @@ def entropy_bits(logits: np.ndarray) -> float:
 def entropy_bits_rows(logits: np.ndarray) -> np.ndarray:
     """Row-wise entropy in bits of softmax over the last axis of a 2-D logits array."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
+    z = np.maximum(z - z.max(axis=1, keepdims=True), -1e300)
     e = np.exp(z)
     s = e.sum(axis=1)
     return (np.log(s) - (e * z).sum(axis=1) / s) / _LN2

@@ -498,9 +498,15 @@ class Model:
 
         With a window W > 0 the last W tokens of a context must still be at 16 bits, as a
         fresh prefill would leave them; if any of them was already re-quantized (it aged
-        while later tokens were added), nothing can be reused exactly.
+        while later tokens were added), nothing can be reused exactly. Likewise for a policy
+        that reads features: the attention statistics of still-undecided tokens would include
+        queries that the truncation drops.
         """
-        if policy.window == 0 or min(self._kv_decided, n) <= n - policy.window:
+        if policy.window == 0:
+            return n
+        if policy.needs_features and n < len(self._tokens):
+            return 0  # undecided tokens' attention statistics include queries that are being dropped
+        if min(self._kv_decided, n) <= n - policy.window:
             return n
         return 0
 
