@@ -1072,7 +1072,11 @@ def check_stats(m, queries_seen):
 
 @pytest.mark.parametrize("kv,threads,n_batch", [("fp16", THREADS, 256), ("k4v2", THREADS, 8), ("int8", 2, 5)])
 def test_attention_statistics(open_model, hd32_path, kv, threads, n_batch):
-    m = open_model(hd32_path, kv=kv, threads=threads, n_batch=n_batch)
+    # statistics are gathered only for policies that read features: the static policy's bits,
+    # decided by a callable that asks for features
+    static = parse_policy(kv)
+    policy = CallablePolicy(lambda f: static.decide(f), needs_features=True, name=f"{kv}+features")
+    m = open_model(hd32_path, kv=policy, threads=threads, n_batch=n_batch)
     H = m.hparams["n_head"]
     n = 21
     ids = rand_ids(m, n + 6, 70)
@@ -1099,3 +1103,10 @@ def test_attention_statistics(open_model, hd32_path, kv, threads, n_batch):
     cnt = m._att_count[:n].astype(np.float64)
     np.testing.assert_allclose(f.attn_mean, m._att_sum[:n] / cnt, rtol=1e-6)
     np.testing.assert_array_equal(f.age, n - 1 - np.arange(n))
+
+
+def test_static_policies_skip_attention_statistics(open_model, hd32_path):
+    """Static policies never read features, so the decode path does not pay for statistics."""
+    m = open_model(hd32_path, kv="int4")
+    m.logits(rand_ids(m, 12, 3))
+    assert (m._att_count[: m.n_past] == 0).all()

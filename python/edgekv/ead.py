@@ -650,11 +650,12 @@ class _EADRun:
                 ):
                     if self._verify(at_switch=False)[0]:
                         end = self._ended()
+                if end:
+                    st.finish_reason = end  # before the last yield: the consumer stops at an end token
                 while emitted < self.final:
                     yield self.seq[emitted]
                     emitted += 1
                 if end:
-                    st.finish_reason = end
                     return
         finally:
             st.wall_s = time.perf_counter() - t_start

@@ -245,6 +245,8 @@ class Model:
             if self._tokens:
                 self._truncate(0)  # cached tokens were stored under another policy
             self._ctx_policy = policy
+            # attention statistics cost a little per step: gather them only for policies that read them
+            lib.ek_set_collect_stats(self._handle, int(bool(policy.needs_features)))
         first = len(self._tokens)
         own = None
         if policy.needs_features and logits_mode != lib.EK_LOGITS_ALL and ids.size > 1:
