@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -37,26 +38,28 @@ class BuildWithCMake(build_py):
     def run(self):
         super().run()
         pkg_dir = Path(self.build_lib) / "edgekv"
-        build_dir = ROOT / "build" / f"py-{sys.platform}-{os.uname().machine if hasattr(os, 'uname') else 'x'}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            _cmake(), "-S", str(ROOT), "-B", str(build_dir),
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DEDGEKV_BUILD_TESTS=OFF",
-            f"-DEDGEKV_ARCH={os.environ.get('EDGEKV_ARCH', 'native')}",
-        ]
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
-        try:
-            subprocess.run(args, check=True)
-            subprocess.run([_cmake(), "--build", str(build_dir), "--config", "Release"], check=True)
-        except subprocess.CalledProcessError as e:
-            raise SystemExit(f"edgekv: building the C core failed ({e}); a C11 compiler (gcc or clang) is required")
-        built = next(build_dir.rglob(LIB_NAME), None)
-        if built is None:
-            raise SystemExit(f"edgekv: CMake finished but {LIB_NAME} is not under {build_dir}")
-        pkg_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, pkg_dir / LIB_NAME)
+        # A fresh build folder each time: a cached CMake configuration would point at the
+        # temporary cmake/ninja of an earlier isolated pip build, long gone.
+        with tempfile.TemporaryDirectory(prefix="edgekv-cmake-") as tmp:
+            build_dir = Path(tmp)
+            args = [
+                _cmake(), "-S", str(ROOT), "-B", str(build_dir),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DEDGEKV_BUILD_TESTS=OFF",
+                f"-DEDGEKV_ARCH={os.environ.get('EDGEKV_ARCH', 'native')}",
+            ]
+            if shutil.which("ninja"):
+                args += ["-G", "Ninja"]
+            try:
+                subprocess.run(args, check=True)
+                subprocess.run([_cmake(), "--build", str(build_dir), "--config", "Release"], check=True)
+            except subprocess.CalledProcessError as e:
+                raise SystemExit(f"edgekv: building the C core failed ({e}); a C11 compiler (gcc or clang) is required")
+            built = next(build_dir.rglob(LIB_NAME), None)
+            if built is None:
+                raise SystemExit(f"edgekv: CMake finished but {LIB_NAME} is not under {build_dir}")
+            pkg_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(built, pkg_dir / LIB_NAME)
         shutil.copy2(ROOT / "csrc" / "edgekv.h", pkg_dir / "edgekv.h")
         shutil.copy2(ROOT / "models" / "registry.json", pkg_dir / "registry.json")
 
