@@ -9,6 +9,15 @@
 /* small vector helpers (head_dim is a multiple of 8)                         */
 /* ------------------------------------------------------------------------- */
 
+static inline float exp_shift_ref(float *x, int n, float m) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
+
 #if defined(EK_AVX2)
 static inline float dotf(const float *a, const float *b, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -82,14 +91,7 @@ static inline void axpyf(float *y, float a, const float *x, int n) {
 static inline void scalef(float *y, float a, int n) {
     for (int i = 0; i < n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
 }
-float ek_exp_shift(float *x, int n, float m) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
-    return sum;
-}
+float ek_exp_shift(float *x, int n, float m) { return exp_shift_ref(x, n, m); }
 #else
 static inline float dotf(const float *a, const float *b, int n) {
     float s = 0.0f;
@@ -102,14 +104,7 @@ static inline void axpyf(float *y, float a, const float *x, int n) {
 static inline void scalef(float *y, float a, int n) {
     for (int i = 0; i < n; i++) y[i] *= a;
 }
-float ek_exp_shift(float *x, int n, float m) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - m);
-        sum += x[i];
-    }
-    return sum;
-}
+float ek_exp_shift(float *x, int n, float m) { return exp_shift_ref(x, n, m); }
 #endif
 
 /* ------------------------------------------------------------------------- */

@@ -151,6 +151,13 @@ static void dot_f16_ref(int n, const void *w, const void *act, size_t stride, in
     }
 }
 
+/* sum of unsigned 4-bit codes (Q4 nibble order) times int8 activations, one block */
+static inline int nibble_dot(const uint8_t *qs, const int8_t *a) {
+    int isum = 0;
+    for (int j = 0; j < QK / 2; j++) isum += (qs[j] & 0x0f) * a[j] + (qs[j] >> 4) * a[j + QK / 2];
+    return isum;
+}
+
 /* Q4_0: sum (q-8)*dw * a*da = dw * (da * sum(q*a) - 8 * s_a) */
 static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q4_0 *wb = (const block_q4_0 *)w;
@@ -158,11 +165,7 @@ static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, i
         const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
-            int isum = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                isum += (wb[b].qs[j] & 0x0f) * a[b].qs[j];
-                isum += (wb[b].qs[j] >> 4) * a[b].qs[j + QK / 2];
-            }
+            const int isum = nibble_dot(wb[b].qs, a[b].qs);
             s += ek_fp16_to_fp32(wb[b].d) * (a[b].d * (float)isum - 8.0f * a[b].s);
         }
         out[r] = s;
@@ -176,11 +179,7 @@ static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, i
         const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
-            int isum = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                isum += (wb[b].qs[j] & 0x0f) * a[b].qs[j];
-                isum += (wb[b].qs[j] >> 4) * a[b].qs[j + QK / 2];
-            }
+            const int isum = nibble_dot(wb[b].qs, a[b].qs);
             s += ek_fp16_to_fp32(wb[b].d) * a[b].d * (float)isum + ek_fp16_to_fp32(wb[b].m) * a[b].s;
         }
         out[r] = s;
