@@ -74,6 +74,7 @@ class BinaryDistribution(Distribution):
 setup(
     package_dir={"": "python"},
     packages=["edgekv"],
+    package_data={"edgekv": ["data/*"]},  # learned KV controller (ONNX + JSON) and rarity tables
     cmdclass={"build_py": BuildWithCMake},
     distclass=BinaryDistribution,
     zip_safe=False,

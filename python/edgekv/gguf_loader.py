@@ -107,9 +107,88 @@ def _field_values(reader) -> dict[str, Any]:
     return out
 
 
+# Bytes of each GGUF scalar value type (8 is a string, 9 an array).
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_header_sizes(path: Path) -> None:
+    """Reject a GGUF header whose counts or lengths run past the end of the file.
+
+    gguf's GGUFReader loops over every element an array count announces, even past the end of
+    the file, where each element reads as empty and nothing advances: a corrupt count of 2**40
+    kept it spinning for hours (found by tools/fuzz_gguf.py). This walks the header once, with
+    O(1) work per scalar array, and stops at anything it does not know (the reader reports those).
+    """
+    import mmap
+    import struct
+
+    size = path.stat().st_size
+    if size < 24:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            return
+        order = ">" if struct.unpack_from("<I", mm, 4)[0] & 0xFFFF == 0 else "<"  # as GGUFReader decides
+        if struct.unpack_from(order + "I", mm, 4)[0] not in (2, 3):
+            return  # versions GGUFReader refuses
+        pos = 8
+
+        def take(fmt: str, what: str) -> int:
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            need(n, what)
+            v = struct.unpack_from(order + fmt, mm, pos)[0]
+            pos += n
+            return v
+
+        def need(n: int, what: str) -> None:
+            if pos + n > size:
+                raise ModelLoadError(f"{path}: not a valid GGUF file ({what} at byte {pos} needs {n} bytes; "
+                                     f"the file has {size})")
+
+        def skip(vtype: int, what: str, depth: int = 0) -> bool:
+            nonlocal pos
+            if vtype in _GGUF_SCALAR_BYTES:
+                need(_GGUF_SCALAR_BYTES[vtype], what)
+                pos += _GGUF_SCALAR_BYTES[vtype]
+            elif vtype == 8:
+                n = take("Q", what)
+                need(n, what)
+                pos += n
+            elif vtype == 9 and depth < 4:
+                sub, n = take("I", what), take("Q", what)
+                if sub in _GGUF_SCALAR_BYTES:
+                    need(n * _GGUF_SCALAR_BYTES[sub], f"{what}: array of {n}")
+                    pos += n * _GGUF_SCALAR_BYTES[sub]
+                    return True
+                need(n * (8 if sub == 8 else 12), f"{what}: array of {n}")  # smallest element: an empty one
+                return all(skip(sub, what, depth + 1) for _ in range(n))
+            else:
+                return False  # unknown type: GGUFReader raises
+            return True
+
+        n_tensors, n_kv = take("Q", "tensor count"), take("Q", "metadata count")
+        need(n_kv * 12, f"{n_kv} metadata entries")
+        need(n_tensors * 24, f"{n_tensors} tensor infos")
+        for _ in range(n_kv):
+            key = take("Q", "metadata key")
+            need(key, "metadata key")
+            pos += key
+            if not skip(take("I", "metadata type"), "metadata value"):
+                return
+        for _ in range(n_tensors):
+            name = take("Q", "tensor name")
+            need(name, "tensor name")
+            pos += name
+            n_dims = take("I", "tensor dimensions")
+            need(8 * n_dims + 12, "tensor info")
+            pos += 8 * n_dims + 12
+
+
 def _open_reader(path: Path):
     from gguf import GGUFReader
 
+    _check_header_sizes(path)
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors...
@@ -126,7 +205,7 @@ def _get(fields: dict, key: str, typ, default=None, required: bool = True):
         return None
     try:
         return typ(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) (found by tools/fuzz_gguf.py)
         raise ModelLoadError(f"metadata field {key!r} has an unusable value {v!r}") from None
 
 
@@ -152,9 +231,13 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
         rope_base=_get(fields, f"{a}.rope.freq_base", float, default=10000.0),
         norm_eps=_get(fields, f"{a}.attention.layer_norm_rms_epsilon", float, default=1e-5),
     )
-    for k in ("n_vocab", "n_layer", "n_head_kv", "n_ff", "head_dim", "n_ctx_train"):
+    # n_embd and n_head too: every value must fit the C config's int fields (a larger one made
+    # cffi raise OverflowError; found by tools/fuzz_gguf.py).
+    for k in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "head_dim", "n_ctx_train"):
         if hp[k] <= 0 or hp[k] > 1 << 24:
             raise ModelLoadError(f"metadata: {k} = {hp[k]} is out of range")
+    if not 0 <= hp["rope_dim"] <= 1 << 24:  # the C core checks it against head_dim; it must fit an int first
+        raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} is out of range")
     return hp
 
 
@@ -200,6 +283,11 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
         raise ModelLoadError(
             f"{path}: unsupported architecture {arch!r} (edgekv runs: {', '.join(sorted(ARCHS))})"
         )
+    tokens = fields.get("tokenizer.ggml.tokens")
+    # The vocabulary must be strings: an array of numbers there built a tokenizer that encoded every
+    # text to no tokens at all (found by tools/fuzz_gguf.py).
+    if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
+        raise ModelLoadError(f"{path}: metadata field 'tokenizer.ggml.tokens' must be an array of strings")
     hp = read_hparams(fields, arch)
     out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields, reader=reader)
     by_name = {t.name: t for t in reader.tensors}
@@ -212,6 +300,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
                 if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias):
                     raise ModelLoadError(f"{path}: tensor {name!r} is missing")
                 continue
+            if len(t.shape) == 0:  # n_dims = 0 in the file: no row length (was an IndexError; tools/fuzz_gguf.py)
+                raise ModelLoadError(f"{path}: tensor {name!r} has no dimensions")
             want_f32 = kind in _VECTOR_KINDS
             qtype, arr, src = _as_native(t, name, want_f32)
             if src not in NATIVE_TYPES.values():

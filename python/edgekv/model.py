@@ -263,24 +263,36 @@ class Model:
         self._apply_policy(policy)
 
     def _record_logit_features(self, first_pos: int, logits: np.ndarray) -> None:
-        """Entropy / max-prob at positions first_pos.., and the log-prob each next token got."""
+        """Entropy / max-prob at positions first_pos.., and the log-prob each next token got.
+
+        In float32 with few passes over the vocabulary (z = logits - max, e = exp z, s = sum e:
+        entropy = log s - sum(e z) / s, max-prob = 1 / s, log-prob = z - log s): this runs at
+        every decode step of a policy that needs features, so it is part of the controller's cost.
+        """
         if not self._ctx_policy or not self._ctx_policy.needs_features:
             return
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
-        logp = z - lse
-        p = np.exp(logp)
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=1, dtype=np.float64)
+        lse = np.log(s)
         n = logits.shape[0]
-        self._entropy[first_pos:first_pos + n] = -(p * logp).sum(axis=1)
-        self._max_prob[first_pos:first_pos + n] = p.max(axis=1)
+        self._entropy[first_pos:first_pos + n] = lse - (e * z).sum(axis=1, dtype=np.float64) / s
+        self._max_prob[first_pos:first_pos + n] = 1.0 / s
         nxt = np.arange(first_pos + 1, min(first_pos + n, len(self._tokens)))
         if nxt.size:
             ids = np.asarray([self._tokens[j] for j in nxt])
-            self._logprob[nxt] = logp[nxt - 1 - first_pos, ids]
+            rows = nxt - 1 - first_pos
+            self._logprob[nxt] = z[rows, ids] - lse[rows]
+        # -- controller features: the first token of this call was predicted by the last row of the
+        # previous call (kept below), so decode steps get their log-prob too
+        prev = getattr(self, "_last_logp_row", None)
+        if prev is not None and prev[0] == first_pos - 1 and first_pos < len(self._tokens):
+            self._logprob[first_pos] = prev[1][self._tokens[first_pos]] - prev[2]
+        self._last_logp_row = (first_pos + n - 1, z[-1].copy(), lse[-1])
 
     def features(self, positions) -> TokenFeatures:
         """Token features (see edgekv.kv_policy) of cached positions."""
+        self._check_open()  # the statistics views point into C memory that close() frees
         pos = np.asarray(positions, dtype=np.int64)
         cnt = self._att_count[pos].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -296,7 +308,27 @@ class Model:
             attn_mean=mean.astype(np.float32),
             attn_var=var.astype(np.float32),
             age=(n_past - 1 - pos).astype(np.int32),
+            rarity=self._controller_rarity(pos),
         )
+
+    # ---- learned-controller support (edgekv.controller) --------------------------------------
+    # The rarity feature and the policy hook live in this block; definitions in edgekv.kv_policy.
+
+    def _controller_rarity(self, pos: np.ndarray) -> np.ndarray:
+        """Rarity of the tokens at pos: prior table of this tokenizer + counts in the context."""
+        prior = getattr(self, "_rarity_prior", None)
+        if prior is None:
+            from .controller import RarityPrior
+
+            prior = self._rarity_prior = RarityPrior.for_tokenizer(self.tokenizer)
+        return prior.rarity(self._tokens, pos)
+
+    @staticmethod
+    def _bind_policy(policy: KVPolicy, model: "Model") -> None:
+        """Policies that depend on the model (the learned controller) attach to it before deciding."""
+        bind = getattr(policy, "bind", None)
+        if bind is not None:
+            bind(model)
 
     def _apply_policy(self, policy: KVPolicy, flush: bool = False) -> None:
         """Decide the precision of every token at least W steps old (all of them when flush)."""
@@ -307,6 +339,7 @@ class Model:
         self._kv_decided = upto
         if policy.is_fp16:
             return
+        self._bind_policy(policy, self)
         k_bits, v_bits = policy.decide(self.features(pos))
         k_bits = np.ascontiguousarray(k_bits, dtype=np.int32)
         v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
