@@ -15,7 +15,18 @@ engines taking turns block by block. Between blocks and prefills the process sle
 so that neither engine's spinning worker threads (edgekv's pool spins ~20k pause iterations;
 llama.cpp's OpenMP team spins several ms after each decode) overlap the other's timed region.
 Only the engine call itself is timed (the argmax over the logits, identical numpy work for both,
-is not).
+is not). Each engine gets an untimed warm-up (one n_batch prefill and 4 steps) after loading.
+
+The machine may be shared, and contention does not hurt both engines alike (llama.cpp's OpenMP
+spin barriers collapse when a worker thread is descheduled; edgekv's dynamically claimed work
+degrades gracefully), so the script defends the comparison: before each round (one prefill per
+engine, or one decode block per engine) it waits up to ``--quiet-wait`` s for other processes to
+use at most ``--quiet-share`` of the CPUs; it records the share other processes took during each
+engine's part of each round, and a round is clean when that stayed <= ``--clean-share``
+throughout. Statistics use the clean rounds when there are enough (>= 2 prefills, >= 64 decode
+steps per engine), else all rounds (the report says which). Ratios are given both as the ratio
+of medians (used for the targets) and as the median of paired ratios (adjacent blocks /
+prefills), which cancels slow load drifts.
 
 How each engine is driven (no Python-side overhead beyond one foreign call per step):
 
@@ -88,18 +99,18 @@ CONFIGS: dict[str, Config] = {
     "f16": Config(
         "f16",
         "FP16 KV cache. llama.cpp: type_k=type_v=f16, flash_attn off (llama-cpp-python's default)",
-        edgekv={},
+        edgekv=dict(kv="fp16"),
         llama=dict(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=False),
     ),
     "f16-fa": Config(
         "f16-fa",
         "FP16 KV cache. llama.cpp: type_k=type_v=f16, flash_attn on (llama.cpp CLI's 'auto' on CPU)",
-        edgekv={},
+        edgekv=dict(kv="fp16"),
         llama=dict(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=True),
     ),
-    # Later, e.g.:
-    # "q8": Config("q8", "8-bit KV", edgekv=dict(kv="q8"),
-    #              llama=dict(type_k=8, type_v=8, flash_attn=True)),  # GGML_TYPE_Q8_0 = 8
+    # A KV-precision row, e.g. (GGML_TYPE_Q8_0 = 8; llama.cpp needs flash_attn for a quantized V):
+    # "int8": Config("int8", "8-bit KV", edgekv=dict(kv="int8"),
+    #                llama=dict(type_k=8, type_v=8, flash_attn=True)),
 }
 DEFAULT_CONFIGS = ["f16", "f16-fa"]
 PRIMARY_CONFIG = "f16"  # the row the project targets are checked on
@@ -224,6 +235,35 @@ def read_status() -> dict:
     return out
 
 
+def cpu_snapshot() -> tuple[int, int, int]:
+    """(total, idle, this process's) CPU time in clock ticks, for the share other processes took."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    with open("/proc/self/stat") as f:
+        st = f.read().rsplit(")", 1)[1].split()
+    return sum(v), v[3] + v[4], int(st[11]) + int(st[12])
+
+
+def others_share(a, b) -> float | None:
+    """Fraction of the machine's CPU capacity used by OTHER processes between two snapshots."""
+    dt = b[0] - a[0]
+    if dt <= 0:
+        return None
+    return max(0.0, ((b[0] - b[1]) - (a[0] - a[1]) - (b[2] - a[2])) / dt)
+
+
+def wait_quiet(args) -> float | None:
+    """Wait (at most args.quiet_wait s) until other processes use <= args.quiet_share of the CPUs,
+    measured over 0.25 s windows; return the last share seen."""
+    t_end = time.monotonic() + args.quiet_wait
+    while True:
+        a = cpu_snapshot()
+        time.sleep(0.25)
+        sh = others_share(a, cpu_snapshot())
+        if sh is None or sh <= args.quiet_share or time.monotonic() >= t_end:
+            return sh
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
 
@@ -264,6 +304,12 @@ def machine_info() -> dict:
         info["edgekv"] = edgekv.__version__
         info["edgekv_simd"] = edgekv._native.SIMD
         info["edgekv_lib"] = str(edgekv._native.LIB_PATH)
+        import hashlib
+
+        lib_bytes = Path(edgekv._native.LIB_PATH).read_bytes()
+        info["edgekv_lib_sha256"] = hashlib.sha256(lib_bytes).hexdigest()
+        info["edgekv_lib_mtime"] = _dt.datetime.fromtimestamp(
+            Path(edgekv._native.LIB_PATH).stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
     except Exception as e:  # pragma: no cover
         info["edgekv"] = f"unavailable: {e}"
     try:
@@ -350,58 +396,90 @@ def engine_specs(configs: list[Config]) -> tuple[list[EngineSpec], dict[str, dic
 
 
 def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) -> dict:
-    """Prefill n tokens then decode args.steps tokens, args.reps times, engines interleaved."""
+    """Prefill n tokens then decode args.steps tokens, args.reps times, engines interleaved.
+
+    Work is done in rounds: a prefill round runs one prefill per engine, a decode round one block
+    of args.block steps per engine. Each engine's part of a round records the CPU share other
+    processes took meanwhile; a round is clean when every part stayed <= args.clean_share.
+    """
     n_ctx = n + args.steps + 8
     engines = {}
     for s in specs:
         engines[s.key] = ENGINES[s.kind](model_path(), n_ctx, args.threads, args.n_batch, **s.kwargs)
     prompt = np.asarray(ids[:n], dtype=np.int32)
-    for e in engines.values():
-        e.set_prompt(prompt)
+    warm = prompt[: min(n, args.n_batch)]
     keys = list(engines)
-    prefill_s = {k: [] for k in keys}
-    step_s = {k: [] for k in keys}
+    for e in engines.values():  # warm-up (untimed): buffers, graph allocation, weight pages
+        e.set_prompt(warm)
+        e.reset()
+        e.prefill()
+        for _ in range(4):
+            e.step(e.argmax())
+        e.reset()
+        e.set_prompt(prompt)
+    rounds: list[dict] = []
     first_tokens = {k: [] for k in keys}
     gap = args.gap_ms / 1000.0
     gc_was = gc.isenabled()
     gc.disable()
+    snap0 = cpu_snapshot()
+
+    def timed(k, fn):
+        time.sleep(gap)
+        a = cpu_snapshot()
+        t = fn()
+        return t, others_share(a, cpu_snapshot())
+
     try:
         for rep in range(args.reps):
             order = keys if rep % 2 == 0 else keys[::-1]
             nxt = {}
+            rd = {"kind": "prefill", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "others": {}}
             for k in order:
                 e = engines[k]
                 e.reset()
-                time.sleep(gap)
-                t0 = time.perf_counter()
-                e.prefill()
-                prefill_s[k].append(time.perf_counter() - t0)
+
+                def run_prefill(e=e):
+                    t0 = time.perf_counter()
+                    e.prefill()
+                    return [time.perf_counter() - t0]
+
+                rd["times"][k], rd["others"][k] = timed(k, run_prefill)
                 assert e.n_past() == n, (k, e.n_past(), n)
                 nxt[k] = e.argmax()
                 bar.update(1)
+            rounds.append(rd)
             toks = {k: [nxt[k]] for k in keys}
             done = 0
             b = 0
             while done < args.steps:
                 blk = min(args.block, args.steps - done)
                 order = keys if b % 2 == 0 else keys[::-1]
+                rd = {"kind": "decode", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "others": {}}
                 for k in order:
                     e = engines[k]
-                    time.sleep(gap)
-                    tok = nxt[k]
-                    for _ in range(blk):
-                        t0 = time.perf_counter()
-                        e.step(tok)
-                        step_s[k].append(time.perf_counter() - t0)
-                        tok = e.argmax()
-                        toks[k].append(tok)
-                    nxt[k] = tok
+
+                    def run_block(e=e, k=k):
+                        tok = nxt[k]
+                        times = []
+                        for _ in range(blk):
+                            t0 = time.perf_counter()
+                            e.step(tok)
+                            times.append(time.perf_counter() - t0)
+                            tok = e.argmax()
+                            toks[k].append(tok)
+                        nxt[k] = tok
+                        return times
+
+                    rd["times"][k], rd["others"][k] = timed(k, run_block)
+                rounds.append(rd)
                 done += blk
                 b += 1
                 bar.update(1)
             if rep == 0:
                 first_tokens = toks
     finally:
+        snap1 = cpu_snapshot()
         if gc_was:
             gc.enable()
     for e in engines.values():
@@ -409,19 +487,41 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
     del engines
     gc.collect()
 
-    out = {"ctx": n, "n_ctx_allocated": n_ctx, "engines": {}}
+    for rd in rounds:
+        rd["clean"] = all(v is not None and v <= args.clean_share for v in rd["others"].values())
+    pre = [r for r in rounds if r["kind"] == "prefill"]
+    dec = [r for r in rounds if r["kind"] == "decode"]
+    pre_clean = [r for r in pre if r["clean"]]
+    dec_clean = [r for r in dec if r["clean"]]
+    # Clean rounds are used when there are enough of them: >= 2 prefills, >= 64 steps per engine.
+    use_pre = pre_clean if len(pre_clean) >= 2 else pre
+    use_dec = dec_clean if sum(len(r["times"][keys[0]]) for r in dec_clean) >= 64 else dec
+    out = {
+        "ctx": n, "n_ctx_allocated": n_ctx, "others_cpu_share": others_share(snap0, snap1),
+        "prefill_rounds": len(pre), "prefill_rounds_clean": len(pre_clean),
+        "decode_rounds": len(dec), "decode_rounds_clean": len(dec_clean),
+        "stats_from": {"prefill": "clean rounds" if use_pre is pre_clean else "all rounds",
+                       "decode": "clean rounds" if use_dec is dec_clean else "all rounds"},
+        "rounds": [{k: v for k, v in r.items()} for r in rounds],
+        "engines": {},
+    }
     for k in keys:
-        pf = prefill_s[k]
-        st = np.asarray(step_s[k]) * 1000.0
+        pf = [r["times"][k][0] for r in use_pre]
+        st = np.asarray([t for r in use_dec for t in r["times"][k]]) * 1000.0
+        st_all = np.asarray([t for r in dec for t in r["times"][k]]) * 1000.0
+        pf_all = [r["times"][k][0] for r in pre]
         out["engines"][k] = {
             "prefill_s": pf,
             "prefill_tok_s_median": n / statistics.median(pf),
-            "prefill_tok_s_all": [n / x for x in pf],
+            "prefill_tok_s_used": [n / x for x in pf],
+            "prefill_tok_s_median_all_rounds": n / statistics.median(pf_all),
             "decode_steps": int(st.size),
             "decode_ms_median": float(np.median(st)),
             "decode_ms_p10": pct(st, 10),
             "decode_ms_p90": pct(st, 90),
             "decode_ms_mean": float(st.mean()),
+            "decode_ms_median_all_rounds": float(np.median(st_all)),
+            "decode_block_medians_ms": [1000.0 * float(np.median(r["times"][k])) for r in use_dec],
             "greedy_tokens_rep0": first_tokens[k],
         }
     return out
@@ -520,8 +620,13 @@ def summarize(res: dict) -> dict:
             ll = c["engines"][keys["llama.cpp"]]
             a, b = ek["greedy_tokens_rep0"], ll["greedy_tokens_rep0"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            pf_pairs = [(n_ek / n_ll) for n_ek, n_ll in zip(ek["prefill_tok_s_used"], ll["prefill_tok_s_used"])]
+            dec_pairs = [x / y for x, y in zip(ek["decode_block_medians_ms"], ll["decode_block_medians_ms"])]
             rows.append({
                 "ctx": c["ctx"], "config": cname,
+                "prefill_ratio_paired_median": statistics.median(pf_pairs),
+                "decode_ratio_paired_median": statistics.median(dec_pairs),
+                "others_cpu_share": c.get("others_cpu_share"),
                 "edgekv_prefill_tok_s": ek["prefill_tok_s_median"],
                 "llama_prefill_tok_s": ll["prefill_tok_s_median"],
                 "prefill_ratio": ek["prefill_tok_s_median"] / ll["prefill_tok_s_median"],
@@ -587,10 +692,22 @@ def write_md(res: dict, path: Path) -> None:
         keys = res["config_engines"][r["config"]]
         for kind in ("edgekv", "llama.cpp"):
             e = c["engines"][keys[kind]]
-            ratio = (f"{r['decode_ratio']:.2f}x; {r['prefill_ratio']:.2f}x" if kind == "edgekv" else "")
+            ratio = (f"{r['decode_ratio']:.2f}x (paired {r['decode_ratio_paired_median']:.2f}x); "
+                     f"{r['prefill_ratio']:.2f}x (paired {r['prefill_ratio_paired_median']:.2f}x)"
+                     if kind == "edgekv" else "")
             L.append(f"| {r['ctx']} | {r['config']} | {kind} | {e['prefill_tok_s_median']:.1f} | "
                      f"{e['decode_ms_median']:.2f} ({e['decode_ms_p10']:.2f}-{e['decode_ms_p90']:.2f}) | {ratio} |")
     L.append("")
+    L.append("Ratios: medians' ratio (used for the targets), and in parentheses the median of paired ratios "
+             "(adjacent edgekv/llama.cpp blocks or prefills, which cancels slow drifts in machine load). "
+             "Contention: the CPU share other processes took during each context's timed phase, and how many "
+             f"rounds were clean (others <= {100 * a['clean_share']:.0f}% of the CPUs during every engine's part; "
+             "the statistics above use only clean rounds when there are >= 2 clean prefills and >= 64 clean "
+             "decode steps per engine): " + "; ".join(
+                 f"ctx {c['ctx']}: others {100 * (c.get('others_cpu_share') or 0):.0f}%, clean prefill rounds "
+                 f"{c['prefill_rounds_clean']}/{c['prefill_rounds']}, clean decode rounds "
+                 f"{c['decode_rounds_clean']}/{c['decode_rounds']} (stats from {c['stats_from']['prefill']} / "
+                 f"{c['stats_from']['decode']})" for c in res["contexts"]) + ".\n")
     L.append("Greedy agreement (first rep): " + "; ".join(
         f"ctx {r['ctx']} {r['config']}: first {r['greedy_tokens_identical_prefix']}/{r['greedy_tokens_compared']} "
         "tokens identical" for r in s["rows"]) + ".\n")
@@ -622,6 +739,9 @@ def write_md(res: dict, path: Path) -> None:
             L.append(f"\nFor reference, `gguf.GGUFReader(path)` alone (which edgekv's loader keeps alive for the "
                      f"model's lifetime) adds {fmt_mib(d)} MiB of RSS ({g['n_field_parts']} numpy field parts "
                      f"over {g['n_fields']} metadata fields).\n")
+    if res.get("edgekv_lib_changed_during_run"):
+        L.append("**Warning: libedgekv.so changed on disk during this run (a rebuild of the shared build "
+                 "folder); the memory subprocesses may have used the new build.**\n")
     L.append("## Targets\n")
     L.append("| target | value | result |")
     L.append("|---|---:|---|")
@@ -643,10 +763,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="registry name or .gguf path")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=256, help="prefill chunk size, both engines")
-    p.add_argument("--reps", type=int, default=3, help="prefill runs per context (each followed by decode)")
+    p.add_argument("--reps", type=int, default=4, help="prefill runs per context (each followed by decode)")
     p.add_argument("--steps", type=int, default=64, help="decode steps per rep (>= 64)")
     p.add_argument("--block", type=int, default=16, help="back-to-back decode steps per engine turn")
     p.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each timed block")
+    p.add_argument("--quiet-share", type=float, default=0.10,
+                   help="before each timed round, wait until other processes use at most this share of the CPUs")
+    p.add_argument("--quiet-wait", type=float, default=20.0, help="... but wait at most this many seconds")
+    p.add_argument("--clean-share", type=float, default=0.15,
+                   help="a round counts as clean when other processes took at most this share of the CPUs "
+                        "during every engine's part; statistics use clean rounds when there are enough")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for decode.json / decode.md")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
@@ -703,6 +829,13 @@ def main(argv=None) -> int:
             bar.set_postfix_str("memory")
             res["memory"] = measure_memory(ctxs, ids, args, bar)
     res["loadavg_end"] = loadavg()
+    try:  # another engineer may rebuild the shared build/ folder mid-run: say so
+        import hashlib
+
+        now = hashlib.sha256(Path(info["edgekv_lib"]).read_bytes()).hexdigest()
+        res["edgekv_lib_changed_during_run"] = now != info.get("edgekv_lib_sha256")
+    except (OSError, KeyError):
+        pass
     res["summary"] = summarize(res)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode.json").write_text(json.dumps(res, indent=1))

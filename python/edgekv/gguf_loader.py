@@ -87,7 +87,6 @@ class LoadedGGUF:
     fields: dict[str, Any]  # all metadata as Python values (tokenizer included)
     weights: list[Weight] = field(default_factory=list)
     converted: dict[str, int] = field(default_factory=dict)  # source type -> tensor count
-    reader: Any = None  # the GGUFReader: keeps the memory map open while weights borrow from it
 
     @property
     def weight_types(self) -> dict[str, int]:
@@ -289,7 +288,10 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
         raise ModelLoadError(f"{path}: metadata field 'tokenizer.ggml.tokens' must be an array of strings")
     hp = read_hparams(fields, arch)
-    out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields, reader=reader)
+    # The reader itself is not kept: its parsed metadata holds one NumPy array per token and merge
+    # (about 160 MiB for a 49k vocabulary). Weight arrays are views of its memory map and keep
+    # the map alive on their own.
+    out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields)
     by_name = {t.name: t for t in reader.tensors}
     for kind, pattern, required, per_layer in TENSORS:
         layers = range(hp["n_layer"]) if per_layer else [-1]

@@ -121,6 +121,8 @@ class Model:
             raise
         except Exception as e:
             raise ModelLoadError(f"{self.path}: cannot build the tokenizer: {e}") from None
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+            g.fields.pop(key, None)  # the tokenizer has them now; no second copy for the model's lifetime
         if self.tokenizer.vocab_size != hp["n_vocab"]:
             raise ModelLoadError(
                 f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
