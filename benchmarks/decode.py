@@ -23,8 +23,9 @@ degrades gracefully), so the script defends the comparison: before each round (o
 engine, or one decode block per engine) it waits up to ``--quiet-wait`` s for other processes to
 use at most ``--quiet-share`` of the CPUs; it records the share other processes took during each
 engine's part of each round, and a round is clean when that stayed <= ``--clean-share``
-throughout. Statistics use the clean rounds when there are enough (>= 2 prefills, >= 64 decode
-steps per engine), else all rounds (the report says which). Ratios are given both as the ratio
+throughout. After ``--reps`` reps, more are run (up to ``--max-reps``, within ``--budget-s`` per
+context) while clean rounds are too few. Statistics use the clean rounds when there are enough
+(>= 2 prefills, >= 64 decode steps per engine), else all rounds (the report says which). Ratios are given both as the ratio
 of medians (used for the targets) and as the median of paired ratios (adjacent blocks /
 prefills), which cancels slow load drifts.
 
@@ -108,9 +109,14 @@ CONFIGS: dict[str, Config] = {
         edgekv=dict(kv="fp16"),
         llama=dict(type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=True),
     ),
-    # A KV-precision row, e.g. (GGML_TYPE_Q8_0 = 8; llama.cpp needs flash_attn for a quantized V):
-    # "int8": Config("int8", "8-bit KV", edgekv=dict(kv="int8"),
-    #                llama=dict(type_k=8, type_v=8, flash_attn=True)),
+    # KV-precision rows (GGML_TYPE_Q8_0 = 8, Q4_0 = 2; llama.cpp needs flash_attn for a quantized V).
+    # llama.cpp has no 2-bit KV type: the int2 row runs it with q4_0, its smallest.
+    "int8": Config("int8", "8-bit KV. edgekv kv=int8 (8.5 bits); llama.cpp q8_0 K and V, flash_attn on",
+                   edgekv=dict(kv="int8"), llama=dict(type_k=8, type_v=8, flash_attn=True)),
+    "int4": Config("int4", "4-bit KV. edgekv kv=int4 (4.5 bits); llama.cpp q4_0 K and V, flash_attn on",
+                   edgekv=dict(kv="int4"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
+    "int2": Config("int2", "2-bit KV. edgekv kv=int2 (3 bits); llama.cpp q4_0 (it has no 2-bit KV), flash_attn on",
+                   edgekv=dict(kv="int2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
 }
 DEFAULT_CONFIGS = ["f16", "f16-fa"]
 PRIMARY_CONFIG = "f16"  # the row the project targets are checked on
@@ -262,6 +268,10 @@ def wait_quiet(args) -> float | None:
         sh = others_share(a, cpu_snapshot())
         if sh is None or sh <= args.quiet_share or time.monotonic() >= t_end:
             return sh
+
+
+def is_clean(rd: dict, args) -> bool:
+    return all(v is not None and v <= args.clean_share for v in rd["others"].values())
 
 
 def pct(xs, q) -> float:
@@ -430,8 +440,23 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
         t = fn()
         return t, others_share(a, cpu_snapshot())
 
+    n_blocks = -(-args.steps // args.block)
+    t_start = time.monotonic()
+
+    def enough_clean() -> bool:
+        pre = [r for r in rounds if r["kind"] == "prefill" and r["clean"]]
+        steps = sum(len(r["times"][keys[0]]) for r in rounds if r["kind"] == "decode" and r["clean"])
+        return len(pre) >= 2 and steps >= 64
+
     try:
-        for rep in range(args.reps):
+        rep = 0
+        while True:
+            if rep >= args.reps and (enough_clean() or rep >= args.max_reps
+                                     or time.monotonic() - t_start > args.budget_s):
+                break
+            if rep >= args.reps:  # an extra rep, to collect clean rounds
+                bar.total += len(keys) + n_blocks
+                bar.refresh()
             order = keys if rep % 2 == 0 else keys[::-1]
             nxt = {}
             rd = {"kind": "prefill", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "others": {}}
@@ -448,6 +473,7 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
                 assert e.n_past() == n, (k, e.n_past(), n)
                 nxt[k] = e.argmax()
                 bar.update(1)
+            rd["clean"] = is_clean(rd, args)
             rounds.append(rd)
             toks = {k: [nxt[k]] for k in keys}
             done = 0
@@ -472,12 +498,14 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
                         return times
 
                     rd["times"][k], rd["others"][k] = timed(k, run_block)
+                rd["clean"] = is_clean(rd, args)
                 rounds.append(rd)
                 done += blk
                 b += 1
                 bar.update(1)
             if rep == 0:
                 first_tokens = toks
+            rep += 1
     finally:
         snap1 = cpu_snapshot()
         if gc_was:
@@ -487,8 +515,6 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
     del engines
     gc.collect()
 
-    for rd in rounds:
-        rd["clean"] = all(v is not None and v <= args.clean_share for v in rd["others"].values())
     pre = [r for r in rounds if r["kind"] == "prefill"]
     dec = [r for r in rounds if r["kind"] == "decode"]
     pre_clean = [r for r in pre if r["clean"]]
@@ -679,8 +705,10 @@ def write_md(res: dict, path: Path) -> None:
              f"edgekv SIMD `{m.get('edgekv_simd')}`, llama-cpp-python {m.get('llama_cpp_python')}, "
              f"{m['date_utc']}. Load average at start/end: {res['loadavg_start']} / {res['loadavg_end']} "
              "(a shared machine: treat differences under ~10% as noise).\n")
-    L.append(f"Prefill: median of {a['reps']} runs. Decode: median (p10-p90) of {a['reps']} x {a['steps']} "
-             f"greedy single-token steps after the prefill, in blocks of {a['block']} alternating between engines. "
+    L.append(f"Each rep: one prefill per engine, then {a['steps']} greedy single-token decode steps per engine in "
+             f"blocks of {a['block']} alternating between engines; at least {a['reps']} reps per context, more (up "
+             f"to {a['max_reps']}, or {a['budget_s']:.0f} s) while clean rounds are too few. Prefill: median over "
+             "the prefills used; decode: median (p10-p90) over the steps used (see Contention below). "
              "Both engines in one process, interleaved. edgekv via `Model._eval`; llama.cpp via the low-level "
              "`llama_decode` + `llama_batch_get_one` (no `Llama.eval` overhead).\n")
     L.append("Configs: " + "; ".join(f"`{n}`: {CONFIGS[n].description}" for n in res["config_engines"]) + "\n")
@@ -769,10 +797,13 @@ def parse_args(argv=None):
     p.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each timed block")
     p.add_argument("--quiet-share", type=float, default=0.10,
                    help="before each timed round, wait until other processes use at most this share of the CPUs")
-    p.add_argument("--quiet-wait", type=float, default=20.0, help="... but wait at most this many seconds")
+    p.add_argument("--quiet-wait", type=float, default=30.0, help="... but wait at most this many seconds")
     p.add_argument("--clean-share", type=float, default=0.15,
                    help="a round counts as clean when other processes took at most this share of the CPUs "
                         "during every engine's part; statistics use clean rounds when there are enough")
+    p.add_argument("--max-reps", type=int, default=12,
+                   help="extra reps (beyond --reps) are run while clean rounds are too few, up to this many ...")
+    p.add_argument("--budget-s", type=float, default=900.0, help="... and while a context has run less than this")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for decode.json / decode.md")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
@@ -825,6 +856,8 @@ def main(argv=None) -> int:
         for n in ctxs:
             bar.set_postfix_str(f"ctx {n}")
             res["contexts"].append(bench_context(n, ids, specs, args, bar))
+            args.out.mkdir(parents=True, exist_ok=True)  # partial results, overwritten at the end
+            (args.out / "decode.json").write_text(json.dumps(dict(res, complete=False), indent=1))
         if not args.no_memory:
             bar.set_postfix_str("memory")
             res["memory"] = measure_memory(ctxs, ids, args, bar)
@@ -837,6 +870,7 @@ def main(argv=None) -> int:
     except (OSError, KeyError):
         pass
     res["summary"] = summarize(res)
+    res["complete"] = True
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode.json").write_text(json.dumps(res, indent=1))
     write_md(res, args.out / "decode.md")

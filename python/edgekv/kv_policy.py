@@ -13,13 +13,28 @@ Token features (all per cached position, one definition here):
   entropy       entropy (nats) of the next-token distribution computed at that position
   max_prob      the largest probability of that distribution (confidence)
   logprob       log-probability the model gave this token when it was the next token
-                (from the previous position's distribution; NaN for the first token)
+                (from the previous position's distribution, also across calls, e.g. at each
+                decode step; NaN for the first token of a context)
   attn_mean     mean attention probability the token received in the last layer,
                 over heads and over every later query that has seen it so far
   attn_var      variance of the same samples
   age           steps since the token entered the cache (n_past - 1 - position)
+  rarity        -log p(token id), p = (M * q(id) + c(id)) / (M + position + 1): q the model's
+                prior token distribution (add-half smoothed counts over the controller's training
+                text, edgekv/data/rarity_<model>.npy, built by `python -m controller.rarity`;
+                uniform when none is shipped for the tokenizer), c(id) the occurrences of the id
+                in the context at positions <= this one (running session counts), M = 1024
+                (edgekv.controller.RARITY_PRIOR_WEIGHT)
 Quantities that were not computed (e.g. logits at prefill positions when the
 policy does not ask for them) are NaN.
+
+All of them are causal: a token's features use only the tokens up to it, the
+logits at its own position, and the attention it has received from the queries
+run so far (at W=0 after a decode step that is only its own query; after a
+prefill, every later query of the batch). The learned controller
+(edgekv.controller, ``kv="adaptive"``) turns them into its input vector
+(edgekv.controller.feature_matrix: attention relative to uniform, logs of
+position and age).
 """
 
 from __future__ import annotations
@@ -43,6 +58,11 @@ class TokenFeatures:
     attn_mean: np.ndarray
     attn_var: np.ndarray
     age: np.ndarray
+    rarity: np.ndarray | None = None  # NaN-filled when not given
+
+    def __post_init__(self):
+        if self.rarity is None:
+            self.rarity = np.full(self.positions.shape, np.nan, np.float32)
 
     def __len__(self) -> int:
         return int(self.positions.size)
@@ -127,7 +147,8 @@ def _static_name(k: int, v: int) -> str:
 
 
 def parse_policy(spec, window: int = 0) -> KVPolicy:
-    """A policy from a name ("fp16", "int8", "int4", "int2", "k4v2", ...), a policy object or a callable."""
+    """A policy from a name ("fp16", "int8", "int4", "int2", "k4v2", ..., "adaptive", "adaptive@3.5"),
+    a policy object or a callable."""
     if isinstance(spec, KVPolicy):
         return spec
     if isinstance(spec, str):
@@ -137,8 +158,13 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
         m = re.fullmatch(r"k(16|8|4|2)v(16|8|4|2)", s)
         if m:
             return StaticPolicy(int(m.group(1)), int(m.group(2)), window=window)
+        m = re.fullmatch(r"adaptive(?:@(\d+(?:\.\d*)?))?", s)
+        if m:  # the learned controller (edgekv.controller); "adaptive@3.5" sets target_bits
+            from .controller import LearnedPolicy
+
+            return LearnedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         raise ValueError(
-            f"unknown KV policy {spec!r}: use fp16, int8, int4, int2, a split form such as k4v2, "
+            f"unknown KV policy {spec!r}: use fp16, int8, int4, int2, a split form such as k4v2, adaptive, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )
     if callable(spec):

@@ -1,0 +1,481 @@
+"""Evaluation harness of KV precision policies: HellaSwag accuracy and WikiText-2 perplexity
+against average KV bits, for the learned controller and its baselines (measured at W=0).
+
+    python benchmarks/controller_eval.py run --task hellaswag --n 1000 --policies fp16,int8,k4v2,adaptive@3.5
+    python benchmarks/controller_eval.py run --task wikitext --n 40 --policies fp16,k4v2,adaptive@3.5
+    python benchmarks/controller_eval.py run --task hellaswag --n 1000 --policies random:adaptive@3.5,rule:adaptive@3.5
+    python benchmarks/controller_eval.py report      # JSON + Pareto PNG + paired bootstrap CIs
+    python benchmarks/controller_eval.py cost        # controller cost per decode step at 1,024 tokens
+
+Tasks
+  hellaswag  ../shared/data/hellaswag_dev.txt, the first n tasks (llama.cpp's 6-line format). Context
+             = the first line (``activity_label: ctx``), stored in the cache under the policy
+             (prefill, then the policy decides every token at W=0); each ending (" " + ending) is
+             scored in one batch (Model.score(sequential=False)); the prediction is the ending with
+             the highest mean log-prob of its tokens (as llama.cpp does).
+  wikitext   the held-out WikiText-2 articles (controller/corpus.py: article index % 4 == 3, never
+             trained on), tokenized and concatenated, cut into n windows of 512 tokens: the first 256
+             are prefilled under the policy, the next 256 are decoded one at a time (each stored
+             under the policy at W=0 before the next is scored) and scored. Perplexity = exp(mean
+             NLL) over all scored tokens.
+
+Policies (comma-separated)
+  fp16 int8 int4 int2 k4v2 k8v2 ...   static (edgekv.kv_policy.StaticPolicy)
+  adaptive@B                           learned controller at target_bits B (edgekv.controller)
+  adaptive-lam@L                       learned controller with its knob lambda = L
+  rule@B                               rule-based "Dynamic KV" (entropy / attention thresholds
+                                       calibrated on the controller's training features to B bits)
+  rule:REF / random:REF                rule-based at REF's measured average bits on this task /
+                                       random routing (RandomPolicy) at REF's measured K and V bit mix
+Average bits: storage bits per cached K/V element, group scales and minimums included, over the
+tokens whose precision the scores depend on (HellaSwag: context; WikiText: the whole window).
+
+Results go to benchmarks/results/controller_eval/<task>/<policy>.jsonl, one line per task or
+window, so a killed run resumes where it stopped. Report: benchmarks/results/controller_pareto.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO / "python", REPO):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from edgekv.controller import LearnedPolicy, RulePolicy, average_bits, effective_bits  # noqa: E402
+from edgekv.kv_policy import KVPolicy, RandomPolicy, parse_policy  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+OUT = RESULTS / "controller_eval"
+HELLASWAG = REPO.parent / "shared" / "data" / "hellaswag_dev.txt"
+WINDOW, CONTEXT = 512, 256
+
+
+# ---- data -----------------------------------------------------------------------------
+
+def hellaswag_tasks(path: Path = HELLASWAG) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    tasks = []
+    for i in range(len(lines) // 6):
+        block = lines[6 * i:6 * i + 6]
+        tasks.append({"context": block[0], "label": int(block[1]), "endings": block[2:6]})
+    return tasks
+
+
+def wikitext_windows(model, n: int) -> list[np.ndarray]:
+    from controller.corpus import wikitext_split
+
+    _, heldout = wikitext_split()
+    ids: list[int] = []
+    for art in heldout:
+        ids += model.tokenize(art, special=False)
+    ids_a = np.asarray(ids, np.int32)
+    n_all = ids_a.size // WINDOW
+    if n > n_all:
+        raise SystemExit(f"the held-out WikiText-2 articles hold only {n_all} windows of {WINDOW} tokens")
+    return [ids_a[i * WINDOW:(i + 1) * WINDOW] for i in range(n)]
+
+
+# ---- policies ---------------------------------------------------------------------------
+
+def _records(task: str, name: str) -> list[dict]:
+    p = OUT / task / f"{_fname(name)}.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def _fname(name: str) -> str:
+    return name.replace("/", "_").replace(":", "~")
+
+
+def _mix(records, key) -> dict[int, float]:
+    tot: dict[int, float] = {}
+    for r in records:
+        for b, c in r[key].items():
+            tot[int(b)] = tot.get(int(b), 0) + c
+    s = sum(tot.values())
+    return {b: c / s for b, c in sorted(tot.items())}
+
+
+def _measured_bits(records) -> float:
+    num = sum(r["bits"] * r["ntok"] for r in records)
+    return num / sum(r["ntok"] for r in records)
+
+
+def make_policy(spec: str, task: str, model, item: int = 0) -> KVPolicy:
+    """The policy named spec (see the module docstring); item seeds random routing."""
+    if spec.startswith("adaptive-lam@"):
+        return LearnedPolicy(lam=float(spec.split("@", 1)[1]), name=spec)
+    if spec.startswith("adaptive@"):
+        return LearnedPolicy(target_bits=float(spec.split("@", 1)[1]), name=spec)
+    if spec.startswith("rule@"):
+        return _rule_at(model, float(spec.split("@", 1)[1]), spec)
+    if spec.startswith("rule:"):
+        ref = _records(task, spec.split(":", 1)[1])
+        if not ref:
+            raise SystemExit(f"{spec}: run {spec.split(':', 1)[1]} on {task} first")
+        return _rule_at(model, _measured_bits(ref), spec)
+    if spec.startswith("random:"):
+        ref = _records(task, spec.split(":", 1)[1])
+        if not ref:
+            raise SystemExit(f"{spec}: run {spec.split(':', 1)[1]} on {task} first")
+        return RandomPolicy(_mix(ref, "k_hist"), _mix(ref, "v_hist"), seed=1000003 * (item + 1))
+    return parse_policy(spec)
+
+
+_RULE_X = None
+
+
+def _rule_at(model, target: float, name: str) -> RulePolicy:
+    """Rule thresholds calibrated on the controller's training feature rows (shipped sample)."""
+    global _RULE_X
+    if _RULE_X is None:
+        from edgekv.controller import find_artifact
+
+        art = find_artifact(model)
+        _RULE_X = np.load(art.path.with_name(art.path.stem + "_calib.npy"))
+    pol = RulePolicy.calibrated(_RULE_X, target, groups=model.kv_groups)
+    pol.name = name
+    return pol
+
+
+# ---- running ------------------------------------------------------------------------------
+
+def _hist(bits: np.ndarray) -> dict[str, int]:
+    u, c = np.unique(bits, return_counts=True)
+    return {str(int(b)): int(n) for b, n in zip(u, c)}
+
+
+def _artifact_tag(model, spec: str) -> str | None:
+    """Short hash of the controller artifact a learned / rule / random spec depends on."""
+    if not spec.startswith(("adaptive", "rule", "random")):
+        return None
+    import hashlib
+
+    from edgekv.controller import find_artifact
+
+    art = find_artifact(model)
+    h = hashlib.sha256(art.path.read_bytes() + art.path.with_suffix(".json").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _resume(task: str, spec: str, model) -> tuple[set, str | None]:
+    """Items already done, after checking they came from the controller artifact now shipped."""
+    tag = _artifact_tag(model, spec)
+    recs = _records(task, spec)
+    stale = [r for r in recs if r.get("artifact") != tag]
+    if stale:
+        raise SystemExit(f"{OUT / task / _fname(spec)}.jsonl holds results of another controller artifact "
+                         f"({stale[0].get('artifact')} vs {tag}): delete it to rerun")
+    return {r["i"] for r in recs}, tag
+
+
+def run_hellaswag(model, spec: str, n: int, progress: bool) -> None:
+    tasks = hellaswag_tasks()[:n]
+    out = OUT / "hellaswag" / f"{_fname(spec)}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done, tag = _resume("hellaswag", spec, model)
+    static = None if spec.startswith("random:") else make_policy(spec, "hellaswag", model)
+    from tqdm import tqdm
+
+    todo = [i for i in range(len(tasks)) if i not in done]
+    with out.open("a") as fh:
+        for i in tqdm(todo, desc=f"hellaswag {spec}", disable=not progress, file=sys.stderr, mininterval=5):
+            t = tasks[i]
+            pol = static or make_policy(spec, "hellaswag", model, item=i)
+            t0 = time.perf_counter()
+            ctx = model.tokenize(t["context"])
+            lps = []
+            for j, e in enumerate(t["endings"]):
+                lp = model.score(ctx, model.tokenize(" " + e, add_bos=False, special=False), kv=pol, sequential=False)
+                lps.append(float(lp.mean()))
+                if j == 0:
+                    kb, vb = model.kv_bits()
+                    kb, vb = kb[:len(ctx)], vb[:len(ctx)]
+            rec = {"i": i, "label": t["label"], "lp": lps, "pred": int(np.argmax(lps)), "ntok": len(ctx),
+                   "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb), "v_hist": _hist(vb),
+                   "s": round(time.perf_counter() - t0, 4), "artifact": tag}
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+
+def run_wikitext(model, spec: str, n: int, progress: bool) -> None:
+    windows = wikitext_windows(model, n)
+    out = OUT / "wikitext" / f"{_fname(spec)}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done, tag = _resume("wikitext", spec, model)
+    static = None if spec.startswith("random:") else make_policy(spec, "wikitext", model)
+    from tqdm import tqdm
+
+    todo = [i for i in range(len(windows)) if i not in done]
+    with out.open("a") as fh:
+        for i in tqdm(todo, desc=f"wikitext {spec}", disable=not progress, file=sys.stderr, mininterval=5):
+            w = windows[i]
+            pol = static or make_policy(spec, "wikitext", model, item=i)
+            t0 = time.perf_counter()
+            model.reset()
+            lp = model.score(w[:CONTEXT], w[CONTEXT:], kv=pol, sequential=True)
+            kb, vb = model.kv_bits()
+            rec = {"i": i, "nll": float(-lp.sum()), "n": int(lp.size), "ntok": int(kb.size),
+                   "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb), "v_hist": _hist(vb),
+                   "s": round(time.perf_counter() - t0, 3), "artifact": tag}
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+
+def load_model(name: str, threads: int):
+    from controller.common import load_model as _load
+
+    return _load(name, threads=threads, ctx=1100)
+
+
+def cmd_run(args) -> None:
+    model = load_model(args.model, args.threads)
+    for spec in [s.strip() for s in args.policies.split(",") if s.strip()]:
+        t0 = time.time()
+        if args.task == "hellaswag":
+            run_hellaswag(model, spec, args.n, not args.quiet)
+        else:
+            run_wikitext(model, spec, args.n, not args.quiet)
+        print(f"{args.task} {spec}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def _boot_idx(n: int, b: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(b, n))
+
+
+def hellaswag_summary(recs: list[dict]) -> dict:
+    correct = np.array([r["pred"] == r["label"] for r in recs], np.float64)
+    return {"n": len(recs), "acc": 100 * correct.mean(), "bits": _measured_bits(recs),
+            "s_per_task": float(np.mean([r["s"] for r in recs]))}
+
+
+def wikitext_summary(recs: list[dict]) -> dict:
+    nll = sum(r["nll"] for r in recs)
+    n = sum(r["n"] for r in recs)
+    return {"n": len(recs), "tokens": n, "ppl": float(np.exp(nll / n)), "bits": _measured_bits(recs),
+            "s_per_window": float(np.mean([r["s"] for r in recs]))}
+
+
+def paired_hellaswag(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
+    """Accuracy of a minus b (points) on their common tasks, with a 95% paired bootstrap CI."""
+    bi = {r["i"]: r for r in b}
+    common = [r for r in a if r["i"] in bi]
+    ca = np.array([r["pred"] == r["label"] for r in common], np.float64)
+    cb = np.array([bi[r["i"]]["pred"] == bi[r["i"]]["label"] for r in common], np.float64)
+    d = 100 * (ca - cb)
+    idx = _boot_idx(d.size, boot)
+    bs = d[idx].mean(axis=1)
+    return {"n": int(d.size), "diff": float(d.mean()), "ci95": [float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))],
+            "p_le_0": float(np.mean(bs <= 0))}
+
+
+def paired_wikitext(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
+    """Perplexity of a relative to b (percent) on their common windows, 95% paired bootstrap CI."""
+    bi = {r["i"]: r for r in b}
+    common = [r for r in a if r["i"] in bi]
+    na = np.array([r["nll"] for r in common])
+    nb = np.array([bi[r["i"]]["nll"] for r in common])
+    nt = np.array([r["n"] for r in common], np.float64)
+    rel = lambda x, y, t: 100 * (np.exp((x.sum(-1) - y.sum(-1)) / t.sum(-1)) - 1)  # noqa: E731
+    idx = _boot_idx(na.size, boot)
+    bs = rel(na[idx], nb[idx], nt[idx])
+    return {"n": int(na.size), "diff_pct": float(rel(na, nb, nt)), "ci95": [float(np.percentile(bs, 2.5)),
+            float(np.percentile(bs, 97.5))], "p_le_0": float(np.mean(bs <= 0))}
+
+
+def cmd_report(args) -> None:
+    summary: dict = {"protocol": __doc__.split("Policies")[0].strip(), "tasks": {}}
+    pairs = [p.split("~vs~") for p in args.compare.split(",") if p] if args.compare else []
+    for task, summ, paired in (("hellaswag", hellaswag_summary, paired_hellaswag),
+                               ("wikitext", wikitext_summary, paired_wikitext)):
+        d = OUT / task
+        if not d.exists():
+            continue
+        pols = {}
+        for f in sorted(d.glob("*.jsonl")):
+            recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            if recs:
+                pols[f.stem.replace("~", ":")] = recs
+        # compare on the items every policy finished
+        common = set.intersection(*[{r["i"] for r in v} for v in pols.values()]) if pols else set()
+        res = {}
+        for name, recs in pols.items():
+            s = summ([r for r in recs if r["i"] in common])
+            s["k_mix"] = _mix([r for r in recs if r["i"] in common], "k_hist")
+            s["v_mix"] = _mix([r for r in recs if r["i"] in common], "v_hist")
+            s["items_run"] = len(recs)
+            res[name] = s
+        cmp = {}
+        for a, b in pairs:
+            if a in pols and b in pols:
+                pa = [r for r in pols[a] if r["i"] in common]
+                pb = [r for r in pols[b] if r["i"] in common]
+                cmp[f"{a} vs {b}"] = paired(pa, pb)
+        summary["tasks"][task] = {"common_items": len(common), "policies": res, "paired": cmp}
+    (RESULTS / "controller_pareto.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot(summary, RESULTS / "controller_pareto.png")
+    lines = ["# KV policies: quality vs average KV bits (W=0)", "",
+             "SmolLM2-135M-Instruct Q4_1. Command: `python benchmarks/controller_eval.py report`; protocol in "
+             "benchmarks/controller_eval.py. Bits: storage bits per K/V element, group scales included.", ""]
+    for task, t in summary["tasks"].items():
+        key = "acc" if task == "hellaswag" else "ppl"
+        unit = "tasks" if key == "acc" else "windows"
+        lines += [f"## {task}: {t['common_items']} {unit}", "",
+                  f"| policy | avg bits | {'accuracy %' if key == 'acc' else 'perplexity'} | K mix | V mix |",
+                  "|---|---:|---:|---|---|"]
+        fp = t["policies"].get("fp16", {}).get(key)
+        for name, s in sorted(t["policies"].items(), key=lambda kv: kv[1]["bits"]):
+            rel = "" if fp is None or key == "acc" else f" ({100 * (s[key] / fp - 1):+.2f}%)"
+            mix = lambda m: " ".join(f"{b}:{p:.2f}" for b, p in m.items())  # noqa: E731
+            lines.append(f"| {name} | {s['bits']:.3f} | {s[key]:.3f}{rel} | {mix(s['k_mix'])} | {mix(s['v_mix'])} |")
+        if t["paired"]:
+            lines += ["", "Paired bootstrap (10,000 resamples), A minus B"
+                      + (" in accuracy points" if key == "acc" else " as perplexity change in %") + ":", "",
+                      "| A vs B | diff | 95% CI | P(diff <= 0) |", "|---|---:|---|---:|"]
+            for k, v in t["paired"].items():
+                dd = v.get("diff", v.get("diff_pct"))
+                lines.append(f"| {k} | {dd:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {v['p_le_0']:.3f} |")
+        lines.append("")
+    (RESULTS / "controller_pareto.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("hellaswag", "wikitext") if t in summary["tasks"]]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        t = summary["tasks"][task]
+        key = "acc" if task == "hellaswag" else "ppl"
+        for name, s in t["policies"].items():
+            kind = ("adaptive" if name.startswith("adaptive") else "rule" if name.startswith("rule")
+                    else "random" if name.startswith("random") else "static")
+            style = {"adaptive": ("o", "C3"), "rule": ("s", "C2"), "random": ("^", "C1"), "static": ("D", "C0")}[kind]
+            ax.scatter(s["bits"], s[key], marker=style[0], color=style[1], s=40, zorder=3)
+            ax.annotate(name, (s["bits"], s[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if "fp16" in t["policies"]:
+            ax.axhline(t["policies"]["fp16"][key], color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("average KV bits per element (scales included)")
+        ax.set_ylabel("HellaSwag accuracy (%)" if key == "acc" else "WikiText-2 perplexity")
+        ax.set_title(f"{task}: {t['common_items']} {'tasks' if key == 'acc' else 'windows'} (W=0)")
+        ax.grid(alpha=0.3)
+    for kind, (m, c) in {"adaptive (learned)": ("o", "C3"), "rule-based": ("s", "C2"), "random": ("^", "C1"),
+                         "static": ("D", "C0")}.items():
+        axes[0][0].scatter([], [], marker=m, color=c, label=kind)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+# ---- controller cost ------------------------------------------------------------------------
+
+def cmd_cost(args) -> None:
+    """Decode ms/token at `ctx` tokens of context for fp16, a static policy and the controller,
+    and the time the controller path spends per step (features incl. rarity, ONNX, decision)."""
+    import edgekv.model as em
+    from controller.common import load_model as _load
+
+    model = _load(args.model, threads=args.threads, ctx=args.ctx + args.steps + 8)
+    from controller.corpus import wikitext_split
+
+    _, heldout = wikitext_split()
+    ids = model.tokenize("".join(heldout), special=False)[:args.ctx + args.steps]
+    timers = {"features": 0.0, "decide": 0.0, "logit_stats": 0.0}
+    orig_features, orig_stats = em.Model.features, em.Model._record_logit_features
+
+    def t_features(self, pos):
+        t = time.perf_counter()
+        r = orig_features(self, pos)
+        timers["features"] += time.perf_counter() - t
+        return r
+
+    def t_stats(self, first, logits):
+        t = time.perf_counter()
+        r = orig_stats(self, first, logits)
+        timers["logit_stats"] += time.perf_counter() - t
+        return r
+
+    result = {"ctx": args.ctx, "steps": args.steps, "threads": args.threads, "policies": {}}
+    for spec in ("fp16", "k4v2", "adaptive@3.5"):
+        pol = make_policy(spec, "cost", model)
+        if hasattr(pol, "decide"):
+            orig_decide = pol.decide
+
+            def t_decide(f, _d=orig_decide):
+                t = time.perf_counter()
+                r = _d(f)
+                timers["decide"] += time.perf_counter() - t
+                return r
+
+            pol.decide = t_decide
+        em.Model.features, em.Model._record_logit_features = t_features, t_stats
+        best = None
+        for rep in range(args.reps):
+            model.reset()
+            model._ctx_policy = None
+            model.score(ids[:args.ctx], ids[args.ctx:args.ctx + 1], kv=pol)  # prefill under the policy
+            for k in timers:
+                timers[k] = 0.0
+            t0 = time.perf_counter()
+            for j in range(args.ctx, args.ctx + args.steps):
+                model._eval(np.array([ids[j]], np.int32), em.lib.EK_LOGITS_LAST, model._logits, pol)
+            dt = time.perf_counter() - t0
+            row = {"ms_per_token": 1000 * dt / args.steps, **{f"{k}_ms": 1000 * v / args.steps for k, v in timers.items()}}
+            if best is None or row["ms_per_token"] < best["ms_per_token"]:
+                best = row
+        em.Model.features, em.Model._record_logit_features = orig_features, orig_stats
+        result["policies"][spec] = best
+        print(spec, json.dumps(best), file=sys.stderr)
+    a, f = result["policies"]["adaptive@3.5"], result["policies"]["fp16"]
+    ctrl = a["features_ms"] + a["decide_ms"] + a["logit_stats_ms"]
+    result["controller_ms_per_token"] = ctrl
+    result["controller_share_of_decode"] = ctrl / a["ms_per_token"]
+    result["controller_share_excl_logit_stats"] = (a["features_ms"] + a["decide_ms"]) / a["ms_per_token"]
+    result["overhead_vs_fp16"] = a["ms_per_token"] / f["ms_per_token"] - 1
+    (RESULTS / "controller_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="KV policy evaluation: HellaSwag / WikiText-2 vs average bits")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--task", choices=("hellaswag", "wikitext"), required=True)
+    r.add_argument("--n", type=int, required=True, help="tasks (hellaswag) or windows of 512 tokens (wikitext)")
+    r.add_argument("--policies", required=True)
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--threads", type=int, default=int(os.environ.get("EDGEKV_THREADS", "1")))
+    r.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("report")
+    p.add_argument("--compare", default="", help="pairs A~vs~B, comma-separated, for paired bootstrap CIs")
+    c = sub.add_parser("cost")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--ctx", type=int, default=1024)
+    c.add_argument("--steps", type=int, default=64)
+    c.add_argument("--reps", type=int, default=3)
+    c.add_argument("--threads", type=int, default=int(os.environ.get("EDGEKV_THREADS", "2")))
+    args = ap.parse_args(argv)
+    {"run": cmd_run, "report": cmd_report, "cost": cmd_cost}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,771 @@
+#!/usr/bin/env python
+"""Entropy adaptive decoding (edgekv.ead) on Qwen2.5-Coder 0.5B (small) / 1.5B (large).
+
+Three steps, each resumable, then a report:
+
+``tf``: teacher-forced. Held-out text -- WikiText-2 (``../shared/data/wikitext2_valid.txt``, from
+  its start) and Python source (Python standard-library files, ``SOURCE_MODULES``) -- is cut into
+  chunks of ``--chunk`` tokens (``--tokens`` per domain). Both models score every chunk (all
+  positions, edgekv, fp16 KV); per position we keep each model's NLL of the true next token, its
+  next-token entropy (bits) and argmax. Since a model's prediction at a position does not depend
+  on which model wrote the (fixed) text, EAD's rule can then be replayed offline
+  (``edgekv.ead.simulate_switching``, the same rule the generator runs) for any parameters: the
+  mixture's perplexity uses, at each position, the NLL of the model active there. Chunks
+  alternate between a tuning half (even chunks: the defaults window / d_min / hysteresis were
+  picked there) and an evaluation half (odd chunks: everything reported). Baselines at the same
+  large-model share: random positions (i.i.d.; exact expectation), random segments (EAD's own
+  segment lengths placed uniformly at random, mean of 20 draws) and an oracle (the positions where
+  the large model's NLL gains most, an upper bound for any selection).
+
+``gsm8k``: generation. The first ``--n`` problems of ``../shared/data/gsm8k_train500.jsonl``,
+  greedy, chat template, max ``--max-tokens`` tokens, exact match of the final number (after
+  ``####`` in the reply, else its last number) with the answer after ``####``. Settings (see
+  ``SETTINGS``): small only, large only, EAD at a few tau, random switching matched to one EAD
+  setting's share and segment length (the same generator with an injected random entropy source),
+  and EAD with verify on a subset. Problem-major order (every setting on problem i before
+  problem i+1), one JSON line per (setting, problem) appended to ``--runs``; a rerun skips what
+  is there. A pilot (``--pilot``, problems 400.. of the file, not evaluated) calibrates the random
+  baseline.
+
+``report``: writes benchmarks/results/ead.json, ead.md and ead.png.
+
+    PYTHONPATH=python python benchmarks/ead.py tf --tokens 4096
+    nohup env PYTHONPATH=python python benchmarks/ead.py gsm8k --n 100 > /tmp/ead_gsm8k.log 2>&1 &
+    PYTHONPATH=python python benchmarks/ead.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+WORK = Path(os.environ.get("EDGEKV_EAD_WORK", "/tmp/edgekv-ead"))
+if str(REPO / "python") not in sys.path:
+    sys.path.insert(0, str(REPO / "python"))
+
+import edgekv  # noqa: E402
+from edgekv._native import lib  # noqa: E402
+from edgekv.ead import (  # noqa: E402
+    DEFAULT_D_MIN, DEFAULT_TAU, DEFAULT_WINDOW, LARGE, SMALL, EADConfig, entropy_bits_rows, simulate_switching,
+)
+
+SMALL_NAME, LARGE_NAME = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
+SOURCE_MODULES = ["textwrap", "json.decoder", "json.encoder", "heapq", "shlex", "fractions", "bisect",
+                  "string", "colorsys", "difflib"]
+LN2 = math.log(2.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{_dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# ============================================================================================
+# teacher forcing
+# ============================================================================================
+
+def tf_texts(tokenize, n_tokens: int) -> dict:
+    wiki = (DATA / "wikitext2_valid.txt").read_text(encoding="utf-8")
+    ids_w = tokenize(wiki[: 12 * n_tokens])[:n_tokens]
+    src = []
+    for name in SOURCE_MODULES:
+        path = inspect.getsourcefile(importlib.import_module(name))
+        src.append(Path(path).read_text(encoding="utf-8"))
+    code = "\n\n".join(src)
+    ids_c = tokenize(code)[:n_tokens]
+    if len(ids_c) < n_tokens or len(ids_w) < n_tokens:
+        raise SystemExit("not enough text for --tokens")
+    return {"wikitext2": ids_w, "python": ids_c}
+
+
+def score_positions(model, ids: list, sub: int = 128) -> dict:
+    """Per position t (predicting ids[t+1]): NLL (nats), entropy (bits), argmax, from one context."""
+    model.reset()
+    n = len(ids)
+    nll = np.empty(n - 1)
+    ent = np.empty(n - 1)
+    top = np.empty(n - 1, np.int32)
+    arr = np.asarray(ids, np.int32)
+    with model._lock:
+        for a in range(0, n - 1, sub):
+            b = min(a + sub, n - 1)
+            out = np.empty((b - a, model.vocab_size), np.float32)
+            model._eval(arr[a:b], lib.EK_LOGITS_ALL, out)
+            z = out.astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z).sum(axis=1))
+            nll[a:b] = lse - z[np.arange(b - a), arr[a + 1:b + 1]]
+            ent[a:b] = entropy_bits_rows(out)
+            top[a:b] = out.argmax(axis=1)
+    model.reset()
+    return {"nll": nll, "ent": ent, "top": top}
+
+
+def cmd_tf(args) -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"tf_{args.tokens}_{args.chunk}.npz"
+    have = dict(np.load(path)) if path.exists() else {}
+    todo = []
+    tok = edgekv.tokenizer.Tokenizer.from_gguf(edgekv.registry.resolve(SMALL_NAME, progress=False))
+    texts = tf_texts(lambda s: tok.encode(s, add_bos=False, parse_special=False), args.tokens)
+    for dom, ids in texts.items():
+        have[f"{dom}_ids"] = np.asarray(ids, np.int32)
+    for role, name in ((SMALL, SMALL_NAME), (LARGE, LARGE_NAME)):
+        keys = [(dom, c) for dom in texts for c in range(args.tokens // args.chunk)]
+        missing = [k for k in keys if f"{k[0]}_{c_key(k[1])}_{role}_nll" not in have]
+        if not missing:
+            continue
+        log(f"loading {name}")
+        model = edgekv.load(name, threads=args.threads, ctx=args.chunk + 8, progress=False)
+        for dom, c in missing:
+            ids = texts[dom][c * args.chunk:(c + 1) * args.chunk]
+            t0 = time.perf_counter()
+            r = score_positions(model, ids)
+            for k, v in r.items():
+                have[f"{dom}_{c_key(c)}_{role}_{k}"] = v
+            np.savez(path, **have)
+            log(f"{role} {dom} chunk {c}: {len(ids)} tokens in {time.perf_counter() - t0:.1f} s, "
+                f"ppl {math.exp(r['nll'].mean()):.2f}")
+        model.close()
+        todo.append(role)
+    log(f"positions in {path}")
+    return 0
+
+
+def c_key(c: int) -> str:
+    return f"c{c}"
+
+
+def load_tf(tokens: int, chunk: int) -> dict:
+    """{domain: [per chunk: {small_nll, large_nll, small_ent, large_ent, small_top, large_top}]}"""
+    path = WORK / f"tf_{tokens}_{chunk}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `benchmarks/ead.py tf --tokens {tokens} --chunk {chunk}` first")
+    d = np.load(path)
+    out = {}
+    for dom in ("wikitext2", "python"):
+        chunks = []
+        for c in range(tokens // chunk):
+            chunks.append({f"{r}_{k}": d[f"{dom}_{c_key(c)}_{r}_{k}"] for r in (SMALL, LARGE)
+                           for k in ("nll", "ent", "top")})
+        out[dom] = chunks
+    return out
+
+
+def mixture(chunks: list, cfg: EADConfig) -> tuple[float, float, list]:
+    """(mean NLL, large share, masks) of EAD replayed over the chunks."""
+    masks = [simulate_switching(ch["small_ent"], ch["large_ent"], cfg) for ch in chunks]
+    nll = np.concatenate([np.where(m, ch["large_nll"], ch["small_nll"]) for m, ch in zip(masks, chunks)])
+    share = float(np.concatenate(masks).mean())
+    return float(nll.mean()), share, masks
+
+
+def random_segments_nll(chunks: list, masks: list, rng, draws: int = 20) -> float:
+    """Mean NLL with EAD's large-model segments (same lengths) placed uniformly at random."""
+    tot = []
+    for _ in range(draws):
+        parts = []
+        for ch, m in zip(chunks, masks):
+            n = m.size
+            runs = _runs(m)
+            rng.shuffle(runs)
+            n_small = n - sum(runs)
+            cuts = np.sort(rng.integers(0, n_small + 1, size=len(runs)))
+            gaps = np.diff(np.concatenate([[0], cuts, [n_small]]))
+            mm = np.zeros(n, bool)
+            p = 0
+            for g, r in zip(gaps, runs):
+                p += g
+                mm[p:p + r] = True
+                p += r
+            parts.append(np.where(mm, ch["large_nll"], ch["small_nll"]))
+        tot.append(np.concatenate(parts).mean())
+    return float(np.mean(tot))
+
+
+def _runs(m: np.ndarray) -> list:
+    runs, n = [], 0
+    for x in m:
+        if x:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs
+
+
+def oracle_nll(chunks: list, share: float) -> float:
+    s = np.concatenate([ch["small_nll"] for ch in chunks])
+    gain = s - np.concatenate([ch["large_nll"] for ch in chunks])
+    k = int(round(share * s.size))
+    idx = np.argsort(-gain)[:k]
+    out = s.copy()
+    out[idx] -= gain[idx]
+    return float(out.mean())
+
+
+TAUS = [round(x, 2) for x in np.arange(0.25, 8.01, 0.25)]
+
+
+def sweep(chunks: list, cfg_base: dict, taus=TAUS, baselines: bool = True) -> list:
+    ppl_s = math.exp(np.concatenate([c["small_nll"] for c in chunks]).mean())
+    ppl_l = math.exp(np.concatenate([c["large_nll"] for c in chunks]).mean())
+    mean_s = math.log(ppl_s)
+    mean_l = math.log(ppl_l)
+    rows = []
+    rng = np.random.default_rng(0)
+    for tau in taus:
+        kw = dict(cfg_base)
+        ratio = kw.pop("low_ratio", 1.0)
+        cfg = EADConfig(tau=tau, tau_low=tau * ratio if ratio != 1.0 else None, **kw)
+        nll, share, masks = mixture(chunks, cfg)
+        ppl = math.exp(nll)
+        row = {"tau": tau, "large_share": share, "ppl": ppl, "recovery": (ppl_s - ppl) / (ppl_s - ppl_l)}
+        rows.append(row)
+        if not baselines:
+            continue
+        row.update({
+            "ppl_random_iid": math.exp(mean_s + share * (mean_l - mean_s)),
+            "ppl_random_segments": math.exp(random_segments_nll(chunks, masks, rng)),
+            "ppl_oracle": math.exp(oracle_nll(chunks, share)),
+            "switches_per_1k": 1000 * sum(int(np.abs(np.diff(m.astype(int))).sum() + m[0]) for m in masks)
+                               / sum(m.size for m in masks),
+        })
+    return rows
+
+
+def recovery_at(rows: list, share: float) -> float:
+    """Gap recovery interpolated at a given large share (rows sorted by share)."""
+    pts = sorted((r["large_share"], r["recovery"]) for r in rows)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return float(np.interp(share, xs, ys))
+
+
+def analyse_tf(tokens: int, chunk: int) -> dict:
+    data = load_tf(tokens, chunk)
+    tune = {d: ch[0::2] for d, ch in data.items()}
+    held = {d: ch[1::2] for d, ch in data.items()}
+    # ---- tuning: window, d_min, hysteresis, on the tuning half, both domains ----------------
+    grid = []
+    for window in (1, 2, 3, 5, 8):
+        for d_min in (1, 2, 4, 8, 16, 32, 64):
+            for ratio in (1.0, 0.5, 0.25):
+                base = dict(window=window, d_min=d_min, low_ratio=ratio)
+                score = []
+                for dom in tune:
+                    rows = sweep(tune[dom], base, baselines=False)
+                    score.append(np.mean([recovery_at(rows, s) for s in (0.2, 0.3, 0.4, 0.5)]))
+                grid.append({"window": window, "d_min": d_min, "tau_low_ratio": ratio,
+                             "mean_recovery_20_50": float(np.mean(score)),
+                             "per_domain": dict(zip(tune, map(float, score)))})
+                log(f"tune w={window} d_min={d_min} ratio={ratio}: {np.mean(score):.3f}")
+    grid.sort(key=lambda g: -g["mean_recovery_20_50"])
+    # ---- report on the held-out half -------------------------------------------------------
+    default = dict(window=DEFAULT_WINDOW, d_min=DEFAULT_D_MIN)
+    out = {"tokens_per_domain": tokens, "chunk": chunk, "tuning_grid": grid, "domains": {}}
+    for dom, chunks in held.items():
+        s = np.concatenate([c["small_nll"] for c in chunks])
+        l_ = np.concatenate([c["large_nll"] for c in chunks])
+        es = np.concatenate([c["small_ent"] for c in chunks])
+        agree = np.concatenate([c["small_top"] == c["large_top"] for c in chunks])
+        bins = [0, 0.5, 1, 2, 3, 4, 6, 20]
+        by_ent = []
+        for a, b in zip(bins[:-1], bins[1:]):
+            sel = (es >= a) & (es < b)
+            if sel.any():
+                by_ent.append({"small_entropy_bits": [a, b], "share_of_positions": float(sel.mean()),
+                               "argmax_agreement": float(agree[sel].mean()),
+                               "nll_gain_nats": float((s[sel] - l_[sel]).mean())})
+        rows = sweep(chunks, default)
+        at_default = next(r for r in rows if abs(r["tau"] - DEFAULT_TAU) < 1e-9)
+        out["domains"][dom] = {
+            "positions": int(s.size),
+            "ppl_small": math.exp(s.mean()), "ppl_large": math.exp(l_.mean()),
+            "argmax_agreement": float(agree.mean()),
+            "by_small_entropy": by_ent,
+            "sweep_default_window_dmin": rows,
+            "at_default": at_default,
+            "best_recovery_at_share_le_50": max((r for r in rows if r["large_share"] <= 0.5),
+                                                key=lambda r: r["recovery"]),
+        }
+    return out
+
+
+def plot_tf(tf: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (dom, d) in zip(axes, tf["domains"].items()):
+        rows = sorted(d["sweep_default_window_dmin"], key=lambda r: r["large_share"])
+        x = [r["large_share"] for r in rows]
+        ax.plot(x, [r["ppl"] for r in rows], "o-", ms=3, label=f"EAD (tau sweep, w={DEFAULT_WINDOW}, d_min={DEFAULT_D_MIN})")
+        ax.plot(x, [r["ppl_random_segments"] for r in rows], "s--", ms=3, label="random segments (same lengths)")
+        ax.plot(x, [r["ppl_random_iid"] for r in rows], ":", label="random positions (i.i.d.)")
+        ax.plot(x, [r["ppl_oracle"] for r in rows], "-.", color="gray", lw=1, label="oracle (best positions)")
+        ax.axhline(d["ppl_small"], color="C3", lw=1, label=f"small only ({d['ppl_small']:.2f})")
+        ax.axhline(d["ppl_large"], color="C2", lw=1, label=f"large only ({d['ppl_large']:.2f})")
+        r0 = d["at_default"]
+        ax.plot([r0["large_share"]], [r0["ppl"]], "k*", ms=12, label=f"default tau={DEFAULT_TAU}")
+        ax.axvline(0.5, color="k", lw=0.5, alpha=0.4)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of positions given to the large model")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{dom} (held-out half, {d['positions']} positions)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Teacher-forced EAD: Qwen2.5-Coder 0.5B -> 1.5B")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ============================================================================================
+# GSM8K
+# ============================================================================================
+
+INSTRUCTION = ("Solve this math word problem. Reason step by step in a few short lines, then write the final "
+               "answer as a number on the last line, in the form '#### <number>'.")
+SHOT = 499  # the one worked example shown before each problem (the file's last problem; never evaluated)
+PILOT = 400  # pilot problems start here (never evaluated)
+
+
+def gsm8k_messages(probs: list, i: int) -> list:
+    ex = probs[SHOT]
+    worked = re.sub(r"<<[^>]*>>", "", ex["answer"])  # drop the calculator annotations
+    return [{"role": "user", "content": INSTRUCTION + "\n\n" + ex["question"]},
+            {"role": "assistant", "content": worked},
+            {"role": "user", "content": INSTRUCTION + "\n\n" + probs[i]["question"]}]
+
+
+def gold_answer(ans: str) -> str:
+    return norm_number(ans.split("####")[-1])
+
+
+def norm_number(s: str) -> str:
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        v = float(s)
+    except ValueError:
+        return s
+    return str(int(v)) if v == int(v) else str(v)
+
+
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def predicted(text: str) -> str:
+    """The number after the last '####', else in the last \\boxed{}, else the last number."""
+    if "####" in text:
+        m = _NUM.search(text.split("####")[-1])
+        if m:
+            return norm_number(m.group(0))
+    boxed = re.findall(r"\\boxed\{([^}]*)\}", text)
+    if boxed:
+        m = _NUM.search(boxed[-1])
+        if m:
+            return norm_number(m.group(0))
+    nums = _NUM.findall(text)
+    return norm_number(nums[-1]) if nums else ""
+
+
+class RandomEntropy:
+    """Random switching through EAD's own generator: with window 1 and tau 1, the small model hands
+    over with probability p_up per token; the large one hands back after exactly d_min tokens."""
+
+    def __init__(self, p_up: float, seed: int):
+        self.p = p_up
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, role, logits, pos):
+        if role == SMALL:
+            return 2.0 if self.rng.random() < self.p else 0.0
+        return 0.0
+
+
+VERIFY_TAU = None  # set from --verify-tau
+
+
+def run_one(pair, setting: dict, prompt: str, max_tokens: int, seed: int, keep: int) -> dict:
+    """Run one setting on one prompt. Both caches are first cut to the ``keep`` tokens every prompt
+    shares (system message and worked example), so every run pays for its own question."""
+    for m in (pair.small, pair.large):
+        if m.n_past > keep:
+            m._truncate(keep)
+    n_prompt = len(pair.tokenize(prompt))
+    t0 = time.perf_counter()
+    if setting["kind"] in ("small", "large"):
+        m = pair.small if setting["kind"] == "small" else pair.large
+        text = m.generate(prompt, max_tokens=max_tokens, temperature=0)
+        st = m.last_stats
+        wall = time.perf_counter() - t0
+        role = setting["kind"]
+        ev = st.prefilled_tokens + max(0, st.generated_tokens - 1)
+        d = {"text": text, "generated_tokens": st.generated_tokens, "finish_reason": st.finish_reason,
+             "large_share": 1.0 if role == LARGE else 0.0, "switches": 0, "catchup_tokens": 0,
+             "catchup_overhead_s": 0.0, "catchup_s": 0.0, "wall_s": wall,
+             "small_evaluated": ev if role == SMALL else 0, "large_evaluated": ev if role == LARGE else 0}
+    else:
+        kw = dict(max_tokens=max_tokens, temperature=0)
+        if setting["kind"] == "random":
+            kw.update(config=EADConfig(tau=1.0, window=1, d_min=setting["d_min"]),
+                      entropy_fn=RandomEntropy(setting["p_up"], seed))
+        else:
+            kw.update(tau=setting["tau"], verify=setting.get("verify", False),
+                      max_draft=setting.get("max_draft", 0))
+        text = pair.generate(prompt, **kw)
+        st = pair.last_stats
+        d = st.as_dict()
+        d.update(text=text, wall_s=time.perf_counter() - t0)
+        d["large_segments"] = len(_runs(np.array([x == LARGE for x in st.sources])))
+    # parameter-weighted tokens run, relative to the large model alone on this prompt and text
+    base = pair.params[LARGE] * max(1, n_prompt - keep + d["generated_tokens"] - 1)
+    d["relative_compute"] = (pair.params[SMALL] * d["small_evaluated"] + pair.params[LARGE] * d["large_evaluated"]) / base
+    d["question_tokens"] = n_prompt - keep
+    return d
+
+
+def load_runs(path: Path) -> list:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def calibrate_random(pilot_rows: list, match: str) -> dict:
+    share = sum(r["large_tokens"] for r in pilot_rows) / max(1, sum(r["generated_tokens"] for r in pilot_rows))
+    n_seg = sum(r["large_segments"] for r in pilot_rows)
+    mean_seg = sum(r["large_tokens"] for r in pilot_rows) / max(1, n_seg)
+    d_min = max(1, int(round(mean_seg)))
+    # small segments of mean length d_min (1 - s) / s: a per-token hand-over probability
+    small_len = max(1.0, d_min * (1 - share) / max(share, 1e-6))
+    return {"matched_to": match, "pilot_problems": len(pilot_rows), "pilot_large_share": share,
+            "pilot_mean_large_segment": mean_seg, "d_min": d_min, "p_up": 1.0 / (small_len + 1.0)}
+
+
+def cmd_gsm8k(args) -> int:
+    probs = [json.loads(x) for x in (DATA / "gsm8k_train500.jsonl").read_text().splitlines() if x.strip()]
+    runs_path = Path(args.runs)
+    runs_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["setting"], r["idx"]) for r in load_runs(runs_path)}
+    log(f"loading {SMALL_NAME} + {LARGE_NAME}")
+    pair = edgekv.load_pair(SMALL_NAME, LARGE_NAME, threads=args.threads, ctx=1024, progress=False)
+    chat = pair.tokenizer.apply_chat_template
+    prompts = {}
+
+    def prompt_of(i):
+        if i not in prompts:
+            prompts[i] = chat(gsm8k_messages(probs, i), add_generation_prompt=True)
+        return prompts[i]
+
+    a, b = pair.tokenize(prompt_of(0)), pair.tokenize(prompt_of(1))
+    keep = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+    log(f"prompts share their first {keep} tokens (system message + worked example): kept cached")
+    for m in (pair.small, pair.large):  # cache them once, so that no run pays for them
+        m._eval(np.asarray(a[:keep], np.int32), lib.EK_LOGITS_LAST, m._logits)
+
+    def run(name, setting, i):
+        if (name, i) in done:
+            return
+        r = run_one(pair, setting, prompt_of(i), args.max_tokens, i, keep)
+        gold = gold_answer(probs[i]["answer"])
+        pred = predicted(r["text"])
+        r.update(setting=name, idx=i, gold=gold, pred=pred, correct=pred == gold, config=setting)
+        r.pop("sources", None)
+        r.pop("tokens", None)
+        with open(runs_path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        done.add((name, i))
+        log(f"{name:>18} #{i:<3} {'ok ' if r['correct'] else 'BAD'} pred={pred!r:>8} gold={gold!r:>8} "
+            f"tok={r['generated_tokens']:<3} large={r['large_share']:.2f} sw={r.get('switches', 0):<3} "
+            f"catch-up={r.get('catchup_tokens', 0):<4} wall={r['wall_s']:.1f}s "
+            f"({1000 * r['wall_s'] / max(1, r['generated_tokens']):.0f} ms/tok) compute={r['relative_compute']:.2f}")
+
+    # ---- pilot (problems PILOT..): tau -> large share in generation, random-baseline calibration
+    pilot_taus = [float(x) for x in args.pilot_taus.split(",")] if args.pilot_taus else []
+    for i in range(PILOT, PILOT + args.pilot):
+        for tau in pilot_taus:
+            run(f"pilot_ead_tau{tau}", {"kind": "ead", "tau": tau}, i)
+    runs = load_runs(runs_path)
+    for tau in pilot_taus:
+        rows = [r for r in runs if r["setting"] == f"pilot_ead_tau{tau}"]
+        tok = sum(r["generated_tokens"] for r in rows)
+        log(f"pilot tau {tau}: {len(rows)} problems, large share {sum(r['large_tokens'] for r in rows) / max(1, tok):.3f}, "
+            f"{sum(r['switches'] for r in rows) / max(1, len(rows)):.1f} switches/problem, "
+            f"catch-up overhead {sum(r['catchup_overhead_s'] for r in rows) / max(1e-9, sum(r['wall_s'] - r['catchup_overhead_s'] for r in rows)):.3f}")
+    if not args.taus:
+        log("no --taus: pilot only")
+        pair.close()
+        return 0
+    taus = [float(x) for x in args.taus.split(",")]
+    match = args.match_tau if args.match_tau is not None else taus[0]
+    pilot_rows = [r for r in runs if r["setting"] == f"pilot_ead_tau{match}"]
+    if not pilot_rows:
+        raise SystemExit(f"--match-tau {match}: run the pilot with that tau first (--pilot-taus)")
+    calib = calibrate_random(pilot_rows, f"ead_tau{match}")
+    runs_path.with_suffix(".calib.json").write_text(json.dumps(calib, indent=1))
+    log(f"random baseline: {calib}")
+    sets = {"small": {"kind": "small"}, "large": {"kind": "large"}}
+    for tau in taus:
+        sets[f"ead_tau{tau}"] = {"kind": "ead", "tau": tau}
+    sets["random"] = {"kind": "random", "p_up": calib["p_up"], "d_min": calib["d_min"],
+                      "matched_to": calib["matched_to"]}
+    verify_set = {"kind": "ead", "tau": args.verify_tau, "verify": True}
+    for i in range(args.start, args.start + args.n):
+        for name, setting in sets.items():
+            run(name, setting, i)
+        if i - args.start < args.n_verify:
+            run(f"ead_verify_tau{args.verify_tau}", verify_set, i)
+    pair.close()
+    log("done")
+    return 0
+
+
+def summarize_gsm8k(runs: list, n: int) -> dict:
+    by = {}
+    for r in runs:
+        if r["idx"] < n:
+            by.setdefault(r["setting"], {})[r["idx"]] = r
+    common = None  # the problems every setting (verify aside) has finished
+    for name in by:
+        if not name.startswith("ead_verify"):
+            common = set(by[name]) if common is None else common & set(by[name])
+    out = {}
+    for name, rs in by.items():
+        ids = sorted(rs if name.startswith("ead_verify") else (set(rs) & common if common else set(rs)))
+        if not ids:
+            continue
+        sel = [rs[i] for i in ids]
+        tok = sum(r["generated_tokens"] for r in sel)
+        wall = sum(r["wall_s"] for r in sel)
+        d = {
+            "problems": len(sel),
+            "accuracy": float(np.mean([r["correct"] for r in sel])),
+            "correct": int(sum(r["correct"] for r in sel)),
+            "large_share": sum(r["large_share"] * r["generated_tokens"] for r in sel) / max(1, tok),
+            "relative_compute": float(np.mean([r["relative_compute"] for r in sel])),
+            "ms_per_token": 1000 * wall / max(1, tok),
+            "wall_s_per_problem": wall / len(sel),
+            "tokens_per_problem": tok / len(sel),
+            "truncated": int(sum(r["finish_reason"] == "length" for r in sel)),
+            "config": sel[0].get("config"),
+            "ids": ids,
+        }
+        if any("switches" in r for r in sel):
+            d["switches_per_problem"] = float(np.mean([r.get("switches", 0) for r in sel]))
+        if any(r.get("catchup_overhead_s") for r in sel):
+            co = sum(r.get("catchup_overhead_s", 0.0) for r in sel)
+            d["catchup_tokens_per_problem"] = float(np.mean([r.get("catchup_tokens", 0) for r in sel]))
+            d["catchup_overhead_s"] = co
+            d["catchup_overhead_vs_ideal"] = co / (wall - co)
+            d["catchup_time_s"] = sum(r.get("catchup_s", 0.0) for r in sel)
+        if any(r.get("verifications") for r in sel):
+            d["checked_tokens"] = int(sum(r.get("checked_tokens", 0) for r in sel))
+            d["rejected_tokens"] = int(sum(r.get("rejected_tokens", 0) for r in sel))
+        out[name] = d
+    if "small" in out and "large" in out:
+        a_s, a_l = out["small"]["accuracy"], out["large"]["accuracy"]
+        for name, d in out.items():
+            d["gap_recovery"] = (d["accuracy"] - a_s) / (a_l - a_s) if a_l != a_s else float("nan")
+        # verify against large-only on the same problems: identical texts?
+        for name, d in out.items():
+            if name.startswith("ead_verify"):
+                same = [by[name][i]["text"] == by["large"][i]["text"] for i in d["ids"] if i in by["large"]]
+                d["same_text_as_large"] = f"{sum(same)}/{len(same)}"
+                base = [by["large"][i] for i in d["ids"] if i in by["large"]]
+                d["large_only_ms_per_token_same_problems"] = 1000 * sum(r["wall_s"] for r in base) / max(
+                    1, sum(r["generated_tokens"] for r in base))
+    for d in out.values():
+        d.pop("ids")
+    return out
+
+
+# ============================================================================================
+# report
+# ============================================================================================
+
+def cmd_report(args) -> int:
+    res = {"date": _dt.date.today().isoformat(), "small": SMALL_NAME, "large": LARGE_NAME,
+           "defaults": {"tau": DEFAULT_TAU, "window": DEFAULT_WINDOW, "d_min": DEFAULT_D_MIN},
+           "machine": f"{os.cpu_count()} CPUs (shared), edgekv {edgekv.__version__}, SIMD {edgekv._native.SIMD}"}
+    try:
+        res["teacher_forced"] = analyse_tf(args.tokens, args.chunk)
+        plot_tf(res["teacher_forced"], RESULTS / "ead.png")
+    except SystemExit as e:
+        log(f"teacher-forced part skipped: {e}")
+    runs = load_runs(Path(args.runs))
+    if runs:
+        res["gsm8k"] = {"max_tokens": args.max_tokens, "instruction": INSTRUCTION, "worked_example": SHOT,
+                        "settings": summarize_gsm8k(runs, args.n)}
+        calib = Path(args.runs).with_suffix(".calib.json")
+        if calib.exists():
+            res["gsm8k"]["random_calibration"] = json.loads(calib.read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ead.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    write_md(res, RESULTS / "ead.md")
+    log("wrote benchmarks/results/ead.json, ead.md" + (", ead.png" if "teacher_forced" in res else ""))
+    return 0
+
+
+def targets_md(res: dict) -> list:
+    """The issue's targets, checked against what was measured."""
+    def yes(b):
+        return "**met**" if b else "**not met**"
+
+    L = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
+    tf = res.get("teacher_forced")
+    if tf:
+        for dom, d in tf["domains"].items():
+            b = d["best_recovery_at_share_le_50"]
+            L.append(f"| text ({dom}): >= 80% of the perplexity gap at a large share <= 50% | "
+                     f"best {100 * b['recovery']:.1f}% (tau {b['tau']}, share {100 * b['large_share']:.1f}%) | "
+                     f"{yes(b['recovery'] >= 0.8)} |")
+            rows = [r for r in d["sweep_default_window_dmin"] if r["large_share"] <= 0.5 and r["large_share"] > 0]
+            wins = sum(r["ppl"] < r["ppl_random_segments"] for r in rows)
+            L.append(f"| text ({dom}): beats random switching at the same share | lower perplexity than random "
+                     f"segments at {wins} of {len(rows)} taus with share <= 50% | {yes(wins == len(rows))} |")
+    gs = res.get("gsm8k")
+    if gs:
+        st = gs["settings"]
+        for name, d in st.items():
+            if name.startswith("ead_tau") and d["large_share"] <= 0.5:
+                L.append(f"| GSM8K {name}: >= 80% of the accuracy gap at a large share <= 50% | "
+                         f"{100 * d['gap_recovery']:.0f}% at share {100 * d['large_share']:.1f}% "
+                         f"({d['problems']} problems) | {yes(d['gap_recovery'] >= 0.8)} |")
+        if "random" in st:
+            m = st["random"]["config"].get("matched_to")
+            if m in st:
+                L.append(f"| GSM8K: beats random switching at the same share | {m} {100 * st[m]['accuracy']:.1f}% "
+                         f"(share {100 * st[m]['large_share']:.1f}%) vs random {100 * st['random']['accuracy']:.1f}% "
+                         f"(share {100 * st['random']['large_share']:.1f}%) | {yes(st[m]['accuracy'] > st['random']['accuracy'])} |")
+        for name, d in st.items():
+            if name.startswith("ead_tau") and "catchup_overhead_vs_ideal" in d:
+                L.append(f"| catch-up adds < 10% to wall time vs no catch-up cost ({name}) | "
+                         f"+{100 * d['catchup_overhead_vs_ideal']:.1f}% | {yes(d['catchup_overhead_vs_ideal'] < 0.1)} |")
+    return L + [""]
+
+
+def write_md(res: dict, path: Path) -> None:
+    L = [f"# Entropy adaptive decoding: {res['small']} -> {res['large']}", "",
+         f"{res['date']}; {res['machine']}. Defaults: tau {res['defaults']['tau']} bits, "
+         f"window {res['defaults']['window']}, d_min {res['defaults']['d_min']}. "
+         "Produced by `benchmarks/ead.py` (see its docstring for the method).", ""]
+    L += targets_md(res)
+    tf = res.get("teacher_forced")
+    if tf:
+        L += ["## Teacher-forced perplexity", "",
+              f"{tf['tokens_per_domain']} tokens per domain in chunks of {tf['chunk']}; the tuning half (even chunks) "
+              "chose window / d_min / hysteresis, everything below is on the held-out half (odd chunks). "
+              "Recovery = (ppl_small - ppl) / (ppl_small - ppl_large). ![](ead.png)", ""]
+        for dom, d in tf["domains"].items():
+            L += [f"### {dom}: small {d['ppl_small']:.3f}, large {d['ppl_large']:.3f} "
+                  f"({d['positions']} positions; argmax agreement {100 * d['argmax_agreement']:.1f}%)", "",
+                  "| tau | large share | EAD ppl | recovery | random segments | random i.i.d. | oracle | switches/1k |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for r in d["sweep_default_window_dmin"]:
+                if r["tau"] in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0):
+                    L.append(f"| {r['tau']} | {100 * r['large_share']:.1f}% | {r['ppl']:.3f} | "
+                             f"{100 * r['recovery']:.1f}% | {r['ppl_random_segments']:.3f} | "
+                             f"{r['ppl_random_iid']:.3f} | {r['ppl_oracle']:.3f} | {r['switches_per_1k']:.0f} |")
+            b = d["best_recovery_at_share_le_50"]
+            L += ["", f"Best recovery at a large share <= 50%: {100 * b['recovery']:.1f}% "
+                      f"(tau {b['tau']}, share {100 * b['large_share']:.1f}%, random segments there "
+                      f"{b['ppl_random_segments']:.3f} vs EAD {b['ppl']:.3f}).", "",
+                  "| small entropy (bits) | positions | argmax agreement | NLL gain of large (nats) |",
+                  "|---|---|---|---|"]
+            for e in d["by_small_entropy"]:
+                L.append(f"| {e['small_entropy_bits'][0]}-{e['small_entropy_bits'][1]} | "
+                         f"{100 * e['share_of_positions']:.1f}% | {100 * e['argmax_agreement']:.1f}% | "
+                         f"{e['nll_gain_nats']:.3f} |")
+            L.append("")
+        L += ["### Tuning (tuning half; mean recovery over shares 20/30/40/50%, both domains)", "",
+              "| window | d_min | tau_low / tau | mean recovery |", "|---|---|---|---|"]
+        for g in tf["tuning_grid"][:10]:
+            L.append(f"| {g['window']} | {g['d_min']} | {g['tau_low_ratio']} | {100 * g['mean_recovery_20_50']:.1f}% |")
+        L.append("")
+    gs = res.get("gsm8k")
+    if gs:
+        L += ["## GSM8K generation", "",
+              f"Greedy, chat template, max {gs['max_tokens']} tokens, exact match of the final number. "
+              "ms/token is wall time per generated token (prefill included) on a shared 2-core machine. "
+              "Compute is parameter-weighted tokens run (prompt, catch-up, decode) relative to the large model alone.",
+              "", "| setting | problems | accuracy | gap recovery | large share | compute | ms/token | "
+              "switches | catch-up tok | catch-up overhead | truncated |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, d in gs["settings"].items():
+            co = d.get("catchup_overhead_vs_ideal")
+            L.append(f"| {name} | {d['problems']} | {100 * d['accuracy']:.1f}% ({d['correct']}) | "
+                     f"{100 * d.get('gap_recovery', float('nan')):.0f}% | {100 * d['large_share']:.1f}% | "
+                     f"{d['relative_compute']:.2f} | {d['ms_per_token']:.0f} | {d.get('switches_per_problem', 0):.1f} | "
+                     f"{d.get('catchup_tokens_per_problem', 0):.1f} | "
+                     f"{'' if co is None else f'{100 * co:.1f}%'} | {d['truncated']} |")
+        if "random_calibration" in gs:
+            c = gs["random_calibration"]
+            L += ["", f"Random switching: the small model hands over with probability {c['p_up']:.3f} per token "
+                      f"and the large one writes exactly d_min = {c['d_min']} tokens, calibrated on "
+                      f"{c['pilot_problems']} pilot problems (400..) of {c['matched_to']} (share "
+                      f"{100 * c['pilot_large_share']:.1f}%, mean large segment {c['pilot_mean_large_segment']:.1f})."]
+        for name, d in gs["settings"].items():
+            if "same_text_as_large" in d:
+                L += ["", f"{name}: text identical to large-only on {d['same_text_as_large']} problems; "
+                          f"{d.get('checked_tokens', 0)} draft tokens checked, {d.get('rejected_tokens', 0)} thrown away; "
+                          f"{d['ms_per_token']:.0f} ms/token vs large-only {d['large_only_ms_per_token_same_problems']:.0f} "
+                          "on the same problems."]
+        L.append("")
+    path.write_text("\n".join(L) + "\n")
+
+
+# ============================================================================================
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tf", help="teacher-forced per-position scores of both models")
+    t.add_argument("--tokens", type=int, default=4096)
+    t.add_argument("--chunk", type=int, default=1024)
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_tf)
+    g = sub.add_parser("gsm8k", help="generation on GSM8K (resumable)")
+    g.add_argument("--n", type=int, default=100)
+    g.add_argument("--start", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--runs", default=str(WORK / "gsm8k_runs.jsonl"))
+    g.add_argument("--pilot", type=int, default=8, help="pilot problems (400..) for --pilot-taus")
+    g.add_argument("--pilot-taus", default=None, help="comma-separated taus to run on the pilot problems")
+    g.add_argument("--taus", default=None, help="comma-separated taus of the EAD settings (none: pilot only)")
+    g.add_argument("--match-tau", type=float, default=None, help="EAD tau the random baseline is matched to")
+    g.add_argument("--verify-tau", type=float, default=DEFAULT_TAU)
+    g.add_argument("--n-verify", type=int, default=20, help="problems also run with verify")
+    g.set_defaults(func=cmd_gsm8k)
+    r = sub.add_parser("report", help="write benchmarks/results/ead.{json,md,png}")
+    r.add_argument("--tokens", type=int, default=4096)
+    r.add_argument("--chunk", type=int, default=1024)
+    r.add_argument("--runs", default=str(WORK / "gsm8k_runs.jsonl"))
+    r.add_argument("--n", type=int, default=100)
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.set_defaults(func=cmd_report)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

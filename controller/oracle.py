@@ -1,0 +1,149 @@
+"""Oracle labels: the damage quantizing one token's keys or values does, measured exactly.
+
+damage(j, kind, b) = sum over i in j+1..j+T of KL(p_i || q_i): p_i is the next-token
+distribution at position i with every cached token at 16 bits, q_i the same when only
+token j's keys (kind "k") or values ("v") are stored at b bits. Exact: the context is cut
+back to j, token j is re-run and re-encoded at b bits (ek_kv_set_bits on that one
+position), then positions j+1..j+T are re-run in one batch with all logits (the model's
+own forward pass, no approximation).
+
+Noise floor. The engine quantizes activations (Q8) for its integer matmuls, so *any*
+perturbation, however small -- even re-running the same tokens through a different
+batch split -- moves later logits by a KL of a few 1e-3 nats per position. That floor
+is measured per token (``null``: the baseline run with positions j+1..j+T split into two
+batches, which changes nothing but the kernel path) and subtracted:
+
+    excess(j, kind, b) = damage(j, kind, b) - null(j)
+
+The label of a token, for keys and values separately, is the lowest b in 2, 4, 8 whose
+excess is at most the kind's tolerance (``TOL``), else 16. Higher bit-widths are only
+measured when the lower one fails (damage falls as bits rise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgekv import _native
+
+ffi, lib = _native.ffi, _native.lib
+
+HORIZON = 16              # T: following positions over which KL is summed
+NULL_SPLIT = 5            # the null run feeds j+1..j+5, then the rest
+TOL = {"k": 0.5, "v": 0.05}  # tolerance on the excess damage (nats summed over T positions)
+LADDER = (2, 4, 8)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_rows(logp_ref: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(p_ref || q) per row; logp_ref a log-softmax, logits raw."""
+    logq = log_softmax(logits)
+    return np.maximum((np.exp(logp_ref) * (logp_ref - logq)).sum(axis=-1), 0.0)
+
+
+def set_bits(model, pos: int, kb: int, vb: int) -> None:
+    p, k, v = (np.array([x], np.int32) for x in (pos, kb, vb))
+    rc = lib.ek_kv_set_bits(model._handle, ffi.cast("int32_t *", p.ctypes.data), ffi.cast("int32_t *", k.ctypes.data),
+                            ffi.cast("int32_t *", v.ctypes.data), 1)
+    if rc != 0:
+        raise RuntimeError(model._c_error())
+
+
+class WindowOracle:
+    """Exact single-token damage in one window of token ids (16-bit background).
+
+    Batched prefill and one-token decode take different kernel paths, so every comparison
+    is against a baseline that follows exactly the same path with nothing quantized: for
+    token j the context is cut back to j, token j is re-run alone, optionally re-encoded,
+    then j+1..j+T run in one batch with all logits.
+    """
+
+    def __init__(self, model, ids: np.ndarray, horizon: int = HORIZON):
+        self.model = model
+        self.ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self.T = int(horizon)
+        model._ctx_policy = None
+        model._truncate(0)
+        self._base = None  # (j, log-softmax of the baseline rows)
+        self.runs = 0
+
+    def _run(self, j: int, kb: int = 16, vb: int = 16, split: int = 0) -> np.ndarray:
+        m = self.model
+        end = min(j + 1 + self.T, self.ids.size)
+        if m.n_past > j:
+            m._truncate(j)
+        elif m.n_past < j:
+            m._eval_raw(self.ids[m.n_past:j], lib.EK_LOGITS_NONE, None)
+        m._eval_raw(self.ids[j:j + 1], lib.EK_LOGITS_NONE, None)
+        if kb != 16 or vb != 16:
+            set_bits(m, j, kb, vb)
+        out = np.empty((end - j - 1, m.vocab_size), np.float32)
+        if 0 < split < end - j - 1:
+            m._eval_raw(self.ids[j + 1:j + 1 + split], lib.EK_LOGITS_ALL, out[:split])
+            m._eval_raw(self.ids[j + 1 + split:end], lib.EK_LOGITS_ALL, out[split:])
+        else:
+            m._eval_raw(self.ids[j + 1:end], lib.EK_LOGITS_ALL, out)
+        self.runs += 1
+        return out
+
+    def _baseline(self, j: int) -> np.ndarray:
+        if self._base is None or self._base[0] != j:
+            self._base = (j, log_softmax(self._run(j)))
+        return self._base[1]
+
+    def damage(self, j: int, kind: str, bits: int) -> float:
+        """Summed KL over j+1..j+T with token j's keys (kind "k") or values ("v") at `bits`."""
+        base = self._baseline(j)
+        out = self._run(j, bits if kind == "k" else 16, bits if kind == "v" else 16)
+        return float(kl_rows(base, out).sum())
+
+    def null(self, j: int) -> float:
+        """Summed KL of the same computation through another batch split (the noise floor)."""
+        base = self._baseline(j)
+        return float(kl_rows(base, self._run(j, split=NULL_SPLIT)).sum())
+
+    def measure(self, j: int, tol=TOL) -> dict:
+        """null and damages of token j along the ladder (NaN where not measured: a lower
+        bit-width already passed)."""
+        if j + 1 + self.T > self.ids.size:
+            raise ValueError(f"position {j} needs {self.T} following tokens in the window")
+        rec = {"null": self.null(j)}
+        for kind in ("k", "v"):
+            passed = False
+            for b in LADDER:
+                if passed:
+                    rec[f"{kind}{b}"] = float("nan")
+                    continue
+                rec[f"{kind}{b}"] = d = self.damage(j, kind, b)
+                passed = d - rec["null"] <= tol[kind]
+        return rec
+
+
+def labels_from(rec_arrays: dict, tol=TOL) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle labels (key bits, value bits) from measured damages (arrays keyed like measure())."""
+    out = []
+    for kind in ("k", "v"):
+        n = rec_arrays["null"].size
+        lab = np.full(n, 16, np.int32)
+        for b in reversed(LADDER):
+            ex = rec_arrays[f"{kind}{b}"] - rec_arrays["null"]
+            lab = np.where(np.isfinite(ex) & (ex <= tol[kind]), b, lab)
+        out.append(lab)
+    return out[0], out[1]
+
+
+def excess_table(rec_arrays: dict) -> np.ndarray:
+    """(n, 2, 4) excess damage for kind (k, v) x bits (2, 4, 8, 16); unmeasured bits above a
+    passing one are taken as 0 (at or under the floor), 16 bits as 0."""
+    n = rec_arrays["null"].size
+    t = np.zeros((n, 2, 4))
+    for ki, kind in enumerate(("k", "v")):
+        for bi, b in enumerate(LADDER):
+            ex = np.maximum(rec_arrays[f"{kind}{b}"] - rec_arrays["null"], 0.0)
+            t[:, ki, bi] = np.where(np.isfinite(ex), ex, 0.0)
+    return t

@@ -1,0 +1,252 @@
+"""The learned KV controller: rarity feature, feature matrix, decision rule, the ONNX artifact
+shipped in the package (loads, decides deterministically), LearnedPolicy / RulePolicy inside a
+Model (tiny models), and kv="adaptive" parsing. Fast: no real model is run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sys
+
+from conftest import REPO, THREADS
+import edgekv
+from edgekv import controller as ctl
+from edgekv.kv_policy import CallablePolicy, TokenFeatures, parse_policy
+
+SHIPPED = sorted(ctl.DATA_DIR.glob("controller_*.json"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the training package (controller/) lives at the top level
+
+
+def _features(n: int, seed: int = 0, nan_logprob_first: bool = True) -> TokenFeatures:
+    rng = np.random.default_rng(seed)
+    pos = np.arange(n, dtype=np.int32)
+    lp = -rng.exponential(3.0, n).astype(np.float32)
+    if nan_logprob_first:
+        lp[0] = np.nan
+    return TokenFeatures(
+        positions=pos,
+        token_ids=rng.integers(0, 1000, n).astype(np.int32),
+        entropy=rng.exponential(2.0, n).astype(np.float32),
+        max_prob=rng.uniform(0.05, 1.0, n).astype(np.float32),
+        logprob=lp,
+        attn_mean=rng.uniform(0, 0.2, n).astype(np.float32),
+        attn_var=rng.uniform(0, 0.01, n).astype(np.float32),
+        age=(n - 1 - pos).astype(np.int32),
+        rarity=rng.uniform(2, 14, n).astype(np.float32),
+    )
+
+
+# ---- features ---------------------------------------------------------------------------------
+
+def test_token_features_rarity_is_optional():
+    f = TokenFeatures(*(np.zeros(3, np.float32) for _ in range(8)))
+    assert f.rarity.shape == (3,) and np.isnan(f.rarity).all()
+
+
+@pytest.mark.parametrize("n_pos", [1, 5, 40])
+def test_rarity_counts_only_the_past(n_pos):
+    rng = np.random.default_rng(1)
+    ctx = rng.integers(0, 7, 60)
+    counts = np.bincount(rng.integers(0, 50, 500), minlength=50)
+    prior = ctl.RarityPrior(counts, 50)
+    pos = np.sort(rng.choice(60, n_pos, replace=False))
+    got = prior.rarity(ctx, pos)
+    w = ctl.RARITY_PRIOR_WEIGHT
+    want = [-np.log((w * prior.q[ctx[j]] + np.count_nonzero(ctx[:j + 1] == ctx[j])) / (w + j + 1)) for j in pos]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # a later occurrence makes a token less rare
+    assert prior.rarity(np.array([3, 3]), np.array([1]))[0] < prior.rarity(np.array([3, 3]), np.array([0]))[0]
+
+
+def test_feature_matrix_is_finite_and_ordered():
+    f = _features(20)
+    f.entropy[3] = np.nan
+    f.attn_mean[4] = np.nan
+    X = ctl.feature_matrix(f)
+    assert X.shape == (20, len(ctl.FEATURE_NAMES)) and X.dtype == np.float32
+    assert np.isfinite(X).all()
+    assert X[0, ctl.FEATURE_NAMES.index("has_logprob")] == 0 and X[1, ctl.FEATURE_NAMES.index("has_logprob")] == 1
+
+
+# ---- decision rule ---------------------------------------------------------------------------------
+
+def test_choose_bits_monotone_in_lambda():
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(3), 200)
+    table = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 0.02, 0.0, 0.0], [3.0, 1.0, 0.01, 0.0]])  # labels 2, 4, 8
+    eff = ctl.effective_bits((64, 64, 32))
+    prev = None
+    for lam in (0.0, 0.3, 1, 3, 10, 100, 1e4):
+        b = ctl.choose_bits(p, table, lam, eff)
+        assert set(np.unique(b)) <= {2, 4, 8, 16}
+        if prev is not None:
+            assert (b >= prev).all()
+        prev = b
+    assert (ctl.choose_bits(p, table, 0.0, eff) == 2).all()
+
+
+def test_lambda_for_target_interpolates():
+    table = [[0.01, 3.0], [0.1, 3.2], [1.0, 3.6], [10.0, 4.4]]
+    assert ctl.lambda_for_target(table, 2.0) == 0.01
+    assert ctl.lambda_for_target(table, 9.0) == 10.0
+    lam = ctl.lambda_for_target(table, 3.4)
+    assert 0.1 < lam < 1.0
+    assert ctl.lambda_for_target(table, 3.5) > lam
+
+
+def test_effective_and_average_bits():
+    eff = ctl.effective_bits((64, 64, 32))
+    assert eff == {16: 16.0, 8: 8.5, 4: 4.5, 2: 3.0}
+    assert ctl.average_bits(np.array([4, 4]), np.array([2, 2]), (64, 64, 32)) == pytest.approx(3.75)
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+def test_parse_adaptive():
+    p = parse_policy("adaptive")
+    assert isinstance(p, ctl.LearnedPolicy) and p.needs_features and p.target_bits is None
+    q = parse_policy("adaptive@3.25", window=2)
+    assert q.target_bits == 3.25 and q.window == 2 and q.name == "adaptive@3.25"
+    with pytest.raises(ValueError):
+        parse_policy("adaptive@")
+
+
+# ---- the shipped artifact ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not SHIPPED, reason="no controller artifact in python/edgekv/data")
+@pytest.mark.parametrize("meta_path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_artifact_loads_and_decides_deterministically(meta_path):
+    meta = json.loads(meta_path.read_text())
+    assert meta["features"] == list(ctl.FEATURE_NAMES)
+    assert meta_path.with_suffix(".onnx").exists()
+    art = ctl.load_artifact(str(meta_path))
+    X = ctl.feature_matrix(_features(64, seed=3))
+    pk, pv = art.predict_proba(X)
+    assert pk.shape == (64, len(meta["k_classes"])) and pv.shape == (64, len(meta["v_classes"]))
+    np.testing.assert_allclose(pk.sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose(pv.sum(1), 1, atol=1e-4)
+    # a fresh session gives the same probabilities, and the decisions follow the target
+    art2 = ctl.ControllerArtifact(meta_path.with_suffix(".onnx"), meta)
+    pk2, pv2 = art2.predict_proba(X)
+    np.testing.assert_array_equal(pk, pk2)
+    np.testing.assert_array_equal(pv, pv2)
+    eff = ctl.effective_bits(meta["kv_groups"])
+    bits = []
+    for tb in (3.25, 3.5, 4.0, 4.5):
+        lam = ctl.lambda_for_target(meta["lambda_table"], tb)
+        k = ctl.choose_bits(pk, meta["k_damage_table"], lam, eff)
+        v = ctl.choose_bits(pv, meta["v_damage_table"], lam, eff)
+        np.testing.assert_array_equal(k, ctl.choose_bits(pk2, meta["k_damage_table"], lam, eff))
+        bits.append(ctl.average_bits(k, v, meta["kv_groups"]))
+    assert bits == sorted(bits)
+    # rule-baseline calibration sample ships with it
+    calib = np.load(meta_path.with_name(meta_path.stem + "_calib.npy"))
+    assert calib.shape[1] == len(ctl.FEATURE_NAMES)
+
+
+# ---- inside a Model (tiny) ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_path):
+    m = edgekv.load(str(tiny_path("llama", "Q8_0")), threads=THREADS, ctx=128)
+    yield m
+    m.close()
+
+
+def test_adaptive_without_artifact_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="no learned KV controller"):
+        tiny_model.generate([1, 2, 3, 4], max_tokens=2, temperature=0, kv="adaptive")
+
+
+def test_model_fills_rarity_and_decode_logprob(tiny_model):
+    seen = []
+
+    def fn(f):
+        seen.append(f)
+        return np.full(len(f), 16, np.int32), np.full(len(f), 16, np.int32)
+
+    tiny_model.generate([5, 6, 7, 5, 6], max_tokens=4, temperature=0, kv=CallablePolicy(fn))
+    prefill, steps = seen[0], seen[1:]
+    assert np.isfinite(prefill.rarity).all()
+    assert np.isnan(prefill.logprob[0]) and np.isfinite(prefill.logprob[1:]).all()
+    # decode steps: the token decided was predicted by the previous step's logits
+    assert steps and all(np.isfinite(s.logprob).all() and np.isfinite(s.rarity).all() for s in steps)
+    # repeated ids become less rare within the session
+    assert prefill.rarity[3] < prefill.rarity[0]
+
+
+def _tiny_artifact(model, tmp_path):
+    """A small controller for the tiny model: a decision tree on synthetic labels, exported like the real one."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    from controller.train import export_onnx
+
+    rng = np.random.default_rng(0)
+    X = ctl.feature_matrix(_features(300, seed=4))
+    yk = np.where(X[:, 0] > np.median(X[:, 0]), 4, 2)
+    yv = np.where(X[:, 5] > np.median(X[:, 5]), 4, 2)
+    yk[rng.integers(0, 300, 10)] = 8
+    est_k = DecisionTreeClassifier(max_depth=3, random_state=0).fit(X, yk)
+    est_v = DecisionTreeClassifier(max_depth=3, random_state=0).fit(X, yv)
+    onnx_path = tmp_path / "controller_tiny.onnx"
+    export_onnx(est_k, est_v, X.shape[1], onnx_path)
+    meta = {
+        "model": "tiny", "vocab_sha256": ctl.vocab_fingerprint(model.tokenizer), "shape": ctl.model_shape(model),
+        "kv_groups": list(model.kv_groups), "features": list(ctl.FEATURE_NAMES),
+        "k_classes": [2, 4, 8], "v_classes": [2, 4],
+        "k_damage_table": [[0, 0, 0, 0], [5.0, 0, 0, 0], [10.0, 5.0, 0, 0]],
+        "v_damage_table": [[0, 0, 0, 0], [5.0, 0, 0, 0]],
+        "lambda_table": [[0.01, 3.0], [1.0, 3.4], [10.0, 4.0], [100.0, 5.0]],
+        "default_target_bits": 3.5,
+    }
+    json_path = onnx_path.with_suffix(".json")
+    json_path.write_text(json.dumps(meta))
+    return json_path
+
+
+def test_learned_policy_in_a_model(tiny_model, tmp_path):
+    art = _tiny_artifact(tiny_model, tmp_path)
+    ids = list(range(3, 40))
+    results = []
+    for _ in range(2):
+        pol = ctl.LearnedPolicy(target_bits=3.5, artifact=art)
+        out = tiny_model.generate(ids, max_tokens=6, temperature=0, kv=pol)
+        results.append((out, *tiny_model.kv_bits()))
+    (o1, k1, v1), (o2, k2, v2) = results
+    assert o1 == o2
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
+    assert set(np.unique(k1)) <= {2, 4, 8, 16} and set(np.unique(v1)) <= {2, 4, 8, 16}
+    assert len(set(np.unique(k1)) | set(np.unique(v1))) > 1  # it does route
+    # more bits asked, no fewer bits given
+    lo = ctl.LearnedPolicy(lam=0.0, artifact=art)
+    hi = ctl.LearnedPolicy(lam=1e4, artifact=art)
+    tiny_model.score(ids, [7, 8], kv=lo)
+    bits_lo = tiny_model.kv_avg_bits
+    tiny_model.score(ids, [7, 8], kv=hi)
+    assert tiny_model.kv_avg_bits > bits_lo
+
+
+def test_learned_policy_refuses_another_models_artifact(tiny_model, tmp_path):
+    art = _tiny_artifact(tiny_model, tmp_path)
+    meta = json.loads(art.read_text())
+    meta["shape"]["n_layer"] += 1
+    art.write_text(json.dumps(meta))
+    ctl.load_artifact.cache_clear()
+    with pytest.raises(ValueError, match="trained for"):
+        tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
+
+
+def test_rule_policy(tiny_model):
+    X = ctl.feature_matrix(_features(400, seed=5))
+    rule = ctl.RulePolicy.calibrated(X, 3.5, groups=(64, 64, 32))
+    assert rule.lo == (2, 2) and rule.hi == (4, 2)
+    imp = (X[:, 0] > rule.tau_entropy) | (X[:, 5] > rule.tau_attn)
+    assert abs(imp.mean() - 2 / 3) < 0.02  # 3.5 bits = 2/3 of keys at 4 bits (4.5) and 1/3 at 2 (3.0)
+    tiny_model.score(list(range(3, 30)), [5], kv=rule)
+    k, v = tiny_model.kv_bits()
+    assert set(np.unique(k)) <= {2, 4} and set(np.unique(v)) == {2}
