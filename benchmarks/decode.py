@@ -434,11 +434,12 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
     gc.disable()
     snap0 = cpu_snapshot()
 
-    def timed(k, fn):
+    def timed(rd, k, fn):
+        """Run fn (which returns wall times and this thread's CPU times) and record both."""
         time.sleep(gap)
         a = cpu_snapshot()
-        t = fn()
-        return t, others_share(a, cpu_snapshot())
+        rd["times"][k], rd["cpu"][k] = fn()
+        rd["others"][k] = others_share(a, cpu_snapshot())
 
     n_blocks = -(-args.steps // args.block)
     t_start = time.monotonic()
@@ -459,17 +460,18 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
                 bar.refresh()
             order = keys if rep % 2 == 0 else keys[::-1]
             nxt = {}
-            rd = {"kind": "prefill", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "others": {}}
+            rd = {"kind": "prefill", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "cpu": {},
+                  "others": {}}
             for k in order:
                 e = engines[k]
                 e.reset()
 
                 def run_prefill(e=e):
-                    t0 = time.perf_counter()
+                    c0, t0 = time.thread_time(), time.perf_counter()
                     e.prefill()
-                    return [time.perf_counter() - t0]
+                    return [time.perf_counter() - t0], [time.thread_time() - c0]
 
-                rd["times"][k], rd["others"][k] = timed(k, run_prefill)
+                timed(rd, k, run_prefill)
                 assert e.n_past() == n, (k, e.n_past(), n)
                 nxt[k] = e.argmax()
                 bar.update(1)
@@ -481,23 +483,25 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
             while done < args.steps:
                 blk = min(args.block, args.steps - done)
                 order = keys if b % 2 == 0 else keys[::-1]
-                rd = {"kind": "decode", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "others": {}}
+                rd = {"kind": "decode", "rep": rep, "quiet_before": wait_quiet(args), "times": {}, "cpu": {},
+                      "others": {}}
                 for k in order:
                     e = engines[k]
 
                     def run_block(e=e, k=k):
                         tok = nxt[k]
-                        times = []
+                        times, cpus = [], []
                         for _ in range(blk):
-                            t0 = time.perf_counter()
+                            c0, t0 = time.thread_time(), time.perf_counter()
                             e.step(tok)
                             times.append(time.perf_counter() - t0)
+                            cpus.append(time.thread_time() - c0)
                             tok = e.argmax()
                             toks[k].append(tok)
                         nxt[k] = tok
-                        return times
+                        return times, cpus
 
-                    rd["times"][k], rd["others"][k] = timed(k, run_block)
+                    timed(rd, k, run_block)
                 rd["clean"] = is_clean(rd, args)
                 rounds.append(rd)
                 done += blk
@@ -548,6 +552,10 @@ def bench_context(n: int, ids: list[int], specs: list[EngineSpec], args, bar) ->
             "decode_ms_mean": float(st.mean()),
             "decode_ms_median_all_rounds": float(np.median(st_all)),
             "decode_block_medians_ms": [1000.0 * float(np.median(r["times"][k])) for r in use_dec],
+            # CPU time of the calling thread, all rounds: the whole cost when threads == 1 (each
+            # engine then computes in the calling thread), immune to being descheduled.
+            "prefill_cpu_tok_s_median": n / statistics.median([r["cpu"][k][0] for r in pre]),
+            "decode_cpu_ms_median": 1000.0 * float(np.median([t for r in dec for t in r["cpu"][k]])),
             "greedy_tokens_rep0": first_tokens[k],
         }
     return out
@@ -653,6 +661,10 @@ def summarize(res: dict) -> dict:
                 "prefill_ratio_paired_median": statistics.median(pf_pairs),
                 "decode_ratio_paired_median": statistics.median(dec_pairs),
                 "others_cpu_share": c.get("others_cpu_share"),
+                "decode_cpu_ratio": (ek["decode_cpu_ms_median"] / ll["decode_cpu_ms_median"]
+                                     if "decode_cpu_ms_median" in ek else None),
+                "prefill_cpu_ratio": (ek["prefill_cpu_tok_s_median"] / ll["prefill_cpu_tok_s_median"]
+                                      if "prefill_cpu_tok_s_median" in ek else None),
                 "edgekv_prefill_tok_s": ek["prefill_tok_s_median"],
                 "llama_prefill_tok_s": ll["prefill_tok_s_median"],
                 "prefill_ratio": ek["prefill_tok_s_median"] / ll["prefill_tok_s_median"],
@@ -736,6 +748,21 @@ def write_md(res: dict, path: Path) -> None:
                  f"{c['prefill_rounds_clean']}/{c['prefill_rounds']}, clean decode rounds "
                  f"{c['decode_rounds_clean']}/{c['decode_rounds']} (stats from {c['stats_from']['prefill']} / "
                  f"{c['stats_from']['decode']})" for c in res["contexts"]) + ".\n")
+    if a.get("threads") == 1 and all(r.get("decode_cpu_ratio") for r in s["rows"]):
+        L.append("With one thread each engine computes in the calling thread, so its CPU time is the whole cost "
+                 "and does not count time spent descheduled: a contention-robust comparison (all rounds).\n")
+        L.append("| context | config | edgekv prefill tok/s (CPU) | llama.cpp prefill tok/s (CPU) | ratio | "
+                 "edgekv decode CPU ms/token | llama.cpp decode CPU ms/token | ratio |")
+        L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in s["rows"]:
+            c = next(c for c in res["contexts"] if c["ctx"] == r["ctx"])
+            keys = res["config_engines"][r["config"]]
+            ek, ll = c["engines"][keys["edgekv"]], c["engines"][keys["llama.cpp"]]
+            L.append(f"| {r['ctx']} | {r['config']} | {ek['prefill_cpu_tok_s_median']:.1f} | "
+                     f"{ll['prefill_cpu_tok_s_median']:.1f} | {r['prefill_cpu_ratio']:.2f}x | "
+                     f"{ek['decode_cpu_ms_median']:.2f} | {ll['decode_cpu_ms_median']:.2f} | "
+                     f"{r['decode_cpu_ratio']:.2f}x |")
+        L.append("")
     L.append("Greedy agreement (first rep): " + "; ".join(
         f"ctx {r['ctx']} {r['config']}: first {r['greedy_tokens_identical_prefix']}/{r['greedy_tokens_compared']} "
         "tokens identical" for r in s["rows"]) + ".\n")
@@ -764,9 +791,9 @@ def write_md(res: dict, path: Path) -> None:
         g = mem.get("gguf_reader_alone")
         if g:
             d = g["after_load"]["VmRSS"] - g["after_import"]["VmRSS"]
-            L.append(f"\nFor reference, `gguf.GGUFReader(path)` alone (which edgekv's loader keeps alive for the "
-                     f"model's lifetime) adds {fmt_mib(d)} MiB of RSS ({g['n_field_parts']} numpy field parts "
-                     f"over {g['n_fields']} metadata fields).\n")
+            L.append(f"\nFor reference, opening the file with `gguf.GGUFReader(path)` alone adds {fmt_mib(d)} MiB "
+                     f"of RSS ({g['n_field_parts']} numpy field parts over {g['n_fields']} metadata fields): a loader "
+                     "must not keep that object alive for the model's lifetime.\n")
     if res.get("edgekv_lib_changed_during_run"):
         L.append("**Warning: libedgekv.so changed on disk during this run (a rebuild of the shared build "
                  "folder); the memory subprocesses may have used the new build.**\n")
@@ -777,6 +804,8 @@ def write_md(res: dict, path: Path) -> None:
         L.append(f"| {c['target']} | {c['value']:.2f}x | {'PASS' if c['pass'] else 'FAIL'} |")
     L.append("")
     L.append(f"Command: `{res['command']}`\n")
+    if res.get("memory_command"):
+        L.append(f"Memory re-measured {res['memory_date']} with `{res['memory_command']}` (timings above unchanged).\n")
     path.write_text("\n".join(L))
 
 
@@ -806,6 +835,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=900.0, help="... and while a context has run less than this")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for decode.json / decode.md")
+    p.add_argument("--memory-only", action="store_true",
+                   help="re-measure only resident memory and update the existing decode.json/.md in --out")
     p.add_argument("--_rss-child", dest="rss_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -823,6 +854,19 @@ def main(argv=None) -> int:
     if args.steps < 64:
         print("note: --steps below 64 is below what the report is meant to use", file=sys.stderr)
     from tqdm import tqdm
+
+    if args.memory_only:  # keep the timing results, measure memory again (e.g. after a loader change)
+        res = json.loads((args.out / "decode.json").read_text())
+        ctxs = [c["ctx"] for c in res["contexts"]]
+        ids = wikitext_ids(max(ctxs))
+        with tqdm(total=1 + 2 * len(ctxs), desc="memory", file=sys.stderr, dynamic_ncols=True) as bar:
+            res["memory"] = measure_memory(ctxs, ids, args, bar)
+        res["memory_command"] = " ".join(["python", "benchmarks/decode.py"] + (sys.argv[1:] if argv is None else list(argv)))
+        res["memory_date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        res["summary"] = summarize(res)
+        (args.out / "decode.json").write_text(json.dumps(res, indent=1))
+        write_md(res, args.out / "decode.md")
+        return 0
 
     la0 = loadavg()
     info = machine_info()
