@@ -251,7 +251,7 @@ def test_verify_when_the_draft_ends_the_text(tiny_path):
 def test_verify_sampling_follows_the_large_models_distribution(pair):
     # one token, drafted by the small model and checked by the large: accepted with probability
     # min(1, p/q), else redrawn from the residual, it must be distributed as the large model's
-    from edgekv.ead import _distribution
+    from edgekv.sampling import distribution as _distribution
     from edgekv.sampling import SamplingParams
 
     ids = pair.tokenize(PROMPT)

@@ -45,7 +45,7 @@ import numpy as np
 from . import _native
 from .errors import ContextOverflowError, ModelLoadError, TokenizerError
 from .model import Model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, distribution
 
 lib = _native.lib
 
@@ -282,26 +282,6 @@ def compute_params(model: Model) -> int:
 # sampling distributions (speculative verification needs them explicitly)
 # --------------------------------------------------------------------------------------------
 
-def _distribution(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, probabilities) the sampler draws from: the same transformations as Sampler."""
-    if p.temperature == 0:
-        return np.array([int(np.argmax(logits))]), np.array([1.0])
-    z = logits.astype(np.float64) / p.temperature
-    if p.top_k and p.top_k < z.size:
-        idx = np.argpartition(z, -p.top_k)[-p.top_k:]
-    else:
-        idx = np.arange(z.size)
-    z = z[idx]
-    order = np.argsort(-z, kind="stable")
-    idx, z = idx[order], z[order]
-    probs = np.exp(z - z[0])
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-        idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
-    return idx, probs
-
-
 def _prob_of(dist: tuple[np.ndarray, np.ndarray], tok: int) -> float:
     idx, probs = dist
     hit = np.flatnonzero(idx == tok)
@@ -528,12 +508,12 @@ class _EADRun:
 
     def _sample(self, logits: np.ndarray) -> int:
         if self.cfg.verify and self.role == SMALL:
-            dist = _distribution(logits, self.params)
+            dist = distribution(logits, self.params)
             self.drafts[len(self.seq)] = dist
             return self._draw(dist)
         if self.params.temperature == 0:
             return int(np.argmax(logits))
-        return self._draw(_distribution(logits, self.params))
+        return self._draw(distribution(logits, self.params))
 
     def _draw(self, dist) -> int:
         idx, probs = dist
@@ -574,7 +554,7 @@ class _EADRun:
         for i in range(len(self.seq) - first):
             p = first + i
             tok = self.seq[p]
-            pdist = _distribution(rows[i], self.params)
+            pdist = distribution(rows[i], self.params)
             qdist = self.drafts.pop(p)
             if greedy:
                 ok = int(pdist[0][0]) == tok

@@ -28,26 +28,37 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
 
+def distribution(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, probabilities) a sampler with params p draws from: temperature, top-k, top-p.
+
+    Greedy (temperature 0) is the one-token distribution of the argmax. Speculative
+    verification (edgekv.ead) compares these distributions explicitly.
+    """
+    if p.temperature == 0:
+        return np.array([int(np.argmax(logits))]), np.array([1.0])
+    z = logits.astype(np.float64) / p.temperature
+    if p.top_k and p.top_k < z.size:
+        idx = np.argpartition(z, -p.top_k)[-p.top_k:]
+    else:
+        idx = np.arange(z.size)
+    z = z[idx]
+    order = np.argsort(-z, kind="stable")
+    idx, z = idx[order], z[order]
+    probs = np.exp(z - z[0])
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+        idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
+    return idx, probs
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
-        p = self.params
-        if p.temperature == 0:
+        if self.params.temperature == 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / p.temperature
-        if p.top_k and p.top_k < z.size:
-            idx = np.argpartition(z, -p.top_k)[-p.top_k:]
-        else:
-            idx = np.arange(z.size)
-        z = z[idx]
-        order = np.argsort(-z)
-        idx, z = idx[order], z[order]
-        probs = np.exp(z - z[0])
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-            idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
+        idx, probs = distribution(logits, self.params)
         return int(idx[self.rng.choice(idx.size, p=probs)])
