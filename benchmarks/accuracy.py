@@ -484,6 +484,50 @@ def fmt_ci(ci, spec: str = "+.2f") -> str:
     return "--" if ci is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
 
 
+def observations(res: dict) -> list[str]:
+    """Sentences computed from the figures (only those whose inputs exist)."""
+    rows, out = res["rows"], []
+
+    def ppl_pct(key, vs="vs_fp16"):
+        return rows.get(key, {}).get("wikitext2", {}).get(vs, {}).get("pct")
+
+    def hs_pts(key, vs="vs_fp16"):
+        return rows.get(key, {}).get("hellaswag", {}).get(vs, {}).get("mean_rule", {}).get("points")
+
+    a, b = ppl_pct("llama:f16", "vs_edgekv_fp16"), hs_pts("llama:f16", "vs_edgekv_fp16")
+    if a is not None and b is not None:
+        out.append(f"Execution-path noise floor: the two engines at 16 bits (llama.cpp f16 vs edgekv fp16) differ by "
+                   f"{a:+.2f}% in perplexity and {b:+.2f} points on HellaSwag; differences of that size between "
+                   f"policies are not meaningful.")
+    for ek, ll, bits in (("int8", "q8_0", "8.5"), ("int4", "q4_0", "4.5")):
+        x, y = ppl_pct(f"edgekv:{ek}"), ppl_pct(f"llama:{ll}")
+        if x is not None and y is not None:
+            hx, hy = hs_pts(f"edgekv:{ek}"), hs_pts(f"llama:{ll}")
+            hs = "" if hx is None or hy is None else f"; HellaSwag {hx:+.2f} vs {hy:+.2f} points"
+            out.append(f"At {bits} bits: edgekv {ek} {x:+.2f}% perplexity vs llama.cpp {ll} {y:+.2f}% (each against "
+                       f"its own 16-bit cache){hs}. Formats: edgekv groups of {res['kv_groups'][0 if ek == 'int8' else 1]} "
+                       f"values with an fp16 scale and minimum{', rotated' if res['kv_rotate'] else ''}; llama.cpp "
+                       f"blocks of 32 with one fp16 scale.")
+    x, y = ppl_pct("edgekv:k2v4"), ppl_pct("edgekv:k4v2")
+    if x is not None and y is not None:
+        half = "Keys" if x > y else "Values"
+        out.append(f"{half} are the more sensitive half: at the same 3.75 bits, 2-bit keys (k2v4) cost {x:+.1f}% "
+                   f"perplexity, 2-bit values (k4v2) {y:+.1f}%.")
+    x, h = ppl_pct("edgekv:int2"), hs_pts("edgekv:int2")
+    if x is not None and h is not None:
+        seq = res["sequential_check"]["policies"].get("int2", {})
+        extra = ""
+        if "vs_fp16_sequential_mean_rule" in seq and "vs_fp16_batch_mean_rule" in seq:
+            extra = (f" On the first {res['sequential_check']['tasks']} tasks int2 loses "
+                     f"{seq['vs_fp16_batch_mean_rule']['points']:+.1f} points with `sequential=False` and "
+                     f"{seq['vs_fp16_sequential_mean_rule']['points']:+.1f} with `sequential=True`.")
+        out.append(f"int2 raises perplexity by {x:+.0f}% but moves HellaSwag by only {h:+.2f} points: with "
+                   f"`sequential=False` only the ~30-token context is read at 2 bits (an ending's tokens see each "
+                   f"other at 16 bits and its first token is predicted by the 16-bit prefill pass), and choosing "
+                   f"among four endings is coarser than perplexity.{extra}")
+    return out
+
+
 def write_md(res: dict, path: Path) -> None:
     s = res["settings"]
     rows = res["rows"]
@@ -598,12 +642,17 @@ def write_md(res: dict, path: Path) -> None:
     if sp["types"]:
         L.append(f"## llama.cpp: context reused across endings vs context+ending in one eval (first {sp['tasks']} tasks)")
         L.append("")
-        L.append("| type | max abs diff of mean log-prob | mean abs diff | choices changed | time one-eval / reused |")
-        L.append("|---|---:|---:|---:|---:|")
+        L.append("| type | max abs diff of mean log-prob | mean abs diff | choices changed |")
+        L.append("|---|---:|---:|---:|")
         for name, p in sp["types"].items():
             L.append(f"| {name} | {p['max_abs_diff_of_mean_logprob']:.2e} | {p['mean_abs_diff_of_mean_logprob']:.2e} | "
-                     f"{p['choices_changed_mean_rule']} | {p['runtime_s_one_eval']:.0f} s / "
-                     f"{p['runtime_s_context_reused']:.0f} s |")
+                     f"{p['choices_changed_mean_rule']} |")
+        L.append("")
+    obs = observations(res)
+    if obs:
+        L.append("## Reading the figures")
+        L.append("")
+        L.extend(f"* {o}" for o in obs)
         L.append("")
     L.append("## Notes")
     L.append("")
@@ -627,60 +676,70 @@ def write_png(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, ScalarFormatter
 
-    rows = res["rows"]
-    fig, (ax_hs, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"edgekv": dict(marker="o", color="tab:blue", label="edgekv (W=0)"),
+    rows, s = res["rows"], res["settings"]
+    fig, (ax_hs, ax_ppl) = plt.subplots(1, 2, figsize=(13, 5.2))
+    styles = {"edgekv": dict(marker="o", color="tab:blue", label="edgekv, W=0"),
               "llama.cpp": dict(marker="s", color="tab:orange", label="llama.cpp KV type")}
-    seen = set()
-    for ax, metric in ((ax_hs, "hs"), (ax_ppl, "ppl")):
-        placed: dict[tuple, int] = {}
-        for key, r in rows.items():
-            if metric == "hs":
-                h = r.get("hellaswag")
-                if not h:
-                    continue
-                y = h["acc_mean"]
-                se = 100 * 1.96 * np.sqrt(y / 100 * (1 - y / 100) / h["tasks"])
-                err = se
-            else:
-                w = r.get("wikitext2")
-                if not w:
-                    continue
-                y, err = w["ppl"], None
+    for ax, metric in ((ax_hs, "hellaswag"), (ax_ppl, "wikitext2")):
+        pts = [r for r in rows.values() if r.get(metric) and r["avg_bits"] is not None]
+        same_x: dict[tuple, list] = {}
+        for r in pts:  # points of one engine at the same bits are spread sideways a little
+            same_x.setdefault((r["engine"], round(r["avg_bits"], 2)), []).append(r["policy"])
+        labelled = set()
+        for r in pts:
             st = styles[r["engine"]]
-            lab = st["label"] if (metric, r["engine"]) not in seen else None
-            seen.add((metric, r["engine"]))
-            ax.errorbar(r["avg_bits"], y, yerr=err, fmt=st["marker"], color=st["color"], label=lab, capsize=3, ms=6)
-            slot = (round(r["avg_bits"], 2), r["engine"])
-            k = placed.get(slot, 0)
-            placed[slot] = k + 1
-            dx = 6 if r["engine"] == "edgekv" else -6
-            ha = "left" if r["engine"] == "edgekv" else "right"
-            ax.annotate(r["policy"], (r["avg_bits"], y), textcoords="offset points", xytext=(dx, 4 - 11 * k),
-                        ha=ha, fontsize=8, color=st["color"])
-        ax.set_xlabel("average KV bits per element (scales included)")
-        ax.set_xticks([2, 3, 4, 6, 8, 10, 12, 14, 16])
+            group = same_x[(r["engine"], round(r["avg_bits"], 2))]
+            x = r["avg_bits"] * 2 ** (0.035 * (group.index(r["policy"]) - (len(group) - 1) / 2))
+            if metric == "hellaswag":
+                h = r[metric]
+                y = h["acc_mean"]
+                err = 100 * 1.96 * np.sqrt(y / 100 * (1 - y / 100) / h["tasks"])
+                d = h.get("vs_fp16", {}).get("mean_rule", {}).get("points")
+                text = r["policy"] + ("" if d is None else f" {d:+.1f}")
+            else:
+                y, err = r[metric]["ppl"], None
+                d = r[metric].get("vs_fp16", {}).get("pct")
+                text = r["policy"] + ("" if d is None else f" {d:+.1f}%")
+            ax.errorbar(x, y, yerr=err, fmt=st["marker"], color=st["color"], capsize=3, ms=6,
+                        label=st["label"] if r["engine"] not in labelled else None)
+            labelled.add(r["engine"])
+            up = r["engine"] == "edgekv"  # edgekv labels above right, llama.cpp's below right
+            ax.annotate(text, (x, y), textcoords="offset points",
+                        xytext=(6, (5 if up else -13) - 10 * group.index(r["policy"])),
+                        ha="left", fontsize=8, color=st["color"])
+        ax.set_xscale("log", base=2)
+        ticks = sorted({round(r["avg_bits"], 2) for r in pts})
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(2.7, 24)
+        ax.set_xlabel("average KV bits per element, log scale (scales included; llama.cpp: 16, 8.5, 4.5)")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="center right", fontsize=8)
     fp = rows.get("edgekv:fp16", {})
-    s = res["settings"]
-    ax_hs.set_ylabel("HellaSwag accuracy, mean log-prob rule (%)")
-    ax_hs.set_title(f"HellaSwag ({s['tasks']:,} tasks; bars: 95% binomial)")
+    ax_hs.set_ylabel("HellaSwag accuracy (%), mean log-prob rule")
+    ax_hs.set_title(f"HellaSwag, first {s['tasks']:,} tasks (bars: 95% binomial; label: points vs fp16)", fontsize=10)
     if fp.get("hellaswag"):
         ax_hs.axhline(fp["hellaswag"]["acc_mean"], ls="--", color="gray", lw=0.8)
     ax_hs.axhline(25, ls=":", color="red", lw=0.8)
-    ax_hs.text(2.2, 25.3, "chance", color="red", fontsize=8)
+    ax_hs.text(23, 25.4, "chance", color="red", fontsize=8, ha="right")
     ax_ppl.set_ylabel("WikiText-2 perplexity")
-    ax_ppl.set_title(f"WikiText-2 ({s['windows']} x 128 scored tokens after 384 of context)")
+    ax_ppl.set_title(f"WikiText-2, {s['windows']} windows x 128 scored tokens after 384 of context "
+                     f"(label: % vs fp16)", fontsize=10)
     ppls = [r["wikitext2"]["ppl"] for r in rows.values() if r.get("wikitext2")]
     if ppls and max(ppls) / min(ppls) > 2:
         ax_ppl.set_yscale("log")
+        ticks = [t for t in (10, 12, 14, 16, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300)
+                 if min(ppls) / 1.15 <= t <= max(ppls) * 1.15]
+        ax_ppl.yaxis.set_major_locator(FixedLocator(ticks))
+        ax_ppl.yaxis.set_major_formatter(ScalarFormatter())
+        ax_ppl.yaxis.set_minor_formatter(NullFormatter())
     if fp.get("wikitext2"):
         ax_ppl.axhline(fp["wikitext2"]["ppl"], ls="--", color="gray", lw=0.8)
-    for ax in (ax_hs, ax_ppl):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right" if ax is ax_ppl else "lower right", fontsize=8)
-    fig.suptitle(f"{res['model']['file']}: KV-cache precision vs quality", fontsize=11)
+    fig.suptitle(f"{res['model']['file']}: KV-cache precision vs quality (dashed: edgekv fp16)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -812,10 +871,10 @@ NOTES = [
     "prefill, or `sequential=False`) tokens attend to each other's 16-bit K/V. Hence the first continuation "
     "token is always predicted with the context at 16 bits (its log-prob is identical under fp16 and int2). "
     "llama.cpp stores K/V in the cache type before attending, so all its predictions read quantized K/V.",
-    "Execution-path noise: edgekv (like llama.cpp) quantizes matmul activations to 8 bits and its kernels "
-    "for full and partial row tiles round differently, so one position's logits depend on the batch layout "
-    "(position 99 of WikiText-2: log-prob -2.711 in a 100-token batch, -2.597 in a batch of >= 104 tokens, "
-    "-2.801 one token at a time). fp16 `sequential=True` vs `False` on window 0 differ by 0.06 nats per "
+    "Execution-path noise: edgekv (like llama.cpp) quantizes matmul activations to 8 bits, and one "
+    "position's logits depend on the size of the batch it is computed in (next-token log-prob at position "
+    "99 of WikiText-2: -2.711 in a batch of 100 or 101 tokens, -2.597 in a batch of 104 or more, -2.801 one "
+    "token at a time; llama.cpp batch vs one at a time differs similarly). fp16 `sequential=True` vs `False` on window 0 differ by 0.06 nats per "
     "token on average (mean abs), but only 0.02% in perplexity: the noise is symmetric.",
     "llama.cpp ran with 1 thread (`--llama-threads 1`, n_threads = n_threads_batch = 1): on this shared "
     "2-core machine (load average ~10) its spinning 2-thread barrier made an eval 3-5x slower; the logits "

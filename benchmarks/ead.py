@@ -600,6 +600,99 @@ def summarize_gsm8k(runs: list, n: int) -> dict:
 
 
 # ============================================================================================
+# timing: where EAD's time goes (a controlled run, separate from the accuracy run)
+# ============================================================================================
+
+def cmd_timing(args) -> int:
+    """Per-model forward time inside EAD runs, and what a batch of k tokens costs each model.
+
+    For --problems GSM8K problems (from --start), runs large-only and EAD at each --taus, in
+    rotating order, --reps times; reports wall time, time inside each model and Python's share.
+    Then, after a 300-token context, times a batch of k new tokens (k = 1, 2, 4, ..., 64) on
+    each model: catch-up runs such batches where an up-to-date model would run one token."""
+    probs = [json.loads(x) for x in (DATA / "gsm8k_train500.jsonl").read_text().splitlines() if x.strip()]
+    pair = edgekv.load_pair(SMALL_NAME, LARGE_NAME, threads=args.threads, ctx=1024, progress=False)
+    chat = pair.tokenizer.apply_chat_template
+    prompts = [chat(gsm8k_messages(probs, i), add_generation_prompt=True) for i in range(args.start, args.start + args.problems)]
+    a, b = pair.tokenize(prompts[0]), pair.tokenize(prompts[1])
+    keep = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+    for m in (pair.small, pair.large):
+        m._eval(np.asarray(a[:keep], np.int32), lib.EK_LOGITS_LAST, m._logits)
+    taus = [float(x) for x in args.taus.split(",")]
+    settings = [("large", None)] + [(f"ead_tau{t}", t) for t in taus]
+    rows = []
+    for rep in range(args.reps):
+        for j, p in enumerate(prompts):
+            order = settings[(j + rep) % len(settings):] + settings[:(j + rep) % len(settings)]
+            for name, tau in order:
+                for m in (pair.small, pair.large):
+                    if m.n_past > keep:
+                        m._truncate(keep)
+                t0 = time.perf_counter()
+                if tau is None:
+                    pair.large.generate(p, max_tokens=args.max_tokens, temperature=0)
+                    st = pair.large.last_stats
+                    r = {"wall_s": time.perf_counter() - t0, "tokens": st.generated_tokens,
+                         "large_s": st.prefill_s + st.decode_s, "small_s": 0.0}
+                else:
+                    pair.generate(p, max_tokens=args.max_tokens, temperature=0, tau=tau)
+                    st = pair.last_stats
+                    r = {"wall_s": time.perf_counter() - t0, "tokens": st.generated_tokens, "large_s": st.large_s,
+                         "small_s": st.small_s, "catchup_overhead_s": st.catchup_overhead_s,
+                         "catchup_tokens": st.catchup_tokens, "large_share": st.large_share,
+                         "large_evaluated": st.large_evaluated, "small_evaluated": st.small_evaluated,
+                         "switches": st.switches}
+                r.update(setting=name, problem=args.start + j, rep=rep, load=os.getloadavg()[0])
+                rows.append(r)
+                log(f"{name:>12} #{args.start + j} rep {rep}: {r['tokens']} tok, wall {r['wall_s']:.1f} s "
+                    f"(small {r['small_s']:.1f}, large {r['large_s']:.1f}), load {r['load']:.1f}")
+    # batch cost curve
+    ctx_ids = np.asarray(pair.tokenize((DATA / "wikitext2_valid.txt").read_text()[:4000])[:364], np.int32)
+    curve = {}
+    for role, m in ((SMALL, pair.small), (LARGE, pair.large)):
+        m.reset()
+        m._eval(ctx_ids[:300], lib.EK_LOGITS_LAST, m._logits)
+        pts = []
+        for k in (1, 2, 4, 8, 16, 32, 64):
+            ts = []
+            for _ in range(args.reps + 1):
+                m._truncate(300)
+                t0 = time.perf_counter()
+                m._eval(ctx_ids[300:300 + k], lib.EK_LOGITS_LAST, m._logits)
+                ts.append(time.perf_counter() - t0)
+            pts.append({"k": k, "median_s": float(np.median(ts))})
+            log(f"{role} batch of {k}: {1000 * np.median(ts):.0f} ms")
+        curve[role] = pts
+    pair.close()
+    (WORK / "timing.json").write_text(json.dumps({"runs": rows, "batch_cost": curve, "max_tokens": args.max_tokens}, indent=1))
+    log(f"wrote {WORK / 'timing.json'}")
+    return 0
+
+
+def summarize_timing(t: dict) -> dict:
+    out = {"batch_cost": t["batch_cost"], "settings": {}}
+    by = {}
+    for r in t["runs"]:
+        by.setdefault(r["setting"], []).append(r)
+    large = {(r["problem"], r["rep"]): r for r in by.get("large", [])}
+    for name, rs in by.items():
+        tok = sum(r["tokens"] for r in rs)
+        d = {"runs": len(rs), "ms_per_token": 1000 * sum(r["wall_s"] for r in rs) / tok,
+             "small_share_of_wall": sum(r["small_s"] for r in rs) / sum(r["wall_s"] for r in rs),
+             "large_share_of_wall": sum(r["large_s"] for r in rs) / sum(r["wall_s"] for r in rs),
+             "mean_load": float(np.mean([r["load"] for r in rs]))}
+        if name != "large":
+            d["catchup_overhead_vs_ideal"] = sum(r["catchup_overhead_s"] for r in rs) / sum(
+                r["wall_s"] - r["catchup_overhead_s"] for r in rs)
+            d["large_share"] = sum(r["large_share"] * r["tokens"] for r in rs) / tok
+            ratios = [(r["wall_s"] / r["tokens"]) / (large[(r["problem"], r["rep"])]["wall_s"] / large[(r["problem"], r["rep"])]["tokens"])
+                      for r in rs if (r["problem"], r["rep"]) in large]
+            d["median_paired_ms_per_token_vs_large"] = float(np.median(ratios)) if ratios else None
+        out["settings"][name] = d
+    return out
+
+
+# ============================================================================================
 # report
 # ============================================================================================
 
@@ -619,6 +712,8 @@ def cmd_report(args) -> int:
         calib = Path(args.runs).with_suffix(".calib.json")
         if calib.exists():
             res["gsm8k"]["random_calibration"] = json.loads(calib.read_text())
+    if (WORK / "timing.json").exists():
+        res["timing"] = summarize_timing(json.loads((WORK / "timing.json").read_text()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ead.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     write_md(res, RESULTS / "ead.md")
@@ -730,6 +825,29 @@ def write_md(res: dict, path: Path) -> None:
                           f"{d['ms_per_token']:.0f} ms/token vs large-only {d['large_only_ms_per_token_same_problems']:.0f} "
                           "on the same problems."]
         L.append("")
+    tm = res.get("timing")
+    if tm:
+        L += ["## Where the time goes (controlled timing run)", "",
+              "Large-only and EAD on the same problems (GSM8K 100.., not in the accuracy set), rotating order, "
+              "each run's caches cut back to the shared prefix first. 'paired' is the median over runs of "
+              "EAD's ms/token divided by large-only's on the same problem and repetition.", "",
+              "| setting | runs | ms/token | paired vs large | small fwd share of wall | large fwd share of wall | "
+              "large share | catch-up overhead | mean load |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, d in tm["settings"].items():
+            pr = d.get("median_paired_ms_per_token_vs_large")
+            co = d.get("catchup_overhead_vs_ideal")
+            L.append(f"| {name} | {d['runs']} | {d['ms_per_token']:.0f} | {'' if pr is None else f'{pr:.2f}x'} | "
+                     f"{100 * d['small_share_of_wall']:.0f}% | {100 * d['large_share_of_wall']:.0f}% | "
+                     f"{100 * d.get('large_share', 1.0):.0f}% | {'' if co is None else f'+{100 * co:.1f}%'} | "
+                     f"{d['mean_load']:.1f} |")
+        L += ["", "Cost of one forward pass over k new tokens after a 300-token context (median), relative to k = 1:", "",
+              "| k | " + " | ".join(str(p["k"]) for p in tm["batch_cost"][SMALL]) + " |",
+              "|---|" + "---|" * len(tm["batch_cost"][SMALL])]
+        for role in (SMALL, LARGE):
+            pts = tm["batch_cost"][role]
+            L.append(f"| {role} | " + " | ".join(f"{1000 * p['median_s']:.0f} ms ({p['median_s'] / pts[0]['median_s']:.1f}x)"
+                                                 for p in pts) + " |")
+        L.append("")
     path.write_text("\n".join(L) + "\n")
 
 
@@ -756,6 +874,14 @@ def main(argv=None) -> int:
     g.add_argument("--verify-tau", type=float, default=DEFAULT_TAU)
     g.add_argument("--n-verify", type=int, default=20, help="problems also run with verify")
     g.set_defaults(func=cmd_gsm8k)
+    t2 = sub.add_parser("timing", help="where EAD's time goes (controlled, small)")
+    t2.add_argument("--problems", type=int, default=4)
+    t2.add_argument("--start", type=int, default=100)
+    t2.add_argument("--reps", type=int, default=2)
+    t2.add_argument("--taus", default="1.0,2.0")
+    t2.add_argument("--max-tokens", type=int, default=256)
+    t2.add_argument("--threads", type=int, default=None)
+    t2.set_defaults(func=cmd_timing)
     r = sub.add_parser("report", help="write benchmarks/results/ead.{json,md,png}")
     r.add_argument("--tokens", type=int, default=4096)
     r.add_argument("--chunk", type=int, default=1024)

@@ -9,10 +9,16 @@
 3. scikit-learn: logistic regression, a decision tree, gradient boosting and an MLP (128, 128),
    each predicting the key label and the value label; 5-fold cross-validation grouped by window;
    the family with the lowest mean oracle damage at equal bits (the decision rule of
-   edgekv.controller at 3.5 average bits, on out-of-fold probabilities) is kept and refit on all rows
+   edgekv.controller at 3.5 average bits, on out-of-fold probabilities and out-of-fold damage
+   tables) is kept and refit on all rows. Bits and damages are averaged with weights that undo
+   the over-sampling of positions 0-2 (a uniform position within each window), not the fits.
 4. skl2onnx export of both classifiers into one graph (input X, outputs k_probs, v_probs), checked
-   against scikit-learn; metadata JSON (features, classes, damage tables, lambda -> bits table,
-   cross-validation results, offline baselines); a feature sample for calibrating the rule baseline
+   against scikit-learn; metadata JSON (features, classes, damage tables per position bucket,
+   lambda -> bits table, cross-validation results, offline baselines); a feature sample (drawn with
+   the same weights) for calibrating the rule baseline
+
+Sizing: about 15 s per window on this 2-core machine while shared (oracle ~5.5 forward runs of 17
+tokens per labeled token), so the default 56 windows take ~15 min and the whole build ~20 min.
 
 Writes python/edgekv/data/controller_<model>.{onnx,json} and controller_<model>_calib.npy.
 Same seed, same windows, same decisions (one thread; scikit-learn seeded).
@@ -35,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 from controller import dataset, oracle  # noqa: E402  (controller/__init__ puts python/ on sys.path)
 from controller.common import load_model, model_slug  # noqa: E402
 from edgekv.controller import (DATA_DIR, FEATURE_NAMES, RulePolicy, choose_bits, effective_bits,  # noqa: E402
-                               feature_matrix, model_shape, vocab_fingerprint)
+                               feature_matrix, model_shape, position_bucket, vocab_fingerprint)
 
 BIT_CHOICES = (2, 4, 8, 16)
 _GROUPS: list = [64, 64, 32]  # the model's KV groups (set in main)
@@ -83,20 +89,36 @@ def proba_full(est, X: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return out
 
 
-def damage_table(labels: np.ndarray, excess: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """(C, 4): mean excess damage at 2/4/8/16 bits of the tokens with each label."""
+# position buckets of the damage tables: the first token, the next two, the rest of the first 16, later
+DAMAGE_BUCKETS = (0, 1, 3, 16)
+MIN_CELL = 8  # a (bucket, label) cell with few tokens is shrunk toward the label's overall mean
+
+
+def damage_table(labels: np.ndarray, excess: np.ndarray, classes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(B, C, 4): mean excess damage at 2/4/8/16 bits of the tokens with each label, per position
+    bucket (DAMAGE_BUCKETS), each cell shrunk toward the label's overall mean by MIN_CELL tokens."""
     t = np.zeros((classes.size, 4))
     for i, c in enumerate(classes):
         sel = labels == c
         if sel.any():
             t[i] = excess[sel].mean(axis=0)
-    return t
+    b = position_bucket(positions, DAMAGE_BUCKETS)
+    out = np.repeat(t[None], len(DAMAGE_BUCKETS), axis=0)
+    for bi in range(len(DAMAGE_BUCKETS)):
+        for i, c in enumerate(classes):
+            sel = (labels == c) & (b == bi)
+            n = int(sel.sum())
+            if n:
+                out[bi, i] = (n * excess[sel].mean(axis=0) + MIN_CELL * t[i]) / (n + MIN_CELL)
+    return out
 
 
 # ---- decisions and their oracle cost --------------------------------------------------------
 
 def decide(pk, pv, tk, tv, lam, eff):
-    return choose_bits(pk, tk, lam, eff), choose_bits(pv, tv, lam, eff)
+    """Decisions of the controller's rule; tk, tv: damage tables per row, (n, C, 4)."""
+    rows = np.arange(pk.shape[0])
+    return choose_bits(pk, tk, lam, eff, rows), choose_bits(pv, tv, lam, eff, rows)
 
 
 def position_weights(rows: dict) -> np.ndarray:
@@ -273,6 +295,8 @@ def main(argv=None) -> None:
     groups = rows["group"]
     eff = effective_bits(model.kv_groups)
     _GROUPS[:] = list(model.kv_groups)
+    positions = rows["f.positions"]
+    bucket = position_bucket(positions, DAMAGE_BUCKETS)
     # weights for everything measured in bits or damage (not for fitting); the rule baseline's
     # calibration sample is drawn with the same weights
     w = position_weights(rows)
@@ -310,8 +334,12 @@ def main(argv=None) -> None:
                     continue
                 est = make().fit(X[tr], y[tr])
                 p[te] = proba_full(est, X[te], classes)
-        tk = damage_table(yk, excess[:, 0], classes_k)
-        tv = damage_table(yv, excess[:, 1], classes_v)
+        # damage tables from the training folds only, like the probabilities
+        tk = np.zeros((X.shape[0], classes_k.size, 4))
+        tv = np.zeros((X.shape[0], classes_v.size, 4))
+        for tr, te in folds:
+            tk[te] = damage_table(yk[tr], excess[tr, 0], classes_k, positions[tr])[bucket[te]]
+            tv[te] = damage_table(yv[tr], excess[tr, 1], classes_v, positions[tr])[bucket[te]]
         norm = lambda p: np.clip(p, 1e-6, 1) / np.clip(p, 1e-6, 1).sum(1, keepdims=True)  # noqa: E731
         res = {"s": round(time.time() - t0, 1),
                "logloss_k": float(log_loss(yk, norm(pk), labels=classes_k)),
@@ -364,8 +392,9 @@ def main(argv=None) -> None:
         "features": list(FEATURE_NAMES),
         "k_classes": classes_k.tolist(),
         "v_classes": classes_v.tolist(),
-        "k_damage_table": damage_table(yk, excess[:, 0], classes_k).tolist(),
-        "v_damage_table": damage_table(yv, excess[:, 1], classes_v).tolist(),
+        "damage_buckets": list(DAMAGE_BUCKETS),
+        "k_damage_table": damage_table(yk, excess[:, 0], classes_k, positions).tolist(),
+        "v_damage_table": damage_table(yv, excess[:, 1], classes_v, positions).tolist(),
         "lambda_table": lambda_table(pk, pv, tk, tv, eff, w),
         "default_target_bits": SELECT_AT,
         "family": best,

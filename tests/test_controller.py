@@ -62,6 +62,18 @@ def test_rarity_counts_only_the_past(n_pos):
     assert prior.rarity(np.array([3, 3]), np.array([1]))[0] < prior.rarity(np.array([3, 3]), np.array([0]))[0]
 
 
+def test_feature_matrix_small_batches_match():
+    """A decode step (one row) takes a plain-float path: it must give the numpy path's values."""
+    f = _features(40, seed=7)
+    f.entropy[5] = np.nan
+    f.attn_mean[6] = np.nan
+    f.attn_var[7] = np.nan
+    X = ctl.feature_matrix(f)
+    for i in range(40):
+        one = TokenFeatures(**{k: getattr(f, k)[i:i + 1] for k in f.__dataclass_fields__})
+        np.testing.assert_allclose(ctl.feature_matrix(one)[0], X[i], rtol=1e-6, atol=1e-6)
+
+
 def test_feature_matrix_is_finite_and_ordered():
     f = _features(20)
     f.entropy[3] = np.nan
@@ -87,6 +99,16 @@ def test_choose_bits_monotone_in_lambda():
             assert (b >= prev).all()
         prev = b
     assert (ctl.choose_bits(p, table, 0.0, eff) == 2).all()
+
+
+def test_choose_bits_per_position_bucket():
+    p = np.array([[0.5, 0.5], [0.5, 0.5]])
+    table = np.array([[[0, 0, 0, 0], [10.0, 0, 0, 0]],     # bucket 0 (first token): going low is costly
+                      [[0, 0, 0, 0], [0.5, 0, 0, 0]]])     # bucket 1
+    eff = ctl.effective_bits((64, 64, 32))
+    bucket = ctl.position_bucket(np.array([0, 5]), [0, 1])
+    assert bucket.tolist() == [0, 1]
+    assert ctl.choose_bits(p, table, 1.0, eff, bucket).tolist() == [4, 2]
 
 
 def test_lambda_for_target_interpolates():
@@ -135,14 +157,22 @@ def test_shipped_artifact_loads_and_decides_deterministically(meta_path):
     np.testing.assert_array_equal(pk, pk2)
     np.testing.assert_array_equal(pv, pv2)
     eff = ctl.effective_bits(meta["kv_groups"])
+    bucket = ctl.position_bucket(np.arange(64), meta["damage_buckets"])
     bits = []
     for tb in (3.25, 3.5, 4.0, 4.5):
         lam = ctl.lambda_for_target(meta["lambda_table"], tb)
-        k = ctl.choose_bits(pk, meta["k_damage_table"], lam, eff)
-        v = ctl.choose_bits(pv, meta["v_damage_table"], lam, eff)
-        np.testing.assert_array_equal(k, ctl.choose_bits(pk2, meta["k_damage_table"], lam, eff))
+        k = ctl.choose_bits(pk, meta["k_damage_table"], lam, eff, bucket)
+        v = ctl.choose_bits(pv, meta["v_damage_table"], lam, eff, bucket)
+        np.testing.assert_array_equal(k, ctl.choose_bits(pk2, meta["k_damage_table"], lam, eff, bucket))
         bits.append(ctl.average_bits(k, v, meta["kv_groups"]))
     assert bits == sorted(bits)
+    # the policy object gives the same decisions as the rule spelled out here
+    pol = ctl.LearnedPolicy(target_bits=3.5, artifact=meta_path)
+    pol.attach(art, meta["kv_groups"])
+    assert pol.lam == ctl.lambda_for_target(meta["lambda_table"], 3.5)
+    k, v = pol.decide(_features(64, seed=3))
+    np.testing.assert_array_equal(k, ctl.choose_bits(pk, meta["k_damage_table"], pol.lam, eff, bucket))
+    np.testing.assert_array_equal(v, ctl.choose_bits(pv, meta["v_damage_table"], pol.lam, eff, bucket))
     # rule-baseline calibration sample ships with it
     calib = np.load(meta_path.with_name(meta_path.stem + "_calib.npy"))
     assert calib.shape[1] == len(ctl.FEATURE_NAMES)

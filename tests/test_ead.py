@@ -34,8 +34,9 @@ def pair_paths(tiny_path):
             tiny_path("qwen2", "Q8_0", size="large", seed=11, **kw))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pair(pair_paths):
+    """Shared by the tests (generation works from any cache state, which this also exercises)."""
     p = edgekv.load_pair(*pair_paths, threads=THREADS, progress=False)
     yield p
     p.close()

@@ -7,10 +7,12 @@ for values separately, the probability of each *oracle label* -- the lowest bit-
 whose damage stays under the training tolerance (controller/oracle.py). Its decision
 for a token and each of K and V is
 
-    bits = argmin_b  eff_bits(b) + lambda * sum_c P(label = c) * D[c, b]
+    bits = argmin_b  eff_bits(b) + lambda * sum_c P(label = c) * D[bucket, c, b]
 
-(eff_bits: storage bits per element with the group's fp16 scale and minimum; D[c, b]: the
-mean oracle damage, on the training set, of tokens with label c stored at b bits), so one
+(eff_bits: storage bits per element with the group's fp16 scale and minimum; D[bucket, c, b]:
+the mean oracle damage, on the training set, of tokens with label c stored at b bits, among
+tokens of the same position bucket -- the first tokens of a context, attention sinks, do far
+more damage when under-provisioned than their label alone says), so one
 knob, ``lambda``, trades bits for expected damage, the same for keys and values; the
 artifact carries a table from ``lambda`` to the average bits it gave on held-out training
 folds, which is how ``target_bits`` (average bits per element) picks ``lambda``.
@@ -30,6 +32,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +147,32 @@ class RarityPrior:
 
 # ---- features -> matrix -----------------------------------------------------------------
 
+_FILL = (0.0, 1.0, 0.0, 0.0, 10.0, 0.0, -1.0, 0.0, 0.0)  # for features that were not computed (NaN)
+
+
+def _feature_row(pos, age, ent, mp, lp, rar, am, av) -> list:
+    """One row of feature_matrix in plain floats (a decode step decides one token: numpy's
+    per-call overhead would cost more than the arithmetic)."""
+    n_ref = pos + 1.0 + age / 2.0
+    has_lp = math.isfinite(lp)
+    a = am * n_ref
+    sd = math.sqrt(av) * n_ref if av >= 0 else (0.0 if math.isfinite(av) else float("nan"))
+    row = [ent, mp, lp if has_lp else 0.0, 1.0 if has_lp else 0.0, rar,
+           math.log10(max(a, 1e-4)) if math.isfinite(a) else float("nan"),
+           math.log10(max(sd, 1e-4)) if math.isfinite(sd) else float("nan"),
+           math.log2(1.0 + pos), math.log2(1.0 + age)]
+    return [x if math.isfinite(x) else _FILL[i] for i, x in enumerate(row)]
+
+
 def feature_matrix(f: TokenFeatures) -> np.ndarray:
     """(n, len(FEATURE_NAMES)) float32, the classifier's input; finite everywhere."""
     n = len(f)
+    if n <= 2:
+        rar = f.rarity if f.rarity is not None else np.full(n, np.nan, np.float32)
+        rows = [_feature_row(float(f.positions[i]), float(f.age[i]), float(f.entropy[i]), float(f.max_prob[i]),
+                             float(f.logprob[i]), float(rar[i]), float(f.attn_mean[i]), float(f.attn_var[i]))
+                for i in range(n)]
+        return np.array(rows, np.float32).reshape(n, len(FEATURE_NAMES))
     pos = f.positions.astype(np.float64)
     age = f.age.astype(np.float64)
     n_ref = pos + 1.0 + age / 2.0
@@ -169,7 +196,7 @@ def feature_matrix(f: TokenFeatures) -> np.ndarray:
     X = np.stack(cols, axis=1)
     # not computed (NaN): entropy / max_prob / rarity of a position without logits, attention of
     # a token no query has seen yet; fill with values that mean "unremarkable"
-    fill = np.array([0.0, 1.0, 0.0, 0.0, 10.0, 0.0, -1.0, 0.0, 0.0])
+    fill = np.array(_FILL)
     bad = ~np.isfinite(X)
     if bad.any():
         X[bad] = np.broadcast_to(fill, X.shape)[bad]
@@ -178,16 +205,28 @@ def feature_matrix(f: TokenFeatures) -> np.ndarray:
 
 # ---- decisions from class probabilities -------------------------------------------------
 
-def choose_bits(probs: np.ndarray, damage_table, lam: float, eff: dict[int, float]) -> np.ndarray:
+def choose_bits(probs: np.ndarray, damage_table, lam: float, eff: dict[int, float],
+                bucket: np.ndarray | None = None) -> np.ndarray:
     """argmin over b in (2, 4, 8, 16) of eff[b] + lam * E[damage(b)], per row.
 
-    probs (n, C): class probabilities (oracle labels); damage_table (C, 4): mean excess damage
+    probs (n, C): class probabilities (oracle labels). damage_table: mean excess damage
     (controller/oracle.py) of a token with label c stored at 2, 4, 8, 16 bits, from the
-    training set. So E[damage(b)] = probs @ damage_table."""
+    training set: (C, 4), or (B, C, 4) per position bucket with ``bucket`` (n,) giving each
+    row's bucket. E[damage(b)] = sum_c probs[c] * table[c, b]."""
     cand = np.array((2, 4, 8, 16))
-    cost = np.asarray(probs, np.float64) @ np.asarray(damage_table, np.float64)
+    table = np.asarray(damage_table, np.float64)
+    p = np.asarray(probs, np.float64)
+    if table.ndim == 3:
+        cost = np.einsum("nc,ncb->nb", p, table[np.asarray(bucket)])
+    else:
+        cost = p @ table
     cost = lam * cost + np.array([eff[int(b)] for b in cand])
     return cand[np.argmin(cost, axis=1)].astype(np.int32)
+
+
+def position_bucket(positions: np.ndarray, edges) -> np.ndarray:
+    """Index of each position's bucket: edges (ascending, first 0) are bucket starts."""
+    return np.searchsorted(np.asarray(edges), np.asarray(positions), side="right") - 1
 
 
 def lambda_for_target(table, target_bits: float) -> float:
@@ -281,8 +320,7 @@ class LearnedPolicy(KVPolicy):
         self.lam_override = lam
         self._artifact_path = None if artifact is None else str(Path(artifact).with_suffix(".json"))
         self._art: ControllerArtifact | None = None
-        self._bound = None  # id of the model bound last
-        self._rarity_key = None
+        self._bound = None  # weak reference to the model bound last
         self.lam = float("nan")
         self.eff = effective_bits(None)
         self._name = name
@@ -297,19 +335,26 @@ class LearnedPolicy(KVPolicy):
 
     def bind(self, model) -> None:
         """Attach to the model about to be decided for: pick the artifact, the knob and bit costs."""
-        if self._bound == id(model):
+        if self._bound is not None and self._bound() is model:
             return
         art = load_artifact(self._artifact_path) if self._artifact_path else find_artifact(model)
         if self._artifact_path and not art.matches(model):
             raise ValueError(f"controller {art.path.name} was trained for {art.meta.get('model')}, not {model.name}")
+        self.attach(art, getattr(model, "kv_groups", None))
+        self._bound = weakref.ref(model)
+
+    def attach(self, art: ControllerArtifact, groups=None) -> None:
+        """Use this artifact, with the bit costs of these KV groups (bind does this for a model)."""
         self._art = art
-        self.eff = effective_bits(getattr(model, "kv_groups", None))
+        meta = art.meta
+        self._tables = (np.asarray(meta["k_damage_table"], np.float64), np.asarray(meta["v_damage_table"], np.float64),
+                        meta.get("damage_buckets"))
+        self.eff = effective_bits(groups)
         if self.lam_override is not None:
             self.lam = float(self.lam_override)
         else:
-            tb = self.target_bits if self.target_bits is not None else art.meta["default_target_bits"]
-            self.lam = lambda_for_target(art.meta["lambda_table"], tb)
-        self._bound = id(model)
+            tb = self.target_bits if self.target_bits is not None else meta["default_target_bits"]
+            self.lam = lambda_for_target(meta["lambda_table"], tb)
 
     @property
     def artifact(self) -> ControllerArtifact:
@@ -324,9 +369,10 @@ class LearnedPolicy(KVPolicy):
         if len(features) == 0:
             return np.zeros(0, np.int32), np.zeros(0, np.int32)
         pk, pv = self.probabilities(features)
-        art = self.artifact
-        k = choose_bits(pk, art.meta["k_damage_table"], self.lam, self.eff)
-        v = choose_bits(pv, art.meta["v_damage_table"], self.lam, self.eff)
+        tk, tv, edges = self._tables
+        bucket = position_bucket(features.positions, edges) if edges is not None else None
+        k = choose_bits(pk, tk, self.lam, self.eff, bucket)
+        v = choose_bits(pv, tv, self.lam, self.eff, bucket)
         return k, v
 
 

@@ -217,6 +217,8 @@ class EADStats:
     verifications: int = 0         # verify: times the large model checked tentative tokens
     checked_tokens: int = 0        # verify: small-model tokens submitted to it
     rejected_tokens: int = 0       # verify: of those, thrown away (the first rejected and all after it)
+    small_s: float = 0.0           # time inside each model's forward passes (the rest of wall_s is
+    large_s: float = 0.0           #   Python: entropy, sampling, bookkeeping)
     wall_s: float = 0.0
     relative_compute: float = float("nan")  # parameter-weighted tokens run / the large model's alone
     #   (large alone: the prompt past what its cache held at the start, then the text)
@@ -472,8 +474,10 @@ class _EADRun:
         st = self.stats
         if role == SMALL:
             st.small_evaluated += int(new.size)
+            st.small_s += dt
         else:
             st.large_evaluated += int(new.size)
+            st.large_s += dt
         if new.size == 1 and k_gen == 1:
             self.step_s[role][0] += dt
             self.step_s[role][1] += 1

@@ -273,12 +273,19 @@ class Model:
         """
         if not self._ctx_policy or not self._ctx_policy.needs_features:
             return
-        z = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        s = e.sum(axis=1, dtype=np.float64)
-        lse = np.log(s)
         n = logits.shape[0]
-        self._entropy[first_pos:first_pos + n] = lse - (e * z).sum(axis=1, dtype=np.float64) / s
+        if n == 1:  # a decode step: vector ops, no temporaries beyond z and e
+            z = logits - logits.max()
+            e = np.exp(z[0])
+            s = np.array([float(e.sum())])
+            lse = np.log(s)
+            self._entropy[first_pos] = lse[0] - float(np.dot(e, z[0])) / s[0]
+        else:
+            z = logits - logits.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            s = e.sum(axis=1, dtype=np.float64)
+            lse = np.log(s)
+            self._entropy[first_pos:first_pos + n] = lse - (e * z).sum(axis=1, dtype=np.float64) / s
         self._max_prob[first_pos:first_pos + n] = 1.0 / s
         nxt = np.arange(first_pos + 1, min(first_pos + n, len(self._tokens)))
         if nxt.size:
@@ -290,7 +297,7 @@ class Model:
         prev = getattr(self, "_last_logp_row", None)
         if prev is not None and prev[0] == first_pos - 1 and first_pos < len(self._tokens):
             self._logprob[first_pos] = prev[1][self._tokens[first_pos]] - prev[2]
-        self._last_logp_row = (first_pos + n - 1, z[-1].copy(), lse[-1])
+        self._last_logp_row = (first_pos + n - 1, z[-1] if n == 1 else z[-1].copy(), lse[-1])
 
     def features(self, positions) -> TokenFeatures:
         """Token features (see edgekv.kv_policy) of cached positions."""
