@@ -131,10 +131,13 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
 /* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
  * are stored at the given per-position bits into a scratch store; out (gs, head_dim).
- * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone. */
+ * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone.
+ * q_key (optional, 4 * gs * head_dim): for each key precision (16, 8, 4, 2 bits in that order),
+ * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
+ * or, where the build scores that precision with integers, the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
-                         float *k_deq, float *v_deq);
+                         float *k_deq, float *v_deq, float *q_key);
 
 /* ---- benchmark entries (benchmarks/kernels.py) ----
  * ek_bench_fill_kv: replace the context with n synthetic positions (random keys and values,

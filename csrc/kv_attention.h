@@ -1,10 +1,19 @@
 /* Fused attention over the mixed-precision KV store.
  *
  * A query group (the gs query heads that share one KV head) attends to the
- * store pool by pool, tile by tile. A tile is ATTN_CHUNK records dequantized
- * into an L1-sized scratch (never a copy of the cache); it is scored, then
- * folded into a running (max m, sum l, weighted values o) per head: online
- * softmax. GQA pays off here: each record is dequantized once for all gs heads.
+ * store pool by pool, tile by tile (ATTN_CHUNK records): a tile is scored,
+ * then folded into a running (max m, sum l, weighted values o) per head:
+ * online softmax. No dequantized copy of the cache is built. GQA pays off
+ * here: each record is unpacked once for all gs heads.
+ *
+ * How a tile is read depends on the build and the precision (AVX2):
+ *   - 4- and 2-bit keys: integer dot products of the codes with an int8 copy
+ *     of the query (vpdpbusd / vpmaddubsw), scale and minimum applied per
+ *     group afterwards (see ek_attn_query_i8 for the query rounding);
+ *   - quantized values: codes converted to float in registers and summed
+ *     with weight * scale, the minimum's share added once per group;
+ *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
+ *     tile is dequantized into an L1-sized scratch and processed in float.
  * Partials from different chunks, pools or threads merge by log-sum-exp, so
  * work can be split across heads, pools and positions.
  *
@@ -52,6 +61,14 @@ void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch)
 void ek_attn_merge(ek_attn_partial *into, const ek_attn_partial *from, int gs, int head_dim);
 /* out (gs, head_dim) = (o_plain + R^T o_rot) / l */
 void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, float *out);
+
+/* Integer key scoring: where ek_attn_int_keys(kp, head_dim, gs) says so (this build, this key
+ * precision and shape), quantized keys are scored against the int8-rounded query s * q8 with
+ * integer dot products; q8 and s come from ek_attn_query_i8 on each head's (rotated, scaled)
+ * query: s = max|q| / 127, q8 = rint(q / s). Returns -1 for a non-finite query (then the float
+ * path runs). */
+int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
+int ek_attn_int_keys(int kp, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */
 float ek_exp_shift(float *x, int n, float m);

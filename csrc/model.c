@@ -805,7 +805,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
 
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
-                         float *k_deq, float *v_deq) {
+                         float *k_deq, float *v_deq, float *q_key) {
     if (gs <= 0 || n_pos <= 0 || head_dim <= 0 || head_dim % 32 || head_dim > 1024) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
@@ -834,6 +834,20 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     ek_attn_finish(&part, &s, gs, out);
     if (k_deq && v_deq)
         for (int j = 0; j < n_pos; j++) ek_kv_store_get(&s, 0, j, k_deq + (size_t)j * head_dim, v_deq + (size_t)j * head_dim);
+    if (q_key) {
+        int8_t *q8 = (int8_t *)buf; /* the scratch is free again */
+        for (int p = 0; p < KVP_COUNT; p++)
+            for (int h = 0; h < gs; h++) {
+                float *dst = q_key + ((size_t)p * gs + h) * head_dim, sc;
+                const float *qr = qs + (size_t)(gs + h) * head_dim;
+                if (p == KVP_F16 || !ek_attn_int_keys(p, head_dim, gs) || ek_attn_query_i8(qr, head_dim, q8, &sc)) {
+                    memcpy(dst, qs + (size_t)h * head_dim, sizeof(float) * head_dim);
+                    continue;
+                }
+                for (int i = 0; i < head_dim; i++) dst[i] = sc * q8[i];
+                if (s.rotate) ek_unrotate(dst, s.signs, head_dim);
+            }
+    }
     rc = EK_OK;
 done:
     free(buf);

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import THREADS
-from edgekv._native import ffi, lib
+from edgekv._native import SIMD, ffi, lib
 from edgekv.kv_policy import CallablePolicy, RandomPolicy, StaticPolicy, TokenFeatures, parse_policy
 
 FP16_MAX = np.float32(65504.0)
@@ -409,14 +409,22 @@ def c_attention(q, k, v, k_bits, v_bits, group, rotate):
     vd = np.full((n_pos, hd), np.nan, np.float32)
     kb = np.ascontiguousarray(k_bits, np.int32)
     vb = np.ascontiguousarray(v_bits, np.int32)
+    qk = np.full((4, gs, hd), np.nan, np.float32)
     rc = lib.ek_kv_attention_test(_ptr(q), gs, _ptr(k), _ptr(v), _ptr(kb, "int32_t *"), _ptr(vb, "int32_t *"),
-                                  n_pos, hd, group, int(rotate), _ptr(out), _ptr(kd), _ptr(vd))
-    return rc, out, kd, vd
+                                  n_pos, hd, group, int(rotate), _ptr(out), _ptr(kd), _ptr(vd), _ptr(qk))
+    # per position, the (scaled) query its key was scored with: float, or int8-rounded where the
+    # build scores that key precision with integer dot products
+    q_key = qk[[ALL_BITS.index(b) for b in kb]] if rc == 0 else None  # (n_pos, gs, hd)
+    return rc, out, kd, vd, q_key
 
 
-def attention_ref(q, kd, vd) -> np.ndarray:
+def attention_ref(q, kd, vd, q_key=None) -> np.ndarray:
+    """Softmax attention in float64; q_key (n_pos, gs, hd): the scaled query each key was scored with."""
     hd = q.shape[1]
-    s = (q.astype(np.float64) / np.sqrt(hd)) @ kd.astype(np.float64).T
+    if q_key is None:
+        s = (q.astype(np.float64) / np.sqrt(hd)) @ kd.astype(np.float64).T
+    else:
+        s = np.einsum("jhd,jd->hj", q_key.astype(np.float64), kd.astype(np.float64))
     s -= s.max(axis=1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(axis=1, keepdims=True)
@@ -445,7 +453,7 @@ def check_stored(x, xd, bits, group, rotated):
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     hd=st.sampled_from([32, 64, 128]),
-    gs=st.integers(1, 7),
+    gs=st.integers(1, 8),
     n_pos=st.one_of(st.integers(1, 70), st.integers(1, 300)),
     group_pick=st.integers(0, 1),
     do_rotate=st.booleans(),
@@ -469,14 +477,39 @@ def test_attention_equals_dequantize_then_attend(hd, gs, n_pos, group_pick, do_r
         vb = np.where(r.random(n_pos) < 0.9, 16, r.choice(QBITS, n_pos))
     else:
         kb, vb = r.choice(ALL_BITS, n_pos), r.choice(ALL_BITS, n_pos)
-    rc, out, kd, vd = c_attention(q, k, v, kb, vb, group, do_rotate)
+    rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, do_rotate)
     assert rc == 0
     assert np.isfinite(out).all() and np.isfinite(kd).all() and np.isfinite(vd).all()
     check_stored(k, kd, np.asarray(kb), group, do_rotate)
     check_stored(v, vd, np.asarray(vb), group, do_rotate)
-    ref = attention_ref(q, kd, vd)
+    ref = attention_ref(q, kd, vd, q_key)
     nmse = np.mean((out - ref) ** 2) / np.mean(ref**2)
     assert nmse < 1e-9, f"normalized MSE {nmse:.3g}"
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("do_rotate", [False, True])
+def test_integer_key_scoring_query_rule(bits, do_rotate):
+    """AVX2 builds score 4- and 2-bit keys with an int8 query: per head, s = max|q| / 127 and
+    q8 = rint(q / s) in the basis the keys are stored in; other builds use the float query."""
+    r = np.random.default_rng(11)
+    gs, hd, n_pos = 3, 64, 50
+    q = r.normal(0, 1, (gs, hd)).astype(np.float32)
+    k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+    rc, out, kd, vd, q_key = c_attention(q, k, k.copy(), [bits] * n_pos, [16] * n_pos, 64, do_rotate)
+    assert rc == 0
+    qs = q / np.sqrt(hd)
+    if SIMD != "avx2":
+        np.testing.assert_array_equal(q_key[0], qs)
+        return
+    for h in range(gs):
+        want = rotate(qs[h]) if do_rotate else qs[h]           # the query in the stored basis
+        got = rotate(q_key[0, h]) if do_rotate else q_key[0, h]  # what the kernel used, same basis
+        s = np.abs(want).max() / 127
+        q8 = got / s
+        np.testing.assert_allclose(q8, np.rint(q8), atol=2e-3)  # integer codes
+        assert np.abs(np.rint(q8)).max() == 127
+        assert np.abs(got - want).max() <= 0.5 * s * (1 + 1e-3)  # round to nearest
 
 
 @pytest.mark.parametrize("hd,group,do_rotate,ok", [
@@ -492,13 +525,13 @@ def test_attention_shapes(hd, group, do_rotate, ok):
     k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     kb, vb = r.choice(ALL_BITS, n_pos), r.choice(ALL_BITS, n_pos)
-    rc, out, kd, vd = c_attention(q, k, v, kb, vb, group, do_rotate)
+    rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, do_rotate)
     if not ok:
         assert rc < 0
         return
     assert rc == 0
     check_stored(k, kd, kb, group, do_rotate)
-    ref = attention_ref(q, kd, vd)
+    ref = attention_ref(q, kd, vd, q_key)
     assert np.mean((out - ref) ** 2) / np.mean(ref**2) < 1e-9
 
 
@@ -517,7 +550,7 @@ def test_attention_all_fp16_is_plain_attention():
     k = r.normal(0, 1, (200, 64)).astype(np.float32)
     v = r.normal(0, 1, (200, 64)).astype(np.float32)
     for do_rotate in (False, True):
-        rc, out, kd, vd = c_attention(q, k, v, [16] * 200, [16] * 200, 64, do_rotate)
+        rc, out, kd, vd, _ = c_attention(q, k, v, [16] * 200, [16] * 200, 64, do_rotate)
         assert rc == 0
         ref = attention_ref(q, f16(k), f16(v))
         assert np.mean((out - ref) ** 2) / np.mean(ref**2) < 1e-9

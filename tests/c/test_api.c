@@ -231,9 +231,9 @@ static void test_kernel_entries(void) {
     CHECK(ek_kv_quant_roundtrip(4, x, 2048, 32, y, 1) == EK_ERR_INVALID, "roundtrip n 2048");
     CHECK(ek_kv_quant_roundtrip(4, x, 64, 16, y, 1) == EK_ERR_INVALID, "roundtrip group 16");
     int32_t bits[2] = {4, 4}, bad[2] = {4, 5};
-    CHECK(ek_kv_attention_test(x, 1, x, x, bits, bits, 0, 32, 32, 0, out, NULL, NULL) == EK_ERR_INVALID, "n_pos 0");
-    CHECK(ek_kv_attention_test(x, 1, x, x, bits, bits, 1, 40, 32, 0, out, NULL, NULL) == EK_ERR_INVALID, "hd 40");
-    CHECK(ek_kv_attention_test(x, 1, x, x, bad, bits, 2, 32, 32, 0, out, NULL, NULL) == EK_ERR_INVALID, "5 bits");
+    CHECK(ek_kv_attention_test(x, 1, x, x, bits, bits, 0, 32, 32, 0, out, NULL, NULL, NULL) == EK_ERR_INVALID, "n_pos 0");
+    CHECK(ek_kv_attention_test(x, 1, x, x, bits, bits, 1, 40, 32, 0, out, NULL, NULL, NULL) == EK_ERR_INVALID, "hd 40");
+    CHECK(ek_kv_attention_test(x, 1, x, x, bad, bits, 2, 32, 32, 0, out, NULL, NULL, NULL) == EK_ERR_INVALID, "5 bits");
     CHECK(ek_bench_read_bandwidth(16, 1, 1) < 0, "bandwidth of a buffer too small");
 }
 

@@ -174,16 +174,18 @@ static void test_kv_attention(void) {
                 vb[j] = mix == 0 ? 16 : bits[(j * 5 + 1) % 4];
             }
             /* reference: the stored values read back (rotation undone), attended in double precision */
-            float kd[150 * 64], vd[150 * 64];
-            CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, 32, rotate, out, kd, vd) == 0,
+            float kd[150 * 64], vd[150 * 64], qk[4 * 3 * 64];
+            CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, 32, rotate, out, kd, vd, qk) == 0,
                   "attention test failed");
             float ref[3 * 64];
             for (int h = 0; h < gsz; h++) {
                 double s[150], mx = -1e30, sum = 0;
                 for (int j = 0; j < n_pos; j++) {
+                    /* the query this key was scored with (int8-rounded where the build scores with integers) */
+                    const float *qh = qk + ((size_t)ek_kv_prec_from_bits(kb[j]) * gsz + h) * hd;
                     double d = 0;
-                    for (int i = 0; i < hd; i++) d += (double)q[h * hd + i] * kd[j * hd + i];
-                    s[j] = d / sqrt((double)hd);
+                    for (int i = 0; i < hd; i++) d += (double)qh[i] * kd[j * hd + i];
+                    s[j] = d;
                     if (s[j] > mx) mx = s[j];
                 }
                 for (int j = 0; j < n_pos; j++) { s[j] = exp(s[j] - mx); sum += s[j]; }
