@@ -246,8 +246,21 @@ EK_INLINE void accum_tile_g(const float *tile, int n, int hd, const float *w, fl
 }
 
 static void accum_tile(const float *tile, int n, int hd, const float *w, int gs, float *o) {
+    if (hd % 32 && gs <= 8) { /* FP16 heads of 8, 16 or 24 values: one block of 8 per pass */
+        switch (gs) {
+        case 1: accum_tile_g(tile, n, hd, w, o, 1, 1); break;
+        case 2: accum_tile_g(tile, n, hd, w, o, 2, 1); break;
+        case 3: accum_tile_g(tile, n, hd, w, o, 3, 1); break;
+        case 4: accum_tile_g(tile, n, hd, w, o, 4, 1); break;
+        case 5: accum_tile_g(tile, n, hd, w, o, 5, 1); break;
+        case 6: accum_tile_g(tile, n, hd, w, o, 6, 1); break;
+        case 7: accum_tile_g(tile, n, hd, w, o, 7, 1); break;
+        default: accum_tile_g(tile, n, hd, w, o, 8, 1); break;
+        }
+        return;
+    }
     switch (gs) { /* constant head counts let the compiler keep acc[] in registers */
-    /* head_dim is a multiple of 32: 4 blocks of 8 divide it */
+    /* head_dim is a multiple of 32 here: 4 blocks of 8 divide it */
     case 1: accum_tile_g(tile, n, hd, w, o, 1, 4); break;
     case 2: accum_tile_g(tile, n, hd, w, o, 2, 4); break;
     case 3: accum_tile_g(tile, n, hd, w, o, 3, 4); break;

@@ -318,9 +318,9 @@ static void mm_rows(const mm_ctx *c, const mm_job *job, int64_t r0, int64_t r1) 
                 tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 4, o);
                 for (int i = 0; i < 4; i++) job->out[(size_t)(t + i) * job->out_stride + r] = o[i];
             }
-            for (; t < t1; t++) {
-                tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, 1, o);
-                job->out[(size_t)t * job->out_stride + r] = o[0];
+            if (t < t1) { /* 1-3 tokens left: one pass over the row for all of them */
+                tr->dot((int)w->n_in, row, (const char *)act + (size_t)t * stride, stride, t1 - t, o);
+                for (int i = 0; i < t1 - t; i++) job->out[(size_t)(t + i) * job->out_stride + r] = o[i];
             }
         }
     }

@@ -212,10 +212,17 @@ static inline __m256i unpack_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* u8 x s8 products summed in groups of 4, as 8 floats */
+/* u8 x s8 products summed in groups of 4, as 8 floats (exact either way: the callers' pairs of
+ * products stay within int16, so vpmaddubsw never saturates) */
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#else
     __m256i p16 = _mm256_maddubs_epi16(u, s);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+#endif
 }
 
 #define EK_INLINE static inline __attribute__((always_inline))
@@ -254,6 +261,8 @@ EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, s
 static void dot_q4_0_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     switch (nx) {
     case 4: dot_q4_avx2(n, w, 0, act, stride, 4, out); break;
+    case 3: dot_q4_avx2(n, w, 0, act, stride, 3, out); break;
+    case 2: dot_q4_avx2(n, w, 0, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 0, act, stride, 1, out); break;
     default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, ACT_ROW(act, stride, r), stride, 1, out + r);
     }
@@ -262,6 +271,8 @@ static void dot_q4_0_avx2(int n, const void *w, const void *act, size_t stride, 
 static void dot_q4_1_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     switch (nx) {
     case 4: dot_q4_avx2(n, w, 1, act, stride, 4, out); break;
+    case 3: dot_q4_avx2(n, w, 1, act, stride, 3, out); break;
+    case 2: dot_q4_avx2(n, w, 1, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 1, act, stride, 1, out); break;
     default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, ACT_ROW(act, stride, r), stride, 1, out + r);
     }
@@ -289,6 +300,8 @@ EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t str
 static void dot_q8_0_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     switch (nx) {
     case 4: dot_q8_0_avx2_n(n, w, act, stride, 4, out); break;
+    case 3: dot_q8_0_avx2_n(n, w, act, stride, 3, out); break;
+    case 2: dot_q8_0_avx2_n(n, w, act, stride, 2, out); break;
     case 1: dot_q8_0_avx2_n(n, w, act, stride, 1, out); break;
     default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, ACT_ROW(act, stride, r), stride, 1, out + r);
     }
