@@ -134,7 +134,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
  * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone.
  * q_key (optional, 4 * gs * head_dim): for each key precision (16, 8, 4, 2 bits in that order),
  * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
- * or, where the build scores that precision with integers, the int8-rounded query rotated back. */
+ * or, for 4- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
                          float *k_deq, float *v_deq, float *q_key);

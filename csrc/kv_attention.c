@@ -165,6 +165,16 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 /* int8 query (for integer key scoring)                                       */
 /* ------------------------------------------------------------------------- */
 
+#define QI_MAX_GS 8
+#define QI_MAX_UNITS 4 /* units of 64 values: head_dim <= 256 */
+
+/* Keys of this precision and shape are scored against the int8-rounded query, in every build
+ * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
+ * scores up to float rounding. */
+static int int_keys_ok(int kp, int hd, int gs) {
+    return (kp == KVP_Q4 || kp == KVP_Q2) && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
+}
+
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale) {
     float amax = 0.0f;
     for (int i = 0; i < n; i++) {
@@ -283,8 +293,6 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
  * group scales d and minimums m: exactly the dot product of the dequantized key with the
  * int8-rounded query s_q * q8. The integer part runs on vpdpbusd (AVX-VNNI) or vpmaddubsw. */
 
-#define QI_MAX_GS 8
-#define QI_MAX_UNITS 4 /* units of 64 values: head_dim <= 256 */
 
 typedef struct {
     float scale[QI_MAX_GS];
@@ -492,9 +500,6 @@ static void score_tile_q(const qi8_query *qi, const uint8_t *base, size_t stride
     else score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 2);
 }
 
-static int int_keys_ok(int kp, int hd, int gs) {
-    return (kp == KVP_Q4 || kp == KVP_Q2) && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
-}
 
 /* ---- quantized values, dequantized in registers ---------------------------------------------
  * o[h] += sum_j w[h][j] * (d_j * u_j + m_j) computed as sum_j (w[h][j] * d_j) * u_j plus
@@ -599,7 +604,6 @@ static void score_tile(const float *tile, int n, int hd, const float *q, int gs,
     for (int h = 0; h < gs; h++)
         for (int j = 0; j < n; j++) sc[(size_t)h * ATTN_CHUNK + j] = dotf(tile + (size_t)j * hd, q + (size_t)h * hd, hd);
 }
-static int int_keys_ok(int kp, int hd, int gs) { (void)kp; (void)hd; (void)gs; return 0; }
 static void accum_tile(const float *tile, int n, int hd, const float *w, int gs, float *o) {
     for (int j = 0; j < n; j++)
         for (int h = 0; h < gs; h++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
@@ -637,6 +641,18 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #if defined(EK_AVX2)
     qi8_query qi;
     const int use_int = int_keys_ok(pool->kp, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->bits, kg) == 0;
+#else /* the same scores from the float path: the query rounded to int8 and scaled back */
+    float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
+    if (int_keys_ok(pool->kp, hd, gs)) {
+        int8_t q8[64 * QI_MAX_UNITS];
+        int ok = 1;
+        for (int h = 0; h < gs && ok; h++) {
+            float sc;
+            ok = ek_attn_query_i8(q + (size_t)h * hd, hd, q8, &sc) == 0;
+            for (int i = 0; ok && i < hd; i++) q_i8[h * hd + i] = sc * (float)q8[i];
+        }
+        if (ok) q = q_i8;
+    }
 #endif
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {

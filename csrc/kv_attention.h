@@ -9,7 +9,8 @@
  * How a tile is read depends on the build and the precision (AVX2):
  *   - 4- and 2-bit keys: integer dot products of the codes with an int8 copy
  *     of the query (vpdpbusd / vpmaddubsw), scale and minimum applied per
- *     group afterwards (see ek_attn_query_i8 for the query rounding);
+ *     group afterwards (see ek_attn_query_i8 for the query rounding, which
+ *     the other builds apply too);
  *   - quantized values: codes converted to float in registers and summed
  *     with weight * scale, the minimum's share added once per group;
  *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
@@ -62,11 +63,11 @@ void ek_attn_merge(ek_attn_partial *into, const ek_attn_partial *from, int gs, i
 /* out (gs, head_dim) = (o_plain + R^T o_rot) / l */
 void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, float *out);
 
-/* Integer key scoring: where ek_attn_int_keys(kp, head_dim, gs) says so (this build, this key
- * precision and shape), quantized keys are scored against the int8-rounded query s * q8 with
- * integer dot products; q8 and s come from ek_attn_query_i8 on each head's (rotated, scaled)
- * query: s = max|q| / 127, q8 = rint(q / s). Returns -1 for a non-finite query (then the float
- * path runs). */
+/* Where ek_attn_int_keys(kp, head_dim, gs) says so (4- and 2-bit keys, head_dim a multiple of 64
+ * up to 256, gs <= 8), keys are scored against the int8-rounded query s * q8, in every build (AVX2
+ * with integer dot products, NEON and plain C in float, so builds agree up to float rounding); q8
+ * and s come from ek_attn_query_i8 on each head's (rotated, scaled) query: s = max|q| / 127,
+ * q8 = rint(q / s). It returns -1 for a non-finite query (then the plain query is used). */
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
 

@@ -23,7 +23,10 @@ and the checks are:
      near-tied tokens. When those free runs part, the check goes step by step under teacher
      forcing: the second build is fed the first one's tokens and at every step must choose the
      same token unless the first one's top-1/top-2 margin there is below TIE, and its margins
-     must stay within MARGIN_TOL. The free-run common prefix is reported too.
+     must stay within MARGIN_TOL (MARGIN_TOL_QK when keys are stored at 4 or 2 bits: those keys
+     are scored against an int8-rounded query, one more rounding that a last-bit difference in
+     the query can flip, moving a score by a whole query step times the key). The free-run
+     common prefix is reported too.
 
     python tools/e2e_tokens.py --x86 build/nc/x86 --aarch64 build/nc/a64 --aarch64-dotprod build/nc/a64dot
 
@@ -50,6 +53,7 @@ WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0")  # Q5_0 is convert
 KV_MODES = ((16, 16), (8, 4), (4, 2))
 TIE = 0.3          # x86 margins below this are near ties: either token is accepted
 MARGIN_TOL = 0.5   # teacher-forced margins of the two machines differ by at most this
+MARGIN_TOL_QK = 1.0  # ... with 4- or 2-bit keys (int8-rounded query); measured max 0.64 on qwen2 Q4_0 k4v2
 WELL_CONDITIONED = {"F32", "F16"}
 
 
@@ -186,10 +190,11 @@ def main(argv=None) -> int:
                     dm = max(abs(x - y) for x, y in zip(a_m, f_m))
                     agree = sum(f_t[i] == a_t[i] for i in range(len(a_t)))
                     forced_arch += 1
-                    check(not bad and dm <= MARGIN_TOL,
+                    tol = MARGIN_TOL_QK if kv[0] in (4, 2) else MARGIN_TOL
+                    check(not bad and dm <= tol,
                           f"{what}: free runs share {k} tokens; teacher-forced {agree}/{len(a_t)} steps agree, "
                           f"the rest near ties ({a} margin < {TIE}); max margin difference {dm:.3g} "
-                          f"(<= {MARGIN_TOL})" + (f"; disagreements at confident steps {bad}" if bad else ""))
+                          f"(<= {tol})" + (f"; disagreements at confident steps {bad}" if bad else ""))
     print(f"e2e: {exact_arch} build pairs with identical greedy tokens, {forced_arch} teacher-forced comparisons")
     print(f"{passed} passed, {failed} failed")
     if tmp:
