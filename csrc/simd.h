@@ -34,7 +34,9 @@ static inline float ek_h2f(ek_fp16 h) { return ek_fp16_to_fp32(h); }
 
 /* Name of the compiled path, for logs and `edgekv info`. */
 static inline const char *ek_simd_name(void) {
-#if defined(EK_AVX2)
+#if defined(EK_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+    return "avx2+vnni"; /* integer dot products use vpdpbusd */
+#elif defined(EK_AVX2)
     return "avx2";
 #elif defined(EK_NEON)
 #if defined(__ARM_FEATURE_DOTPROD)
