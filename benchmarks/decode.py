@@ -117,6 +117,12 @@ CONFIGS: dict[str, Config] = {
                    edgekv=dict(kv="int4"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
     "int2": Config("int2", "2-bit KV. edgekv kv=int2 (3 bits); llama.cpp q4_0 (it has no 2-bit KV), flash_attn on",
                    edgekv=dict(kv="int2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
+    "k4v2": Config("k4v2", "4-bit keys, 2-bit values. edgekv kv=k4v2 (3.75 bits); llama.cpp q4_0 K and V, flash_attn on",
+                   edgekv=dict(kv="k4v2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
+    # the learned controller (per-token bits from features, decided every step: its cost included)
+    "adaptive": Config("adaptive", "learned KV controller. edgekv kv=adaptive (default target bits); "
+                       "llama.cpp q4_0 K and V, flash_attn on",
+                       edgekv=dict(kv="adaptive"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
 }
 DEFAULT_CONFIGS = ["f16", "f16-fa"]
 PRIMARY_CONFIG = "f16"  # the row the project targets are checked on
