@@ -200,6 +200,22 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale) {
 #if defined(EK_AVX2)
 #define EK_INLINE static inline __attribute__((always_inline))
 
+/* CALL(G) with G = gs as a compile-time constant (1..8), so per-head accumulator arrays live in
+ * registers; gs > 8 is not dispatched here */
+#define EK_DISPATCH_GS(gs, CALL)                                                                    \
+    switch (gs) {                                                                                  \
+    case 1: CALL(1); break;                                                                        \
+    case 2: CALL(2); break;                                                                        \
+    case 3: CALL(3); break;                                                                        \
+    case 4: CALL(4); break;                                                                        \
+    case 5: CALL(5); break;                                                                        \
+    case 6: CALL(6); break;                                                                        \
+    case 7: CALL(7); break;                                                                        \
+    default: CALL(8); break;                                                                       \
+    }
+/* column blocks of 8 per pass for G heads, G * CB <= 12 accumulators */
+#define EK_CB(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
+
 /* Ask for the record one tile ahead: a task streams a few hundred records, too short a run
  * for the hardware prefetcher to reach full speed (measured: -15% attention time at 8,192 tokens).
  * Prefetches never fault, so running past the pool's end is harmless. */
@@ -256,36 +272,21 @@ EK_INLINE void accum_tile_g(const float *tile, int n, int hd, const float *w, fl
 }
 
 static void accum_tile(const float *tile, int n, int hd, const float *w, int gs, float *o) {
-    if (hd % 32 && gs <= 8) { /* FP16 heads of 8, 16 or 24 values: one block of 8 per pass */
-        switch (gs) {
-        case 1: accum_tile_g(tile, n, hd, w, o, 1, 1); break;
-        case 2: accum_tile_g(tile, n, hd, w, o, 2, 1); break;
-        case 3: accum_tile_g(tile, n, hd, w, o, 3, 1); break;
-        case 4: accum_tile_g(tile, n, hd, w, o, 4, 1); break;
-        case 5: accum_tile_g(tile, n, hd, w, o, 5, 1); break;
-        case 6: accum_tile_g(tile, n, hd, w, o, 6, 1); break;
-        case 7: accum_tile_g(tile, n, hd, w, o, 7, 1); break;
-        default: accum_tile_g(tile, n, hd, w, o, 8, 1); break;
+    if (gs <= 8) {
+        /* head_dim a multiple of 32: EK_CB(G) blocks of 8 per pass; FP16 heads of 8, 16 or 24: one */
+#define ACC_WIDE(G) accum_tile_g(tile, n, hd, w, o, G, EK_CB(G))
+#define ACC_NARROW(G) accum_tile_g(tile, n, hd, w, o, G, 1)
+        if (hd % 32 == 0) {
+            EK_DISPATCH_GS(gs, ACC_WIDE)
+        } else {
+            EK_DISPATCH_GS(gs, ACC_NARROW)
         }
+#undef ACC_WIDE
+#undef ACC_NARROW
         return;
     }
-    switch (gs) { /* constant head counts let the compiler keep acc[] in registers */
-    /* head_dim is a multiple of 32 here: 4 blocks of 8 divide it */
-    case 1: accum_tile_g(tile, n, hd, w, o, 1, 4); break;
-    case 2: accum_tile_g(tile, n, hd, w, o, 2, 4); break;
-    case 3: accum_tile_g(tile, n, hd, w, o, 3, 4); break;
-    case 4: accum_tile_g(tile, n, hd, w, o, 4, 2); break;
-    case 5: accum_tile_g(tile, n, hd, w, o, 5, 2); break;
-    case 6: accum_tile_g(tile, n, hd, w, o, 6, 2); break;
-    case 7: accum_tile_g(tile, n, hd, w, o, 7, 1); break;
-    case 8: accum_tile_g(tile, n, hd, w, o, 8, 1); break;
-    default:
-        for (int h = 0; h < gs; h += 8) {
-            const int g = gs - h < 8 ? gs - h : 8;
-            for (int k = 0; k < g; k++) /* rare: more than 8 query heads per KV head */
-                for (int j = 0; j < n; j++) axpyf(o + (size_t)(h + k) * hd, w[(size_t)(h + k) * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
-        }
-    }
+    for (int h = 0; h < gs; h++) /* rare: more than 8 query heads per KV head */
+        for (int j = 0; j < n; j++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
 }
 
 /* ---- integer key scoring: int8 query x 4- or 2-bit key codes ------------------------------
@@ -313,10 +314,7 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
         __m256 mx = _mm256_setzero_ps();
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
         for (int i = 0; i < hd; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(qh + i), absmask));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
+        const float amax = ek_hmax256(mx);
         if (!(amax <= 3.4e38f)) return -1; /* inf; NaN is caught by the scalar check below */
         for (int i = 0; i < hd; i++)
             if (qh[i] != qh[i]) return -1;
@@ -328,10 +326,7 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
         for (int k = 0; k < hd / g; k++) {
             __m256i sum = _mm256_setzero_si256();
             for (int b = k * g / 8; b < (k + 1) * g / 8; b++) sum = _mm256_add_epi32(sum, ints[b]);
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-            qi->qsum[h][k] = (float)_mm_cvtsi128_si32(s4);
+            qi->qsum[h][k] = (float)ek_hsum256_epi32(sum);
         }
         for (int u = 0; u < hd / 64; u++) {
             __m256i q32[2]; /* values 64u .. +31 and +32 .. +63 as bytes, in order */
@@ -353,16 +348,24 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
     return 0;
 }
 
-/* sum over 4-byte lanes of u8 x s8 products of two register pairs, as 8 int32 */
+/* sum over 4-byte lanes of u8 x s8 products of two register pairs, as 8 int32 (codes <= 15, so
+ * the plain-AVX2 fallback of ek_dpbusd stays exact) */
 EK_INLINE __m256i dot_u8s8(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, q0), u1, q1);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, q0), u1, q1);
-#else /* codes <= 15: a pair of products fits int16 with room for the sum of both registers */
-    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, q0), _mm256_maddubs_epi16(u1, q1));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#endif
+    return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
+}
+
+/* Unit u (64 values) of a 4- or 2-bit record's codes as the two registers qi8_prepare ordered the
+ * query for. */
+EK_INLINE void unpack_unit(const uint8_t *r, int u, __m256i *x0, __m256i *x1, const int bits) {
+    if (bits == 4) {
+        const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
+        *x0 = _mm256_and_si256(t, k);
+        *x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
+    } else {
+        const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * u)), k = _mm_set1_epi8(3);
+        *x0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 2), k), _mm_and_si128(t, k));
+        *x1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 6), k), _mm_and_si128(_mm_srli_epi16(t, 4), k));
+    }
 }
 
 /* sc[h*ATTN_CHUNK + j] for n records of `stride` bytes from `base`, G query heads (a constant, so
@@ -383,15 +386,7 @@ EK_INLINE void score_tile_q1_g(const qi8_query *qi, const uint8_t *base, size_t 
         for (int h = 0; h < G; h++) acc[h] = _mm256_setzero_si256();
         for (int u = 0; u < units; u++) {
             __m256i x0, x1;
-            if (bits == 4) {
-                const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
-                x0 = _mm256_and_si256(t, k);
-                x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
-            } else {
-                const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * u)), k = _mm_set1_epi8(3);
-                x0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 2), k), _mm_and_si128(t, k));
-                x1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 6), k), _mm_and_si128(_mm_srli_epi16(t, 4), k));
-            }
+            unpack_unit(r, u, &x0, &x1, bits);
             for (int h = 0; h < G; h++) acc[h] = _mm256_add_epi32(acc[h], dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u]));
         }
         for (int h = 0; h < G; h++) _mm256_storeu_si256((__m256i *)(tmp + ((size_t)h * ATTN_CHUNK + j) * 8), acc[h]);
@@ -412,11 +407,8 @@ EK_INLINE void score_tile_q1_g(const qi8_query *qi, const uint8_t *base, size_t 
             _mm_storeu_ps(out + j, _mm_mul_ps(sc4, s));
         }
         for (; j < n; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(t + 8 * j));
-            __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
-            x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xb1));
-            out[j] = ((float)_mm_cvtsi128_si32(x) * dv[j] + mv[j] * qi->qsum[h][0]) * qi->scale[h];
+            const float isum = (float)ek_hsum256_epi32(_mm256_loadu_si256((const __m256i *)(t + 8 * j)));
+            out[j] = (isum * dv[j] + mv[j] * qi->qsum[h][0]) * qi->scale[h];
         }
     }
 }
@@ -442,19 +434,10 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
         for (int h = 0; h < G; h++) acc[h] = _mm256_setzero_ps();
         for (int u = 0; u < units; u++) {
             __m256i x0, x1;
-            __m256 dv;
+            unpack_unit(r, u, &x0, &x1, bits);
             const __m256 d0 = _mm256_set1_ps(ek_h2f(dm[g0[u]])), d1 = _mm256_set1_ps(ek_h2f(dm[g1[u]]));
-            if (bits == 4) {
-                const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
-                x0 = _mm256_and_si256(t, k);
-                x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
-                dv = _mm256_blend_ps(d0, d1, 0xF0); /* int32 lanes 0-3: first chunk, 4-7: second */
-            } else {
-                const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * u)), k = _mm_set1_epi8(3);
-                x0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 2), k), _mm_and_si128(t, k));
-                x1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 6), k), _mm_and_si128(_mm_srli_epi16(t, 4), k));
-                dv = _mm256_blend_ps(d0, d1, 0xCC); /* lanes 0,1,4,5: first chunk; 2,3,6,7: second */
-            }
+            /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 2-bit 0,1,4,5 / 2,3,6,7 */
+            const __m256 dv = bits == 4 ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
             for (int h = 0; h < G; h++)
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
         }
@@ -482,16 +465,9 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
 
 EK_INLINE void score_tile_q_bits(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g,
                                  int gs, float *sc, float *tmp, const int bits) {
-    switch (gs) {
-    case 1: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 1, bits); break;
-    case 2: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 2, bits); break;
-    case 3: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 3, bits); break;
-    case 4: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 4, bits); break;
-    case 5: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 5, bits); break;
-    case 6: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 6, bits); break;
-    case 7: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 7, bits); break;
-    default: score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, 8, bits); break;
-    }
+#define SCORE_Q(G) score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, G, bits)
+    EK_DISPATCH_GS(gs, SCORE_Q)
+#undef SCORE_Q
 }
 
 static void score_tile_q(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs,
@@ -579,16 +555,9 @@ EK_INLINE void accum_tile_q_g(const uint8_t *base, size_t stride, int n, int hd,
 
 EK_INLINE void accum_tile_q_bits(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
                                  float *o, const int bits) {
-    switch (gs) {
-    case 1: accum_tile_q_g(base, stride, n, hd, g, w, o, 1, 4, bits); break;
-    case 2: accum_tile_q_g(base, stride, n, hd, g, w, o, 2, 4, bits); break;
-    case 3: accum_tile_q_g(base, stride, n, hd, g, w, o, 3, 4, bits); break;
-    case 4: accum_tile_q_g(base, stride, n, hd, g, w, o, 4, 2, bits); break;
-    case 5: accum_tile_q_g(base, stride, n, hd, g, w, o, 5, 2, bits); break;
-    case 6: accum_tile_q_g(base, stride, n, hd, g, w, o, 6, 2, bits); break;
-    case 7: accum_tile_q_g(base, stride, n, hd, g, w, o, 7, 1, bits); break;
-    default: accum_tile_q_g(base, stride, n, hd, g, w, o, 8, 1, bits); break;
-    }
+#define ACC_Q(G) accum_tile_q_g(base, stride, n, hd, g, w, o, G, EK_CB(G), bits)
+    EK_DISPATCH_GS(gs, ACC_Q)
+#undef ACC_Q
 }
 
 /* 1 if quantized values at this precision take the fused path */
@@ -614,12 +583,8 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
 static inline float row_max(const float *x, int n) {
 #if defined(EK_AVX2)
     if (n == ATTN_CHUNK) {
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
-                                 _mm256_max_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        return _mm_cvtss_f32(h);
+        return ek_hmax256(_mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                                        _mm256_max_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
     }
 #endif
     float cm = -INFINITY;

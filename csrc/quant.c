@@ -212,17 +212,9 @@ static inline __m256i unpack_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* u8 x s8 products summed in groups of 4, as 8 floats (exact either way: the callers' pairs of
- * products stay within int16, so vpmaddubsw never saturates) */
+/* u8 x s8 products summed in groups of 4, as 8 floats */
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
-#else
-    __m256i p16 = _mm256_maddubs_epi16(u, s);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-#endif
+    return _mm256_cvtepi32_ps(ek_dpbusd(_mm256_setzero_si256(), u, s));
 }
 
 #define EK_INLINE static inline __attribute__((always_inline))
