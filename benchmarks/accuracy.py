@@ -300,20 +300,16 @@ def run_llama(args, cache: Cache, model_path: Path, windows: list[list[int]], ta
                         "s": round(time.perf_counter() - t0, 4), "lp": [round(float(x), 6) for x in lp],
                     })
                     bar.update()
-            with tqdm_bar(f"llama.cpp {name} hellaswag", args.tasks, args.tasks - len(todo_t)) as bar:
-                for i in todo_t:
-                    ctx_ids, label, ends_ids = tasks_ids[i]
-                    t0 = time.perf_counter()
-                    lps = runner.task(ctx_ids, ends_ids)
-                    cache.append("llama", name, "hs", hs_record(i, label, lps, runner.bits, time.perf_counter() - t0))
-                    bar.update()
-            with tqdm_bar(f"llama.cpp {name} one-eval check", n_check, n_check - len(todo_c)) as bar:
-                for i in todo_c:
-                    ctx_ids, label, ends_ids = tasks_ids[i]
-                    t0 = time.perf_counter()
-                    lps = runner.task_one_eval(ctx_ids, ends_ids)
-                    cache.append("llama", name, "split", hs_record(i, label, lps, runner.bits, time.perf_counter() - t0))
-                    bar.update()
+            # HellaSwag tasks, and the check that scores context + ending in one eval
+            for kind, desc, total, todo, score in (("hs", "hellaswag", args.tasks, todo_t, runner.task),
+                                                   ("split", "one-eval check", n_check, todo_c, runner.task_one_eval)):
+                with tqdm_bar(f"llama.cpp {name} {desc}", total, total - len(todo)) as bar:
+                    for i in todo:
+                        ctx_ids, label, ends_ids = tasks_ids[i]
+                        t0 = time.perf_counter()
+                        lps = score(ctx_ids, ends_ids)
+                        cache.append("llama", name, kind, hs_record(i, label, lps, runner.bits, time.perf_counter() - t0))
+                        bar.update()
         finally:
             runner.close()
 

@@ -31,10 +31,27 @@ RESULTS = REPO / "benchmarks" / "results"
 KS = (1, 2, 3, 4, 6, 8, 16)
 
 
-def measure(model: str, context: int, reps: int, threads: int) -> dict:
-    """In this process: {k: [seconds per rep]}."""
+def batch_times(m, ids, context: int, k: int, runs: int) -> list:
+    """Seconds of `runs` forward passes over ids[context:context+k] on top of the cached
+    ids[:context] (logits for the last token), the cache cut back to `context` before each."""
     import time
 
+    import numpy as np
+
+    from edgekv._native import lib
+
+    batch = np.asarray(ids[context:context + k], np.int32)
+    ts = []
+    for _ in range(runs):
+        m._truncate(context)
+        t0 = time.perf_counter()
+        m._eval(batch, lib.EK_LOGITS_LAST, m._logits)
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def measure(model: str, context: int, reps: int, threads: int) -> dict:
+    """In this process: {k: [seconds per rep]}."""
     import numpy as np
 
     import edgekv
@@ -43,16 +60,7 @@ def measure(model: str, context: int, reps: int, threads: int) -> dict:
     with edgekv.load(model, threads=threads, ctx=context + max(KS) + 8, progress=False) as m:
         ids = np.asarray(m.tokenize(DATA.read_text()[:20000])[: context + max(KS)], np.int32)
         m._eval(ids[:context], lib.EK_LOGITS_LAST, m._logits)
-        out = {}
-        for k in KS:
-            ts = []
-            for _ in range(reps + 1):  # the first is a warm-up
-                m._truncate(context)
-                t0 = time.perf_counter()
-                m._eval(ids[context:context + k], lib.EK_LOGITS_LAST, m._logits)
-                ts.append(time.perf_counter() - t0)
-            out[str(k)] = ts[1:]
-        return out
+        return {str(k): batch_times(m, ids, context, k, reps + 1)[1:] for k in KS}  # the first is a warm-up
 
 
 def main(argv=None) -> int:

@@ -213,57 +213,50 @@ def _resume(task: str, spec: str, model) -> tuple[set, str | None]:
     return {r["i"] for r in recs}, tag
 
 
-def run_hellaswag(model, spec: str, n: int, progress: bool) -> None:
-    tasks = hellaswag_tasks()[:n]
-    out = OUT / "hellaswag" / f"{_fname(spec)}.jsonl"
+def _run_items(task: str, model, spec: str, items: list, progress: bool, score, s_digits: int) -> None:
+    """Score every item of a task not yet in its results file under the policy `spec`, appending one
+    JSON record per item. score(item, policy) -> (fields, k_bits, v_bits of the tokens scored on)."""
+    out = OUT / task / f"{_fname(spec)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done, tag = _resume("hellaswag", spec, model)
-    static = None if spec.startswith("random:") else make_policy(spec, "hellaswag", model)
+    done, tag = _resume(task, spec, model)
+    static = None if spec.startswith("random:") else make_policy(spec, task, model)
     from tqdm import tqdm
 
-    todo = [i for i in range(len(tasks)) if i not in done]
+    todo = [i for i in range(len(items)) if i not in done]
     with out.open("a") as fh:
-        for i in tqdm(todo, desc=f"hellaswag {spec}", disable=not progress, file=sys.stderr, mininterval=5):
-            t = tasks[i]
-            pol = static or make_policy(spec, "hellaswag", model, item=i)
+        for i in tqdm(todo, desc=f"{task} {spec}", disable=not progress, file=sys.stderr, mininterval=5):
+            pol = static or make_policy(spec, task, model, item=i)
             t0 = time.perf_counter()
-            ctx = model.tokenize(t["context"])
-            lps = []
-            for j, e in enumerate(t["endings"]):
-                lp = model.score(ctx, model.tokenize(" " + e, add_bos=False, special=False), kv=pol, sequential=False)
-                lps.append(float(lp.mean()))
-                if j == 0:
-                    kb, vb = model.kv_bits()
-                    kb, vb = kb[:len(ctx)], vb[:len(ctx)]
-            rec = {"i": i, "label": t["label"], "lp": lps, "pred": int(np.argmax(lps)), "ntok": len(ctx),
-                   "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb), "v_hist": _hist(vb),
-                   "s": round(time.perf_counter() - t0, 4), "artifact": tag}
+            fields, kb, vb = score(items[i], pol)
+            rec = {"i": i, **fields, "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb),
+                   "v_hist": _hist(vb), "s": round(time.perf_counter() - t0, s_digits), "artifact": tag}
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
+
+
+def run_hellaswag(model, spec: str, n: int, progress: bool) -> None:
+    def score(t, pol):
+        ctx = model.tokenize(t["context"])
+        lps = []
+        for j, e in enumerate(t["endings"]):
+            lp = model.score(ctx, model.tokenize(" " + e, add_bos=False, special=False), kv=pol, sequential=False)
+            lps.append(float(lp.mean()))
+            if j == 0:
+                kb, vb = model.kv_bits()
+                kb, vb = kb[:len(ctx)], vb[:len(ctx)]
+        return {"label": t["label"], "lp": lps, "pred": int(np.argmax(lps)), "ntok": len(ctx)}, kb, vb
+
+    _run_items("hellaswag", model, spec, hellaswag_tasks()[:n], progress, score, 4)
 
 
 def run_wikitext(model, spec: str, n: int, progress: bool) -> None:
-    windows = wikitext_windows(model, n)
-    out = OUT / "wikitext" / f"{_fname(spec)}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done, tag = _resume("wikitext", spec, model)
-    static = None if spec.startswith("random:") else make_policy(spec, "wikitext", model)
-    from tqdm import tqdm
+    def score(w, pol):
+        model.reset()
+        lp = model.score(w[:CONTEXT], w[CONTEXT:], kv=pol, sequential=True)
+        kb, vb = model.kv_bits()
+        return {"nll": float(-lp.sum()), "n": int(lp.size), "ntok": int(kb.size)}, kb, vb
 
-    todo = [i for i in range(len(windows)) if i not in done]
-    with out.open("a") as fh:
-        for i in tqdm(todo, desc=f"wikitext {spec}", disable=not progress, file=sys.stderr, mininterval=5):
-            w = windows[i]
-            pol = static or make_policy(spec, "wikitext", model, item=i)
-            t0 = time.perf_counter()
-            model.reset()
-            lp = model.score(w[:CONTEXT], w[CONTEXT:], kv=pol, sequential=True)
-            kb, vb = model.kv_bits()
-            rec = {"i": i, "nll": float(-lp.sum()), "n": int(lp.size), "ntok": int(kb.size),
-                   "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb), "v_hist": _hist(vb),
-                   "s": round(time.perf_counter() - t0, 3), "artifact": tag}
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+    _run_items("wikitext", model, spec, wikitext_windows(model, n), progress, score, 3)
 
 
 def load_model(name: str, threads: int):

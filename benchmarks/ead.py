@@ -57,7 +57,11 @@ WORK = Path(os.environ.get("EDGEKV_EAD_WORK", "/tmp/edgekv-ead"))
 if str(REPO / "python") not in sys.path:
     sys.path.insert(0, str(REPO / "python"))
 
+if str(REPO / "benchmarks") not in sys.path:  # sibling scripts, when imported rather than run
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
 import edgekv  # noqa: E402
+from batch_cost import batch_times  # noqa: E402
 from edgekv._native import lib  # noqa: E402
 from edgekv.ead import (  # noqa: E402
     DEFAULT_D_MIN, DEFAULT_TAU, DEFAULT_WINDOW, LARGE, SMALL, EADConfig, entropy_bits_rows, simulate_switching,
@@ -654,12 +658,7 @@ def cmd_timing(args) -> int:
         m._eval(ctx_ids[:300], lib.EK_LOGITS_LAST, m._logits)
         pts = []
         for k in (1, 2, 4, 8, 16, 32, 64):
-            ts = []
-            for _ in range(args.reps + 1):
-                m._truncate(300)
-                t0 = time.perf_counter()
-                m._eval(ctx_ids[300:300 + k], lib.EK_LOGITS_LAST, m._logits)
-                ts.append(time.perf_counter() - t0)
+            ts = batch_times(m, ctx_ids, 300, k, args.reps + 1)
             pts.append({"k": k, "median_s": float(np.median(ts))})
             log(f"{role} batch of {k}: {1000 * np.median(ts):.0f} ms")
         curve[role] = pts

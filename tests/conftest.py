@@ -110,6 +110,26 @@ def smollm2_path() -> Path:
         pytest.skip(f"SmolLM2-135M is not cached and cannot be fetched here: {e}")
 
 
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty model cache: nothing is cached, and nothing may fetch a model."""
+    monkeypatch.setenv("EDGEKV_CACHE", str(tmp_path / "cache"))
+
+    def no_downloads(*args, **kwargs):
+        raise AssertionError("a CLI test tried to download a model")
+
+    monkeypatch.setattr(edgekv.registry, "download_wheel", no_downloads)
+
+
+def run_cli(capsys, *argv):
+    """edgekv's CLI in this process: (exit code, stdout, stderr)."""
+    from edgekv import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def subprocess_env() -> dict:
     """Environment for a child Python that must import the same edgekv (and test helpers)."""
     env = dict(os.environ)
@@ -127,6 +147,7 @@ __all__ = [
     "TEST_WEIGHT_TYPES",
     "THREADS",
     "make_vocab",
+    "run_cli",
     "subprocess_env",
     "write_tiny_model",
 ]

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from conftest import run_cli
 from edgekv import cli, registry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -31,21 +32,7 @@ def tiny_model(tiny_path) -> pathlib.Path:
     return tiny_path("llama", "Q8_0", tie_embeddings=False, special_logit_bias=-8.0)
 
 
-@pytest.fixture(autouse=True)
-def _offline_cache(tmp_path, monkeypatch):
-    """An empty model cache: nothing is cached, and nothing here may fetch a model."""
-    monkeypatch.setenv("EDGEKV_CACHE", str(tmp_path / "cache"))
-
-    def no_downloads(*args, **kwargs):
-        raise AssertionError("a CLI test tried to download a model")
-
-    monkeypatch.setattr(registry, "download_wheel", no_downloads)
-
-
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+pytestmark = pytest.mark.usefixtures("offline_cache")  # an empty model cache, no downloads
 
 
 def assert_clean_error(rc, err, *needles):

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 import edgekv
-from edgekv import cli, registry
 from edgekv._native import lib
 from edgekv.ead import LARGE, SMALL, EADConfig, EntropySwitch, entropy_bits, entropy_bits_rows, simulate_switching
 
-from conftest import THREADS, make_vocab, write_tiny_model
+from conftest import THREADS, make_vocab, run_cli, write_tiny_model
 
 PROMPT = "Once upon a time there was"
 
@@ -321,23 +320,9 @@ def test_one_model_cannot_pair_with_itself(pair_paths):
 # command line
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEKV_CACHE", str(tmp_path / "cache"))
-
-    def no_downloads(*args, **kwargs):
-        raise AssertionError("a CLI test tried to download a model")
-
-    monkeypatch.setattr(registry, "download_wheel", no_downloads)
 
 
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_cli_generate_with_draft(capsys, offline, pair_paths):
+def test_cli_generate_with_draft(capsys, offline_cache, pair_paths):
     small, large = pair_paths
     common = ["generate", PROMPT, "--draft", small, "--model", large, "--max-tokens", "16",
               "--temperature", "0", "--threads", "1", "--tau", "2.5", "--window", "2", "--d-min", "2"]
@@ -355,7 +340,7 @@ def test_cli_generate_with_draft(capsys, offline, pair_paths):
     assert 0 <= s["large_share"] <= 1 and s["relative_compute"] > 0
 
 
-def test_cli_verify_matches_the_large_model(capsys, offline, pair_paths):
+def test_cli_verify_matches_the_large_model(capsys, offline_cache, pair_paths):
     small, large = pair_paths
     base = ["generate", PROMPT, "--model", large, "--max-tokens", "20", "--temperature", "0", "--json"]
     rc, want, err = run_cli(capsys, *base)
@@ -372,13 +357,13 @@ def test_cli_verify_matches_the_large_model(capsys, offline, pair_paths):
     (["--draft", "SMALL", "--max-draft", "3"], "--max-draft needs --verify"),
     (["--draft", "SMALL", "--tau", "1", "--tau-low", "2"], "tau_low"),
 ])
-def test_cli_ead_flag_errors(capsys, offline, pair_paths, argv, needle):
+def test_cli_ead_flag_errors(capsys, offline_cache, pair_paths, argv, needle):
     argv = [pair_paths[0] if a == "SMALL" else a for a in argv]
     rc, out, err = run_cli(capsys, "generate", "hi", "--model", pair_paths[1], *argv)
     assert rc == 2 and err.startswith("edgekv: error: ") and needle in err, err
 
 
-def test_cli_pair_errors_are_clean(capsys, offline, pair_paths, tiny_path, tmp_path):
+def test_cli_pair_errors_are_clean(capsys, offline_cache, pair_paths, tiny_path, tmp_path):
     rc, _, err = run_cli(capsys, "generate", "hi", "--draft", pair_paths[0], "--model", tmp_path / "none.gguf")
     assert rc == 2 and err.startswith("edgekv: error: large model: ") and "Traceback" not in err, err
     rc, _, err = run_cli(capsys, "generate", "hi", "--draft", pair_paths[0],
