@@ -193,6 +193,17 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale) {
     return 0;
 }
 
+int ek_attn_query_rounded(const float *q, int gs, int hd, float *out) {
+    int8_t q8[64 * QI_MAX_UNITS];
+    if (hd > 64 * QI_MAX_UNITS) return -1;
+    for (int h = 0; h < gs; h++) {
+        float sc;
+        if (ek_attn_query_i8(q + (size_t)h * hd, hd, q8, &sc)) return -1;
+        for (int i = 0; i < hd; i++) out[(size_t)h * hd + i] = sc * (float)q8[i];
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------- */
 /* the fused kernel                                                           */
 /* ------------------------------------------------------------------------- */
@@ -482,24 +493,6 @@ static void score_tile_q(const qi8_query *qi, const uint8_t *base, size_t stride
  * (sum_j w[h][j] * m_j) added once per group: the codes u_j go from bytes to floats in
  * registers and feed the FMAs directly (no dequantized tile). */
 
-/* chunk c (32 values) of a record's codes as 4 x 8 floats, in value order */
-EK_INLINE void chunk_codes(const uint8_t *r, int c, __m256 v[4], const int bits) {
-    __m128i q[4];
-    if (bits == 8) {
-        const __m128i a = _mm_loadu_si128((const __m128i *)(r + 32 * c)), b = _mm_loadu_si128((const __m128i *)(r + 32 * c + 16));
-        q[0] = a; q[1] = _mm_srli_si128(a, 8); q[2] = b; q[3] = _mm_srli_si128(b, 8);
-    } else if (bits == 4) {
-        const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * c)), k = _mm_set1_epi8(0x0f);
-        const __m128i lo = _mm_and_si128(t, k), hi = _mm_and_si128(_mm_srli_epi16(t, 4), k);
-        q[0] = lo; q[1] = _mm_srli_si128(lo, 8); q[2] = hi; q[3] = _mm_srli_si128(hi, 8);
-    } else {
-        const __m128i t = _mm_loadl_epi64((const __m128i *)(r + 8 * c)), k = _mm_set1_epi8(3);
-        q[0] = _mm_and_si128(t, k); q[1] = _mm_and_si128(_mm_srli_epi16(t, 2), k);
-        q[2] = _mm_and_si128(_mm_srli_epi16(t, 4), k); q[3] = _mm_and_si128(_mm_srli_epi16(t, 6), k);
-    }
-    for (int b = 0; b < 4; b++) v[b] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[b]));
-}
-
 /* G heads, CB column blocks of 8 per pass (G * CB <= 12 accumulators in registers) */
 EK_INLINE void accum_tile_q_g(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, float *o,
                               const int G, const int CB, const int bits) {
@@ -538,7 +531,7 @@ EK_INLINE void accum_tile_q_g(const uint8_t *base, size_t stride, int n, int hd,
                 for (int b = 0; b < CB; b++) acc[h][b] = _mm256_setzero_ps();
             for (int j = 0; j < n; j++) {
                 __m256 v[4];
-                chunk_codes(base + (size_t)j * stride, c, v, bits);
+                ek_kv_chunk_codes(base + (size_t)j * stride, c, v, bits);
                 for (int h = 0; h < G; h++) {
                     const __m256 wj = _mm256_broadcast_ss(wd + (h * 8 + k) * ATTN_CHUNK + j);
                     for (int b = 0; b < CB; b++) acc[h][b] = _mm256_fmadd_ps(wj, v[b0 + b], acc[h][b]);
@@ -608,16 +601,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     const int use_int = int_keys_ok(pool->kp, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->bits, kg) == 0;
 #else /* the same scores from the float path: the query rounded to int8 and scaled back */
     float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
-    if (int_keys_ok(pool->kp, hd, gs)) {
-        int8_t q8[64 * QI_MAX_UNITS];
-        int ok = 1;
-        for (int h = 0; h < gs && ok; h++) {
-            float sc;
-            ok = ek_attn_query_i8(q + (size_t)h * hd, hd, q8, &sc) == 0;
-            for (int i = 0; ok && i < hd; i++) q_i8[h * hd + i] = sc * (float)q8[i];
-        }
-        if (ok) q = q_i8;
-    }
+    if (int_keys_ok(pool->kp, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
 #endif
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {

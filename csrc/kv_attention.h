@@ -69,6 +69,9 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
  * and s come from ek_attn_query_i8 on each head's (rotated, scaled) query: s = max|q| / 127,
  * q8 = rint(q / s). It returns -1 for a non-finite query (then the plain query is used). */
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
+/* out (gs, hd) = s * q8 of each head of q (gs, hd): the query those keys are scored with; -1 (out
+ * unspecified) when any head is non-finite or hd > 256, and then every head uses the plain query. */
+int ek_attn_query_rounded(const float *q, int gs, int hd, float *out);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */

@@ -122,41 +122,14 @@ static void dequant_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant
 
 static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { ek_fp16_to_fp32_row((const ek_fp16 *)rec, y, n); }
 
-/* 8 codes (bytes) -> 8 floats d*c + m */
-static inline __m256 deq8(__m128i bytes8, __m256 d, __m256 m) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)), d, m);
-}
-
 static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
     const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
-    const uint8_t *p = rec;
     for (int c = 0; c < n; c += CH) {
         const __m256 d = _mm256_set1_ps(ek_h2f(dm[c / g])), m = _mm256_set1_ps(ek_h2f(dm[ng + c / g]));
-        __m128i q0, q1, q2, q3; /* codes c..c+7, +8..15, +16..23, +24..31 in the low 8 bytes */
-        if (bits == 8) {
-            __m128i a = _mm_loadu_si128((const __m128i *)p), b = _mm_loadu_si128((const __m128i *)(p + 16));
-            q0 = a; q1 = _mm_srli_si128(a, 8); q2 = b; q3 = _mm_srli_si128(b, 8);
-            p += 32;
-        } else if (bits == 4) {
-            __m128i t = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0f);
-            __m128i lo = _mm_and_si128(t, mask), hi = _mm_and_si128(_mm_srli_epi16(t, 4), mask);
-            q0 = lo; q1 = _mm_srli_si128(lo, 8); q2 = hi; q3 = _mm_srli_si128(hi, 8);
-            p += 16;
-        } else {
-            uint64_t x;
-            memcpy(&x, p, 8);
-            const uint64_t mask = 0x0303030303030303ull;
-            q0 = _mm_cvtsi64_si128((long long)(x & mask));
-            q1 = _mm_cvtsi64_si128((long long)((x >> 2) & mask));
-            q2 = _mm_cvtsi64_si128((long long)((x >> 4) & mask));
-            q3 = _mm_cvtsi64_si128((long long)((x >> 6) & mask));
-            p += 8;
-        }
-        _mm256_storeu_ps(y + c, deq8(q0, d, m));
-        _mm256_storeu_ps(y + c + 8, deq8(q1, d, m));
-        _mm256_storeu_ps(y + c + 16, deq8(q2, d, m));
-        _mm256_storeu_ps(y + c + 24, deq8(q3, d, m));
+        __m256 v[4];
+        ek_kv_chunk_codes(rec, c / CH, v, bits);
+        for (int b = 0; b < 4; b++) _mm256_storeu_ps(y + c + 8 * b, _mm256_fmadd_ps(v[b], d, m));
     }
 }
 

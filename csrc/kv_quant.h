@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "quant.h"
+#include "simd.h"
 
 /* Precision ids: index into the trait table and into pool ids. */
 enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_COUNT = 4 };
@@ -42,6 +43,27 @@ typedef struct {
 
 const ek_kv_prec_traits *ek_kv_prec(int prec);
 int ek_kv_prec_from_bits(int bits); /* -1 if not 16/8/4/2 */
+
+#if defined(EK_AVX2)
+/* Codes of chunk c (values 32c .. 32c+31) of a quantized record at `bits`, as 4 x 8 floats in
+ * value order: the unpack both dequantization and the fused value sum use. */
+static inline __attribute__((always_inline)) void ek_kv_chunk_codes(const uint8_t *r, int c, __m256 v[4], int bits) {
+    __m128i q[4];
+    if (bits == 8) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(r + 32 * c)), b = _mm_loadu_si128((const __m128i *)(r + 32 * c + 16));
+        q[0] = a; q[1] = _mm_srli_si128(a, 8); q[2] = b; q[3] = _mm_srli_si128(b, 8);
+    } else if (bits == 4) {
+        const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * c)), k = _mm_set1_epi8(0x0f);
+        const __m128i lo = _mm_and_si128(t, k), hi = _mm_and_si128(_mm_srli_epi16(t, 4), k);
+        q[0] = lo; q[1] = _mm_srli_si128(lo, 8); q[2] = hi; q[3] = _mm_srli_si128(hi, 8);
+    } else {
+        const __m128i t = _mm_loadl_epi64((const __m128i *)(r + 8 * c)), k = _mm_set1_epi8(3);
+        q[0] = _mm_and_si128(t, k); q[1] = _mm_and_si128(_mm_srli_epi16(t, 2), k);
+        q[2] = _mm_and_si128(_mm_srli_epi16(t, 4), k); q[3] = _mm_and_si128(_mm_srli_epi16(t, 6), k);
+    }
+    for (int b = 0; b < 4; b++) v[b] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[b]));
+}
+#endif
 
 /* In-place randomized Hadamard rotation and its inverse (n a power of two). */
 void ek_rotate(float *x, const float *signs, int n);

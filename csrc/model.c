@@ -834,20 +834,17 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     ek_attn_finish(&part, &s, gs, out);
     if (k_deq && v_deq)
         for (int j = 0; j < n_pos; j++) ek_kv_store_get(&s, 0, j, k_deq + (size_t)j * head_dim, v_deq + (size_t)j * head_dim);
-    if (q_key) {
-        int8_t *q8 = (int8_t *)buf; /* the scratch is free again */
-        for (int p = 0; p < KVP_COUNT; p++)
-            for (int h = 0; h < gs; h++) {
-                float *dst = q_key + ((size_t)p * gs + h) * head_dim, sc;
-                const float *qr = qs + (size_t)(gs + h) * head_dim;
-                if (p == KVP_F16 || !ek_attn_int_keys(p, head_dim, gs) || ek_attn_query_i8(qr, head_dim, q8, &sc)) {
-                    memcpy(dst, qs + (size_t)h * head_dim, sizeof(float) * head_dim);
-                    continue;
-                }
-                for (int i = 0; i < head_dim; i++) dst[i] = sc * q8[i];
-                if (s.rotate) ek_unrotate(dst, s.signs, head_dim);
+    if (q_key) /* per key precision, the query its keys were scored with (see ek_attend_range) */
+        for (int p = 0; p < KVP_COUNT; p++) {
+            float *dst = q_key + (size_t)p * gs * head_dim;
+            if (p != KVP_F16 && ek_attn_int_keys(p, head_dim, gs) &&
+                ek_attn_query_rounded(qs + (size_t)gs * head_dim, gs, head_dim, dst) == 0) {
+                if (s.rotate)
+                    for (int h = 0; h < gs; h++) ek_unrotate(dst + (size_t)h * head_dim, s.signs, head_dim);
+            } else {
+                memcpy(dst, qs, sizeof(float) * gs * head_dim);
             }
-    }
+        }
     rc = EK_OK;
 done:
     free(buf);
