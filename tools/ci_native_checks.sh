@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Native checks of edgekv's C core, for CI (called from .ci/run) and by hand:
 #
-#   1. x86_64 portable build + C tests (ctest)
+#   1. x86_64 portable build + C tests (ctest); plain-C build (no SIMD) + C tests + the Python
+#      KV-cache and forward tests against it
 #   2. aarch64 cross build (Debian's gcc-aarch64-linux-gnu) + C tests under qemu-user, emulating a
 #      Cortex-A72 (Raspberry Pi 4) and a Cortex-A53 (Pi 3); every NEON kernel against its reference
 #   3. aarch64 +dotprod+fp16 build + C tests under qemu emulating a Cortex-A76 (Pi 5); the same
@@ -22,7 +23,7 @@
 #   EDGEKV_FUZZ_CASES  fuzz cases (default 20000);  EDGEKV_FUZZ_JOBS  workers (default: nproc)
 #   EDGEKV_CI_BUILD    build folder (default: build/native-checks)
 #   EDGEKV_CI_STEPS    steps to run, e.g. "x86 aarch64 e2e" (default: all of
-#                      x86 aarch64 dotprod e2e asan valgrind fuzz, plus wheel when EDGEKV_CI_WHEEL=1)
+#                      x86 scalar aarch64 dotprod e2e asan valgrind fuzz, plus wheel when EDGEKV_CI_WHEEL=1)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +33,7 @@ B="${EDGEKV_CI_BUILD:-$ROOT/build/native-checks}"
 FUZZ_CASES="${EDGEKV_FUZZ_CASES:-20000}"
 JOBS="${EDGEKV_FUZZ_JOBS:-$(nproc)}"
 SYSROOT=/usr/aarch64-linux-gnu
-STEPS="${EDGEKV_CI_STEPS:-x86 aarch64 dotprod e2e asan valgrind fuzz}"
+STEPS="${EDGEKV_CI_STEPS:-x86 scalar aarch64 dotprod e2e asan valgrind fuzz}"
 if [ "${EDGEKV_CI_WHEEL:-0}" = 1 ] && [[ " $STEPS " != *" wheel "* ]]; then STEPS="$STEPS wheel"; fi
 LOG="$B/logs"
 mkdir -p "$LOG"
@@ -140,6 +141,26 @@ if want x86 || want e2e || want valgrind; then
         fi
     else
         result x86_64 FAIL $((SECONDS - t)) "build failed (see $X86.build.log)"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 1b. x86_64 plain C (no SIMD): the reference paths every SIMD kernel falls back to, with the
+#     Python KV-cache and forward tests run against that library
+# ---------------------------------------------------------------------------------------------
+SCALAR="$B/x86_64-scalar"
+if want scalar; then
+    t=$SECONDS
+    if configure_build "$SCALAR" -DEDGEKV_ARCH=none -DCMAKE_BUILD_TYPE=Release; then
+        r=$(run_ctest "$SCALAR" "$LOG/ctest-scalar.log"); s1=$?
+        EDGEKV_LIB="$SCALAR/libedgekv.so" "$PY" -m pytest -q -p no:cacheprovider tests/test_kv.py \
+            tests/test_forward.py >"$LOG/pytest-scalar.log" 2>&1; s2=$?
+        p=$(grep -E "passed|failed" "$LOG/pytest-scalar.log" | tail -1)
+        [ $s2 -ne 0 ] && grep -E "^FAILED" "$LOG/pytest-scalar.log" | head -20
+        [ $s1 -eq 0 ] && [ $s2 -eq 0 ] && s=ok || s=FAIL
+        result scalar $s $((SECONDS - t)) "EDGEKV_ARCH=none, ctest: $r; pytest kv+forward: $p"
+    else
+        result scalar FAIL $((SECONDS - t)) "build failed (see $SCALAR.build.log)"
     fi
 fi
 
