@@ -83,8 +83,12 @@ const char *ek_model_error(const ek_model *m);
 /* Borrow a tensor. n_in: values per row (GGUF ne[0]); n_out: rows (ne[1], 1 for vectors). */
 int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *data, int64_t n_in,
                         int64_t n_out, size_t n_bytes);
-/* Check that every required tensor is present; the model is usable only after this succeeds. */
+/* Check that every required tensor is present; the model is usable only after this succeeds.
+ * Matrices with a row-interleaved kernel in this build are copied into that layout here. */
 int ek_model_finalize(ek_model *m);
+/* 1 if the model no longer reads the borrowed bytes of this tensor (they were repacked into a
+ * copy of its own at finalize), so the caller may release them; 0 otherwise. */
+int ek_model_tensor_released(const ek_model *m, int kind, int layer);
 
 /* Append n tokens to the context and run them. logits: NULL for EK_LOGITS_NONE,
  * else n_vocab floats (LAST) or n * n_vocab floats (ALL). */
@@ -124,7 +128,10 @@ const double *ek_attn_stat_sumsq(const ek_model *m);
 const int32_t *ek_attn_stat_count(const ek_model *m);
 
 /* Kernel entry for tests and benchmarks: out[t * n_out + r] = dot(W row r, x row t).
- * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path. */
+ * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path; for types with a
+ * row-interleaved layout (Q4_0, Q4_1, Q8_0; else EK_ERR_INVALID): 2 = the rows repacked 8 by 8
+ * with the SIMD x8 kernel (the reference where the build has none), 3 = repacked, reference x8
+ * kernel. Rows past the last multiple of 8 take the row kernels, as in the model. */
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl);
 /* Quantize and dequantize one record of n values (tests): bits 16/8/4/2, group g. */

@@ -25,12 +25,14 @@
 
 #define DECODE_SPLIT 512 /* slots per decode attention task */
 
-/* A borrowed weight matrix: n_out rows of n_in values. */
+/* A borrowed weight matrix: n_out rows of n_in values; packed (owned, or NULL) holds the same
+ * rows interleaved 8 by 8 for the x8 kernels (quant_x8.c) and is what the matmul reads. */
 typedef struct {
     const void *data;
     int type;
     int64_t n_in, n_out;
     size_t row_bytes;
+    void *packed;
 } ek_mat;
 
 typedef struct {
@@ -179,8 +181,24 @@ oom:
     return NULL;
 }
 
+/* Every matrix the matmul reads (the token embedding is only looked up, never packed). */
+#define EK_FOR_EACH_MATMUL(m, X)                                                                        \
+    do {                                                                                                \
+        for (int l_ = 0; (m)->layers && l_ < (m)->cfg.n_layer; l_++) {                                  \
+            ek_layer *L_ = &(m)->layers[l_];                                                            \
+            X(&L_->wq); X(&L_->wk); X(&L_->wv); X(&L_->wo); X(&L_->w_gate); X(&L_->w_up); X(&L_->w_down); \
+        }                                                                                               \
+        X(&(m)->output);                                                                                \
+    } while (0)
+
+static void mat_unpack(ek_mat *w) {
+    free(w->packed);
+    w->packed = NULL;
+}
+
 void ek_model_free(ek_model *m) {
     if (!m) return;
+    EK_FOR_EACH_MATMUL(m, mat_unpack);
     if (m->pool) ek_pool_free(m->pool);
     ek_kv_store_free(&m->kv);
     free(m->layers);
@@ -238,7 +256,7 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     if (n_bytes != row_bytes * (size_t)n_out)
         return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: %zu bytes given, %zu expected", kind, layer, n_bytes,
                     row_bytes * (size_t)n_out);
-    ek_mat mat = {data, type, n_in, n_out, row_bytes};
+    ek_mat mat = {data, type, n_in, n_out, row_bytes, NULL};
     ek_layer *L = per_layer ? &m->layers[layer] : NULL;
     switch (kind) {
     case EK_T_TOK_EMBD: m->tok_embd = mat; break;
@@ -260,6 +278,41 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     return EK_OK;
 }
 
+/* Interleave a matrix's rows 8 by 8 when this build has an x8 kernel for its type. */
+static int mat_pack(ek_mat *w) {
+    const ek_x8_traits *x8 = ek_x8_get(w->type);
+    if (w->packed || !x8 || !x8->dot || w->n_out % EK_X8) return EK_OK;
+    const size_t group = EK_X8 * w->row_bytes; /* a multiple of 64 bytes for every packed type */
+    w->packed = aligned_alloc(64, group * (size_t)(w->n_out / EK_X8));
+    if (!w->packed) return EK_ERR_NOMEM;
+    for (int64_t g = 0; g < w->n_out / EK_X8; g++)
+        x8->repack((const char *)w->data + (size_t)g * group, w->row_bytes, (char *)w->packed + (size_t)g * group,
+                   (int)w->n_in);
+    return EK_OK;
+}
+
+int ek_model_tensor_released(const ek_model *m, int kind, int layer) {
+    if (!m || !m->finalized) return 0;
+    const int per_layer = layer >= 0 && layer < m->cfg.n_layer;
+    const ek_layer *L = per_layer ? &m->layers[layer] : NULL;
+    const ek_mat *w = NULL;
+    switch (kind) {
+    case EK_T_TOK_EMBD: break;
+    case EK_T_OUTPUT: w = &m->output; break; /* only when given: a tied output shares the embedding */
+    case EK_T_ATTN_Q: w = L ? &L->wq : NULL; break;
+    case EK_T_ATTN_K: w = L ? &L->wk : NULL; break;
+    case EK_T_ATTN_V: w = L ? &L->wv : NULL; break;
+    case EK_T_ATTN_O: w = L ? &L->wo : NULL; break;
+    case EK_T_FFN_GATE: w = L ? &L->w_gate : NULL; break;
+    case EK_T_FFN_UP: w = L ? &L->w_up : NULL; break;
+    case EK_T_FFN_DOWN: w = L ? &L->w_down : NULL; break;
+    default: return 0;
+    }
+    if (kind == EK_T_TOK_EMBD) /* tied: looked up in the packed output (embed_row) */
+        return m->output.data == m->tok_embd.data && m->output.packed != NULL;
+    return w && w->packed && w->data != m->tok_embd.data;
+}
+
 int ek_model_finalize(ek_model *m) {
     if (!m->tok_embd.data) return fail(m, EK_ERR_INVALID, "missing tensor: token embedding");
     if (!m->output_norm) return fail(m, EK_ERR_INVALID, "missing tensor: output norm");
@@ -273,6 +326,11 @@ int ek_model_finalize(ek_model *m) {
         if (m->cfg.has_qkv_bias ? nb != 3 : nb != 0)
             return fail(m, EK_ERR_INVALID, "layer %d: Q/K/V biases must be all present (qwen2) or all absent (llama)", l);
     }
+    int rc = EK_OK;
+#define PACK(w) if (rc == EK_OK) rc = mat_pack(w)
+    EK_FOR_EACH_MATMUL(m, PACK);
+#undef PACK
+    if (rc != EK_OK) return fail(m, rc, "out of memory repacking the weights");
     m->finalized = 1;
     return EK_OK;
 }
@@ -303,11 +361,35 @@ typedef struct {
 } mm_ctx;
 
 /* Rows [r0, r1) of one matrix against every token, tile by tile. */
+/* Rows r0..r1 (multiples of 8) of a packed matrix, 8 rows by up to 4 tokens per kernel call. */
+static void mm_rows_x8(const mm_ctx *c, const mm_job *job, const void *act, size_t stride, int64_t r0, int64_t r1) {
+    const ek_mat *w = job->w;
+    const ek_dot_x8_fn dot = ek_x8_get(w->type)->dot;
+    const size_t group = EK_X8 * w->row_bytes;
+    for (int t0 = 0; t0 < c->n_tok; t0 += MM_TOKEN_TILE) {
+        const int t1 = t0 + MM_TOKEN_TILE < c->n_tok ? t0 + MM_TOKEN_TILE : c->n_tok;
+        for (int64_t r = r0; r < r1; r += EK_X8) {
+            const void *w8 = (const char *)w->packed + (size_t)(r / EK_X8) * group;
+            for (int t = t0; t < t1; t += 4) {
+                const int nt = t1 - t < 4 ? t1 - t : 4;
+                float o[4 * EK_X8];
+                dot((int)w->n_in, w8, (const char *)act + (size_t)t * stride, stride, nt, o);
+                for (int i = 0; i < nt; i++)
+                    memcpy(job->out + (size_t)(t + i) * job->out_stride + r, o + i * EK_X8, sizeof(float) * EK_X8);
+            }
+        }
+    }
+}
+
 static void mm_rows(const mm_ctx *c, const mm_job *job, int64_t r0, int64_t r1) {
     const ek_mat *w = job->w;
     const ek_type_traits *tr = ek_type_get(w->type);
     const void *act = tr->act_is_q8 ? c->xq : (const void *)c->x;
     const size_t stride = tr->act_is_q8 ? c->act_stride : (size_t)c->n_in * sizeof(float);
+    if (w->packed) { /* chunks start at multiples of rows_per_chunk (8 | 16 | 64) and n_out % 8 == 0 */
+        mm_rows_x8(c, job, act, stride, r0, r1);
+        return;
+    }
     for (int t0 = 0; t0 < c->n_tok; t0 += MM_TOKEN_TILE) {
         const int t1 = t0 + MM_TOKEN_TILE < c->n_tok ? t0 + MM_TOKEN_TILE : c->n_tok;
         for (int64_t r = r0; r < r1; r++) {
@@ -618,14 +700,25 @@ static void add_into(float *x, const float *y, size_t n) {
 /* forward                                                                    */
 /* ------------------------------------------------------------------------- */
 
+/* The embedding of one token. Tied embeddings are read from the packed output matrix, so the
+ * caller can release the row-major copy (ek_model_tensor_released). */
+static void embed_row(const ek_model *m, int token, float *y) {
+    const ek_mat *w = &m->tok_embd;
+    if (m->output.data == w->data && m->output.packed) {
+        const size_t group = EK_X8 * w->row_bytes;
+        ek_x8_get(w->type)->to_float((const char *)m->output.packed + (size_t)(token / EK_X8) * group, token % EK_X8, y,
+                                     (int)w->n_in);
+        return;
+    }
+    ek_type_get(w->type)->to_float((const char *)w->data + (size_t)token * w->row_bytes, y, (int)w->n_in);
+}
+
 static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
     const ek_config *cf = &m->cfg;
     const int E = cf->n_embd, half = cf->rope_dim / 2;
 
     ek_kv_store_append(&m->kv, n);
-    const ek_type_traits *et = ek_type_get(m->tok_embd.type);
-    for (int t = 0; t < n; t++)
-        et->to_float((const char *)m->tok_embd.data + (size_t)tokens[t] * m->tok_embd.row_bytes, m->x + (size_t)t * E, E);
+    for (int t = 0; t < n; t++) embed_row(m, tokens[t], m->x + (size_t)t * E);
     for (int t = 0; t < n; t++) {
         const double pos = (double)(m->n_past + t);
         for (int i = 0; i < half; i++) {
@@ -713,14 +806,36 @@ int ek_truncate(ek_model *m, int n_past) {
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl) {
     const ek_type_traits *t = ek_type_get(type);
-    if (!t || !w || !x || !out || n_tok <= 0 || n_out <= 0 || ek_row_bytes(type, n_in) == 0) return EK_ERR_INVALID;
+    if (!t || !w || !x || !out || n_tok <= 0 || n_out <= 0 || ek_row_bytes(type, n_in) == 0 || impl < 0 || impl > 3)
+        return EK_ERR_INVALID;
+    const ek_x8_traits *x8 = ek_x8_get(type);
+    if (impl >= 2 && !x8) return EK_ERR_INVALID;
     const size_t stride = ek_act_row_bytes(type, (int)n_in);
-    void *act = malloc(stride * (size_t)n_tok);
-    if (!act) return EK_ERR_NOMEM;
-    for (int i = 0; i < n_tok; i++) ek_quantize_act_row(type, x + (size_t)i * n_in, (char *)act + (size_t)i * stride, (int)n_in);
     const size_t rb = ek_row_bytes(type, n_in);
-    ek_dot_fn dot = impl == 0 ? t->dot_ref : t->dot;
-    for (int64_t r = 0; r < n_out; r++) {
+    void *act = malloc(stride * (size_t)n_tok);
+    /* x8: the leading multiple of 8 rows interleaved, the rest row by row (as the model does) */
+    const int64_t n8 = impl >= 2 ? n_out / EK_X8 * EK_X8 : 0;
+    void *packed = n8 ? malloc(rb * (size_t)n8) : NULL;
+    if (!act || (n8 && !packed)) {
+        free(act);
+        free(packed);
+        return EK_ERR_NOMEM;
+    }
+    for (int i = 0; i < n_tok; i++) ek_quantize_act_row(type, x + (size_t)i * n_in, (char *)act + (size_t)i * stride, (int)n_in);
+    const ek_dot_x8_fn dot8 = impl == 3 || !x8 || !x8->dot ? (x8 ? x8->dot_ref : NULL) : x8->dot;
+    for (int64_t r = 0; r < n8; r += EK_X8) {
+        const size_t off = (size_t)r * rb;
+        x8->repack((const char *)w + off, rb, (char *)packed + off, (int)n_in);
+        for (int i = 0; i < n_tok; i += 4) {
+            const int nt = n_tok - i < 4 ? n_tok - i : 4;
+            float o[4 * EK_X8];
+            dot8((int)n_in, (const char *)packed + off, (const char *)act + (size_t)i * stride, stride, nt, o);
+            for (int k = 0; k < nt; k++)
+                for (int j = 0; j < EK_X8; j++) out[(size_t)(i + k) * n_out + r + j] = o[k * EK_X8 + j];
+        }
+    }
+    ek_dot_fn dot = impl == 0 || impl == 3 ? t->dot_ref : t->dot;
+    for (int64_t r = n8; r < n_out; r++) {
         int i = 0;
         float o[4];
         for (; i + 4 <= n_tok; i += 4) {
@@ -732,6 +847,7 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
             out[(size_t)i * n_out + r] = o[0];
         }
     }
+    free(packed);
     free(act);
     return EK_OK;
 }

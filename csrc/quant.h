@@ -92,6 +92,25 @@ size_t ek_row_bytes(int type, int64_t n);
 size_t ek_act_row_bytes(int type, int n);
 void ek_quantize_act_row(int type, const float *x, void *y, int n);
 
+/* ---- row-interleaved ("x8") weights (quant_x8.c) ----
+ * A matrix whose row count is a multiple of EK_X8 can be repacked at load so that 8 rows are
+ * stored block by block (same bytes); its dot kernel then computes 8 rows per pass with no
+ * horizontal sums. Rows r0..r0+7 of the matrix live at packed + (r0 / 8) * 8 * row_bytes. */
+#define EK_X8 8
+
+/* Dot products of 8 interleaved rows with nx (1..4) activation rows: out[t * 8 + r]. */
+typedef void (*ek_dot_x8_fn)(int n, const void *w8, const void *act, size_t act_row_bytes, int nx, float *out);
+
+typedef struct {
+    void (*repack)(const void *rows, size_t row_bytes, void *dst, int n); /* 8 rows of n values */
+    ek_dot_x8_fn dot;     /* SIMD kernel; NULL where this build has none (then no repacking) */
+    ek_dot_x8_fn dot_ref; /* plain C reference on the same layout */
+    void (*to_float)(const void *w8, int r, float *y, int n); /* row r (0..7) of a group, dequantized */
+} ek_x8_traits;
+
+/* NULL for a type with no interleaved layout. */
+const ek_x8_traits *ek_x8_get(int type);
+
 /* Reference quantizers for activations (also used by tests). */
 void ek_quantize_row_q8a(const float *x, block_q8a *y, int n);
 

@@ -114,6 +114,31 @@ def test_logits_match_reference(tiny_any, open_model, reference_for):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("wtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_repacked_weights_match_reference(arch, wtype, tiny_path, open_model, reference_for):
+    """A vocabulary of 384 (a multiple of 8), tied embeddings: where the build has the x8 kernels,
+    every matrix, the output included, is repacked 8 rows by 8, token embeddings are looked up
+    in the packed output, and Python releases the row-major bytes. Tokens of every residue mod 8
+    check the packed lookup; the logits must still match the NumPy reference."""
+    from make_tiny import make_vocab
+
+    from edgekv._native import ffi, lib
+
+    path = tiny_path(arch, wtype, vocab=make_vocab(arch, n_merges=125))
+    m = open_model(path, threads=2)
+    assert m.vocab_size == 384
+    ids = ((np.arange(150) * 3 + 1) % 384).astype(np.int32)
+    compare_to_reference(m.logits(ids), reference_for(path).logits(ids), wtype, f"{arch}/{wtype} repacked")
+    matrices = [w for w in m._gguf.weights if w.n_out > 1]
+    released = [w.name for w in matrices if lib.ek_model_tensor_released(m._handle, w.kind, w.layer)]
+    if ffi.string(lib.ek_simd()).decode().startswith("avx2"):
+        assert sorted(released) == sorted(w.name for w in matrices)  # token_embd included (tied)
+        assert all(w.array.size == 0 for w in matrices)
+    else:  # no x8 kernel in this build: nothing is repacked, nothing released
+        assert released == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "shape",
     [

@@ -1,7 +1,9 @@
 """The weight kernels, through the C entry ``ek_matmul``, against NumPy.
 
 ``ek_matmul(type, w, n_in, n_out, x, n_tok, out, impl)`` computes ``out[t, r] = dot(W[r], x[t])``
-with the plain C reference (impl=0) or the compiled SIMD path (impl=1). The NumPy reference is
+with the plain C reference (impl=0) or the compiled SIMD path (impl=1); Q4_0/Q4_1/Q8_0 also with
+their rows repacked 8 by 8 (quant_x8.c), through the SIMD x8 kernel the model uses (impl=2) and
+its plain C reference (impl=3). The NumPy reference is
 ``x @ dequantize(W).T`` in float64, with ``gguf.quants.dequantize`` (not edgekv's code).
 
 Error bounds (derived, not tuned)
@@ -12,6 +14,7 @@ amax / 254``. Over a row ``x_t`` that gives ``||e_t|| <= E_t = sqrt(sum_b 32 * (
 and by Cauchy-Schwarz each output is off by at most ``||W_r|| * E_t``. On top comes float32
 rounding of the block sums (the integer dot product inside a block is exact): at most
 ``(n_acc + 8) * u * S_rt`` with ``u = 2^-24``, ``n_acc`` the number of float additions in a row
+(two per block for Q4_0/Q4_1: the x8 kernels add the offset term on its own)
 and ``S_rt = sum_b A_rb * sum_{i in b} |x_ti|``, where ``A_rb`` bounds what one unit of
 activation can contribute through block b (``128 |d|`` for Q8_0, ``24 |d|`` for Q4_0 (codes 0..15
 and the folded-in -8 offset), ``16 |d| + |m|`` for Q4_1, ``|w_i|`` itself for F32/F16). The test
@@ -25,7 +28,7 @@ weight rows (16 or more) for the mean over them to be near its expectation, on r
 outliers (Gaussian or uniform, where the expectation is ~3e-5, so the margin is >10x). F32 and F16 weights meet float32 activations as they
 are: only float rounding is left, asserted below 1e-9.
 
-impl=0 and impl=1 use the same quantized activations and integer sums; they differ only in the
+All impls use the same quantized activations and integer sums; they differ only in the
 order of float additions, so they must agree within ``2 * (n_acc + 8) * u * S_rt`` (about 1e-6
 of the row's scale).
 """
@@ -47,6 +50,11 @@ NMSE_FLOAT = 1e-9
 
 TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 QUANTIZED = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def impls(type_name: str) -> tuple[int, ...]:
+    """Kernel paths of a type: row reference and SIMD, plus the interleaved (x8) ones."""
+    return (0, 1, 2, 3) if type_name in QUANTIZED else (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def bounds(type_name: str, w: np.ndarray, wd: np.ndarray, x: np.ndarray):
         amax = absx.reshape(x.shape[0], n_in // QK, QK).max(axis=2)
         e_norm = np.sqrt((32.0 * (amax / 254.0) ** 2).sum(axis=1))  # E_t
         quant = 1.01 * np.outer(e_norm, np.linalg.norm(wd, axis=1))
-        n_acc = n_in // QK
+        n_acc = (1 if type_name == "Q8_0" else 2) * (n_in // QK)
         # the kernels sum the quantized activations: |xq| <= |x| + amax / 254
         scale = (absx + np.repeat(amax, QK, axis=1) / 127.0) @ a.T  # S_rt, (n_tok, n_out)
     else:
@@ -149,7 +157,7 @@ def check(type_name: str, w: np.ndarray, x: np.ndarray, n_in: int, n_out: int, *
     exact = x.astype(np.float64) @ wd.T
     err_bound, agree_bound = bounds(type_name, w, wd, x)
     outs = []
-    for impl in (0, 1):
+    for impl in impls(type_name):
         out = ek_matmul(type_name, w, n_in, n_out, x, impl).astype(np.float64)
         assert np.all(np.isfinite(out)), f"{type_name} impl={impl}: non-finite output"
         excess = np.abs(out - exact) - err_bound
@@ -163,12 +171,13 @@ def check(type_name: str, w: np.ndarray, x: np.ndarray, n_in: int, n_out: int, *
             e = nmse(out, exact)
             assert e < limit, f"{type_name} impl={impl}: normalized MSE {e:.3e} >= {limit:.3e}"
         outs.append(out)
-    diff = np.abs(outs[0] - outs[1])
-    i = np.unravel_index(np.argmax(diff - agree_bound), diff.shape)
-    assert diff[i] <= agree_bound[i], (
-        f"{type_name}: impl 0 and 1 disagree at {i}: {outs[0][i]!r} vs {outs[1][i]!r} "
-        f"(|diff| {diff[i]:.3e} > {agree_bound[i]:.3e})"
-    )
+    for impl, out in zip(impls(type_name)[1:], outs[1:]):
+        diff = np.abs(outs[0] - out)
+        i = np.unravel_index(np.argmax(diff - agree_bound), diff.shape)
+        assert diff[i] <= agree_bound[i], (
+            f"{type_name}: impl 0 and {impl} disagree at {i}: {outs[0][i]!r} vs {out[i]!r} "
+            f"(|diff| {diff[i]:.3e} > {agree_bound[i]:.3e})"
+        )
     return outs[0], outs[1], exact
 
 
@@ -248,26 +257,26 @@ def test_nmse_bound_is_not_vacuous():
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))
-@pytest.mark.parametrize("impl", [0, 1])
-def test_zero_weights_give_zero(type_name, impl):
-    n_in, n_out = 96, 7
+def test_zero_weights_give_zero(type_name):
+    n_in, n_out = 96, 11  # 8 interleaved rows and 3 row-major ones on the x8 paths
     w = encode(type_name, np.zeros((n_out, n_in), dtype=np.float32))
     x = np.random.default_rng(1).standard_normal((5, n_in)).astype(np.float32)
-    out = ek_matmul(type_name, w, n_in, n_out, x, impl)
-    assert np.array_equal(out, np.zeros_like(out))
+    for impl in impls(type_name):
+        out = ek_matmul(type_name, w, n_in, n_out, x, impl)
+        assert np.array_equal(out, np.zeros_like(out)), f"impl {impl}"
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))
-@pytest.mark.parametrize("impl", [0, 1])
-def test_zero_activations_give_zero(type_name, impl):
-    n_in, n_out = 96, 7
+def test_zero_activations_give_zero(type_name):
+    n_in, n_out = 96, 11
     rng = np.random.default_rng(2)
     w = encode(type_name, rng.standard_normal((n_out, n_in)).astype(np.float32))
     x = np.zeros((6, n_in), dtype=np.float32)
     x[3, 40:72] = rng.standard_normal(32)  # one non-zero block in one row: the rest stay exactly 0
-    out = ek_matmul(type_name, w, n_in, n_out, x, impl)
-    assert np.array_equal(out[[0, 1, 2, 4, 5]], np.zeros((5, n_out), dtype=np.float32))
-    assert np.all(out[3] != 0)
+    for impl in impls(type_name):
+        out = ek_matmul(type_name, w, n_in, n_out, x, impl)
+        assert np.array_equal(out[[0, 1, 2, 4, 5]], np.zeros((5, n_out), dtype=np.float32)), f"impl {impl}"
+        assert np.all(out[3] != 0), f"impl {impl}"
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))
@@ -343,6 +352,8 @@ def test_invalid_arguments_are_rejected():
     assert lib.ek_matmul(-1, pw, 64, 2, px, 1, po, 0) == invalid
     assert lib.ek_matmul(8, pw, 48, 2, px, 1, po, 0) == invalid  # not whole blocks
     assert lib.ek_matmul(8, pw, 64, 2, px, 0, po, 0) == invalid  # no tokens
+    assert lib.ek_matmul(0, pw, 64, 2, px, 1, po, 2) == invalid  # F32 has no interleaved layout
+    assert lib.ek_matmul(8, pw, 64, 2, px, 1, po, 4) == invalid  # no such impl
     assert lib.ek_matmul(8, pw, 64, 0, px, 1, po, 0) == invalid  # no rows
     assert lib.ek_matmul(8, ffi.NULL, 64, 2, px, 1, po, 0) == invalid
     assert lib.ek_matmul(8, pw, 64, 2, px, 1, po, 1) == 0

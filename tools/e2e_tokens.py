@@ -22,8 +22,9 @@ and the checks are:
      and a random tiny model amplifies that into logit changes of ~0.1, enough to swap two
      near-tied tokens. When those free runs part, the check goes step by step under teacher
      forcing: the second build is fed the first one's tokens and at every step must choose the
-     same token unless the first one's top-1/top-2 margin there is below TIE, and its margins
-     must stay within MARGIN_TOL (MARGIN_TOL_QK when keys are stored at 4 or 2 bits: those keys
+     same token unless the first one's top-1/top-2 margin there is a near tie (below
+     TIE_FRACTION of the margin tolerance), and its margins must stay within MARGIN_TOL
+     (MARGIN_TOL_QK when keys are stored at 4 or 2 bits: those keys
      are scored against an int8-rounded query, one more rounding that a last-bit difference in
      the query can flip, moving a score by a whole query step times the key). The free-run
      common prefix is reported too.
@@ -51,9 +52,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 ARCHS = ("llama", "qwen2")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0")  # Q5_0 is converted to Q8_0 at load
 KV_MODES = ((16, 16), (8, 4), (4, 2))
-TIE = 0.3          # x86 margins below this are near ties: either token is accepted
 MARGIN_TOL = 0.5   # teacher-forced margins of the two machines differ by at most this
 MARGIN_TOL_QK = 1.0  # ... with 4- or 2-bit keys (int8-rounded query); measured max 0.64 on qwen2 Q4_0 k4v2
+TIE_FRACTION = 0.6   # first-build margins below this share of the tolerance are near ties: either
+                     # token is accepted (0.3 at MARGIN_TOL; 0.6 with 4/2-bit keys, where a flip
+                     # at margin 0.31 was seen next to margin differences of 0.5)
 WELL_CONDITIONED = {"F32", "F16"}
 
 
@@ -186,14 +189,15 @@ def main(argv=None) -> int:
                         continue
                     forced = ",".join(str(t) for t in a_t[:-1])
                     f_t, f_m = runners[b].run(dump, args.steps, kv, ["--force", forced])
-                    bad = [i for i in range(len(a_t)) if f_t[i] != a_t[i] and a_m[i] >= TIE]
+                    tol = MARGIN_TOL_QK if kv[0] in (4, 2) else MARGIN_TOL
+                    tie = TIE_FRACTION * tol
+                    bad = [i for i in range(len(a_t)) if f_t[i] != a_t[i] and a_m[i] >= tie]
                     dm = max(abs(x - y) for x, y in zip(a_m, f_m))
                     agree = sum(f_t[i] == a_t[i] for i in range(len(a_t)))
                     forced_arch += 1
-                    tol = MARGIN_TOL_QK if kv[0] in (4, 2) else MARGIN_TOL
                     check(not bad and dm <= tol,
                           f"{what}: free runs share {k} tokens; teacher-forced {agree}/{len(a_t)} steps agree, "
-                          f"the rest near ties ({a} margin < {TIE}); max margin difference {dm:.3g} "
+                          f"the rest near ties ({a} margin < {tie:.2g}); max margin difference {dm:.3g} "
                           f"(<= {tol})" + (f"; disagreements at confident steps {bad}" if bad else ""))
     print(f"e2e: {exact_arch} build pairs with identical greedy tokens, {forced_arch} teacher-forced comparisons")
     print(f"{passed} passed, {failed} failed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,44 @@ class LoadedGGUF:
         for w in self.weights:
             counts[w.source_type] = counts.get(w.source_type, 0) + 1
         return counts
+
+
+def release_weight(w: Weight) -> None:
+    """Give back the memory of a weight the C core no longer reads (it keeps a repacked copy).
+
+    A tensor converted at load owns its array: dropping it frees the memory. A tensor used as
+    the file holds it is a view of the read-only memory map: its pages, read once for the
+    repacking, are dropped from this process with madvise(MADV_DONTNEED) (the kernel would
+    re-read them from the file if anything touched them again; nothing does).
+    """
+    arr = w.array
+    base = arr
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    if base is not None and getattr(base, "mode", None) == "r" and sys.platform.startswith("linux"):
+        import ctypes
+        import mmap
+
+        page = mmap.PAGESIZE
+        start = -(-arr.ctypes.data // page) * page  # whole pages inside the tensor only
+        end = (arr.ctypes.data + arr.nbytes) // page * page
+        if end > start:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            libc.madvise(start, end - start, 4)  # MADV_DONTNEED; failure only costs memory
+    w.array = np.empty(0, dtype=arr.dtype)
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the system (glibc keeps freed blocks of a few MiB, as the
+    converted tensors are, in its heap otherwise); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
 
 
 def _field_values(reader) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _native
 from .errors import ContextOverflowError, EdgekvError, ModelClosedError, ModelLoadError
-from .gguf_loader import LoadedGGUF, load_gguf
+from .gguf_loader import LoadedGGUF, load_gguf, release_weight, trim_heap
 from .kv_policy import KVPolicy, TokenFeatures, parse_policy
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -152,6 +152,11 @@ class Model:
                     raise ModelLoadError(f"{self.path}: tensor {w.name!r}: {self._c_error()}")
             if lib.ek_model_finalize(handle) != 0:
                 raise ModelLoadError(f"{self.path}: {self._c_error()}")
+            released = [w for w in g.weights if lib.ek_model_tensor_released(handle, w.kind, w.layer)]
+            for w in released:  # matrices the C core repacked into its own copy
+                release_weight(w)
+            if released:
+                trim_heap()
         except BaseException:
             self.close()
             raise

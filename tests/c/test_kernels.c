@@ -85,6 +85,13 @@ static void test_matmul(void) {
                 double e = nmse(o_simd, o_ref, (size_t)n_out * n_tok);
                 CHECK(e < 1e-10, "matmul %s n_in=%d n_tok=%d: nmse %.3g >= 1e-10 (simd=%s)", ek_type_get(type)->name,
                       n_in, n_tok, e, ek_simd());
+                /* rows interleaved 8 by 8 (16 of the 17; the last one row-major): SIMD and reference x8 */
+                for (int impl = 2; ek_x8_get(type) && impl <= 3; impl++) {
+                    CHECK(ek_matmul(type, w, n_in, n_out, x, n_tok, o_simd, impl) == 0, "matmul x8 failed");
+                    e = nmse(o_simd, o_ref, (size_t)n_out * n_tok);
+                    CHECK(e < 1e-10, "matmul %s x8 impl %d n_in=%d n_tok=%d: nmse %.3g >= 1e-10 (simd=%s)",
+                          ek_type_get(type)->name, impl, n_in, n_tok, e, ek_simd());
+                }
                 free(w); free(x); free(o_ref); free(o_simd);
             }
 }

@@ -1,0 +1,286 @@
+/* Row-interleaved ("x8") weights: 8 rows of a Q4_0 / Q4_1 / Q8_0 matrix stored block by block.
+ *
+ * Why: a row-at-a-time dot product needs, per block of 32 weights, a horizontal reduction of the
+ * integer sums and a broadcast of the block scale, about 15 instructions for 20 bytes of Q4_1:
+ * one core then reads weights at ~20 GB/s, half its memory bandwidth. Interleaved, int32 lane r
+ * of one 256-bit register holds 4 consecutive codes of row r, so one u8 x s8 dot (vpdpbusd)
+ * against a broadcast group of 4 activations advances all 8 rows, the per-row sums stay in their
+ * lanes, and the 8 scales of a block convert with one instruction.
+ *
+ * Layout of block b of rows r = 0..7 (same bytes as the 8 source blocks):
+ *   Q4_0x8: d[8] fp16, qs[128];  Q4_1x8: d[8], m[8] fp16, qs[128];  Q8_0x8: d[8] fp16, qs[256].
+ *   Q4: qs[32c + 4r + i] = code(r, 8c + i) | code(r, 8c + 4 + i) << 4   (c = 0..3, i = 0..3),
+ *       so a 32-byte load gives groups 2c (low nibbles) and 2c + 1 (high nibbles) for all rows.
+ *   Q8: qs[32j + 4r + i] = w(r, 4j + i)                                (j = 0..7, i = 0..3).
+ *
+ * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
+ * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
+ * in quant.c up to the order of float additions. The plain C reference below reads the same
+ * layout and is what the tests compare the SIMD kernel against.
+ */
+#include <string.h>
+
+#include "quant.h"
+#include "simd.h"
+
+#define X8 EK_X8
+
+typedef struct {
+    ek_fp16 d[X8];
+    uint8_t qs[X8 * QK / 2];
+} block_q4_0x8;
+typedef struct {
+    ek_fp16 d[X8];
+    ek_fp16 m[X8];
+    uint8_t qs[X8 * QK / 2];
+} block_q4_1x8;
+typedef struct {
+    ek_fp16 d[X8];
+    int8_t qs[X8 * QK];
+} block_q8_0x8;
+static_assert(sizeof(block_q4_0x8) == X8 * sizeof(block_q4_0), "Q4_0x8 keeps the bytes of 8 blocks");
+static_assert(sizeof(block_q4_1x8) == X8 * sizeof(block_q4_1), "Q4_1x8 keeps the bytes of 8 blocks");
+static_assert(sizeof(block_q8_0x8) == X8 * sizeof(block_q8_0), "Q8_0x8 keeps the bytes of 8 blocks");
+
+/* code k (0..31) of a GGUF Q4 block: k < 16 in the low nibble of qs[k], else the high one of qs[k-16] */
+static inline int q4_code(const uint8_t *qs, int k) { return k < 16 ? qs[k] & 15 : qs[k - 16] >> 4; }
+
+/* interleave the codes of 8 Q4 blocks (one per row) */
+static void pack_q4_codes(const uint8_t *const qs[X8], uint8_t *out) {
+    for (int c = 0; c < 4; c++)
+        for (int r = 0; r < X8; r++)
+            for (int i = 0; i < 4; i++)
+                out[32 * c + 4 * r + i] = (uint8_t)(q4_code(qs[r], 8 * c + i) | q4_code(qs[r], 8 * c + 4 + i) << 4);
+}
+
+/* ------------------------------------------------------------------------- */
+/* repacking: 8 rows of row_bytes each (n values per row) -> n / QK x8 blocks  */
+/* ------------------------------------------------------------------------- */
+
+static void repack_q4_0(const void *rows, size_t row_bytes, void *dst, int n) {
+    block_q4_0x8 *o = (block_q4_0x8 *)dst;
+    for (int b = 0; b < n / QK; b++, o++) {
+        const uint8_t *qs[X8];
+        for (int r = 0; r < X8; r++) {
+            const block_q4_0 *src = (const block_q4_0 *)((const char *)rows + (size_t)r * row_bytes) + b;
+            o->d[r] = src->d;
+            qs[r] = src->qs;
+        }
+        pack_q4_codes(qs, o->qs);
+    }
+}
+
+static void repack_q4_1(const void *rows, size_t row_bytes, void *dst, int n) {
+    block_q4_1x8 *o = (block_q4_1x8 *)dst;
+    for (int b = 0; b < n / QK; b++, o++) {
+        const uint8_t *qs[X8];
+        for (int r = 0; r < X8; r++) {
+            const block_q4_1 *src = (const block_q4_1 *)((const char *)rows + (size_t)r * row_bytes) + b;
+            o->d[r] = src->d;
+            o->m[r] = src->m;
+            qs[r] = src->qs;
+        }
+        pack_q4_codes(qs, o->qs);
+    }
+}
+
+static void repack_q8_0(const void *rows, size_t row_bytes, void *dst, int n) {
+    block_q8_0x8 *o = (block_q8_0x8 *)dst;
+    for (int b = 0; b < n / QK; b++, o++)
+        for (int r = 0; r < X8; r++) {
+            const block_q8_0 *src = (const block_q8_0 *)((const char *)rows + (size_t)r * row_bytes) + b;
+            o->d[r] = src->d;
+            for (int j = 0; j < QK / 4; j++) memcpy(o->qs + 32 * j + 4 * r, src->qs + 4 * j, 4);
+        }
+}
+
+/* ------------------------------------------------------------------------- */
+/* one row back to floats (the token embedding, when it is also the packed     */
+/* output matrix): row r (0..7) of a group of 8                                */
+/* ------------------------------------------------------------------------- */
+
+static void row_q4_x8(const uint8_t *w8, size_t bsz, int has_min, int r, float *y, int n) {
+    for (int b = 0; b < n / QK; b++, y += QK) {
+        const uint8_t *blk = w8 + (size_t)b * bsz;
+        const ek_fp16 *d = (const ek_fp16 *)blk;
+        const uint8_t *qs = blk + (has_min ? 2 : 1) * X8 * sizeof(ek_fp16);
+        const float dw = ek_fp16_to_fp32(d[r]), mw = has_min ? ek_fp16_to_fp32(d[X8 + r]) : -8.0f * dw;
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 4; i++) {
+                const uint8_t byte = qs[32 * c + 4 * r + i];
+                y[8 * c + i] = (float)(byte & 15) * dw + mw;
+                y[8 * c + 4 + i] = (float)(byte >> 4) * dw + mw;
+            }
+    }
+}
+static void row_q4_0_x8(const void *w8, int r, float *y, int n) { row_q4_x8(w8, sizeof(block_q4_0x8), 0, r, y, n); }
+static void row_q4_1_x8(const void *w8, int r, float *y, int n) { row_q4_x8(w8, sizeof(block_q4_1x8), 1, r, y, n); }
+static void row_q8_0_x8(const void *w8, int r, float *y, int n) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    for (int b = 0; b < n / QK; b++, y += QK) {
+        const float d = ek_fp16_to_fp32(wb[b].d[r]);
+        for (int k = 0; k < QK; k++) y[k] = (float)wb[b].qs[32 * (k / 4) + 4 * r + k % 4] * d;
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* plain C reference: out[t * 8 + r] for tokens t < nx, rows r < 8             */
+/* ------------------------------------------------------------------------- */
+
+#define ACT(act, stride, t) ((const block_q8a *)((const char *)(act) + (size_t)(t) * (stride)))
+
+static void dot_q4_x8_ref(int n, const uint8_t *w8, size_t bsz, int has_min, const void *act, size_t stride, int nx,
+                          float *out) {
+    for (int t = 0; t < nx; t++) {
+        const block_q8a *a = ACT(act, stride, t);
+        float acc[X8] = {0};
+        for (int b = 0; b < n / QK; b++) {
+            const uint8_t *blk = w8 + (size_t)b * bsz;
+            const ek_fp16 *d = (const ek_fp16 *)blk, *m = has_min ? d + X8 : NULL;
+            const uint8_t *qs = blk + (has_min ? 2 : 1) * X8 * sizeof(ek_fp16);
+            for (int r = 0; r < X8; r++) {
+                int isum = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t byte = qs[32 * c + 4 * r + i];
+                        isum += (byte & 15) * a[b].qs[8 * c + i] + (byte >> 4) * a[b].qs[8 * c + 4 + i];
+                    }
+                const float dw = ek_fp16_to_fp32(d[r]);
+                const float mw = has_min ? ek_fp16_to_fp32(m[r]) : -8.0f * dw;
+                acc[r] += (float)isum * (dw * a[b].d);
+                acc[r] += mw * a[b].s;
+            }
+        }
+        memcpy(out + (size_t)t * X8, acc, sizeof(acc));
+    }
+}
+
+static void dot_q4_0_x8_ref(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    dot_q4_x8_ref(n, (const uint8_t *)w8, sizeof(block_q4_0x8), 0, act, stride, nx, out);
+}
+static void dot_q4_1_x8_ref(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    dot_q4_x8_ref(n, (const uint8_t *)w8, sizeof(block_q4_1x8), 1, act, stride, nx, out);
+}
+
+static void dot_q8_0_x8_ref(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    for (int t = 0; t < nx; t++) {
+        const block_q8a *a = ACT(act, stride, t);
+        float acc[X8] = {0};
+        for (int b = 0; b < n / QK; b++)
+            for (int r = 0; r < X8; r++) {
+                int isum = 0;
+                for (int j = 0; j < QK / 4; j++)
+                    for (int i = 0; i < 4; i++) isum += wb[b].qs[32 * j + 4 * r + i] * a[b].qs[4 * j + i];
+                acc[r] += (float)isum * (ek_fp16_to_fp32(wb[b].d[r]) * a[b].d);
+            }
+        memcpy(out + (size_t)t * X8, acc, sizeof(acc));
+    }
+}
+
+/* ------------------------------------------------------------------------- */
+/* AVX2 (vpdpbusd where the CPU has VNNI, else vpmaddubsw + vpmaddwd)          */
+/* ------------------------------------------------------------------------- */
+#if defined(EK_AVX2)
+#define EK_INLINE static inline __attribute__((always_inline))
+
+/* the 4-byte activation group j of block a, broadcast to all 8 lanes */
+EK_INLINE __m256i act_group(const block_q8a *a, int j) {
+    int32_t g;
+    memcpy(&g, a->qs + 4 * j, 4);
+    return _mm256_set1_epi32(g);
+}
+
+/* nx (1..4) is a compile-time constant at each call site, so the token loops unroll */
+EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void *act, size_t stride, int nx,
+                              float *out) {
+    const size_t bsz = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK; b++) {
+        const uint8_t *blk = w8 + (size_t)b * bsz;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 m = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
+                                 : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        __m256i q[8];
+        for (int c = 0; c < 4; c++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            q[2 * c] = _mm256_and_si256(p, low4);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+        }
+        for (int t = 0; t < nx; t++) {
+            const block_q8a *a = ACT(act, stride, t) + b;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) s = ek_dpbusd(s, q[j], act_group(a, j));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->s), acc[t]);
+        }
+    }
+    for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
+}
+
+/* Q8_0: vpdpbusd wants an unsigned operand, so |w| meets a with w's sign moved onto it
+ * (|w| <= 128 keeps a pair of products inside int16 for the vpmaddubsw fallback) */
+EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK; b++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb[b].d));
+        __m256i w[8], wabs[8];
+        for (int j = 0; j < 8; j++) {
+            w[j] = _mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j));
+            wabs[j] = _mm256_sign_epi8(w[j], w[j]);
+        }
+        for (int t = 0; t < nx; t++) {
+            const block_q8a *a = ACT(act, stride, t) + b;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) s = ek_dpbusd(s, wabs[j], _mm256_sign_epi8(act_group(a, j), w[j]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+        }
+    }
+    for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
+}
+
+#define EK_X8_NX(CALL)                                                                                \
+    switch (nx) {                                                                                     \
+    case 4: CALL(4); break;                                                                           \
+    case 3: CALL(3); break;                                                                           \
+    case 2: CALL(2); break;                                                                           \
+    default: CALL(1); break;                                                                          \
+    }
+
+static void dot_q4_0_x8_avx2(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q4_x8_avx2(n, (const uint8_t *)w8, 0, act, stride, k, out)
+    EK_X8_NX(CALL)
+#undef CALL
+}
+static void dot_q4_1_x8_avx2(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q4_x8_avx2(n, (const uint8_t *)w8, 1, act, stride, k, out)
+    EK_X8_NX(CALL)
+#undef CALL
+}
+static void dot_q8_0_x8_avx2(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q8_0_x8_avx2_n(n, w8, act, stride, k, out)
+    EK_X8_NX(CALL)
+#undef CALL
+}
+#define DOT_X8_BEST(t) dot_##t##_x8_avx2
+#else
+#define DOT_X8_BEST(t) NULL /* no interleaved SIMD kernel in this build: matrices stay row-major */
+#endif
+
+/* ------------------------------------------------------------------------- */
+/* the table                                                                  */
+/* ------------------------------------------------------------------------- */
+
+static const ek_x8_traits X8_TRAITS[EK_TYPE_COUNT] = {
+    [EK_TYPE_Q4_0] = {repack_q4_0, DOT_X8_BEST(q4_0), dot_q4_0_x8_ref, row_q4_0_x8},
+    [EK_TYPE_Q4_1] = {repack_q4_1, DOT_X8_BEST(q4_1), dot_q4_1_x8_ref, row_q4_1_x8},
+    [EK_TYPE_Q8_0] = {repack_q8_0, DOT_X8_BEST(q8_0), dot_q8_0_x8_ref, row_q8_0_x8},
+};
+
+const ek_x8_traits *ek_x8_get(int type) {
+    if (type < 0 || type >= EK_TYPE_COUNT || X8_TRAITS[type].repack == NULL) return NULL;
+    return &X8_TRAITS[type];
+}
