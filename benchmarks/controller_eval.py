@@ -417,7 +417,11 @@ def _plot(summary: dict, path: Path) -> None:
 
 def cmd_cost(args) -> None:
     """Decode ms/token at `ctx` tokens of context for fp16, a static policy and the controller,
-    and the time the controller path spends per step (features incl. rarity, ONNX, decision)."""
+    and the time the controller path spends per step (features incl. rarity, ONNX, decision).
+
+    The controller is timed twice: deciding every token at its step (as score() and the
+    quality runs do) and as generation runs it (decisions batched KV_DECIDE_BATCH tokens at a
+    time on features frozen when each token became due; see Model._apply_policy)."""
     import edgekv.model as em
     from controller.common import load_model as _load
 
@@ -427,11 +431,11 @@ def cmd_cost(args) -> None:
     _, heldout = wikitext_split()
     ids = model.tokenize("".join(heldout), special=False)[:args.ctx + args.steps]
     timers = {"features": 0.0, "decide": 0.0, "logit_stats": 0.0}
-    orig_features, orig_stats = em.Model.features, em.Model._record_logit_features
+    orig_features, orig_stats = em.Model._features, em.Model._record_logit_features
 
-    def t_features(self, pos):
+    def t_features(self, pos, frozen=None):
         t = time.perf_counter()
-        r = orig_features(self, pos)
+        r = orig_features(self, pos, frozen)
         timers["features"] += time.perf_counter() - t
         return r
 
@@ -442,7 +446,9 @@ def cmd_cost(args) -> None:
         return r
 
     result = {"ctx": args.ctx, "steps": args.steps, "threads": args.threads, "policies": {}}
-    for spec in ("fp16", "k4v2", "adaptive@3.5"):
+    runs = (("fp16", "fp16", False), ("k4v2", "k4v2", False), ("adaptive@3.5", "adaptive@3.5", False),
+            ("adaptive@3.5 generation", "adaptive@3.5", True))
+    for label, spec, defer in runs:
         pol = make_policy(spec, "cost", model)
         if hasattr(pol, "decide"):
             orig_decide = pol.decide
@@ -454,7 +460,7 @@ def cmd_cost(args) -> None:
                 return r
 
             pol.decide = t_decide
-        em.Model.features, em.Model._record_logit_features = t_features, t_stats
+        em.Model._features, em.Model._record_logit_features = t_features, t_stats
         best = None
         for rep in range(args.reps):
             model.reset()
@@ -464,14 +470,14 @@ def cmd_cost(args) -> None:
                 timers[k] = 0.0
             t0 = time.perf_counter()
             for j in range(args.ctx, args.ctx + args.steps):
-                model._eval(np.array([ids[j]], np.int32), em.lib.EK_LOGITS_LAST, model._logits, pol)
+                model._eval(np.array([ids[j]], np.int32), em.lib.EK_LOGITS_LAST, model._logits, pol, defer=defer)
             dt = time.perf_counter() - t0
             row = {"ms_per_token": 1000 * dt / args.steps, **{f"{k}_ms": 1000 * v / args.steps for k, v in timers.items()}}
             if best is None or row["ms_per_token"] < best["ms_per_token"]:
                 best = row
-        em.Model.features, em.Model._record_logit_features = orig_features, orig_stats
-        result["policies"][spec] = best
-        print(spec, json.dumps(best), file=sys.stderr)
+        em.Model._features, em.Model._record_logit_features = orig_features, orig_stats
+        result["policies"][label] = best
+        print(label, json.dumps(best), file=sys.stderr)
     # the same components in isolation (best of many calls: robust to a busy machine), at the
     # state the decode loop left: 1,024+ tokens in context, one position to decide
     import timeit
@@ -487,7 +493,7 @@ def cmd_cost(args) -> None:
 
     feats = model.features(last)
     iso = {"logit_stats_us": best_us(lambda: orig_stats(model, model.n_past - 1, row)),
-           "features_us": best_us(lambda: orig_features(model, last)),
+           "features_us": best_us(lambda: orig_features(model, last, None)),
            "rarity_us": best_us(lambda: model._controller_rarity(last)),
            "decide_us": best_us(lambda: pol.decide(feats))}
     result["isolated"] = iso
@@ -495,12 +501,13 @@ def cmd_cost(args) -> None:
     best_decode = min(p["ms_per_token"] for p in result["policies"].values())
     result["isolated_controller_ms"] = iso_ctrl_ms
     result["isolated_share_of_fastest_decode"] = iso_ctrl_ms / best_decode
-    a, f = result["policies"]["adaptive@3.5"], result["policies"]["fp16"]
-    ctrl = a["features_ms"] + a["decide_ms"] + a["logit_stats_ms"]
-    result["controller_ms_per_token"] = ctrl
-    result["controller_share_of_decode"] = ctrl / a["ms_per_token"]
-    result["controller_share_excl_logit_stats"] = (a["features_ms"] + a["decide_ms"]) / a["ms_per_token"]
-    result["overhead_vs_fp16"] = a["ms_per_token"] / f["ms_per_token"] - 1
+    f = result["policies"]["fp16"]
+    for key, label in (("", "adaptive@3.5"), ("generation_", "adaptive@3.5 generation")):
+        a = result["policies"][label]
+        ctrl = a["features_ms"] + a["decide_ms"] + a["logit_stats_ms"]
+        result[f"{key}controller_ms_per_token"] = ctrl
+        result[f"{key}controller_share_of_decode"] = ctrl / a["ms_per_token"]
+        result[f"{key}overhead_vs_fp16"] = a["ms_per_token"] / f["ms_per_token"] - 1
     (RESULTS / "controller_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -127,6 +127,15 @@ const double *ek_attn_stat_sum(const ek_model *m);
 const double *ek_attn_stat_sumsq(const ek_model *m);
 const int32_t *ek_attn_stat_count(const ek_model *m);
 
+/* Next-token statistics of n_rows logit rows (logit_stats.c): per row the max logit, log of
+ * sum(exp(logit - max)) and the entropy in nats; NaN for a row holding NaN or inf. */
+int ek_logit_stats(const float *logits, int n_rows, int n_vocab, float *max_logit, float *log_s, float *entropy);
+
+/* With attention statistics on (ek_set_collect_stats), a forward call whose logits are one row
+ * also computes that row's statistics, as ek_logit_stats would, chunk by chunk inside the output
+ * matmul: out[3] = max logit, log s, entropy. 0 if the last forward call computed them, else -1. */
+int ek_last_logit_stats(const ek_model *m, float *out);
+
 /* Kernel entry for tests and benchmarks: out[t * n_out + r] = dot(W row r, x row t).
  * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path; for types with a
  * row-interleaved layout (Q4_0, Q4_1, Q8_0; else EK_ERR_INVALID): 2 = the rows repacked 8 by 8

@@ -19,11 +19,13 @@
 #include "edgekv.h"
 #include "kv_attention.h"
 #include "kv_store.h"
+#include "logit_stats.h"
 #include "quant.h"
 #include "simd.h"
 #include "threadpool.h"
 
 #define DECODE_SPLIT 512 /* slots per decode attention task */
+#define MM_ROWS_DECODE 64 /* matmul rows per claimed chunk for one token (16 for more) */
 
 /* A borrowed weight matrix: n_out rows of n_in values; packed (owned, or NULL) holds the same
  * rows interleaved 8 by 8 for the x8 kernels (quant_x8.c) and is what the matmul reads. */
@@ -56,6 +58,9 @@ struct ek_model {
     ek_pool *pool;
     int n_past;
     int collect_stats;   /* accumulate last-layer attention statistics per cached token */
+    float *logit_parts;  /* (n_vocab / MM_ROWS_DECODE + 1, 3) partials of a decode step's logits */
+    float last_stats[3]; /* max logit, log s, entropy of the last call's logits, when valid */
+    int last_stats_valid;
 
     /* scratch, sized for n_batch tokens */
     float *x;          /* (n_batch, n_embd) residual stream */
@@ -157,6 +162,7 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->inv_freq = (float *)malloc((cfg->rope_dim / 2 + 1) * sizeof(float));
     const size_t T = (size_t)cfg->n_threads, C = (size_t)cfg->n_ctx;
     m->q_rot = (float *)malloc(B * m->q_dim * sizeof(float));
+    m->logit_parts = (float *)malloc(3 * sizeof(float) * ((size_t)cfg->n_vocab / MM_ROWS_DECODE + 1));
     m->raw = (float *)malloc((size_t)cfg->n_head * C * sizeof(float));
     m->th_raw = (float *)malloc(T * m->group * C * sizeof(float));
     m->th_stats = (double *)calloc(T * 3 * C, sizeof(double));
@@ -166,7 +172,7 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->parts = (float *)malloc((size_t)m->max_tasks * ek_attn_partial_floats(m->group, cfg->head_dim) * sizeof(float));
     m->tasks = malloc((size_t)m->max_tasks * 4 * sizeof(int));
     if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
-        !m->rope_sin || !m->inv_freq || !m->q_rot || !m->raw || !m->th_raw || !m->th_stats || !m->th_scratch ||
+        !m->rope_sin || !m->inv_freq || !m->q_rot || !m->logit_parts || !m->raw || !m->th_raw || !m->th_stats || !m->th_scratch ||
         !m->parts || !m->tasks)
         goto oom;
     for (int i = 0; i < cfg->rope_dim / 2; i++)
@@ -204,8 +210,38 @@ void ek_model_free(ek_model *m) {
     free(m->layers);
     free(m->x); free(m->xb); free(m->q); free(m->k); free(m->v); free(m->gate); free(m->up); free(m->proj);
     free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq);
-    free(m->q_rot); free(m->raw); free(m->th_raw); free(m->th_stats); free(m->th_scratch); free(m->parts); free(m->tasks);
+    free(m->q_rot); free(m->logit_parts); free(m->raw); free(m->th_raw); free(m->th_stats); free(m->th_scratch); free(m->parts); free(m->tasks);
     free(m);
+}
+
+/* Interleave a matrix's rows 8 by 8 when this build has an x8 kernel for its type. */
+static int mat_pack(ek_mat *w) {
+    const ek_x8_traits *x8 = ek_x8_get(w->type);
+    if (w->packed || !x8 || !x8->dot || w->n_out % EK_X8) return EK_OK;
+    const size_t group = EK_X8 * w->row_bytes; /* a multiple of 64 bytes for every packed type */
+    w->packed = aligned_alloc(64, group * (size_t)(w->n_out / EK_X8));
+    if (!w->packed) return EK_ERR_NOMEM;
+    for (int64_t g = 0; g < w->n_out / EK_X8; g++)
+        x8->repack((const char *)w->data + (size_t)g * group, w->row_bytes, (char *)w->packed + (size_t)g * group,
+                   (int)w->n_in);
+    return EK_OK;
+}
+
+/* The matrix slot of a tensor kind (NULL for vectors, a bad layer, or no matrix kind). */
+static ek_mat *mat_of(ek_model *m, int kind, int layer) {
+    ek_layer *L = layer >= 0 && layer < m->cfg.n_layer && m->layers ? &m->layers[layer] : NULL;
+    switch (kind) {
+    case EK_T_TOK_EMBD: return &m->tok_embd;
+    case EK_T_OUTPUT: return &m->output; /* a tied output shares the embedding's bytes */
+    case EK_T_ATTN_Q: return L ? &L->wq : NULL;
+    case EK_T_ATTN_K: return L ? &L->wk : NULL;
+    case EK_T_ATTN_V: return L ? &L->wv : NULL;
+    case EK_T_ATTN_O: return L ? &L->wo : NULL;
+    case EK_T_FFN_GATE: return L ? &L->w_gate : NULL;
+    case EK_T_FFN_UP: return L ? &L->w_up : NULL;
+    case EK_T_FFN_DOWN: return L ? &L->w_down : NULL;
+    default: return NULL;
+    }
 }
 
 /* What each tensor kind must look like: (n_in, n_out), whether it must be F32, whether per layer. */
@@ -258,6 +294,8 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
                     row_bytes * (size_t)n_out);
     ek_mat mat = {data, type, n_in, n_out, row_bytes, NULL};
     ek_layer *L = per_layer ? &m->layers[layer] : NULL;
+    ek_mat *w = mat_of(m, kind, layer);
+    if (w) mat_unpack(w); /* a tensor given twice: the new bytes win */
     switch (kind) {
     case EK_T_TOK_EMBD: m->tok_embd = mat; break;
     case EK_T_OUTPUT: m->output = mat; break;
@@ -275,41 +313,18 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     case EK_T_FFN_UP: L->w_up = mat; break;
     case EK_T_FFN_DOWN: L->w_down = mat; break;
     }
-    return EK_OK;
-}
-
-/* Interleave a matrix's rows 8 by 8 when this build has an x8 kernel for its type. */
-static int mat_pack(ek_mat *w) {
-    const ek_x8_traits *x8 = ek_x8_get(w->type);
-    if (w->packed || !x8 || !x8->dot || w->n_out % EK_X8) return EK_OK;
-    const size_t group = EK_X8 * w->row_bytes; /* a multiple of 64 bytes for every packed type */
-    w->packed = aligned_alloc(64, group * (size_t)(w->n_out / EK_X8));
-    if (!w->packed) return EK_ERR_NOMEM;
-    for (int64_t g = 0; g < w->n_out / EK_X8; g++)
-        x8->repack((const char *)w->data + (size_t)g * group, w->row_bytes, (char *)w->packed + (size_t)g * group,
-                   (int)w->n_in);
+    /* repack now, so the caller can release the source before the next tensor (a low load peak) */
+    if (w && kind != EK_T_TOK_EMBD) {
+        if (mat_pack(w) != EK_OK) return fail(m, EK_ERR_NOMEM, "out of memory repacking tensor kind %d layer %d", kind, layer);
+    }
     return EK_OK;
 }
 
 int ek_model_tensor_released(const ek_model *m, int kind, int layer) {
-    if (!m || !m->finalized) return 0;
-    const int per_layer = layer >= 0 && layer < m->cfg.n_layer;
-    const ek_layer *L = per_layer ? &m->layers[layer] : NULL;
-    const ek_mat *w = NULL;
-    switch (kind) {
-    case EK_T_TOK_EMBD: break;
-    case EK_T_OUTPUT: w = &m->output; break; /* only when given: a tied output shares the embedding */
-    case EK_T_ATTN_Q: w = L ? &L->wq : NULL; break;
-    case EK_T_ATTN_K: w = L ? &L->wk : NULL; break;
-    case EK_T_ATTN_V: w = L ? &L->wv : NULL; break;
-    case EK_T_ATTN_O: w = L ? &L->wo : NULL; break;
-    case EK_T_FFN_GATE: w = L ? &L->w_gate : NULL; break;
-    case EK_T_FFN_UP: w = L ? &L->w_up : NULL; break;
-    case EK_T_FFN_DOWN: w = L ? &L->w_down : NULL; break;
-    default: return 0;
-    }
+    if (!m) return 0;
     if (kind == EK_T_TOK_EMBD) /* tied: looked up in the packed output (embed_row) */
-        return m->output.data == m->tok_embd.data && m->output.packed != NULL;
+        return m->finalized && m->output.data == m->tok_embd.data && m->output.packed != NULL;
+    const ek_mat *w = mat_of((ek_model *)m, kind, layer);
     return w && w->packed && w->data != m->tok_embd.data;
 }
 
@@ -326,11 +341,7 @@ int ek_model_finalize(ek_model *m) {
         if (m->cfg.has_qkv_bias ? nb != 3 : nb != 0)
             return fail(m, EK_ERR_INVALID, "layer %d: Q/K/V biases must be all present (qwen2) or all absent (llama)", l);
     }
-    int rc = EK_OK;
-#define PACK(w) if (rc == EK_OK) rc = mat_pack(w)
-    EK_FOR_EACH_MATMUL(m, PACK);
-#undef PACK
-    if (rc != EK_OK) return fail(m, rc, "out of memory repacking the weights");
+    if (mat_pack(&m->output) != EK_OK) return fail(m, EK_ERR_NOMEM, "out of memory repacking the output matrix");
     m->finalized = 1;
     return EK_OK;
 }
@@ -346,6 +357,7 @@ typedef struct {
     const ek_mat *w;
     float *out; /* (n_tok, out_stride) */
     int out_stride;
+    float *chunk_stats; /* one token: logit partials (ek_logit_partial) of each row chunk, or NULL */
 } mm_job;
 
 typedef struct {
@@ -415,8 +427,10 @@ static void mm_task(void *p, int ith, int nth) {
         int j = 0;
         while (i >= c->job_chunks[j + 1]) j++;
         const int64_t r0 = (int64_t)(i - c->job_chunks[j]) * c->rows_per_chunk;
-        const int64_t n_out = c->jobs[j].w->n_out;
-        mm_rows(c, &c->jobs[j], r0, r0 + c->rows_per_chunk < n_out ? r0 + c->rows_per_chunk : n_out);
+        const int64_t n_out = c->jobs[j].w->n_out, r1 = r0 + c->rows_per_chunk < n_out ? r0 + c->rows_per_chunk : n_out;
+        mm_rows(c, &c->jobs[j], r0, r1);
+        if (c->jobs[j].chunk_stats) /* while the chunk's logits are still in this core's cache */
+            ek_logit_partial(c->jobs[j].out + r0, (int)(r1 - r0), c->jobs[j].chunk_stats + 3 * (i - c->job_chunks[j]));
     }
 }
 
@@ -438,7 +452,7 @@ static void quant_task(void *p, int ith, int nth) {
 /* Run up to MM_MAX_JOBS matrices that share the input x (n_tok, n_in). */
 static void matmul(ek_model *m, const float *x, int n_tok, int n_in, const mm_job *jobs, int n_jobs) {
     mm_ctx c = {.n_jobs = n_jobs, .x = x, .xq = m->act, .act_stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
-    c.rows_per_chunk = n_tok == 1 ? 64 : 16;
+    c.rows_per_chunk = n_tok == 1 ? MM_ROWS_DECODE : 16;
     atomic_init(&c.next, 0);
     int need_q8 = 0;
     c.job_chunks[0] = 0;
@@ -732,21 +746,21 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         const ek_layer *L = &m->layers[l];
         norm_ctx nc = {.m = m, .n_tok = n, .w = L->attn_norm};
         run_rows(m, norm_task, &nc, &nc.next, n);
-        mm_job qkv[3] = {{&L->wq, m->q, m->q_dim}, {&L->wk, m->k, m->kv_dim}, {&L->wv, m->v, m->kv_dim}};
+        mm_job qkv[3] = {{&L->wq, m->q, m->q_dim, NULL}, {&L->wk, m->k, m->kv_dim, NULL}, {&L->wv, m->v, m->kv_dim, NULL}};
         matmul(m, m->xb, n, E, qkv, 3);
         qkv_post_ctx pc = {.m = m, .layer = l, .n_tok = n, .L = L};
         run_rows(m, qkv_post_task, &pc, &pc.next, n);
         attention(m, l, n, m->xb);
-        mm_job o = {&L->wo, m->proj, E};
+        mm_job o = {&L->wo, m->proj, E, NULL};
         matmul(m, m->xb, n, m->q_dim, &o, 1);
         add_into(m->x, m->proj, (size_t)n * E);
 
         nc.w = L->ffn_norm;
         run_rows(m, norm_task, &nc, &nc.next, n);
-        mm_job gu[2] = {{&L->w_gate, m->gate, cf->n_ff}, {&L->w_up, m->up, cf->n_ff}};
+        mm_job gu[2] = {{&L->w_gate, m->gate, cf->n_ff, NULL}, {&L->w_up, m->up, cf->n_ff, NULL}};
         matmul(m, m->xb, n, E, gu, 2);
         run_rows(m, swiglu_task, &nc, &nc.next, n);
-        mm_job d = {&L->w_down, m->proj, E};
+        mm_job d = {&L->w_down, m->proj, E, NULL};
         matmul(m, m->gate, n, cf->n_ff, &d, 1);
         add_into(m->x, m->proj, (size_t)n * E);
     }
@@ -756,14 +770,29 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         const int n_out = n - first;
         for (int t = first; t < n; t++)
             rmsnorm(m->xb + (size_t)(t - first) * E, m->x + (size_t)t * E, m->output_norm, E, cf->norm_eps);
-        mm_job oj = {&m->output, logits, cf->n_vocab};
+        /* one row with statistics on (a feature-reading KV policy): its next-token statistics
+         * come with the matmul, chunk by chunk (ek_last_logit_stats) */
+        const int fused = m->collect_stats && n_out == 1;
+        mm_job oj = {&m->output, logits, cf->n_vocab, fused ? m->logit_parts : NULL};
         matmul(m, m->xb, n_out, E, &oj, 1);
+        if (fused) {
+            ek_logit_merge(m->logit_parts, (cf->n_vocab + MM_ROWS_DECODE - 1) / MM_ROWS_DECODE, &m->last_stats[0],
+                           &m->last_stats[1], &m->last_stats[2]);
+            m->last_stats_valid = 1;
+        }
     }
     m->n_past += n;
 }
 
+int ek_last_logit_stats(const ek_model *m, float *out) {
+    if (!m || !out || !m->last_stats_valid) return -1;
+    memcpy(out, m->last_stats, sizeof(m->last_stats));
+    return 0;
+}
+
 int ek_forward(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
     if (!m->finalized) return fail(m, EK_ERR_INVALID, "model is not finalized");
+    m->last_stats_valid = 0;
     if (n <= 0 || !tokens) return fail(m, EK_ERR_INVALID, "forward needs at least one token");
     if (logits_mode < EK_LOGITS_NONE || logits_mode > EK_LOGITS_ALL)
         return fail(m, EK_ERR_INVALID, "invalid logits mode %d", logits_mode);

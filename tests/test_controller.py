@@ -14,7 +14,9 @@ import sys
 from conftest import REPO, THREADS
 import edgekv
 from edgekv import controller as ctl
+from edgekv._native import lib
 from edgekv.kv_policy import CallablePolicy, TokenFeatures, parse_policy
+from edgekv.model import KV_DECIDE_BATCH
 
 SHIPPED = sorted(ctl.DATA_DIR.glob("controller_*.json"))
 if str(REPO) not in sys.path:
@@ -199,14 +201,63 @@ def test_model_fills_rarity_and_decode_logprob(tiny_model):
         seen.append(f)
         return np.full(len(f), 16, np.int32), np.full(len(f), 16, np.int32)
 
-    tiny_model.generate([5, 6, 7, 5, 6], max_tokens=4, temperature=0, kv=CallablePolicy(fn))
+    tiny_model.generate([5, 6, 7, 5, 6], max_tokens=KV_DECIDE_BATCH + 4, temperature=0, kv=CallablePolicy(fn))
     prefill, steps = seen[0], seen[1:]
     assert np.isfinite(prefill.rarity).all()
     assert np.isnan(prefill.logprob[0]) and np.isfinite(prefill.logprob[1:]).all()
-    # decode steps: the token decided was predicted by the previous step's logits
-    assert steps and all(np.isfinite(s.logprob).all() and np.isfinite(s.rarity).all() for s in steps)
+    # decode steps, decided in one batch: each token's log-prob came from the previous step's logits
+    assert len(steps) == 1 and len(steps[0]) == KV_DECIDE_BATCH
+    assert np.isfinite(steps[0].logprob).all() and np.isfinite(steps[0].rarity).all()
     # repeated ids become less rare within the session
     assert prefill.rarity[3] < prefill.rarity[0]
+
+
+def test_generation_batches_decisions_on_frozen_features(tiny_model):
+    """Generation decides a feature-reading policy's tokens KV_DECIDE_BATCH at a time, with each
+    token's features as they were when it became due: the same features a per-step decision
+    sees (all-16-bit decisions keep both runs' caches identical, so they must match exactly).
+    Queued tokens stay at 16 bits until their batch; any other call decides them first."""
+    def recorder(store, bits=16):
+        def fn(f):
+            store.append(f)
+            return np.full(len(f), bits, np.int32), np.full(len(f), bits, np.int32)
+        return CallablePolicy(fn)
+
+    prompt = [5, 6, 7, 5, 6]
+    n_gen = 2 * KV_DECIDE_BATCH + 3
+    batched = []
+    tiny_model.generate(prompt, max_tokens=n_gen, temperature=0, kv=recorder(batched))
+    tokens = list(tiny_model._tokens)
+    assert [len(f) for f in batched] == [len(prompt), KV_DECIDE_BATCH, KV_DECIDE_BATCH]
+    per_step = []
+    pol = recorder(per_step)
+    tiny_model.reset()
+    tiny_model._eval(np.asarray(prompt, np.int32), lib.EK_LOGITS_LAST, tiny_model._logits, pol)
+    for t in tokens[len(prompt):]:
+        tiny_model._eval(np.asarray([t], np.int32), lib.EK_LOGITS_LAST, tiny_model._logits, pol)
+    assert [len(f) for f in per_step] == [len(prompt)] + [1] * (len(tokens) - len(prompt))
+    cat = lambda fs, name: np.concatenate([getattr(f, name) for f in fs])  # noqa: E731
+    n = sum(len(f) for f in batched)
+    for name in ("positions", "token_ids", "entropy", "max_prob", "logprob", "rarity", "attn_mean", "attn_var", "age"):
+        np.testing.assert_array_equal(cat(batched, name), cat(per_step, name)[:n], err_msg=name)
+    # and the decode steps' logit statistics (computed inside the output matmul, the log-prob from
+    # the previous step's row) are those of the logits themselves, in float64
+    ref = tiny_model.logits(tokens[:n + 1]).astype(np.float64)  # all 16-bit: same cache as above
+    z = ref - ref.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    pos = cat(batched, "positions")
+    np.testing.assert_allclose(cat(batched, "entropy"), -(np.exp(logp) * logp).sum(axis=1)[pos], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(cat(batched, "max_prob"), np.exp(logp.max(axis=1))[pos], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(cat(batched, "logprob")[1:], logp[pos[1:] - 1, np.asarray(tokens)[pos[1:]]],
+                               rtol=1e-3, atol=1e-3)
+    # quantizing decisions: applied per batch; the queued rest at 16 bits until the next prefill
+    tiny_model.reset()
+    pol4 = recorder([], bits=4)
+    tiny_model.generate(prompt, max_tokens=n_gen, temperature=0, kv=pol4)
+    kb, vb = tiny_model.kv_bits()
+    assert (kb[:n] == 4).all() and (vb[:n] == 4).all() and (kb[n:] == 16).all() and kb.size > n
+    tiny_model.generate(list(tiny_model._tokens) + [9], max_tokens=1, temperature=0, kv=pol4)
+    assert (tiny_model.kv_bits()[0][:kb.size] == 4).all()
 
 
 def _tiny_artifact(model, tmp_path):

@@ -361,3 +361,56 @@ def test_invalid_arguments_are_rejected():
 
 def test_simd_name_is_known():
     assert ffi.string(lib.ek_simd()).decode() in ("avx2", "avx2+vnni", "neon", "neon+dotprod", "scalar")
+
+
+# ---------------------------------------------------------------------------------------------
+# next-token statistics of logit rows (ek_logit_stats, the KV controller's features)
+# ---------------------------------------------------------------------------------------------
+
+
+def logit_stats(x: np.ndarray):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, v = x.shape
+    out = [np.empty(n, np.float32) for _ in range(3)]
+    f = "float *"
+    rc = lib.ek_logit_stats(ffi.cast(f, x.ctypes.data), n, v, *(ffi.cast(f, o.ctypes.data) for o in out))
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("n_vocab", [1, 7, 16, 379, 49152])
+def test_logit_stats_match_numpy(n_vocab):
+    """max, log sum exp(x - max) and entropy against float64 NumPy. Bound: exp's polynomial is
+    within 2e-7 relative, and the float32 sums run over at most n_vocab / 16 terms per lane, so
+    the sums are within (n_vocab / 16 + 2) * 2^-24 relative; log s is then within that absolute,
+    and the entropy within it times (1 + |sum(e z) / s|)."""
+    rng = np.random.default_rng(n_vocab)
+    rows = [rng.standard_normal(n_vocab) * s for s in (0.1, 3.0, 30.0)]
+    rows.append(np.full(n_vocab, 2.5))  # uniform: entropy log n
+    hot = np.full(n_vocab, -50.0)
+    hot[n_vocab // 2] = 40.0  # one-hot: entropy ~0
+    rows.append(hot)
+    x = np.stack(rows).astype(np.float32)
+    mx, log_s, ent = logit_stats(x)
+    xd = x.astype(np.float64)
+    m = xd.max(axis=1)
+    z = xd - m[:, None]
+    e = np.exp(z)
+    s = e.sum(axis=1)
+    ref_ent = np.log(s) - (e * z).sum(axis=1) / s
+    rel = (n_vocab / 16 + 2) * U + 2e-7
+    np.testing.assert_array_equal(mx, m.astype(np.float32))
+    assert np.all(np.abs(log_s - np.log(s)) <= 2 * rel + 1e-7)
+    assert np.all(np.abs(ent - ref_ent) <= 2 * rel * (1 + np.abs((e * z).sum(axis=1) / s)) + 1e-6)
+    assert abs(ent[3] - np.log(n_vocab)) <= 1e-5 * max(1.0, np.log(n_vocab))
+
+
+def test_logit_stats_non_finite_rows_give_nan():
+    x = np.zeros((4, 40), np.float32)
+    x[1, 3] = np.nan
+    x[2, 39] = np.inf  # in the scalar tail of the vector loop
+    x[3, :] = -np.inf
+    mx, log_s, ent = logit_stats(x)
+    assert np.isfinite([mx[0], log_s[0], ent[0]]).all()
+    assert np.isnan(mx[1:]).all() and np.isnan(log_s[1:]).all() and np.isnan(ent[1:]).all()
+    assert lib.ek_logit_stats(ffi.NULL, 1, 40, ffi.NULL, ffi.NULL, ffi.NULL) == lib.EK_ERR_INVALID

@@ -34,6 +34,9 @@ DEFAULT_BATCH = 256
 # Quantization group size for 8-, 4- and 2-bit records (values of one head that share
 # an fp16 scale and minimum); see benchmarks/results/kv_groups.md for the measurement.
 DEFAULT_KV_GROUPS = (64, 64, 32)
+# Generation: a KV policy that reads token features (the learned controller, the rule baseline)
+# runs once per this many due tokens instead of at every step (see _apply_policy).
+KV_DECIDE_BATCH = 16
 
 
 def default_threads() -> int:
@@ -145,16 +148,24 @@ class Model:
             raise ModelLoadError(f"{self.path}: {ffi.string(err).decode()}")
         self._handle = handle
         try:
+            # The C core copies matrices it has a faster layout for (ek_model_tensor_released):
+            # their source bytes are released at once, so loading never holds two copies of more
+            # than one matrix (the tied token embedding: after finalize).
+            released = 0
             for w in g.weights:
                 ptr = ffi.cast("void *", w.array.ctypes.data)
                 rc = lib.ek_model_set_tensor(handle, w.kind, w.layer, w.type, ptr, w.n_in, w.n_out, w.array.nbytes)
                 if rc != 0:
                     raise ModelLoadError(f"{self.path}: tensor {w.name!r}: {self._c_error()}")
+                if lib.ek_model_tensor_released(handle, w.kind, w.layer):
+                    release_weight(w)
+                    released += 1
             if lib.ek_model_finalize(handle) != 0:
                 raise ModelLoadError(f"{self.path}: {self._c_error()}")
-            released = [w for w in g.weights if lib.ek_model_tensor_released(handle, w.kind, w.layer)]
-            for w in released:  # matrices the C core repacked into its own copy
-                release_weight(w)
+            for w in g.weights:
+                if w.array.size and lib.ek_model_tensor_released(handle, w.kind, w.layer):
+                    release_weight(w)
+                    released += 1
             if released:
                 trim_heap()
         except BaseException:
@@ -168,7 +179,12 @@ class Model:
         self._configure_kv(kv_groups, kv_rotate)
         self.kv_policy: KVPolicy = self._check_policy(parse_policy(kv, window=kv_window))
         self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
-        self._kv_decided = 0  # positions below this have had their precision decided
+        self._kv_decided = 0  # positions below this have had their precision decided or queued
+        self._stats_buf = np.empty((3, 1), np.float32)  # a decode step's logit statistics (from C)
+        self._stats_ptr = ffi.cast("float *", self._stats_buf.ctypes.data)
+        # generation steps' due tokens waiting for a batched decision, with their frozen features:
+        # (positions, attention sum, sum of squares, count, age)
+        self._pending: list[tuple] = []
         # per-position next-token statistics (NaN where logits were not computed)
         self._entropy = np.full(ctx, np.nan, np.float32)
         self._max_prob = np.full(ctx, np.nan, np.float32)
@@ -241,11 +257,13 @@ class Model:
             raise ValueError(f"token id {int(arr[i])} at index {i} is out of range [0, {self.vocab_size})")
         return np.ascontiguousarray(arr, dtype=np.int32)
 
-    def _eval(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None, policy: KVPolicy | None = None) -> None:
+    def _eval(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None, policy: KVPolicy | None = None,
+              defer: bool = False) -> None:
         """Append ids to the context, run them, then let the KV policy decide the tokens that are due.
 
         The caller holds the lock and has validated ids. policy: the call's KV policy
         (default: the model's); logits are widened to every position when it needs features.
+        defer: a generation step (see _apply_policy).
         """
         policy = policy or self.kv_policy
         if self._ctx_policy is not policy:
@@ -255,6 +273,8 @@ class Model:
             # attention statistics cost a little per step: gather them only for policies that read them
             lib.ek_set_collect_stats(self._handle, int(bool(policy.needs_features)))
         first = len(self._tokens)
+        if policy.needs_features:
+            self._take_prev_logprob(first, int(ids[0]))
         own = None
         if policy.needs_features and logits_mode != lib.EK_LOGITS_ALL and ids.size > 1:
             own = np.empty((ids.size, self.vocab_size), np.float32)
@@ -267,52 +287,63 @@ class Model:
             if out is not None:
                 rows = out.reshape(-1, self.vocab_size)
                 self._record_logit_features(first + ids.size - rows.shape[0], rows)
-        self._apply_policy(policy)
+        self._apply_policy(policy, defer=defer)
 
     def _record_logit_features(self, first_pos: int, logits: np.ndarray) -> None:
         """Entropy / max-prob at positions first_pos.., and the log-prob each next token got.
 
-        In float32 with few passes over the vocabulary (z = logits - max, e = exp z, s = sum e:
-        entropy = log s - sum(e z) / s, max-prob = 1 / s, log-prob = z - log s): this runs at
-        every decode step of a policy that needs features, so it is part of the controller's cost.
+        logits: the rows the last forward call produced. The statistics come from C (for one
+        row, computed inside that call's output matmul; else ek_logit_stats: one pass of a
+        vectorized exp over each row;
+        with m = max, s = sum exp(x - m): entropy = log s - sum(e z) / s, max-prob = 1 / s,
+        log-prob of token i = x_i - m - log s). This runs at every decode step of a policy that
+        needs features, so it is part of the controller's cost.
         """
         if not self._ctx_policy or not self._ctx_policy.needs_features:
             return
+        logits = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1, self.vocab_size)
         n = logits.shape[0]
-        if n == 1:  # a decode step: vector ops, no temporaries beyond z and e
-            z = logits - logits.max()
-            e = np.exp(z[0])
-            s = np.array([float(e.sum())])
-            lse = np.log(s)
-            self._entropy[first_pos] = lse[0] - float(np.dot(e, z[0])) / s[0]
-        else:
-            z = logits - logits.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            s = e.sum(axis=1, dtype=np.float64)
-            lse = np.log(s)
-            self._entropy[first_pos:first_pos + n] = lse - (e * z).sum(axis=1, dtype=np.float64) / s
-        self._max_prob[first_pos:first_pos + n] = 1.0 / s
+        stats = self._stats_buf if n == 1 else np.empty((3, n), np.float32)  # max logit, log s, entropy
+        # a one-row call (a decode step) had them computed inside its output matmul
+        if n > 1 or lib.ek_last_logit_stats(self._handle, self._stats_ptr) != 0:
+            rc = lib.ek_logit_stats(ffi.cast("float *", logits.ctypes.data), n, self.vocab_size,
+                                    *(ffi.cast("float *", stats[i].ctypes.data) for i in range(3)))
+            assert rc == 0
+        mx, log_s, ent = stats
+        self._entropy[first_pos:first_pos + n] = ent
+        self._max_prob[first_pos:first_pos + n] = np.exp(-log_s)
+        lse = mx + log_s  # log of the full partition sum
         nxt = np.arange(first_pos + 1, min(first_pos + n, len(self._tokens)))
         if nxt.size:
             ids = np.asarray([self._tokens[j] for j in nxt])
             rows = nxt - 1 - first_pos
-            self._logprob[nxt] = z[rows, ids] - lse[rows]
-        # -- controller features: the first token of this call was predicted by the last row of the
-        # previous call (kept below), so decode steps get their log-prob too
-        prev = getattr(self, "_last_logp_row", None)
-        if prev is not None and prev[0] == first_pos - 1 and first_pos < len(self._tokens):
-            self._logprob[first_pos] = prev[1][self._tokens[first_pos]] - prev[2]
-        self._last_logp_row = (first_pos + n - 1, z[-1] if n == 1 else z[-1].copy(), lse[-1])
+            self._logprob[nxt] = logits[rows, ids] - lse[rows]
+        # -- the last row predicts the first token of the next call (_take_prev_logprob); kept as
+        # a view: copying 49k floats per step cost more than the statistics themselves
+        self._last_logp_row = (first_pos + n - 1, logits[-1], float(lse[-1]))
+
+    def _take_prev_logprob(self, pos: int, token: int) -> None:
+        """Log-prob of the token at pos from the previous call's last row (before a forward pass
+        can overwrite that row)."""
+        prev, self._last_logp_row = getattr(self, "_last_logp_row", None), None
+        if prev is not None and prev[0] == pos - 1:
+            self._logprob[pos] = prev[1][token] - prev[2]
 
     def features(self, positions) -> TokenFeatures:
         """Token features (see edgekv.kv_policy) of cached positions."""
+        return self._features(positions)
+
+    def _features(self, positions, frozen: tuple | None = None) -> TokenFeatures:
+        """features(), with the attention statistics and age taken from frozen = (sum, sum of
+        squares, count, age) when given (copies made when the positions became due)."""
         self._check_open()  # the statistics views point into C memory that close() frees
         pos = np.asarray(positions, dtype=np.int64)
-        cnt = self._att_count[pos].astype(np.float64)
+        att_sum, att_sumsq, att_count, age = frozen or (self._att_sum[pos], self._att_sumsq[pos], self._att_count[pos],
+                                                        len(self._tokens) - 1 - pos)
+        cnt = att_count.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self._att_sum[pos] / cnt
-            var = np.maximum(self._att_sumsq[pos] / cnt - mean * mean, 0.0)
-        n_past = len(self._tokens)
+            mean = att_sum / cnt
+            var = np.maximum(att_sumsq / cnt - mean * mean, 0.0)
         return TokenFeatures(
             positions=pos.astype(np.int32),
             token_ids=np.asarray([self._tokens[j] for j in pos], dtype=np.int32),
@@ -321,7 +352,7 @@ class Model:
             logprob=self._logprob[pos].copy(),
             attn_mean=mean.astype(np.float32),
             attn_var=var.astype(np.float32),
-            age=(n_past - 1 - pos).astype(np.int32),
+            age=np.asarray(age).astype(np.int32),
             rarity=self._controller_rarity(pos),
         )
 
@@ -344,17 +375,39 @@ class Model:
         if bind is not None:
             bind(model)
 
-    def _apply_policy(self, policy: KVPolicy, flush: bool = False) -> None:
-        """Decide the precision of every token at least W steps old (all of them when flush)."""
+    def _apply_policy(self, policy: KVPolicy, flush: bool = False, defer: bool = False) -> None:
+        """Decide the precision of every token at least W steps old (all of them when flush).
+
+        defer (generation steps): a policy that reads features decides once KV_DECIDE_BATCH
+        tokens are due, in one call, instead of one token per step (its fixed cost per call,
+        onnxruntime's included, was ~10% of a decode step). Each token's features are frozen
+        when it becomes due: its attention statistics and age are copied then, and the other
+        features (logit statistics, rarity) never change afterwards; so deferring changes when
+        a decision takes effect (up to KV_DECIDE_BATCH - 1 steps later; the token is kept at
+        16 bits until then), not what is decided. Any call that is not deferred (a prefill,
+        score()) decides everything queued first.
+        """
         upto = len(self._tokens) - (0 if flush else policy.window)
-        if upto <= self._kv_decided:
-            return
-        pos = np.arange(self._kv_decided, upto, dtype=np.int32)
-        self._kv_decided = upto
         if policy.is_fp16:
+            self._kv_decided = max(self._kv_decided, upto)
+            self._pending.clear()
             return
+        if upto > self._kv_decided:
+            new = np.arange(self._kv_decided, upto, dtype=np.int32)
+            self._kv_decided = upto
+            if policy.needs_features:
+                self._pending.append((new, self._att_sum[new].copy(), self._att_sumsq[new].copy(),
+                                      self._att_count[new].copy(), len(self._tokens) - 1 - new))
+            else:
+                self._pending.append((new,))
+        n_due = sum(p[0].size for p in self._pending)
+        if n_due == 0 or (defer and policy.needs_features and n_due < KV_DECIDE_BATCH):
+            return
+        due, self._pending = self._pending, []
+        pos = np.concatenate([d[0] for d in due])
+        frozen = tuple(np.concatenate([d[i] for d in due]) for i in range(1, 5)) if len(due[0]) == 5 else None
         self._bind_policy(policy, self)
-        k_bits, v_bits = policy.decide(self.features(pos))
+        k_bits, v_bits = policy.decide(self._features(pos, frozen))
         k_bits = np.ascontiguousarray(k_bits, dtype=np.int32)
         v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
         if k_bits.shape != pos.shape or v_bits.shape != pos.shape:
@@ -421,6 +474,9 @@ class Model:
                 f"context overflow: {len(self._tokens)} tokens in context + {ids.size} new > ctx {self.n_ctx}"
             )
         optr = ffi.NULL if out is None else ffi.cast("float *", out.ctypes.data)
+        prev = getattr(self, "_last_logp_row", None)
+        if prev is not None and out is not None and np.shares_memory(prev[1], out):
+            self._last_logp_row = (prev[0], prev[1].copy(), prev[2])  # still needed, about to be overwritten
         rc = lib.ek_forward(self._handle, ffi.cast("int32_t *", ids.ctypes.data), ids.size, logits_mode, optr)
         if rc == lib.EK_ERR_CONTEXT:
             raise ContextOverflowError(self._c_error())
@@ -435,6 +491,8 @@ class Model:
             raise EdgekvError(self._c_error())
         del self._tokens[n:]
         self._kv_decided = min(self._kv_decided, n)
+        self._pending = [tuple(a[d[0] < n] for a in d) for d in self._pending]
+        self._pending = [d for d in self._pending if d[0].size]
         self._entropy[n:] = np.nan
         self._max_prob[n:] = np.nan
         self._logprob[n:] = np.nan
@@ -638,7 +696,7 @@ class Model:
                     # another call on this model ran while this stream was suspended: restore its context
                     logits, _ = self._prefill_prompt(np.array(context + [tok], dtype=np.int32), policy)
                 else:
-                    self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy)
+                    self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy, defer=True)
                     logits = self._logits
                 context.append(tok)
             stats.decode_s = time.perf_counter() - t_dec
