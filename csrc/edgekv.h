@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 1
+#define EK_ABI_VERSION 2 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats */
 
 typedef struct {
     int n_vocab;

@@ -220,8 +220,32 @@ EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void 
     for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
 }
 
-/* Q8_0: vpdpbusd wants an unsigned operand, so |w| meets a with w's sign moved onto it
- * (|w| <= 128 keeps a pair of products inside int16 for the vpmaddubsw fallback) */
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+/* Q8_0 with VNNI: vpdpbusd wants an unsigned operand, so the weights are flipped to w + 128
+ * (one xor per register, shared by all tokens) and the extra 128 * sum(a) of each block is
+ * taken back through the activation block's s = d_a * sum(q_a):
+ *   d_w d_a sum(w q_a) = d_w (d_a sum((w + 128) q_a) - 128 s). */
+EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK; b++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb[b].d));
+        __m256i u[8];
+        for (int j = 0; j < 8; j++) u[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j)), flip);
+        for (int t = 0; t < nx; t++) {
+            const block_q8a *a = ACT(act, stride, t) + b;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) s = ek_dpbusd(s, u[j], act_group(a, j));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_set1_ps(-128.0f * a->s), acc[t]);
+        }
+    }
+    for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
+}
+#else
+/* Q8_0 without VNNI: |w| meets a with w's sign moved onto it (|w| <= 128 keeps a pair of
+ * products inside int16 for vpmaddubsw) */
 EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
     const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -241,6 +265,7 @@ EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t
     }
     for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
 }
+#endif
 
 #define EK_X8_NX(CALL)                                                                                \
     switch (nx) {                                                                                     \

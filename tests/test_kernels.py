@@ -14,9 +14,10 @@ amax / 254``. Over a row ``x_t`` that gives ``||e_t|| <= E_t = sqrt(sum_b 32 * (
 and by Cauchy-Schwarz each output is off by at most ``||W_r|| * E_t``. On top comes float32
 rounding of the block sums (the integer dot product inside a block is exact): at most
 ``(n_acc + 8) * u * S_rt`` with ``u = 2^-24``, ``n_acc`` the number of float additions in a row
-(two per block for Q4_0/Q4_1: the x8 kernels add the offset term on its own)
+(two per block: the x8 kernels add the offset term on its own)
 and ``S_rt = sum_b A_rb * sum_{i in b} |x_ti|``, where ``A_rb`` bounds what one unit of
-activation can contribute through block b (``128 |d|`` for Q8_0, ``24 |d|`` for Q4_0 (codes 0..15
+activation can contribute through block b (``384 |d|`` for Q8_0: ``(255 + 128) |d|``, as the
+interleaved VNNI kernel sums ``(w + 128) a`` and takes ``128 sum(a)`` back; ``24 |d|`` for Q4_0 (codes 0..15
 and the folded-in -8 offset), ``16 |d| + |m|`` for Q4_1, ``|w_i|`` itself for F32/F16). The test
 asserts ``|out - ref| <= 1.01 * ||W_r|| * E_t + 4 * (n_acc + 8) * u * S_rt`` element by element.
 
@@ -116,7 +117,7 @@ def block_scale(type_name: str, w: np.ndarray, wd: np.ndarray, n_in: int, n_out:
     blocks = w.reshape(n_out, nb, type_size)
     d = np.abs(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64))
     if type_name == "Q8_0":
-        a = 128.0 * d
+        a = 384.0 * d  # the VNNI x8 kernel sums (w + 128) a (<= 255 |a|) and takes back 128 * sum(a)
     elif type_name == "Q4_0":
         a = 24.0 * d
     else:
@@ -135,7 +136,7 @@ def bounds(type_name: str, w: np.ndarray, wd: np.ndarray, x: np.ndarray):
         amax = absx.reshape(x.shape[0], n_in // QK, QK).max(axis=2)
         e_norm = np.sqrt((32.0 * (amax / 254.0) ** 2).sum(axis=1))  # E_t
         quant = 1.01 * np.outer(e_norm, np.linalg.norm(wd, axis=1))
-        n_acc = (1 if type_name == "Q8_0" else 2) * (n_in // QK)
+        n_acc = 2 * (n_in // QK)
         # the kernels sum the quantized activations: |xq| <= |x| + amax / 254
         scale = (absx + np.repeat(amax, QK, axis=1) / 127.0) @ a.T  # S_rt, (n_tok, n_out)
     else:
