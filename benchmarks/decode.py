@@ -163,8 +163,8 @@ class EdgekvEngine:
         self.m._eval(self._ids, self._lib.EK_LOGITS_LAST, self.m._logits)
 
     def step(self, tok: int) -> None:
-        self._one[0] = tok
-        self.m._eval(self._one, self._lib.EK_LOGITS_LAST, self.m._logits)
+        self._one[0] = tok  # a generation step (a feature-reading KV policy decides in batches)
+        self.m._eval(self._one, self._lib.EK_LOGITS_LAST, self.m._logits, defer=True)
 
     def argmax(self) -> int:
         return int(self.m._logits.argmax())
