@@ -187,24 +187,20 @@ oom:
     return NULL;
 }
 
-/* Every matrix the matmul reads (the token embedding is only looked up, never packed). */
-#define EK_FOR_EACH_MATMUL(m, X)                                                                        \
-    do {                                                                                                \
-        for (int l_ = 0; (m)->layers && l_ < (m)->cfg.n_layer; l_++) {                                  \
-            ek_layer *L_ = &(m)->layers[l_];                                                            \
-            X(&L_->wq); X(&L_->wk); X(&L_->wv); X(&L_->wo); X(&L_->w_gate); X(&L_->w_up); X(&L_->w_down); \
-        }                                                                                               \
-        X(&(m)->output);                                                                                \
-    } while (0)
-
 static void mat_unpack(ek_mat *w) {
     free(w->packed);
     w->packed = NULL;
 }
 
+static ek_mat *mat_of(ek_model *m, int kind, int layer);
+static const int LAYER_MATRICES[] = {EK_T_ATTN_Q, EK_T_ATTN_K, EK_T_ATTN_V, EK_T_ATTN_O,
+                                     EK_T_FFN_GATE, EK_T_FFN_UP, EK_T_FFN_DOWN};
+
 void ek_model_free(ek_model *m) {
     if (!m) return;
-    EK_FOR_EACH_MATMUL(m, mat_unpack);
+    for (int l = 0; m->layers && l < m->cfg.n_layer; l++) /* the packed copies (the embedding never is) */
+        for (size_t k = 0; k < sizeof LAYER_MATRICES / sizeof *LAYER_MATRICES; k++) mat_unpack(mat_of(m, LAYER_MATRICES[k], l));
+    mat_unpack(&m->output);
     if (m->pool) ek_pool_free(m->pool);
     ek_kv_store_free(&m->kv);
     free(m->layers);
@@ -292,30 +288,23 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     if (n_bytes != row_bytes * (size_t)n_out)
         return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: %zu bytes given, %zu expected", kind, layer, n_bytes,
                     row_bytes * (size_t)n_out);
-    ek_mat mat = {data, type, n_in, n_out, row_bytes, NULL};
     ek_layer *L = per_layer ? &m->layers[layer] : NULL;
     ek_mat *w = mat_of(m, kind, layer);
-    if (w) mat_unpack(w); /* a tensor given twice: the new bytes win */
-    switch (kind) {
-    case EK_T_TOK_EMBD: m->tok_embd = mat; break;
-    case EK_T_OUTPUT: m->output = mat; break;
+    if (w) {
+        mat_unpack(w); /* a tensor given twice: the new bytes win */
+        *w = (ek_mat){data, type, n_in, n_out, row_bytes, NULL};
+        /* repack now, so the caller can release the source before the next tensor (a low load peak) */
+        if (kind != EK_T_TOK_EMBD && mat_pack(w) != EK_OK)
+            return fail(m, EK_ERR_NOMEM, "out of memory repacking tensor kind %d layer %d", kind, layer);
+        return EK_OK;
+    }
+    switch (kind) { /* vectors */
     case EK_T_OUTPUT_NORM: m->output_norm = (const float *)data; break;
     case EK_T_ATTN_NORM: L->attn_norm = (const float *)data; break;
-    case EK_T_ATTN_Q: L->wq = mat; break;
-    case EK_T_ATTN_K: L->wk = mat; break;
-    case EK_T_ATTN_V: L->wv = mat; break;
-    case EK_T_ATTN_O: L->wo = mat; break;
     case EK_T_ATTN_Q_BIAS: L->bq = (const float *)data; break;
     case EK_T_ATTN_K_BIAS: L->bk = (const float *)data; break;
     case EK_T_ATTN_V_BIAS: L->bv = (const float *)data; break;
     case EK_T_FFN_NORM: L->ffn_norm = (const float *)data; break;
-    case EK_T_FFN_GATE: L->w_gate = mat; break;
-    case EK_T_FFN_UP: L->w_up = mat; break;
-    case EK_T_FFN_DOWN: L->w_down = mat; break;
-    }
-    /* repack now, so the caller can release the source before the next tensor (a low load peak) */
-    if (w && kind != EK_T_TOK_EMBD) {
-        if (mat_pack(w) != EK_OK) return fail(m, EK_ERR_NOMEM, "out of memory repacking tensor kind %d layer %d", kind, layer);
     }
     return EK_OK;
 }
@@ -851,7 +840,7 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
         return EK_ERR_NOMEM;
     }
     for (int i = 0; i < n_tok; i++) ek_quantize_act_row(type, x + (size_t)i * n_in, (char *)act + (size_t)i * stride, (int)n_in);
-    const ek_dot_x8_fn dot8 = impl == 3 || !x8 || !x8->dot ? (x8 ? x8->dot_ref : NULL) : x8->dot;
+    const ek_dot_x8_fn dot8 = !n8 ? NULL : impl == 3 || !x8->dot ? x8->dot_ref : x8->dot;
     for (int64_t r = 0; r < n8; r += EK_X8) {
         const size_t off = (size_t)r * rb;
         x8->repack((const char *)w + off, rb, (char *)packed + off, (int)n_in);

@@ -57,32 +57,27 @@ static void pack_q4_codes(const uint8_t *const qs[X8], uint8_t *out) {
 /* repacking: 8 rows of row_bytes each (n values per row) -> n / QK x8 blocks  */
 /* ------------------------------------------------------------------------- */
 
-static void repack_q4_0(const void *rows, size_t row_bytes, void *dst, int n) {
-    block_q4_0x8 *o = (block_q4_0x8 *)dst;
-    for (int b = 0; b < n / QK; b++, o++) {
+/* Q4_0 / Q4_1: the blocks share a layout up to the minimum (d, [m,] qs), as do the x8 blocks
+ * (d[8], [m[8],] qs[128]), so one loop serves both */
+static void repack_q4(const void *rows, size_t row_bytes, void *dst, int n, int has_min) {
+    const size_t src_bytes = has_min ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    const size_t dst_bytes = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const size_t head = (has_min ? 2 : 1) * sizeof(ek_fp16); /* d [, m] before the codes */
+    for (int b = 0; b < n / QK; b++) {
+        uint8_t *o = (uint8_t *)dst + (size_t)b * dst_bytes;
+        ek_fp16 *d8 = (ek_fp16 *)o;
         const uint8_t *qs[X8];
         for (int r = 0; r < X8; r++) {
-            const block_q4_0 *src = (const block_q4_0 *)((const char *)rows + (size_t)r * row_bytes) + b;
-            o->d[r] = src->d;
-            qs[r] = src->qs;
+            const uint8_t *src = (const uint8_t *)rows + (size_t)r * row_bytes + (size_t)b * src_bytes;
+            memcpy(&d8[r], src, sizeof(ek_fp16));
+            if (has_min) memcpy(&d8[X8 + r], src + sizeof(ek_fp16), sizeof(ek_fp16));
+            qs[r] = src + head;
         }
-        pack_q4_codes(qs, o->qs);
+        pack_q4_codes(qs, o + X8 * head);
     }
 }
-
-static void repack_q4_1(const void *rows, size_t row_bytes, void *dst, int n) {
-    block_q4_1x8 *o = (block_q4_1x8 *)dst;
-    for (int b = 0; b < n / QK; b++, o++) {
-        const uint8_t *qs[X8];
-        for (int r = 0; r < X8; r++) {
-            const block_q4_1 *src = (const block_q4_1 *)((const char *)rows + (size_t)r * row_bytes) + b;
-            o->d[r] = src->d;
-            o->m[r] = src->m;
-            qs[r] = src->qs;
-        }
-        pack_q4_codes(qs, o->qs);
-    }
-}
+static void repack_q4_0(const void *rows, size_t row_bytes, void *dst, int n) { repack_q4(rows, row_bytes, dst, n, 0); }
+static void repack_q4_1(const void *rows, size_t row_bytes, void *dst, int n) { repack_q4(rows, row_bytes, dst, n, 1); }
 
 static void repack_q8_0(const void *rows, size_t row_bytes, void *dst, int n) {
     block_q8_0x8 *o = (block_q8_0x8 *)dst;

@@ -333,13 +333,17 @@ class Model:
         """Token features (see edgekv.kv_policy) of cached positions."""
         return self._features(positions)
 
+    def _changing_features(self, pos: np.ndarray) -> tuple:
+        """The inputs of a position's features that keep changing as tokens are added: the
+        attention it received (sum, sum of squares, count: copies, as fancy indexing makes) and its age."""
+        return self._att_sum[pos], self._att_sumsq[pos], self._att_count[pos], len(self._tokens) - 1 - pos
+
     def _features(self, positions, frozen: tuple | None = None) -> TokenFeatures:
         """features(), with the attention statistics and age taken from frozen = (sum, sum of
         squares, count, age) when given (copies made when the positions became due)."""
         self._check_open()  # the statistics views point into C memory that close() frees
         pos = np.asarray(positions, dtype=np.int64)
-        att_sum, att_sumsq, att_count, age = frozen or (self._att_sum[pos], self._att_sumsq[pos], self._att_count[pos],
-                                                        len(self._tokens) - 1 - pos)
+        att_sum, att_sumsq, att_count, age = frozen or self._changing_features(pos)
         cnt = att_count.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = att_sum / cnt
@@ -396,8 +400,7 @@ class Model:
             new = np.arange(self._kv_decided, upto, dtype=np.int32)
             self._kv_decided = upto
             if policy.needs_features:
-                self._pending.append((new, self._att_sum[new].copy(), self._att_sumsq[new].copy(),
-                                      self._att_count[new].copy(), len(self._tokens) - 1 - new))
+                self._pending.append((new, *self._changing_features(new)))
             else:
                 self._pending.append((new,))
         n_due = sum(p[0].size for p in self._pending)
