@@ -3,6 +3,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "kv_attention_int.h"
+#include "kv_attention_x512.h"
 #include "simd.h"
 
 /* ------------------------------------------------------------------------- */
@@ -38,6 +40,20 @@ static inline void scalef(float *y, float a, int n) {
     for (int i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
 }
 
+#if defined(EK_AVX512)
+float ek_exp_shift(float *x, int n, float m) {
+    /* 16 at a time, the tail under a mask: the same polynomial as the 8-wide path for every element */
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(k, ek_exp_neg512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm)));
+        _mm512_mask_storeu_ps(x + i, k, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
 float ek_exp_shift(float *x, int n, float m) {
     const __m256 vm = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
@@ -60,6 +76,7 @@ float ek_exp_shift(float *x, int n, float m) {
     }
     return sum;
 }
+#endif
 
 #elif defined(EK_NEON) && defined(__aarch64__)
 static inline float dotf(const float *a, const float *b, int n) {
@@ -108,14 +125,15 @@ void ek_attn_partial_init(ek_attn_partial *p, float *buf, int gs, int head_dim) 
     memset(p->o_plain, 0, sizeof(float) * 2 * (size_t)gs * head_dim);
 }
 
-/* Rescale head h of a partial to a new running max. */
-static inline void rebase(ek_attn_partial *p, int h, float m_new, int hd) {
-    if (p->m[h] == m_new) return;
+/* Rescale head h of a partial to a new running max; returns the factor applied. */
+static inline float rebase(ek_attn_partial *p, int h, float m_new, int hd) {
+    if (p->m[h] == m_new) return 1.0f;
     const float c = p->m[h] == -INFINITY ? 0.0f : expf(p->m[h] - m_new);
     p->l[h] *= c;
     scalef(p->o_plain + (size_t)h * hd, c, hd);
     scalef(p->o_rot + (size_t)h * hd, c, hd);
     p->m[h] = m_new;
+    return c;
 }
 
 void ek_attn_merge(ek_attn_partial *into, const ek_attn_partial *from, int gs, int hd) {
@@ -147,8 +165,6 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 /* int8 query (for integer key scoring)                                       */
 /* ------------------------------------------------------------------------- */
 
-#define QI_MAX_GS 8
-#define QI_MAX_UNITS 4 /* units of 64 values: head_dim <= 256 */
 
 /* Keys of this precision and shape are scored against the int8-rounded query, in every build
  * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
@@ -288,11 +304,6 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
  * int8-rounded query s_q * q8. The integer part runs on vpdpbusd (AVX-VNNI) or vpmaddubsw. */
 
 
-typedef struct {
-    float scale[QI_MAX_GS];
-    float qsum[QI_MAX_GS][2 * QI_MAX_UNITS]; /* per head and group: sum of the int8 query */
-    __m256i qa[QI_MAX_GS][QI_MAX_UNITS], qb[QI_MAX_GS][QI_MAX_UNITS]; /* in the codes' unpack order */
-} qi8_query;
 
 /* The int8 query of each head in the order the codes unpack into two registers per unit of 64
  * values. 4-bit: a unit is 32 bytes (two 16-byte chunks of "code j | code j+16 << 4"); low nibbles
@@ -578,9 +589,20 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     float *sc = scratch;                                  /* (gs, ATTN_CHUNK) scores, then weights */
     float *tile = scratch + (size_t)gs * ATTN_CHUNK;      /* (ATTN_CHUNK, head_dim) dequantized records */
     const int masked_pool = pool->kp == KVP_F16 && pool->vp == KVP_F16; /* only new tokens can be in the future */
+#if defined(EK_AVX512)
+    /* integer value sums go to o_perm (the kernel's value order), added into o at the end */
+    const int v512 = ek_x512_values_ok(vt->bits, hd, gs);
+    float *o_perm = tile + (size_t)ATTN_CHUNK * hd;
+    if (v512) memset(o_perm, 0, sizeof(float) * gs * hd);
+#endif
 #if defined(EK_AVX2)
     qi8_query qi;
     const int use_int = int_keys_ok(pool->kp, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->bits, kg) == 0;
+#if defined(EK_AVX512)
+    query512 qz __attribute__((aligned(64)));
+    const int k512 = use_int && ek_x512_keys_ok(kt->bits, hd, kg, gs);
+    if (k512) ek_x512_query(&qi, hd, gs, &qz);
+#endif
 #else /* the same scores from the float path: the query rounded to int8 and scaled back */
     float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
     if (int_keys_ok(pool->kp, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
@@ -592,7 +614,12 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #if defined(EK_AVX2)
         if (use_int) {
             const uint8_t *base = ek_kv_rec(s, pool, a->layer, a->head, c0);
-            score_tile_q(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile, kt->bits);
+#if defined(EK_AVX512)
+            if (k512)
+                ek_x512_score_tile(&qi, &qz, base, pool->rec_bytes, n, hd, gs, sc, kt->bits);
+            else
+#endif
+                score_tile_q(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile, kt->bits);
         } else
 #endif
         {
@@ -621,13 +648,23 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         for (int h = 0; h < gs; h++) {
             float *row = sc + h * ATTN_CHUNK;
             const float cm = row_max(row, n);
-            rebase(part, h, fmaxf(part->m[h], cm), hd);
+            const float c = rebase(part, h, cm > part->m[h] ? cm : part->m[h], hd); /* cm is never NaN */
+#if defined(EK_AVX512)
+            if (v512 && c != 1.0f) scalef(o_perm + (size_t)h * hd, c, hd);
+#else
+            (void)c;
+#endif
             part->l[h] += ek_exp_shift(row, n, part->m[h]);
             if (n_masked) /* exp(-inf) came out as a denormal-sized number: make it exactly 0 */
                 for (int j = 0; j < n; j++)
                     if (pool->pos[c0 + j] > a->max_pos) row[j] = 0.0f;
         }
         /* weighted values */
+#if defined(EK_AVX512)
+        if (v512 && ek_x512_values_accum(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n,
+                                         hd, vg, sc, gs, o_perm, vt->bits) == 0)
+            continue;
+#endif
 #if defined(EK_AVX2)
         if (fused_values_ok(pool->vp, hd, gs)) {
             accum_tile_q(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg, sc, gs, o,
@@ -639,9 +676,21 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
             vt->dequant(ek_kv_rec(s, pool, a->layer, a->head, c0 + j) + pool->k_bytes, tile + (size_t)j * hd, hd, vg);
         accum_tile(tile, n, hd, sc, gs, o);
     }
+#if defined(EK_AVX512)
+    if (v512) ek_x512_values_unpermute(o_perm, o, gs, hd, vt->bits);
+#endif
 }
 
 int ek_attn_int_keys(int kp, int head_dim, int gs) { return int_keys_ok(kp, head_dim, gs); }
+
+int ek_attn_value_tile(int v_bits, int head_dim, int gs) {
+#if defined(EK_AVX512)
+    return ek_x512_values_ok(v_bits, head_dim, gs) ? ATTN_CHUNK : 0;
+#else
+    (void)v_bits, (void)head_dim, (void)gs;
+    return 0;
+#endif
+}
 
 void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch) {
     for (int p = 0; p < KV_NPOOLS; p++) {

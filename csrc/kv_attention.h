@@ -11,8 +11,10 @@
  *     of the query (vpdpbusd / vpmaddubsw), scale and minimum applied per
  *     group afterwards (see ek_attn_query_i8 for the query rounding, which
  *     the other builds apply too);
- *   - quantized values: codes converted to float in registers and summed
- *     with weight * scale, the minimum's share added once per group;
+ *   - quantized values: with AVX-512, integer sums of the codes against
+ *     weight * scale rounded to 15 bits per tile (kv_attention_x512.h);
+ *     AVX2: codes converted to float in registers and summed with weight *
+ *     scale; the minimum's share added once per group in both;
  *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
  *     tile is dequantized into an L1-sized scratch and processed in float.
  * Partials from different chunks, pools or threads merge by log-sum-exp, so
@@ -73,6 +75,8 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
  * unspecified) when any head is non-finite or hd > 256, and then every head uses the plain query. */
 int ek_attn_query_rounded(const float *q, int gs, int hd, float *out);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
+/* Tile size of the integer value sum (AVX-512 builds) for values at v_bits, or 0 (see edgekv.h). */
+int ek_attn_value_tile(int v_bits, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */
 float ek_exp_shift(float *x, int n, float m);

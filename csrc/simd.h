@@ -7,6 +7,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define EK_AVX2 1
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define EK_AVX512 1 /* 512-bit integer attention paths (kv_attention_x512.c) */
+#endif
 #elif defined(__ARM_NEON)
 #define EK_NEON 1
 #include <arm_neon.h>
@@ -46,6 +49,26 @@ static inline __m256 ek_exp_neg256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#if defined(EK_AVX512)
+/* ek_exp_neg256 on 16 lanes: the same operations, so the same result per element */
+static inline __m512 ek_exp_neg512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 static inline int32_t ek_hsum256_epi32(__m256i v) {
     __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
@@ -75,7 +98,9 @@ static inline float ek_h2f(ek_fp16 h) { return ek_fp16_to_fp32(h); }
 
 /* Name of the compiled path, for logs and `edgekv info`. */
 static inline const char *ek_simd_name(void) {
-#if defined(EK_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#if defined(EK_AVX512)
+    return "avx2+vnni+avx512"; /* and the 512-bit attention paths */
+#elif defined(EK_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
     return "avx2+vnni"; /* integer dot products use vpdpbusd */
 #elif defined(EK_AVX2)
     return "avx2";

@@ -79,7 +79,7 @@ def test_info_fields(tiny_arch, wtype, tiny_path, open_model):
     assert info["file_bytes"] == path.stat().st_size
     assert info["ctx"] == 128 and info["ctx_train"] == 256
     assert info["threads"] == THREADS
-    assert info["simd"] in ("avx2", "avx2+vnni", "neon", "neon+dotprod", "scalar")
+    assert info["simd"] in ("avx2", "avx2+vnni", "avx2+vnni+avx512", "neon", "neon+dotprod", "scalar")
     vocab = make_vocab(arch)
     assert hp["n_vocab"] == vocab.size == m.vocab_size
     want = dict(n_embd=64, n_layer=2, n_head=2, n_head_kv=1, head_dim=32, n_ff=128, rope_dim=32, n_ctx_train=256)

@@ -361,7 +361,7 @@ def test_invalid_arguments_are_rejected():
 
 
 def test_simd_name_is_known():
-    assert ffi.string(lib.ek_simd()).decode() in ("avx2", "avx2+vnni", "neon", "neon+dotprod", "scalar")
+    assert ffi.string(lib.ek_simd()).decode() in ("avx2", "avx2+vnni", "avx2+vnni+avx512", "neon", "neon+dotprod", "scalar")
 
 
 # ---------------------------------------------------------------------------------------------

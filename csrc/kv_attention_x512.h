@@ -1,0 +1,54 @@
+/* AVX-512 paths of the fused attention (builds with AVX512F/BW/VL and VNNI).
+ *
+ * Weighted value sum in integers: for a tile of records and one query head,
+ *     o[i] += sum_j w_j * (d_j * u_ji + m_j)
+ * is computed as scale * sum_j qw_j * u_ji + sum_j w_j * m_j, where qw_j is
+ * w_j * d_j rounded to 15 bits against the tile's largest (qw = rint(w * d *
+ * 32767 / max), scale = max / 32767; per head and quantization group). The
+ * codes u of two records are interleaved as int16 pairs, so one vpdpwssd
+ * adds both records' share to 16 output values. Each weight's rounding error
+ * is at most max / 65534, i.e. 2^-16 of the tile's largest weighted scale.
+ *
+ * The kernel accumulates into a (gs, head_dim) float buffer in its own value
+ * order ("o_perm"); ek_x512_values_unpermute adds it into the real output
+ * once per range.
+ *
+ * Key scores (4- and 2-bit keys with one group per record): the same integer
+ * dot products with the int8 query as the AVX2 path, two records per
+ * register, 16 records' partial sums reduced together by a transpose-and-add
+ * tree; the same float epilogue, so scores equal the AVX2 path's exactly.
+ */
+#ifndef EDGEKV_KV_ATTENTION_X512_H
+#define EDGEKV_KV_ATTENTION_X512_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kv_attention_int.h"
+#include "simd.h"
+
+#if defined(EK_AVX512)
+/* 1 if values of `bits` (8, 4 or 2), head_dim hd and gs query heads take the integer path. */
+int ek_x512_values_ok(int bits, int hd, int gs);
+/* Fold n (<= ATTN_CHUNK) value records at base (stride bytes apart), groups of g, into o_perm with
+ * weights w[h * ATTN_CHUNK + j] (<= 1: exponentials of score - running max). Returns -1, touching
+ * nothing, if a weight is NaN, inf or >= 2 (the caller then takes the float path for this tile). */
+int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
+                         float *o_perm, int bits);
+/* o[h][i] += o_perm[h][position of value i] for gs heads. */
+void ek_x512_values_unpermute(const float *o_perm, float *o, int gs, int hd, int bits);
+
+/* 1 if keys of `bits` (4 or 2) with groups of g take the 512-bit scoring path. */
+int ek_x512_keys_ok(int bits, int hd, int g, int gs);
+/* The int8 query per head and unit as full registers (each 256-bit half in one record's code order),
+ * read by vpdpbusd straight from memory; built once per range. */
+typedef struct {
+    __m512i q[QI_MAX_GS][QI_MAX_UNITS][2];
+} query512;
+void ek_x512_query(const qi8_query *qi, int hd, int gs, query512 *qz);
+/* sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key records at base (stride bytes apart). */
+void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
+                        int gs, float *sc, int bits);
+#endif
+
+#endif
