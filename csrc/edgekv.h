@@ -163,7 +163,7 @@ int ek_attn_value_tile(int v_bits, int head_dim, int gs);
  * ek_bench_fill_kv: replace the context with n synthetic positions (random keys and values,
  * stored at k_bits/v_bits); logits are meaningless until the context is truncated to 0.
  * ek_bench_attention: seconds for one decode-step attention over all layers (median of iters),
- * the query sitting at the last position. ek_bench_read_bandwidth: bytes/s of a sequential
+ * the query sitting at the last position, attention statistics off. ek_bench_read_bandwidth: bytes/s of a sequential
  * read of a buffer of n_bytes by n_threads threads (best of iters). */
 int ek_bench_fill_kv(ek_model *m, int n, int k_bits, int v_bits, uint32_t seed);
 double ek_bench_attention(ek_model *m, int iters);

@@ -338,6 +338,7 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
                 const __m256i *x = ints + 8 * u + 4 * c;
                 const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(x[0], x[1]), _mm256_packs_epi32(x[2], x[3]));
                 q32[c] = _mm256_permutevar8x32_epi32(p, order);
+                _mm256_storeu_si256((__m256i *)&qi->q8[h][64 * u + 32 * c], q32[c]);
             }
             if (bits == 4) {
                 qi->qa[h][u] = _mm256_permute2x128_si256(q32[0], q32[1], 0x20);
@@ -569,8 +570,9 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
 static inline float row_max(const float *x, int n) {
 #if defined(EK_AVX2)
     if (n == ATTN_CHUNK) {
-        return ek_hmax256(_mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
-                                        _mm256_max_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
+        __m256 acc = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j < ATTN_CHUNK; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(x + j), acc); /* a NaN x loses */
+        return ek_hmax256(acc);
     }
 #endif
     float cm = -INFINITY;
@@ -601,7 +603,10 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #if defined(EK_AVX512)
     query512 qz __attribute__((aligned(64)));
     const int k512 = use_int && ek_x512_keys_ok(kt->bits, hd, kg, gs);
-    if (k512) ek_x512_query(&qi, hd, gs, &qz);
+    if (k512) {
+        ek_x512_prefetch_start(ek_kv_rec(s, pool, a->layer, a->head, j0), pool->rec_bytes, j1 - j0);
+        ek_x512_query(&qi, hd, gs, kt->bits, &qz);
+    }
 #endif
 #else /* the same scores from the float path: the query rounded to int8 and scaled back */
     float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];

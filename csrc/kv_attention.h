@@ -29,7 +29,9 @@
 
 #include "kv_store.h"
 
-#define ATTN_CHUNK 32 /* records per tile: scored, then their values accumulated (tiles stay in L1) */
+#ifndef ATTN_CHUNK
+#define ATTN_CHUNK 64 /* records per tile: scored, then their values accumulated (tiles stay in L1) */
+#endif
 
 typedef struct {
     const ek_kv_store *s;

@@ -13,6 +13,7 @@ typedef struct {
     float scale[QI_MAX_GS];
     float qsum[QI_MAX_GS][2 * QI_MAX_UNITS]; /* per head and group: sum of the int8 query */
     __m256i qa[QI_MAX_GS][QI_MAX_UNITS], qb[QI_MAX_GS][QI_MAX_UNITS]; /* in the codes' unpack order */
+    int8_t q8[QI_MAX_GS][64 * QI_MAX_UNITS]; /* in value order */
 } qi8_query;
 #endif
 

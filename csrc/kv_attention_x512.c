@@ -21,6 +21,9 @@ EK_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
     return acc;
 }
 #define X512_MAX_GS 8
+/* whole 16-record vectors per tile; int32 sums of a tile's codes x 15-bit weights cannot overflow:
+ * ATTN_CHUNK * 255 * 32767 < 2^31 */
+_Static_assert(ATTN_CHUNK % 16 == 0 && ATTN_CHUNK <= 256, "ATTN_CHUNK: a multiple of 16, at most 256");
 #ifndef EK_PF_HINT
 #define EK_PF_HINT _MM_HINT_T0
 #endif
@@ -201,36 +204,38 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
     float mv[X512_MAX_GROUPS][ATTN_CHUNK] __attribute__((aligned(64)));
     /* weights: finite and <= 1 (exp of score - running max) unless a score was NaN or inf; the
      * store's scales and minimums are always finite */
-    const __mmask16 lo = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
-    const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1);
+    enum { NV = ATTN_CHUNK / 16 };
+    __mmask16 live[NV];
+    for (int v = 0; v < NV; v++) live[v] = n >= 16 * (v + 1) ? 0xFFFF : n <= 16 * v ? 0 : (__mmask16)((1u << (n - 16 * v)) - 1);
     __mmask16 bad = 0;
-    for (int h = 0; h < gs; h++) {
-        const __m512 w0 = _mm512_maskz_loadu_ps(lo, w + (size_t)h * ATTN_CHUNK);
-        const __m512 w1 = _mm512_maskz_loadu_ps(hi, w + (size_t)h * ATTN_CHUNK + 16);
-        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(w0), _mm512_set1_ps(2.0f), _CMP_NLT_UQ) |
-               _mm512_cmp_ps_mask(_mm512_abs_ps(w1), _mm512_set1_ps(2.0f), _CMP_NLT_UQ);
-    }
+    for (int h = 0; h < gs; h++)
+        for (int v = 0; v < NV; v++)
+            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v)),
+                                      _mm512_set1_ps(2.0f), _CMP_NLT_UQ);
     if (bad) return -1; /* the float path handles (and propagates) it */
     load_scales(base, stride, n, (size_t)hd * bits / 8, ng, dv, mv);
     /* weights rounded to 15 bits per (head, group) against the tile's largest w * d */
     int16_t qw[X512_MAX_GS * X512_MAX_GROUPS * ATTN_CHUNK] __attribute__((aligned(64)));
     float scale[X512_MAX_GS * X512_MAX_GROUPS], msum[X512_MAX_GS * X512_MAX_GROUPS];
     for (int h = 0; h < gs; h++) {
-        const __m512 w0 = _mm512_maskz_loadu_ps(lo, w + (size_t)h * ATTN_CHUNK);
-        const __m512 w1 = _mm512_maskz_loadu_ps(hi, w + (size_t)h * ATTN_CHUNK + 16);
+        __m512 wv[NV];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v);
         for (int k = 0; k < ng; k++) {
-            const __m512 wd0 = _mm512_mul_ps(w0, _mm512_load_ps(&dv[k][0]));
-            const __m512 wd1 = _mm512_mul_ps(w1, _mm512_load_ps(&dv[k][16]));
-            const float top = _mm512_reduce_max_ps(_mm512_max_ps(wd0, wd1));
+            __m512 wd[NV], top = _mm512_setzero_ps(), ms = _mm512_setzero_ps();
+            for (int v = 0; v < NV; v++) {
+                wd[v] = _mm512_mul_ps(wv[v], _mm512_load_ps(&dv[k][16 * v]));
+                top = _mm512_max_ps(top, wd[v]);
+                ms = _mm512_fmadd_ps(wv[v], _mm512_load_ps(&mv[k][16 * v]), ms);
+            }
+            const float t = _mm512_reduce_max_ps(top);
             const int idx = h * X512_MAX_GROUPS + k;
             int16_t *q = qw + (size_t)idx * ATTN_CHUNK;
-            msum[idx] = _mm512_reduce_add_ps(
-                _mm512_fmadd_ps(w0, _mm512_load_ps(&mv[k][0]), _mm512_mul_ps(w1, _mm512_load_ps(&mv[k][16]))));
-            if (top > 0.0f) {
-                const __m512 inv = _mm512_set1_ps(32767.0f / top);
-                _mm256_store_si256((__m256i *)q, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wd0, inv))));
-                _mm256_store_si256((__m256i *)(q + 16), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wd1, inv))));
-                scale[idx] = top / 32767.0f;
+            msum[idx] = _mm512_reduce_add_ps(ms);
+            if (t > 0.0f) {
+                const __m512 inv = _mm512_set1_ps(32767.0f / t);
+                for (int v = 0; v < NV; v++)
+                    _mm256_store_si256((__m256i *)(q + 16 * v), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wd[v], inv))));
+                scale[idx] = t / 32767.0f;
             } else {
                 memset(q, 0, sizeof(int16_t) * ATTN_CHUNK);
                 scale[idx] = 0.0f;
@@ -245,72 +250,139 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
 
 /* ---- key scores ---------------------------------------------------------------------------- */
 
+/* Scores by transposition: the code bytes of 16 records are transposed so that int32 lane r of
+ * register i holds 4-byte group i of record r; one vpdpbusd against a broadcast group of 4 query
+ * values then advances all 16 records, and the sums come out one record per lane (no horizontal
+ * reductions). The transposes run on vpermt2d: each level swaps one bit of the register index
+ * with one bit of the lane index, pairing registers that differ in that bit. */
+
+/* LEVEL_INDEX[t][b][q]: lane q of output b of a level that swaps register bit t with lane bit t:
+ * ((q >> t) & 1 ? 16 : 0) + (q with bit t set to b) */
+#define LI(t, b, q) ((((q) >> (t)) & 1 ? 16 : 0) + (((q) & ~(1 << (t))) | ((b) << (t))))
+#define LI16(t, b)                                                                                         \
+    {LI(t, b, 0), LI(t, b, 1), LI(t, b, 2),  LI(t, b, 3),  LI(t, b, 4),  LI(t, b, 5),  LI(t, b, 6),  LI(t, b, 7), \
+     LI(t, b, 8), LI(t, b, 9), LI(t, b, 10), LI(t, b, 11), LI(t, b, 12), LI(t, b, 13), LI(t, b, 14), LI(t, b, 15)}
+static const int32_t LEVEL_INDEX[3][2][16] __attribute__((aligned(64))) = {
+    {LI16(0, 0), LI16(0, 1)}, {LI16(1, 0), LI16(1, 1)}, {LI16(2, 0), LI16(2, 1)}};
+#undef LI16
+#undef LI
+
+EK_INLINE __m512i level_index(int t, int b) { return _mm512_load_si512(LEVEL_INDEX[t][b]); }
+
+/* 16 records' unit u (32 bytes of 4-bit codes: 8 groups of 4 bytes) -> t[i] = group i of records 0-15.
+ * Register k starts as [record k | record k+8], so after the three levels lane r is record r. */
+EK_INLINE void transpose_4bit(const uint8_t *const *rp, int u, __m512i t[8]) {
+    for (int k = 0; k < 8; k++)
+        t[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[k] + 32 * u))),
+                                  _mm256_loadu_si256((const __m256i *)(rp[k + 8] + 32 * u)), 1);
+    for (int lv = 0; lv < 3; lv++) {
+        const __m512i i0 = level_index(lv, 0), i1 = level_index(lv, 1);
+        for (int r0 = 0; r0 < 8; r0++) {
+            if (r0 & (1 << lv)) continue;
+            const int r1 = r0 | (1 << lv);
+            const __m512i a = t[r0], b = t[r1];
+            t[r0] = _mm512_permutex2var_epi32(a, i0, b);
+            t[r1] = _mm512_permutex2var_epi32(a, i1, b);
+        }
+    }
+}
+
+/* 16 records' unit u (16 bytes of 2-bit codes: 4 groups) -> t[i] = group i of records 0-15;
+ * register k starts as [record k | k+4 | k+8 | k+12]. */
+EK_INLINE void transpose_2bit(const uint8_t *const *rp, int u, __m512i t[4]) {
+    for (int k = 0; k < 4; k++) {
+        __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rp[k] + 16 * u)));
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[k + 4] + 16 * u)), 1);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[k + 8] + 16 * u)), 2);
+        t[k] = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[k + 12] + 16 * u)), 3);
+    }
+    for (int lv = 0; lv < 2; lv++) {
+        const __m512i i0 = level_index(lv, 0), i1 = level_index(lv, 1);
+        for (int r0 = 0; r0 < 4; r0++) {
+            if (r0 & (1 << lv)) continue;
+            const int r1 = r0 | (1 << lv);
+            const __m512i a = t[r0], b = t[r1];
+            t[r0] = _mm512_permutex2var_epi32(a, i0, b);
+            t[r1] = _mm512_permutex2var_epi32(a, i1, b);
+        }
+    }
+}
+
+/* Query dword d of unit u (int8 x 4) in the order the transposed codes come: 4-bit: d < 8 the low
+ * nibbles of code group d, d >= 8 the high nibbles of group d - 8 (group i: bytes 4i..4i+3, chunk
+ * i/4, low nibble of byte j = value 32c + j, high = + 16); 2-bit: d = 4s + i for shift 2s of group i
+ * (bytes 4i..4i+3, chunk i/2, byte j = values 32c + j + 8s). */
+static int query_dword_value(int bits, int d, int b) {
+    if (bits == 4) {
+        const int i = d % 8, c = i / 4, j = 4 * (i % 4) + b;
+        return 32 * c + j + (d >= 8 ? 16 : 0);
+    }
+    const int s = d / 4, i = d % 4, c = i / 2, j = 4 * (i % 2) + b;
+    return 32 * c + j + 8 * s;
+}
+
 int ek_x512_keys_ok(int bits, int hd, int g, int gs) {
     return (bits == 4 || bits == 2) && g == hd && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs >= 1 &&
            gs <= QI_MAX_GS;
 }
 
-/* Unit u of records A (low half) and B (high half) as the two registers per record qi8_prepare
- * ordered the query for (kv_attention.c: 4-bit low | high nibbles, 2-bit shifts 0|2 and 4|6). */
-EK_INLINE void key_pair_codes(const uint8_t *ra, const uint8_t *rb, int u, __m512i *x0, __m512i *x1, const int bits) {
-    if (bits == 4) {
-        const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ra + 32 * u))),
-                                             _mm256_loadu_si256((const __m256i *)(rb + 32 * u)), 1);
-        const __m512i k = _mm512_set1_epi8(15);
-        *x0 = _mm512_and_si512(x, k);
-        *x1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), k);
-    } else {
-        const __m512i z = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(ra + 16 * u)))),
-            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(rb + 16 * u))), 1);
-        const __m512i s0 = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0, 0, 0x0002000200020002,
-                                            0x0002000200020002, 0, 0);
-        const __m512i s1 = _mm512_add_epi16(s0, _mm512_set1_epi16(4)), k = _mm512_set1_epi8(3);
-        *x0 = _mm512_and_si512(_mm512_srlv_epi16(z, s0), k);
-        *x1 = _mm512_and_si512(_mm512_srlv_epi16(z, s1), k);
-    }
+void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n) {
+    const size_t bytes = (size_t)(n < EK_PF_RECORDS ? n : EK_PF_RECORDS) * stride;
+    for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(base + b), EK_PF_HINT);
 }
 
-/* Transpose-and-add steps. A pair register holds record A's 8 partial sums in 128-bit lanes 0-1
- * and B's in lanes 2-3. red1/red2 fold four pair registers into one holding, per lane, the lane's
- * sum for each of the four; red3 adds lanes 0+1 and 2+3 of two such registers, giving 16 totals:
- * [A of pairs 0-3, B of pairs 0-3, A of pairs 4-7, B of pairs 4-7]. */
-EK_INLINE __m512i red1(__m512i a, __m512i b) { return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)); }
-EK_INLINE __m512i red2(__m512i c, __m512i d) { return _mm512_add_epi32(_mm512_unpacklo_epi64(c, d), _mm512_unpackhi_epi64(c, d)); }
-EK_INLINE __m512i red3(__m512i e, __m512i f) {
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(e, f, 0x88), _mm512_shuffle_i32x4(e, f, 0xDD));
+void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz) {
+    uint8_t src[64]; /* value index of each query byte, in query512 order */
+    for (int d = 0; d < 16; d++)
+        for (int b = 0; b < 4; b++) src[4 * d + b] = (uint8_t)query_dword_value(bits, d, b);
+    for (int h = 0; h < gs; h++)
+        for (int u = 0; u < hd / 64; u++) {
+            int8_t *dst = (int8_t *)qz->q[h][u];
+            const int8_t *q8 = qi->q8[h] + 64 * u;
+            for (int i = 0; i < 64; i++) dst[i] = q8[src[i]];
+        }
 }
 
-/* Pair p of a 16-record block (rp: its records): records p%4 + 8(p/4) and 4 after it, so the block's
- * totals come out in slot order; one pair register per head h0 .. h0+HB-1. */
-EK_INLINE void score_pair(const query512 *qz, const uint8_t *const *rp, int p, int h0, __m512i *acc, const int UNITS,
-                          const int HB, const int bits) {
-    const uint8_t *ra = rp[(p & 3) + 8 * (p >> 2)], *rb = rp[(p & 3) + 8 * (p >> 2) + 4];
-    for (int h = 0; h < HB; h++) acc[h] = _mm512_setzero_si512();
+/* Integer dot products of 16 records (rp) with G heads: tot[h] lane r = record r. Each head sums
+ * into NC independent chains (vpdpbusd's latency would otherwise bound a block: 16 dependent
+ * steps per head), added at the end. */
+EK_INLINE void score_block(const query512 *qz, const uint8_t *const *rp, __m512i *tot, const int G, const int UNITS,
+                           const int bits) {
+    enum { NC = 4 };
+    const int nc = G <= 4 ? NC : 2;
+    __m512i acc[8][NC];
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < nc; c++) acc[h][c] = _mm512_setzero_si512();
     for (int u = 0; u < UNITS; u++) {
-        __m512i x0, x1;
-        key_pair_codes(ra, rb, u, &x0, &x1, bits);
-        for (int h = 0; h < HB; h++) acc[h] = dpbusd(dpbusd(acc[h], x0, qz->q[h0 + h][u][0]), x1, qz->q[h0 + h][u][1]);
+        if (bits == 4) {
+            __m512i t[8];
+            transpose_4bit(rp, u, t);
+            const __m512i k = _mm512_set1_epi8(15);
+            for (int i = 0; i < 8; i++) {
+                const __m512i lo = _mm512_and_si512(t[i], k), hi = _mm512_and_si512(_mm512_srli_epi16(t[i], 4), k);
+                const int c0 = (2 * i) % nc, c1 = (2 * i + 1) % nc;
+                for (int h = 0; h < G; h++) {
+                    acc[h][c0] = dpbusd(acc[h][c0], lo, _mm512_set1_epi32(qz->q[h][u][i]));
+                    acc[h][c1] = dpbusd(acc[h][c1], hi, _mm512_set1_epi32(qz->q[h][u][8 + i]));
+                }
+            }
+        } else {
+            __m512i t[4];
+            transpose_2bit(rp, u, t);
+            const __m512i k = _mm512_set1_epi8(3);
+            for (int i = 0; i < 4; i++)
+                for (int s = 0; s < 4; s++) {
+                    const __m512i c = _mm512_and_si512(_mm512_srli_epi16(t[i], 2 * s), k);
+                    for (int h = 0; h < G; h++)
+                        acc[h][s % nc] = dpbusd(acc[h][s % nc], c, _mm512_set1_epi32(qz->q[h][u][4 * s + i]));
+                }
+        }
     }
-}
-
-/* Integer dot products of a 16-record block with heads h0 .. h0+HB-1, folded as soon as two pair
- * registers are complete, so few registers are live per head. */
-EK_INLINE void score_block(const query512 *qz, const uint8_t *const *rp, int h0, __m512i *tot, const int UNITS,
-                           const int HB, const int bits) {
-    __m512i a0[4], a1[4], c0[4], e0[4];
-    score_pair(qz, rp, 0, h0, a0, UNITS, HB, bits);
-    score_pair(qz, rp, 1, h0, a1, UNITS, HB, bits);
-    for (int h = 0; h < HB; h++) c0[h] = red1(a0[h], a1[h]);
-    score_pair(qz, rp, 2, h0, a0, UNITS, HB, bits);
-    score_pair(qz, rp, 3, h0, a1, UNITS, HB, bits);
-    for (int h = 0; h < HB; h++) e0[h] = red2(c0[h], red1(a0[h], a1[h]));
-    score_pair(qz, rp, 4, h0, a0, UNITS, HB, bits);
-    score_pair(qz, rp, 5, h0, a1, UNITS, HB, bits);
-    for (int h = 0; h < HB; h++) c0[h] = red1(a0[h], a1[h]);
-    score_pair(qz, rp, 6, h0, a0, UNITS, HB, bits);
-    score_pair(qz, rp, 7, h0, a1, UNITS, HB, bits);
-    for (int h = 0; h < HB; h++) tot[h] = red3(e0[h], red2(c0[h], red1(a0[h], a1[h])));
+    for (int h = 0; h < G; h++) {
+        __m512i x = acc[h][0];
+        for (int c = 1; c < nc; c++) x = _mm512_add_epi32(x, acc[h][c]);
+        tot[h] = x;
+    }
 }
 
 EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t stride, int n, int gs,
@@ -319,7 +391,7 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
     const size_t code_bytes = (size_t)UNITS * 64 * bits / 8;
     for (int j0 = 0; j0 < n; j0 += 16) {
         const int nb = n - j0 < 16 ? n - j0 : 16;
-        /* the next tile's records (a tile is too short a run for the hardware prefetcher) */
+        /* the next records (a tile is too short a run for the hardware prefetcher) */
         const uint8_t *ahead = base + (size_t)(j0 + EK_PF_RECORDS) * stride;
         for (size_t b = 0; b < (size_t)nb * stride; b += 64) _mm_prefetch((const char *)(ahead + b), EK_PF_HINT);
         /* the block's records (a short tail repeats its last) and their scale and minimum (fp16,
@@ -334,21 +406,21 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
         const __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dmv));
         const __m512 mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dmv, 16)));
         const __mmask16 keep = (__mmask16)((1u << nb) - 1);
-        for (int h0 = 0; h0 < gs; h0 += 4) {
-            const int hb = gs - h0 < 4 ? gs - h0 : 4;
-            __m512i tot[4];
-            switch (hb) {
-            case 1: score_block(qz, rp, h0, tot, UNITS, 1, bits); break;
-            case 2: score_block(qz, rp, h0, tot, UNITS, 2, bits); break;
-            case 3: score_block(qz, rp, h0, tot, UNITS, 3, bits); break;
-            default: score_block(qz, rp, h0, tot, UNITS, 4, bits); break;
-            }
-            for (int h = 0; h < hb; h++) { /* s * (d * sum + m * sum(q8)), as the AVX2 path */
-                const int hh = h0 + h;
-                const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[h]), dv,
-                                                 _mm512_mul_ps(mv, _mm512_set1_ps(qsum[hh * qsum_stride])));
-                _mm512_mask_storeu_ps(sc + (size_t)hh * ATTN_CHUNK + j0, keep, _mm512_mul_ps(v, _mm512_set1_ps(scale[hh])));
-            }
+        __m512i tot[QI_MAX_GS];
+        switch (gs) {
+        case 1: score_block(qz, rp, tot, 1, UNITS, bits); break;
+        case 2: score_block(qz, rp, tot, 2, UNITS, bits); break;
+        case 3: score_block(qz, rp, tot, 3, UNITS, bits); break;
+        case 4: score_block(qz, rp, tot, 4, UNITS, bits); break;
+        case 5: score_block(qz, rp, tot, 5, UNITS, bits); break;
+        case 6: score_block(qz, rp, tot, 6, UNITS, bits); break;
+        case 7: score_block(qz, rp, tot, 7, UNITS, bits); break;
+        default: score_block(qz, rp, tot, 8, UNITS, bits); break;
+        }
+        for (int h = 0; h < gs; h++) { /* s * (d * sum + m * sum(q8)), as the AVX2 path */
+            const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[h]), dv,
+                                             _mm512_mul_ps(mv, _mm512_set1_ps(qsum[h * qsum_stride])));
+            _mm512_mask_storeu_ps(sc + (size_t)h * ATTN_CHUNK + j0, keep, _mm512_mul_ps(v, _mm512_set1_ps(scale[h])));
         }
     }
 }
@@ -362,14 +434,6 @@ EK_INLINE void score_tile_bits(const query512 *qz, const uint8_t *base, size_t s
     case 3: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 3, bits); break;
     default: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 4, bits); break;
     }
-}
-
-void ek_x512_query(const qi8_query *qi, int hd, int gs, query512 *qz) {
-    for (int h = 0; h < gs; h++)
-        for (int u = 0; u < hd / 64; u++) {
-            qz->q[h][u][0] = _mm512_broadcast_i64x4(qi->qa[h][u]);
-            qz->q[h][u][1] = _mm512_broadcast_i64x4(qi->qb[h][u]);
-        }
 }
 
 void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,

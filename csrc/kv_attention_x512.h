@@ -14,9 +14,9 @@
  * once per range.
  *
  * Key scores (4- and 2-bit keys with one group per record): the same integer
- * dot products with the int8 query as the AVX2 path, two records per
- * register, 16 records' partial sums reduced together by a transpose-and-add
- * tree; the same float epilogue, so scores equal the AVX2 path's exactly.
+ * dot products with the int8 query as the AVX2 path, 16 records at a time
+ * with their codes transposed so each int32 lane is one record; the same
+ * float epilogue, so scores equal the AVX2 path's exactly.
  */
 #ifndef EDGEKV_KV_ATTENTION_X512_H
 #define EDGEKV_KV_ATTENTION_X512_H
@@ -40,12 +40,15 @@ void ek_x512_values_unpermute(const float *o_perm, float *o, int gs, int hd, int
 
 /* 1 if keys of `bits` (4 or 2) with groups of g take the 512-bit scoring path. */
 int ek_x512_keys_ok(int bits, int hd, int g, int gs);
-/* The int8 query per head and unit as full registers (each 256-bit half in one record's code order),
- * read by vpdpbusd straight from memory; built once per range. */
+/* The int8 query per head and unit as 16 groups of 4 values in the order the transposed codes
+ * come (kv_attention_x512.c), each broadcast to a register by the scoring loop; built once per range. */
 typedef struct {
-    __m512i q[QI_MAX_GS][QI_MAX_UNITS][2];
+    int32_t q[QI_MAX_GS][QI_MAX_UNITS][16];
 } query512;
-void ek_x512_query(const qi8_query *qi, int hd, int gs, query512 *qz);
+void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz);
+/* Prefetch the first records of a run of n (the scoring loop prefetches a fixed distance ahead of
+ * itself, so without this a run's first records arrive on demand, one miss after another). */
+void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n);
 /* sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key records at base (stride bytes apart). */
 void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
                         int gs, float *sc, int bits);

@@ -24,13 +24,14 @@
 #include "simd.h"
 #include "threadpool.h"
 
-/* Decode attention splits each pool of each KV head into DECODE_TASKS runs of at least
- * DECODE_MIN_SPLIT slots: enough tasks for the threads to share three heads, few enough that each
- * streams a long run (a task's first records come cold and its partial has to be merged; measured
- * at 8,192 tokens: runs of 2,048 slots instead of 512 take 2.6 instead of 2.9-4.0 ms per step).
- * The split depends on the pool's size only, never on the thread count, so results do not either. */
-#define DECODE_TASKS 4
-#define DECODE_MIN_SPLIT 256
+/* Decode attention splits each pool of each KV head into pieces of 4, 4, 4, 2, 1 and 1 sixteenths
+ * (boundaries rounded down to whole tiles, empty pieces dropped), listed piece by piece across heads
+ * and pools: the threads take the long runs first and finish on short ones, so they finish together,
+ * while most records are streamed in long runs (each task costs a few microseconds: its query
+ * setup, its first records' misses, the merge of its partial). The split depends on the pools'
+ * sizes only, never on the thread count, so results do not either. */
+static const int DECODE_PIECES[] = {4, 4, 4, 2, 1, 1}; /* sixteenths */
+#define DECODE_NPIECES 6
 #define MM_ROWS_DECODE 64 /* matmul rows per claimed chunk for one token (16 for more) */
 
 /* A borrowed weight matrix: n_out rows of n_in values; packed (owned, or NULL) holds the same
@@ -174,7 +175,7 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->th_stats = (double *)calloc(T * 3 * C, sizeof(double));
     m->th_scratch_floats = ek_attn_scratch_floats(m->group, cfg->head_dim) + ek_attn_partial_floats(m->group, cfg->head_dim);
     m->th_scratch = (float *)malloc(T * m->th_scratch_floats * sizeof(float));
-    m->max_tasks = cfg->n_head_kv * KV_NPOOLS * DECODE_TASKS;
+    m->max_tasks = cfg->n_head_kv * KV_NPOOLS * DECODE_NPIECES;
     m->parts = (float *)malloc((size_t)m->max_tasks * ek_attn_partial_floats(m->group, cfg->head_dim) * sizeof(float));
     m->tasks = malloc((size_t)m->max_tasks * 4 * sizeof(int));
     if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
@@ -528,7 +529,7 @@ static void qkv_post_task(void *p, int ith, int nth) {
 /* Attention.
  * Prefill: one task per (token, KV head), each walking the whole store.
  * Decode (one token): tasks split every pool of every KV head into runs
- * (decode_split), so two threads stay busy on three heads; partials merge
+ * (DECODE_PIECES), so two threads stay busy on three heads; partials merge
  * by log-sum-exp afterwards. The last layer also yields per-token statistics. */
 typedef struct {
     ek_model *m;
@@ -606,10 +607,12 @@ static void attn_decode_task(void *p, int ith, int nth) {
     }
 }
 
-/* slots per decode task for a pool of n: at most DECODE_TASKS runs, each at least DECODE_MIN_SPLIT */
-static int decode_split(int n) {
-    const int s = (n + DECODE_TASKS - 1) / DECODE_TASKS;
-    return s > DECODE_MIN_SPLIT ? s : DECODE_MIN_SPLIT;
+/* slot where piece k of a pool of n starts (k = DECODE_NPIECES: n) */
+static int decode_piece_start(int n, int k) {
+    int cum = 0;
+    for (int i = 0; i < k; i++) cum += DECODE_PIECES[i];
+    if (k == DECODE_NPIECES) return n;
+    return (int)((long long)n * cum / 16) / ATTN_CHUNK * ATTN_CHUNK;
 }
 
 static void attention(ek_model *m, int layer, int n_tok, float *out) {
@@ -636,11 +639,11 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
     }
     decode_task *tl = (decode_task *)m->tasks;
     int nt = 0;
-    for (int g = 0; g < cf->n_head_kv; g++)
-        for (int p = 0; p < KV_NPOOLS; p++)
-            for (int n = m->kv.pools[p].n, split = decode_split(n), j0 = 0; j0 < n; j0 += split) {
-                const int j1 = j0 + split < n ? j0 + split : n;
-                tl[nt++] = (decode_task){g, p, j0, j1};
+    for (int k = 0; k < DECODE_NPIECES; k++)
+        for (int g = 0; g < cf->n_head_kv; g++)
+            for (int p = 0; p < KV_NPOOLS; p++) {
+                const int n = m->kv.pools[p].n, j0 = decode_piece_start(n, k), j1 = decode_piece_start(n, k + 1);
+                if (j1 > j0) tl[nt++] = (decode_task){g, p, j0, j1};
             }
     decode_ctx d = {.tasks = tl, .n_tasks = nt};
     d.c.m = m; d.c.layer = layer; d.c.n_tok = n_tok; d.c.stats = stats; d.c.out = out;
@@ -1044,8 +1047,9 @@ double ek_bench_attention(ek_model *m, int iters) {
     memcpy(m->q_rot, m->q, sizeof(float) * m->q_dim);
     if (m->kv.rotate)
         for (int h = 0; h < m->cfg.n_head; h++) ek_rotate(m->q_rot + h * m->cfg.head_dim, m->kv.signs, m->cfg.head_dim);
-    const int saved = m->n_past;
+    const int saved = m->n_past, saved_stats = m->collect_stats;
     m->n_past = saved - 1; /* the query sits at the last position */
+    m->collect_stats = 0;  /* the kernels alone (statistics are measured in decode) */
     double best[64];
     const int n_it = iters < 64 ? iters : 64;
     for (int it = 0; it < n_it; it++) {
@@ -1054,6 +1058,7 @@ double ek_bench_attention(ek_model *m, int iters) {
         best[it] = now_s() - t0;
     }
     m->n_past = saved;
+    m->collect_stats = saved_stats;
     /* median */
     for (int i = 1; i < n_it; i++)
         for (int j = i; j > 0 && best[j - 1] > best[j]; j--) { double t = best[j]; best[j] = best[j - 1]; best[j - 1] = t; }
