@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 3 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile */
+#define EK_ABI_VERSION 3 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max */
 
 typedef struct {
     int n_vocab;
@@ -155,9 +155,11 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
                          float *k_deq, float *v_deq, float *q_key);
 /* Values at v_bits, head_dim, gs query heads: 0 if the build sums them in float, else the tile size T
- * of the integer value sum, which rounds each weight * scale to 15 bits against the largest in its
- * tile (T consecutive slots of a pool; error <= 2^-16 of that largest per weight). */
+ * of the integer value sum, which rounds each weight * scale to an integer in 0..Q (Q =
+ * ek_attn_value_weight_max: 32767 for 8-bit values, 255 for 4- and 2-bit) against the largest in its
+ * tile (T consecutive slots of a pool), an error <= 1/(2Q) of that largest per weight. */
 int ek_attn_value_tile(int v_bits, int head_dim, int gs);
+int ek_attn_value_weight_max(int v_bits, int head_dim, int gs);
 
 /* ---- benchmark entries (benchmarks/kernels.py) ----
  * ek_bench_fill_kv: replace the context with n synthetic positions (random keys and values,

@@ -33,101 +33,178 @@ _Static_assert(ATTN_CHUNK % 16 == 0 && ATTN_CHUNK <= 256, "ATTN_CHUNK: a multipl
 #define X512_MAX_GROUPS 8 /* head_dim / group: head_dim <= 256, group >= 32 */
 
 /* ---- value order -------------------------------------------------------------------------
- * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). Its codes unpack
- * into two registers of 32 int16 words, W0 and W1; unit_word_dim gives the value held by word p of
- * register r:
- *   8-bit: W0 = bytes 0-31, W1 = bytes 32-63                       -> value 32r + p
- *   4-bit: word p = byte p (chunk p/16, byte p%16), W0 its low nibble, W1 its high nibble
- *                                                                   -> value 32(p/16) + p%16 + 16r
- *   2-bit: the 16 bytes as words, W0 shifted by 0 | 2 (words 0-15 | 16-31), W1 by 4 | 6
- *                                                                   -> value 32((p%16)/8) + p%8 + 8(p/16 + 2r)
- * Two records A, B interleave as int16 pairs: accumulator a (0-3) takes register a/2, words
- * 4(a%2) + 8L + e for 128-bit lane L and e < 4 (unpacklo/hi_epi16), i.e. dword t = 4L + e holds
- * word 8(t/4) + 4(a%2) + t%4. */
-static int unit_word_dim(int bits, int r, int p) {
-    if (bits == 8) return 32 * r + p;
-    if (bits == 4) return 32 * (p / 16) + p % 16 + 16 * r;
-    return 32 * ((p % 16) / 8) + p % 8 + 8 * (p / 16 + 2 * r);
-}
-static int acc_dword_dim(int bits, int a, int t) { return unit_word_dim(bits, a / 2, 8 * (t / 4) + 4 * (a % 2) + t % 4); }
+ * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). Two records A, B
+ * of a unit become four registers x[a] of 16 int32 lanes, lane t = (code of A, code of B) as int16,
+ * so one vpdpwssd against a broadcast pair of weights adds both records to 16 values. One byte
+ * permute (vpermb / vpermt2b, zeroing the high bytes) places a byte of A and the same byte of B in
+ * each lane; nibbles or bit pairs are then taken out with a shift and a mask:
+ *   8-bit: x[a] lane t = byte 16a + t                                  -> value 16a + t
+ *   4-bit: x[0|1] = bytes 0-15 low | high nibble, x[2|3] = bytes 16-31 -> value 16a + t
+ *   2-bit: x[s] = byte t, bits 2s..2s+1 (byte t: chunk t/8, byte t%8)   -> value 32(t/8) + t%8 + 8s */
+static int acc_dword_dim(int bits, int a, int t) { return bits == 2 ? 32 * (t / 8) + t % 8 + 8 * a : 16 * a + t; }
 
 /* dwords of accumulator a whose value lies in the unit's second chunk (acc_dword_dim(bits, a, t) >= 32
  * exactly for the set bits t; a wrong mask would scale by the wrong group, which the attention tests
  * with groups of 32 catch) */
 EK_INLINE __mmask16 second_chunk_mask(int a, const int bits) {
-    if (bits == 8) return a >= 2 ? 0xFFFF : 0;
-    if (bits == 4) return 0xFF00;
-    return 0xF0F0;
+    if (bits == 2) return 0xFF00;
+    return a >= 2 ? 0xFFFF : 0;
 }
 
-/* W0, W1 of unit u of a record */
-EK_INLINE void unit_words(const uint8_t *r, int u, __m512i *w0, __m512i *w1, const int bits) {
+/* byte permutes: output lane t (4 bytes) = [src byte P(t), 0, src byte P(t) + B_OFF, 0] */
+#define PB(t, p, boff) (p), 0, (p) + (boff), 0
+#define PB4(t0, p0, boff) PB(t0, p0, boff), PB(t0 + 1, p0 + 1, boff), PB(t0 + 2, p0 + 2, boff), PB(t0 + 3, p0 + 3, boff)
+#define PB16(p0, boff) PB4(0, p0, boff), PB4(4, p0 + 4, boff), PB4(8, p0 + 8, boff), PB4(12, p0 + 12, boff)
+/* [A | B] 32 + 32 bytes (4-bit) or 16 + 16 (2-bit, B at byte 32): bytes 0-15 and 16-31 of each */
+static const uint8_t PERM_AB_LO[64] __attribute__((aligned(64))) = {PB16(0, 32)};
+static const uint8_t PERM_AB_HI[64] __attribute__((aligned(64))) = {PB16(16, 32)};
+/* A, B in two registers (8-bit): byte 16a + t of A (index < 64) and of B (index 64 + ...) */
+static const uint8_t PERM_8[4][64] __attribute__((aligned(64))) = {{PB16(0, 64)}, {PB16(16, 64)}, {PB16(32, 64)}, {PB16(48, 64)}};
+#undef PB16
+#undef PB4
+#undef PB
+#define KEEP_LOW_BYTES 0x5555555555555555ULL /* bytes 0 and 2 of every lane; 1 and 3 are zero */
+/* lane t = byte t (+ 16 for QUAD4[1]) of A, B (in [A | B]) and C, D (in [C | D]): 4-bit quads */
+#define Q4(t, o) (t) + (o), 32 + (t) + (o), 64 + (t) + (o), 96 + (t) + (o)
+#define Q4x4(t, o) Q4(t, o), Q4(t + 1, o), Q4(t + 2, o), Q4(t + 3, o)
+static const uint8_t QUAD4[2][64] __attribute__((aligned(64))) = {{Q4x4(0, 0), Q4x4(4, 0), Q4x4(8, 0), Q4x4(12, 0)},
+                                                                 {Q4x4(0, 16), Q4x4(4, 16), Q4x4(8, 16), Q4x4(12, 16)}};
+/* lane t = byte t of A, B, C, D in [A | B | C | D] (16 bytes each): 2-bit quads */
+#define Q2(t) (t), 16 + (t), 32 + (t), 48 + (t)
+#define Q2x4(t) Q2(t), Q2(t + 1), Q2(t + 2), Q2(t + 3)
+static const uint8_t QUAD2[64] __attribute__((aligned(64))) = {Q2x4(0), Q2x4(4), Q2x4(8), Q2x4(12)};
+#undef Q2x4
+#undef Q2
+#undef Q4x4
+#undef Q4
+
+/* x[0..3] of unit u for records A (ra) and B (rb) */
+EK_INLINE void unit_pair(const uint8_t *ra, const uint8_t *rb, int u, __m512i x[4], const int bits) {
     if (bits == 8) {
-        *w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + 64 * u)));
-        *w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + 64 * u + 32)));
+        const __m512i a = _mm512_loadu_si512(ra + 64 * u), b = _mm512_loadu_si512(rb + 64 * u);
+        for (int i = 0; i < 4; i++)
+            x[i] = _mm512_maskz_permutex2var_epi8(KEEP_LOW_BYTES, a, _mm512_load_si512(PERM_8[i]), b);
     } else if (bits == 4) {
-        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(r + 32 * u)));
-        *w0 = _mm512_and_si512(x, _mm512_set1_epi16(15));
-        *w1 = _mm512_srli_epi16(x, 4);
+        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ra + 32 * u))),
+                                              _mm256_loadu_si256((const __m256i *)(rb + 32 * u)), 1);
+        const __m512i lo = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_LO), ab);
+        const __m512i hi = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_HI), ab);
+        const __m512i k = _mm512_set1_epi16(15);
+        x[0] = _mm512_and_si512(lo, k);
+        x[1] = _mm512_srli_epi16(lo, 4);
+        x[2] = _mm512_and_si512(hi, k);
+        x[3] = _mm512_srli_epi16(hi, 4);
     } else {
-        const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r + 16 * u)));
-        const __m512i z = _mm512_broadcast_i64x4(x);
-        const __m512i s01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-        const __m512i s23 = _mm512_add_epi16(s01, _mm512_set1_epi16(4));
-        *w0 = _mm512_and_si512(_mm512_srlv_epi16(z, s01), _mm512_set1_epi16(3));
-        *w1 = _mm512_and_si512(_mm512_srlv_epi16(z, s23), _mm512_set1_epi16(3));
+        const __m512i ab = _mm512_inserti32x4(_mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ra + 16 * u))),
+                                              _mm_loadu_si128((const __m128i *)(rb + 16 * u)), 2);
+        const __m512i p = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_LO), ab);
+        const __m512i k = _mm512_set1_epi16(3);
+        x[0] = _mm512_and_si512(p, k);
+        x[1] = _mm512_and_si512(_mm512_srli_epi16(p, 2), k);
+        x[2] = _mm512_and_si512(_mm512_srli_epi16(p, 4), k);
+        x[3] = _mm512_srli_epi16(p, 6);
     }
 }
+
+/* Weights: 8-bit values (step 1/255 of their range) keep 15-bit weights, two records per lane and
+ * vpdpwssd; 4- and 2-bit values (steps of 1/15, 1/3) take 8-bit weights, four records per lane and
+ * vpdpbusd, half the multiply instructions (the bound on a weight's rounding, 1/510 of the tile's
+ * largest w * d, stays under 1/30 of a 4-bit step times that weight). */
+#define WEIGHT_RECS(bits) ((bits) == 8 ? 2 : 4)          /* records per int32 lane */
+#define WEIGHT_MAX(bits) ((bits) == 8 ? 32767.0f : 255.0f) /* largest rounded weight */
+
+int ek_x512_weight_max(int bits) { return (int)WEIGHT_MAX(bits); }
 
 int ek_x512_values_ok(int bits, int hd, int gs) {
     return (bits == 8 || bits == 4 || bits == 2) && hd % 64 == 0 && hd <= 256 && gs >= 1 && gs <= X512_MAX_GS;
 }
 
-/* One pair of records (A, B) of unit u into the accumulators of heads h0 .. h0+HB-1 at pair index j */
-EK_INLINE void accum_pair(const uint8_t *ra, const uint8_t *rb, int u, int j, int k0, int k1, const int16_t *qw,
-                          int h0, __m512i acc[][4], const int HB, const int bits) {
-    __m512i a0, a1, b0, b1, x[4];
-    unit_words(ra, u, &a0, &a1, bits);
-    unit_words(rb, u, &b0, &b1, bits);
-    x[0] = _mm512_unpacklo_epi16(a0, b0);
-    x[1] = _mm512_unpackhi_epi16(a0, b0);
-    x[2] = _mm512_unpacklo_epi16(a1, b1);
-    x[3] = _mm512_unpackhi_epi16(a1, b1);
+/* x[0..3] of unit u for records A, B, C, D (8-bit values: A, B only): lane t = the records' codes
+ * of value acc_dword_dim(bits, a, t), as int16 (8-bit) or bytes */
+EK_INLINE void unit_quad(const uint8_t *const *r, int u, __m512i x[4], const int bits) {
+    if (bits == 8) {
+        unit_pair(r[0], r[1], u, x, 8);
+    } else if (bits == 4) {
+        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r[0] + 32 * u))),
+                                              _mm256_loadu_si256((const __m256i *)(r[1] + 32 * u)), 1);
+        const __m512i cd = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r[2] + 32 * u))),
+                                              _mm256_loadu_si256((const __m256i *)(r[3] + 32 * u)), 1);
+        const __m512i lo = _mm512_permutex2var_epi8(ab, _mm512_load_si512(QUAD4[0]), cd);
+        const __m512i hi = _mm512_permutex2var_epi8(ab, _mm512_load_si512(QUAD4[1]), cd);
+        const __m512i k = _mm512_set1_epi8(15);
+        x[0] = _mm512_and_si512(lo, k);
+        x[1] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), k);
+        x[2] = _mm512_and_si512(hi, k);
+        x[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), k);
+    } else {
+        __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[0] + 16 * u)));
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r[1] + 16 * u)), 1);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r[2] + 16 * u)), 2);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r[3] + 16 * u)), 3);
+        const __m512i p = _mm512_permutexvar_epi8(_mm512_load_si512(QUAD2), z);
+        const __m512i k = _mm512_set1_epi8(3);
+        x[0] = _mm512_and_si512(p, k);
+        x[1] = _mm512_and_si512(_mm512_srli_epi16(p, 2), k);
+        x[2] = _mm512_and_si512(_mm512_srli_epi16(p, 4), k);
+        x[3] = _mm512_and_si512(_mm512_srli_epi16(p, 6), k);
+    }
+}
+
+/* acc += x * w (per lane: the records' codes times their weights) */
+EK_INLINE __m512i dp_weights(__m512i acc, __m512i x, __m512i w, const int bits) {
+    return bits == 8 ? dpwssd(acc, x, w) : dpbusd(acc, w, x);
+}
+
+/* Records r[0..R-1] (R = WEIGHT_RECS) of unit u, the first at slot j, into the accumulators of heads
+ * h0 .. h0+HB-1; qw rows are (head, group) of ATTN_CHUNK weights of WEIGHT_RECS / 2... bytes each */
+EK_INLINE void accum_group(const uint8_t *const *r, int u, int j, int k0, int k1, const uint8_t *qw, int h0,
+                           __m512i acc[][4], const int HB, const int bits) {
+    const size_t wb = bits == 8 ? 2 : 1; /* bytes per weight */
+    __m512i x[4];
+    unit_quad(r, u, x, bits);
     for (int h = 0; h < HB; h++) {
-        /* the pair's two weights as one int32; qw rows are (head, group, ATTN_CHUNK) */
-        const int16_t *qh = qw + (size_t)(h0 + h) * X512_MAX_GROUPS * ATTN_CHUNK;
+        /* the group's weights as one int32 */
+        const uint8_t *qh = qw + (size_t)(h0 + h) * X512_MAX_GROUPS * ATTN_CHUNK * wb;
         int32_t p0, p1;
-        memcpy(&p0, qh + k0 * ATTN_CHUNK + j, 4);
+        memcpy(&p0, qh + (k0 * ATTN_CHUNK + j) * wb, 4);
         const __m512i w0 = _mm512_set1_epi32(p0);
         if (k0 == k1) {
-            for (int a = 0; a < 4; a++) acc[h][a] = dpwssd(acc[h][a], x[a], w0);
+            for (int a = 0; a < 4; a++) acc[h][a] = dp_weights(acc[h][a], x[a], w0, bits);
         } else {
-            memcpy(&p1, qh + k1 * ATTN_CHUNK + j, 4);
+            memcpy(&p1, qh + (k1 * ATTN_CHUNK + j) * wb, 4);
             const __m512i w1 = _mm512_set1_epi32(p1);
-            if (bits == 8) {
-                acc[h][0] = dpwssd(acc[h][0], x[0], w0);
-                acc[h][1] = dpwssd(acc[h][1], x[1], w0);
-                acc[h][2] = dpwssd(acc[h][2], x[2], w1);
-                acc[h][3] = dpwssd(acc[h][3], x[3], w1);
+            if (bits != 2) { /* a chunk per register pair */
+                acc[h][0] = dp_weights(acc[h][0], x[0], w0, bits);
+                acc[h][1] = dp_weights(acc[h][1], x[1], w0, bits);
+                acc[h][2] = dp_weights(acc[h][2], x[2], w1, bits);
+                acc[h][3] = dp_weights(acc[h][3], x[3], w1, bits);
             } else {
-                const __m512i wb = _mm512_mask_blend_epi32(second_chunk_mask(0, bits), w0, w1);
-                for (int a = 0; a < 4; a++) acc[h][a] = dpwssd(acc[h][a], x[a], wb);
+                const __m512i w = _mm512_mask_blend_epi32(second_chunk_mask(0, bits), w0, w1);
+                for (int a = 0; a < 4; a++) acc[h][a] = dp_weights(acc[h][a], x[a], w, bits);
             }
         }
     }
 }
 
 /* Heads h0 .. h0+HB-1 of unit u: integer sums over the tile, then o_perm += scale * sum + msum. */
-EK_INLINE void accum_unit(const uint8_t *base, size_t stride, int n, int u, int k0, int k1, const int16_t *qw,
+EK_INLINE void accum_unit(const uint8_t *base, size_t stride, int n, int u, int k0, int k1, const uint8_t *qw,
                           const float *scale, const float *msum, float *o_perm, int hd, int h0, const int HB,
                           const int bits) {
+    enum { R_MAX = 4 };
+    const int R = WEIGHT_RECS(bits);
     __m512i acc[4][4];
     for (int h = 0; h < HB; h++)
         for (int a = 0; a < 4; a++) acc[h][a] = _mm512_setzero_si512();
-    const uint8_t *r = base;
+    const uint8_t *r[R_MAX];
     int j = 0;
-    for (; j + 1 < n; j += 2, r += 2 * stride) accum_pair(r, r + stride, u, j, k0, k1, qw, h0, acc, HB, bits);
-    if (j < n) accum_pair(r, r, u, j, k0, k1, qw, h0, acc, HB, bits); /* an odd tail pairs with itself at weight 0 */
+    for (; j + R <= n; j += R) {
+        for (int i = 0; i < R; i++) r[i] = base + (size_t)(j + i) * stride;
+        accum_group(r, u, j, k0, k1, qw, h0, acc, HB, bits);
+    }
+    if (j < n) { /* a short tail repeats its last record, at weight 0 */
+        for (int i = 0; i < R; i++) r[i] = base + (size_t)(j + i < n ? j + i : n - 1) * stride;
+        accum_group(r, u, j, k0, k1, qw, h0, acc, HB, bits);
+    }
     for (int h = 0; h < HB; h++) {
         const int hh = h0 + h;
         const float *sc = scale + hh * X512_MAX_GROUPS, *ms = msum + hh * X512_MAX_GROUPS;
@@ -142,7 +219,7 @@ EK_INLINE void accum_unit(const uint8_t *base, size_t stride, int n, int u, int 
     }
 }
 
-EK_INLINE void accum_bits(const uint8_t *base, size_t stride, int n, int hd, int g, const int16_t *qw,
+EK_INLINE void accum_bits(const uint8_t *base, size_t stride, int n, int hd, int g, const uint8_t *qw,
                           const float *scale, const float *msum, int gs, float *o_perm, const int bits) {
     for (int u = 0; u < hd / 64; u++) {
         const int k0 = 64 * u / g, k1 = (64 * u + 32) / g;
@@ -214,32 +291,39 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
                                       _mm512_set1_ps(2.0f), _CMP_NLT_UQ);
     if (bad) return -1; /* the float path handles (and propagates) it */
     load_scales(base, stride, n, (size_t)hd * bits / 8, ng, dv, mv);
-    /* weights rounded to 15 bits per (head, group) against the tile's largest w * d */
-    int16_t qw[X512_MAX_GS * X512_MAX_GROUPS * ATTN_CHUNK] __attribute__((aligned(64)));
+    /* weights rounded per (head, group) against the tile's largest w * d (WEIGHT_MAX). The rounding
+     * error is taken about the codes' midpoint c: the integer sum covers sum qw * u, and
+     * msum = sum w * m + c * (sum w * d - scale * sum qw) makes the total
+     * scale * sum qw * (u - c) + sum w * (m + c * d), so a weight's error multiplies |u - c| <= c */
+    uint8_t qw[X512_MAX_GS * X512_MAX_GROUPS * ATTN_CHUNK * 2] __attribute__((aligned(64)));
+    const float wmax = WEIGHT_MAX(bits), mid = (float)(1 << (bits - 1));
     float scale[X512_MAX_GS * X512_MAX_GROUPS], msum[X512_MAX_GS * X512_MAX_GROUPS];
     for (int h = 0; h < gs; h++) {
         __m512 wv[NV];
         for (int v = 0; v < NV; v++) wv[v] = _mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v);
         for (int k = 0; k < ng; k++) {
             __m512 wd[NV], top = _mm512_setzero_ps(), ms = _mm512_setzero_ps();
+            const __m512 vmid = _mm512_set1_ps(mid);
             for (int v = 0; v < NV; v++) {
-                wd[v] = _mm512_mul_ps(wv[v], _mm512_load_ps(&dv[k][16 * v]));
+                const __m512 d = _mm512_load_ps(&dv[k][16 * v]);
+                wd[v] = _mm512_mul_ps(wv[v], d);
                 top = _mm512_max_ps(top, wd[v]);
-                ms = _mm512_fmadd_ps(wv[v], _mm512_load_ps(&mv[k][16 * v]), ms);
+                ms = _mm512_fmadd_ps(wv[v], _mm512_fmadd_ps(vmid, d, _mm512_load_ps(&mv[k][16 * v])), ms);
             }
             const float t = _mm512_reduce_max_ps(top);
             const int idx = h * X512_MAX_GROUPS + k;
-            int16_t *q = qw + (size_t)idx * ATTN_CHUNK;
-            msum[idx] = _mm512_reduce_add_ps(ms);
-            if (t > 0.0f) {
-                const __m512 inv = _mm512_set1_ps(32767.0f / t);
-                for (int v = 0; v < NV; v++)
-                    _mm256_store_si256((__m256i *)(q + 16 * v), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wd[v], inv))));
-                scale[idx] = t / 32767.0f;
-            } else {
-                memset(q, 0, sizeof(int16_t) * ATTN_CHUNK);
-                scale[idx] = 0.0f;
+            const __m512 inv = _mm512_set1_ps(t > 0.0f ? wmax / t : 0.0f);
+            scale[idx] = t / wmax;
+            __m512i qsum = _mm512_setzero_si512();
+            for (int v = 0; v < NV; v++) {
+                const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(wd[v], inv));
+                qsum = _mm512_add_epi32(qsum, qi);
+                if (bits == 8)
+                    _mm256_store_si256((__m256i *)(qw + ((size_t)idx * ATTN_CHUNK + 16 * v) * 2), _mm512_cvtepi32_epi16(qi));
+                else
+                    _mm_store_si128((__m128i *)(qw + (size_t)idx * ATTN_CHUNK + 16 * v), _mm512_cvtepi32_epi8(qi));
             }
+            msum[idx] = _mm512_reduce_add_ps(ms) - mid * scale[idx] * (float)_mm512_reduce_add_epi32(qsum);
         }
     }
     if (bits == 8) accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 8);
@@ -389,20 +473,24 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
                                 const float *scale, const float *qsum, size_t qsum_stride, float *sc,
                                 const int UNITS, const int bits) {
     const size_t code_bytes = (size_t)UNITS * 64 * bits / 8;
+    /* byte offsets of a block's 16 records (a record is at most a few hundred bytes: int32) */
+    const __m512i full_offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32((int)stride));
     for (int j0 = 0; j0 < n; j0 += 16) {
         const int nb = n - j0 < 16 ? n - j0 : 16;
         /* the next records (a tile is too short a run for the hardware prefetcher) */
         const uint8_t *ahead = base + (size_t)(j0 + EK_PF_RECORDS) * stride;
         for (size_t b = 0; b < (size_t)nb * stride; b += 64) _mm_prefetch((const char *)(ahead + b), EK_PF_HINT);
         /* the block's records (a short tail repeats its last) and their scale and minimum (fp16,
-         * adjacent: one group) */
+         * adjacent: one group), gathered */
+        const uint8_t *blk = base + (size_t)j0 * stride;
         const uint8_t *rp[16];
-        uint32_t dm[16];
-        for (int j = 0; j < 16; j++) {
-            rp[j] = base + (size_t)(j0 + (j < nb ? j : nb - 1)) * stride;
-            memcpy(&dm[j], rp[j] + code_bytes, 4);
-        }
-        const __m512i dmv = _mm512_loadu_si512(dm);
+        __m512i offs = full_offs;
+        if (nb < 16) offs = _mm512_min_epi32(offs, _mm512_set1_epi32((int)((nb - 1) * stride)));
+        int32_t o32[16] __attribute__((aligned(64)));
+        _mm512_store_si512(o32, offs);
+        for (int j = 0; j < 16; j++) rp[j] = blk + o32[j];
+        const __m512i dmv = _mm512_i32gather_epi32(offs, blk + code_bytes, 1);
         const __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dmv));
         const __m512 mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dmv, 16)));
         const __mmask16 keep = (__mmask16)((1u << nb) - 1);

@@ -3,11 +3,12 @@
  * Weighted value sum in integers: for a tile of records and one query head,
  *     o[i] += sum_j w_j * (d_j * u_ji + m_j)
  * is computed as scale * sum_j qw_j * u_ji + sum_j w_j * m_j, where qw_j is
- * w_j * d_j rounded to 15 bits against the tile's largest (qw = rint(w * d *
- * 32767 / max), scale = max / 32767; per head and quantization group). The
- * codes u of two records are interleaved as int16 pairs, so one vpdpwssd
- * adds both records' share to 16 output values. Each weight's rounding error
- * is at most max / 65534, i.e. 2^-16 of the tile's largest weighted scale.
+ * w_j * d_j rounded against the tile's largest (qw = rint(w * d * Q / max),
+ * scale = max / Q; per head and quantization group). 8-bit values: Q = 32767,
+ * two records' codes per int32 lane as int16, vpdpwssd; 4- and 2-bit values:
+ * Q = 255, four records' codes per lane as bytes, vpdpbusd (half the
+ * multiplies; a weight's rounding error, at most max / 510, stays under 1/30
+ * of the 4-bit quantization step of the tile's heaviest record).
  *
  * The kernel accumulates into a (gs, head_dim) float buffer in its own value
  * order ("o_perm"); ek_x512_values_unpermute adds it into the real output
@@ -30,6 +31,8 @@
 #if defined(EK_AVX512)
 /* 1 if values of `bits` (8, 4 or 2), head_dim hd and gs query heads take the integer path. */
 int ek_x512_values_ok(int bits, int hd, int gs);
+/* The largest rounded weight for values of `bits`: 32767 (8-bit), 255 (4- and 2-bit). */
+int ek_x512_weight_max(int bits);
 /* Fold n (<= ATTN_CHUNK) value records at base (stride bytes apart), groups of g, into o_perm with
  * weights w[h * ATTN_CHUNK + j] (<= 1: exponentials of score - running max). Returns -1, touching
  * nothing, if a weight is NaN, inf or >= 2 (the caller then takes the float path for this tile). */

@@ -7,7 +7,8 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define EK_AVX2 1
 #include <immintrin.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__)
 #define EK_AVX512 1 /* 512-bit integer attention paths (kv_attention_x512.c) */
 #endif
 #elif defined(__ARM_NEON)

@@ -438,16 +438,17 @@ def attention_ref(q, kd, vd, q_key=None) -> np.ndarray:
 
 def value_rounding_bound(p, vd, kb, vb, group, rotated) -> np.ndarray:
     """(gs,) bound on the L2 error per head that the integer value sum may add (ek_attn_value_tile):
-    within a tile of T consecutive slots of a pool, each weight * scale is rounded to 15 bits against
-    the tile's largest, an error <= 0.5 * W / 32767 per code, so per head at most
-    sum over tiles of 0.5 * W_T * n_T * (2^bits - 1) * sqrt(head_dim) / 32767 (the rotation back keeps
-    L2 norms). Slots of a quantized pool are in position order here (ek_kv_attention_test moves
-    positions in order)."""
+    within a tile of T consecutive slots of a pool, each weight * scale w d is rounded to an integer
+    in 0..Q (ek_attn_value_weight_max) against the tile's largest W (per group), so it is off by at
+    most min(W / 2Q, w d); the kernel takes that error about the codes' midpoint c = 2^(bits-1), so
+    value i of record j is off by at most min(W / 2Q, w d) * |u_ji - c| (in the stored basis; the
+    rotation back keeps L2 norms). Slots of a quantized pool are in position order here
+    (ek_kv_attention_test moves positions in order)."""
     gs, hd = p.shape[0], vd.shape[1]
     kb, vb = np.asarray(kb), np.asarray(vb)
-    bound = np.zeros(gs)
+    bound = np.zeros((gs, hd))
     for vbits in QBITS:
-        tile = lib.ek_attn_value_tile(vbits, hd, gs)
+        tile, qmax = lib.ek_attn_value_tile(vbits, hd, gs), lib.ek_attn_value_weight_max(vbits, hd, gs)
         if not tile:
             continue
         for kbits in ALL_BITS:
@@ -456,12 +457,16 @@ def value_rounding_bound(p, vd, kb, vb, group, rotated) -> np.ndarray:
                 continue
             vr = rotate(vd[pos], np.float64) if rotated else vd[pos].astype(np.float64)
             g = vr.reshape(len(pos), hd // group, group)
-            d = (g.max(axis=2) - g.min(axis=2)) / (2**vbits - 1)  # (n, groups): the records' scales
+            lo = g.min(axis=2, keepdims=True)
+            d = (g.max(axis=2, keepdims=True) - lo) / (2**vbits - 1)  # the records' scales
+            u = np.rint(np.divide(g - lo, d, out=np.zeros_like(g), where=d > 0))  # their codes
+            off = np.abs(u - 2 ** (vbits - 1)) + 0.5  # (+ 0.5: slack for a code recovered one off)
             for t0 in range(0, len(pos), tile):
                 sl = slice(t0, t0 + tile)
-                w_top = (p[:, pos[sl], None] * d[None, sl, :]).max(axis=(1, 2)) * (1 + 1e-3)
-                bound += 0.5 * w_top * len(pos[sl]) * (2**vbits - 1) * np.sqrt(hd) / 32767
-    return bound
+                wd = p[:, pos[sl], None] * d[None, sl, :, 0]  # (gs, n_T, groups)
+                err = np.minimum(wd.max(axis=1, keepdims=True) / (2 * qmax) * (1 + 1e-3), wd * (1 + 1e-3))
+                bound += np.einsum("htk,tkg->hkg", err, off[sl]).reshape(gs, hd)
+    return np.linalg.norm(bound, axis=1)
 
 
 def check_attention(out, q, kd, vd, q_key, kb, vb, group, rotated) -> None:
@@ -533,8 +538,10 @@ def test_attention_equals_dequantize_then_attend(hd, gs, n_pos, group_pick, do_r
 @pytest.mark.parametrize("group", [32, 64])
 def test_integer_value_sum_error_is_small_and_bounded(vbits, group):
     """Where the build sums quantized values in integers (ek_attn_value_tile > 0), the weight rounding
-    stays within its bound, and the bound itself is small: under 1% of the output's norm for a peaked
-    and a flat softmax (so check_attention's allowance cannot hide a wrong scale or group)."""
+    stays within its bound, and the bound itself is small next to the output's norm for a peaked and a
+    flat softmax (so check_attention's allowance cannot hide a wrong scale or group): under 1% with
+    15-bit weights (8-bit values), under 15% with 8-bit weights (4- and 2-bit values, whose own
+    quantization error is larger still: see test_integer_value_sum_adds_little_to_quantization_error)."""
     r = np.random.default_rng(vbits * 100 + group)
     gs, hd, n_pos = 3, 128, 200
     for qscale in (0.3, 4.0):
@@ -549,11 +556,36 @@ def test_integer_value_sum_error_is_small_and_bounded(vbits, group):
         bound = value_rounding_bound(p, vd, kb, vb, group, True)
         err = np.linalg.norm(out - ref, axis=1)
         if lib.ek_attn_value_tile(vbits, hd, gs):
-            assert (bound < 1e-2 * np.linalg.norm(ref, axis=1)).all(), "the rounding bound is too loose to test anything"
+            loose = 1e-2 if lib.ek_attn_value_weight_max(vbits, hd, gs) > 255 else 0.15
+            assert (bound < loose * np.linalg.norm(ref, axis=1)).all(), "the rounding bound is too loose to test anything"
             assert (err <= bound + 3e-5 * np.linalg.norm(ref, axis=1)).all()
         else:
             assert (bound == 0).all()
         check_attention(out, q, kd, vd, q_key, kb, vb, group, True)
+
+
+@pytest.mark.parametrize("vbits,group", [(4, 64), (2, 32)])
+def test_integer_value_sum_adds_little_to_quantization_error(vbits, group):
+    """The weight rounding of the integer value sum is small next to the error the values' own
+    quantization causes: attention over a 4-bit-key cache with these values, against the same cache
+    read in float (dequantize-then-attend) and against an FP16 cache, 20 draws: the rounding error is
+    under 5% of the quantization error (measured ~4% for 4-bit values; in quadrature, +0.1%)."""
+    gs, hd, n_pos = 3, 64, 512
+    rounding, quantization = [], []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        q = r.normal(0, 1.0, (gs, hd)).astype(np.float32)
+        k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+        v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+        k[:, 5] *= 8
+        _, o16, _, _, _ = c_attention(q, k, v, [16] * n_pos, [16] * n_pos, 64, True)
+        kb, vb = np.full(n_pos, 4), np.full(n_pos, vbits)
+        rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, True)
+        assert rc == 0
+        ref = attention_probs(q, kd, q_key) @ vd.astype(np.float64)  # the same cache, read in float
+        rounding.append(np.linalg.norm(out - ref))
+        quantization.append(np.linalg.norm(ref - o16))
+    assert np.mean(rounding) < 0.05 * np.mean(quantization), (np.mean(rounding), np.mean(quantization))
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -166,14 +166,17 @@ static void test_kv_records(void) {
 
 /* Where the build sums values in integers (ek_attn_value_tile > 0), the bound on the L2 error per
  * head that the weight rounding may add: in each tile of T consecutive slots of a pool (slots are in
- * position order here), weight * scale is rounded to 15 bits against the tile's largest W, at most
- * 0.5 * W / 32767 per code, so sum over tiles of 0.5 * W * n_T * (2^bits - 1) * sqrt(hd) / 32767.
+ * position order here), weight * scale is rounded to an integer in 0..Q (ek_attn_value_weight_max)
+ * against the tile's largest W, off by at most 0.5 * W / Q, which the kernel multiplies by a code's
+ * distance from the codes' midpoint (< 2^bits), so sum over tiles of
+ * 0.5 * W * n_T * (2^bits - 1) * sqrt(hd) / Q (tests/test_kv.py has a tighter form).
  * p: the head's normalized weights; vd: records read back (rotation undone). */
 static double value_rounding_bound(const double *p, const float *vd, const int32_t *kb, const int32_t *vb, int n_pos,
                                    int hd, int gsz, int group, int rotate, const float *signs) {
     double bound = 0;
     for (int vbits = 2; vbits <= 8; vbits *= 2) {
         const int tile = ek_attn_value_tile(vbits, hd, gsz);
+        const double qmax = ek_attn_value_weight_max(vbits, hd, gsz);
         if (!tile) continue;
         for (int kbits = 2; kbits <= 16; kbits *= 2) {
             int n_t = 0;
@@ -181,7 +184,7 @@ static double value_rounding_bound(const double *p, const float *vd, const int32
             for (int j = 0; j <= n_pos; j++) {
                 if (j < n_pos && !(vb[j] == vbits && kb[j] == kbits)) continue;
                 if (j == n_pos || n_t == tile) { /* close a tile */
-                    bound += 0.5 * w_top * 1.001 * n_t * ((1 << vbits) - 1) * sqrt((double)hd) / 32767.0;
+                    bound += 0.5 * w_top * 1.001 * n_t * ((1 << vbits) - 1) * sqrt((double)hd) / qmax;
                     n_t = 0;
                     w_top = 0;
                     if (j == n_pos) break;
