@@ -42,7 +42,7 @@ static inline void scalef(float *y, float a, int n) {
 
 #if defined(EK_AVX512)
 float ek_exp_shift(float *x, int n, float m) {
-    /* 16 at a time, the tail under a mask: the same polynomial as the 8-wide path for every element */
+    /* 16 at a time, the tail under a mask: every element through the same polynomial */
     const __m512 vm = _mm512_set1_ps(m);
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
@@ -592,10 +592,11 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     float *tile = scratch + (size_t)gs * ATTN_CHUNK;      /* (ATTN_CHUNK, head_dim) dequantized records */
     const int masked_pool = pool->kp == KVP_F16 && pool->vp == KVP_F16; /* only new tokens can be in the future */
 #if defined(EK_AVX512)
-    /* integer value sums go to o_perm (the kernel's value order), added into o at the end */
-    const int v512 = ek_x512_values_ok(vt->bits, hd, gs);
-    float *o_perm = tile + (size_t)ATTN_CHUNK * hd;
-    if (v512) memset(o_perm, 0, sizeof(float) * gs * hd);
+    /* integer value sums go to o directly where the kernel's value order is the natural one, else
+     * to o_perm (added into o at the end) */
+    const int v512 = ek_x512_values_ok(vt->bits, hd, gs), v_perm = v512 && !ek_x512_values_in_order(vt->bits);
+    float *o_perm = v_perm ? tile + (size_t)ATTN_CHUNK * hd : o;
+    if (v_perm) memset(o_perm, 0, sizeof(float) * gs * hd);
 #endif
 #if defined(EK_AVX2)
     qi8_query qi;
@@ -655,7 +656,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
             const float cm = row_max(row, n);
             const float c = rebase(part, h, cm > part->m[h] ? cm : part->m[h], hd); /* cm is never NaN */
 #if defined(EK_AVX512)
-            if (v512 && c != 1.0f) scalef(o_perm + (size_t)h * hd, c, hd);
+            if (v_perm && c != 1.0f) scalef(o_perm + (size_t)h * hd, c, hd);
 #else
             (void)c;
 #endif
@@ -682,7 +683,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         accum_tile(tile, n, hd, sc, gs, o);
     }
 #if defined(EK_AVX512)
-    if (v512) ek_x512_values_unpermute(o_perm, o, gs, hd, vt->bits);
+    if (v_perm) ek_x512_values_unpermute(o_perm, o, gs, hd, vt->bits);
 #endif
 }
 

@@ -530,6 +530,13 @@ void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *
     else score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, 2);
 }
 
+int ek_x512_values_in_order(int bits) {
+    for (int a = 0; a < 4; a++)
+        for (int t = 0; t < 16; t++)
+            if (acc_dword_dim(bits, a, t) != 16 * a + t) return 0;
+    return 1;
+}
+
 void ek_x512_values_unpermute(const float *o_perm, float *o, int gs, int hd, int bits) {
     int dim[64];
     for (int a = 0; a < 4; a++)

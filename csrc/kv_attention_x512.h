@@ -38,6 +38,8 @@ int ek_x512_weight_max(int bits);
  * nothing, if a weight is NaN, inf or >= 2 (the caller then takes the float path for this tile). */
 int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
                          float *o_perm, int bits);
+/* 1 if the kernel's value order for `bits` is the natural one (o_perm can be the output itself). */
+int ek_x512_values_in_order(int bits);
 /* o[h][i] += o_perm[h][position of value i] for gs heads. */
 void ek_x512_values_unpermute(const float *o_perm, float *o, int gs, int hd, int bits);
 
