@@ -616,14 +616,17 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {
         const int n = j1 - c0 < ATTN_CHUNK ? j1 - c0 : ATTN_CHUNK;
+        float tmax[QI_MAX_GS]; /* each head's largest score, where the scoring kernel reports it */
+        int have_tmax = 0;
         /* scores */
 #if defined(EK_AVX2)
         if (use_int) {
             const uint8_t *base = ek_kv_rec(s, pool, a->layer, a->head, c0);
 #if defined(EK_AVX512)
-            if (k512)
-                ek_x512_score_tile(&qi, &qz, base, pool->rec_bytes, n, hd, gs, sc, kt->bits);
-            else
+            if (k512) {
+                ek_x512_score_tile(&qi, &qz, base, pool->rec_bytes, n, hd, gs, sc, tmax, kt->bits);
+                have_tmax = 1;
+            } else
 #endif
                 score_tile_q(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile, kt->bits);
         } else
@@ -653,7 +656,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         /* online softmax: rescale the running sums to the new max, turn scores into weights */
         for (int h = 0; h < gs; h++) {
             float *row = sc + h * ATTN_CHUNK;
-            const float cm = row_max(row, n);
+            const float cm = have_tmax ? tmax[h] : row_max(row, n);
             const float c = rebase(part, h, cm > part->m[h] ? cm : part->m[h], hd); /* cm is never NaN */
 #if defined(EK_AVX512)
             if (v_perm && c != 1.0f) scalef(o_perm + (size_t)h * hd, c, hd);

@@ -285,11 +285,6 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
     __mmask16 live[NV];
     for (int v = 0; v < NV; v++) live[v] = n >= 16 * (v + 1) ? 0xFFFF : n <= 16 * v ? 0 : (__mmask16)((1u << (n - 16 * v)) - 1);
     __mmask16 bad = 0;
-    for (int h = 0; h < gs; h++)
-        for (int v = 0; v < NV; v++)
-            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v)),
-                                      _mm512_set1_ps(2.0f), _CMP_NLT_UQ);
-    if (bad) return -1; /* the float path handles (and propagates) it */
     load_scales(base, stride, n, (size_t)hd * bits / 8, ng, dv, mv);
     /* weights rounded per (head, group) against the tile's largest w * d (WEIGHT_MAX). The rounding
      * error is taken about the codes' midpoint c: the integer sum covers sum qw * u, and
@@ -300,7 +295,10 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
     float scale[X512_MAX_GS * X512_MAX_GROUPS], msum[X512_MAX_GS * X512_MAX_GROUPS];
     for (int h = 0; h < gs; h++) {
         __m512 wv[NV];
-        for (int v = 0; v < NV; v++) wv[v] = _mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v);
+        for (int v = 0; v < NV; v++) {
+            wv[v] = _mm512_maskz_loadu_ps(live[v], w + (size_t)h * ATTN_CHUNK + 16 * v);
+            bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(wv[v]), _mm512_set1_ps(2.0f), _CMP_NLT_UQ);
+        }
         for (int k = 0; k < ng; k++) {
             __m512 wd[NV], top = _mm512_setzero_ps(), ms = _mm512_setzero_ps();
             const __m512 vmid = _mm512_set1_ps(mid);
@@ -326,6 +324,7 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
             msum[idx] = _mm512_reduce_add_ps(ms) - mid * scale[idx] * (float)_mm512_reduce_add_epi32(qsum);
         }
     }
+    if (bad) return -1; /* nothing written yet: the float path handles (and propagates) it */
     if (bits == 8) accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 8);
     else if (bits == 4) accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 4);
     else accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 2);
@@ -470,8 +469,10 @@ EK_INLINE void score_block(const query512 *qz, const uint8_t *const *rp, __m512i
 }
 
 EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t stride, int n, int gs,
-                                const float *scale, const float *qsum, size_t qsum_stride, float *sc,
+                                const float *scale, const float *qsum, size_t qsum_stride, float *sc, float *tmax,
                                 const int UNITS, const int bits) {
+    __m512 mx[QI_MAX_GS];
+    for (int h = 0; h < gs; h++) mx[h] = _mm512_set1_ps(-INFINITY);
     const size_t code_bytes = (size_t)UNITS * 64 * bits / 8;
     /* byte offsets of a block's 16 records (a record is at most a few hundred bytes: int32) */
     const __m512i full_offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -508,26 +509,30 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
         for (int h = 0; h < gs; h++) { /* s * (d * sum + m * sum(q8)), as the AVX2 path */
             const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot[h]), dv,
                                              _mm512_mul_ps(mv, _mm512_set1_ps(qsum[h * qsum_stride])));
-            _mm512_mask_storeu_ps(sc + (size_t)h * ATTN_CHUNK + j0, keep, _mm512_mul_ps(v, _mm512_set1_ps(scale[h])));
+            const __m512 sv = _mm512_mul_ps(v, _mm512_set1_ps(scale[h]));
+            _mm512_mask_storeu_ps(sc + (size_t)h * ATTN_CHUNK + j0, keep, sv);
+            mx[h] = _mm512_mask_max_ps(mx[h], keep, sv, mx[h]); /* a NaN score loses, as in row_max */
         }
     }
+    for (int h = 0; h < gs; h++) tmax[h] = _mm512_reduce_max_ps(mx[h]);
 }
 
 EK_INLINE void score_tile_bits(const query512 *qz, const uint8_t *base, size_t stride, int n, int units, int gs,
-                               const qi8_query *qi, float *sc, const int bits) {
+                               const qi8_query *qi, float *sc, float *tmax, const int bits) {
     const size_t qs = &qi->qsum[1][0] - &qi->qsum[0][0];
+    const float *q0 = &qi->qsum[0][0];
     switch (units) {
-    case 1: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 1, bits); break;
-    case 2: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 2, bits); break;
-    case 3: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 3, bits); break;
-    default: score_tile_units(qz, base, stride, n, gs, qi->scale, &qi->qsum[0][0], qs, sc, 4, bits); break;
+    case 1: score_tile_units(qz, base, stride, n, gs, qi->scale, q0, qs, sc, tmax, 1, bits); break;
+    case 2: score_tile_units(qz, base, stride, n, gs, qi->scale, q0, qs, sc, tmax, 2, bits); break;
+    case 3: score_tile_units(qz, base, stride, n, gs, qi->scale, q0, qs, sc, tmax, 3, bits); break;
+    default: score_tile_units(qz, base, stride, n, gs, qi->scale, q0, qs, sc, tmax, 4, bits); break;
     }
 }
 
 void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
-                        int gs, float *sc, int bits) {
-    if (bits == 4) score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, 4);
-    else score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, 2);
+                        int gs, float *sc, float *tmax, int bits) {
+    if (bits == 4) score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 4);
+    else score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 2);
 }
 
 int ek_x512_values_in_order(int bits) {

@@ -54,9 +54,10 @@ void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz);
 /* Prefetch the first records of a run of n (the scoring loop prefetches a fixed distance ahead of
  * itself, so without this a run's first records arrive on demand, one miss after another). */
 void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n);
-/* sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key records at base (stride bytes apart). */
+/* sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key records at base (stride bytes apart), and
+ * tmax[h] = the largest of head h's n scores (NaN skipped; -inf if all are NaN). */
 void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
-                        int gs, float *sc, int bits);
+                        int gs, float *sc, float *tmax, int bits);
 #endif
 
 #endif

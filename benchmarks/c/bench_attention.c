@@ -39,7 +39,7 @@ int main(int argc, char **argv) {
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     const double dt = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
-    printf("k%dv%d n=%d: %.1f ns/record (out[0]=%g)\n", kb, vb, n, 1e9 * dt / iters / n, out[0]);
+    printf("k%dv%d n=%d: %.2f ns/record (out[0]=%g)\n", kb, vb, n, 1e9 * dt / iters / n, out[0]);
     free(scratch);
     ek_kv_store_free(&s);
     return 0;
