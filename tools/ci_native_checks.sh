@@ -11,6 +11,8 @@
 #   5. AddressSanitizer + UndefinedBehaviorSanitizer build: C tests, the C driver (leak checking on),
 #      and a short generation from Python with the sanitized library preloaded (leak checking off
 #      there: CPython's own allocations would drown it)
+#   5b. the same sanitizers over a native build where the CPU has AVX-512 VNNI + VBMI (the 512-bit
+#      attention kernels; valgrind cannot run them): C tests and the Python KV and forward tests
 #   6. valgrind memcheck of the C API tests and the C driver (tiny models, and SmolLM2 when it can
 #      be had): no leaks, no invalid reads or writes
 #   7. fuzzing of the GGUF loader (tools/fuzz_gguf.py), EDGEKV_FUZZ_CASES cases (default 20000)
@@ -23,7 +25,7 @@
 #   EDGEKV_FUZZ_CASES  fuzz cases (default 20000);  EDGEKV_FUZZ_JOBS  workers (default: nproc)
 #   EDGEKV_CI_BUILD    build folder (default: build/native-checks)
 #   EDGEKV_CI_STEPS    steps to run, e.g. "x86 aarch64 e2e" (default: all of
-#                      x86 scalar aarch64 dotprod e2e asan valgrind fuzz, plus wheel when EDGEKV_CI_WHEEL=1)
+#                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz, plus wheel when EDGEKV_CI_WHEEL=1)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +35,7 @@ B="${EDGEKV_CI_BUILD:-$ROOT/build/native-checks}"
 FUZZ_CASES="${EDGEKV_FUZZ_CASES:-20000}"
 JOBS="${EDGEKV_FUZZ_JOBS:-$(nproc)}"
 SYSROOT=/usr/aarch64-linux-gnu
-STEPS="${EDGEKV_CI_STEPS:-x86 scalar aarch64 dotprod e2e asan valgrind fuzz}"
+STEPS="${EDGEKV_CI_STEPS:-x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz}"
 if [ "${EDGEKV_CI_WHEEL:-0}" = 1 ] && [[ " $STEPS " != *" wheel "* ]]; then STEPS="$STEPS wheel"; fi
 LOG="$B/logs"
 mkdir -p "$LOG"
@@ -272,6 +274,33 @@ EOF
         result asan $s $((SECONDS - t)) "ASan+UBSan: ctest $r; $n_drv driver runs; python generation (4 tiny$([ "$real" = 1 ] && echo " + smollm2")); sanitizer reports: $n_rep"
     else
         result asan FAIL $((SECONDS - t)) "sanitizer build or model setup failed"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 5b. sanitizers over the 512-bit kernels (native build; valgrind cannot run AVX-512)
+# ---------------------------------------------------------------------------------------------
+ASAN512="$B/asan512"
+if want asan512; then
+    t=$SECONDS
+    flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+    if [[ " $flags " != *" avx512_vnni "* || " $flags " != *" avx512vbmi "* ]]; then
+        result asan512 ok 0 "skipped: this CPU has no AVX-512 VNNI + VBMI, so no build here compiles the 512-bit kernels"
+    elif configure_build "$ASAN512" -DEDGEKV_ARCH=native -DEDGEKV_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
+        export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+        r=$(ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 run_ctest "$ASAN512" "$LOG/ctest-asan512.log"); s1=$?
+        simd=$(ASAN_OPTIONS=detect_leaks=0 "$ASAN512/test_kernels" 2>&1 | grep -oE "simd: [a-z0-9+]+" | head -1)
+        # the attention and forward-pass tests (every KV precision, shape and mixture) on the sanitized library
+        LD_PRELOAD="$LIBASAN" EDGEKV_LIB="$ASAN512/libedgekv.so" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_kv.py tests/test_forward.py >"$LOG/asan512-pytest.log" 2>&1
+        s2=$?
+        [ $s2 -ne 0 ] && tail -30 "$LOG/asan512-pytest.log"
+        p=$(grep -E "passed|failed" "$LOG/asan512-pytest.log" | tail -1)
+        n_rep=$(count_reports "$LOG/ctest-asan512.log" "$LOG/asan512-pytest.log")
+        [ $s1 -eq 0 ] && [ $s2 -eq 0 ] && [ "$n_rep" -eq 0 ] && [[ "$simd" == *avx512* ]] && s=ok || s=FAIL
+        result asan512 $s $((SECONDS - t)) "ASan+UBSan, EDGEKV_ARCH=native ($simd): ctest $r; pytest kv+forward: $p; sanitizer reports: $n_rep"
+    else
+        result asan512 FAIL $((SECONDS - t)) "native sanitizer build failed"
     fi
 fi
 
