@@ -20,6 +20,11 @@ EK_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
     return acc;
 }
+/* acc += u8 x (4 int8 at s8, broadcast to every lane): the broadcast rides in the instruction */
+EK_INLINE __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t *s8) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*s8));
+    return acc;
+}
 #define X512_MAX_GS 8
 /* whole 16-record vectors per tile; int32 sums of a tile's codes x 15-bit weights cannot overflow:
  * ATTN_CHUNK * 255 * 32767 < 2^31 */
@@ -445,8 +450,8 @@ EK_INLINE void score_block(const query512 *qz, const uint8_t *const *rp, __m512i
                 const __m512i lo = _mm512_and_si512(t[i], k), hi = _mm512_and_si512(_mm512_srli_epi16(t[i], 4), k);
                 const int c0 = (2 * i) % nc, c1 = (2 * i + 1) % nc;
                 for (int h = 0; h < G; h++) {
-                    acc[h][c0] = dpbusd(acc[h][c0], lo, _mm512_set1_epi32(qz->q[h][u][i]));
-                    acc[h][c1] = dpbusd(acc[h][c1], hi, _mm512_set1_epi32(qz->q[h][u][8 + i]));
+                    acc[h][c0] = dpbusd_bcast(acc[h][c0], lo, &qz->q[h][u][i]);
+                    acc[h][c1] = dpbusd_bcast(acc[h][c1], hi, &qz->q[h][u][8 + i]);
                 }
             }
         } else {
@@ -457,7 +462,7 @@ EK_INLINE void score_block(const query512 *qz, const uint8_t *const *rp, __m512i
                 for (int s = 0; s < 4; s++) {
                     const __m512i c = _mm512_and_si512(_mm512_srli_epi16(t[i], 2 * s), k);
                     for (int h = 0; h < G; h++)
-                        acc[h][s % nc] = dpbusd(acc[h][s % nc], c, _mm512_set1_epi32(qz->q[h][u][4 * s + i]));
+                        acc[h][s % nc] = dpbusd_bcast(acc[h][s % nc], c, &qz->q[h][u][4 * s + i]);
                 }
         }
     }
