@@ -10,11 +10,13 @@
  *   - 4- and 2-bit keys: integer dot products of the codes with an int8 copy
  *     of the query (vpdpbusd / vpmaddubsw), scale and minimum applied per
  *     group afterwards (see ek_attn_query_i8 for the query rounding, which
- *     the other builds apply too);
+ *     the other builds apply too); with AVX-512 and one group per record,
+ *     16 records at a time, transposed (kv_attention_x512.h), same scores;
  *   - quantized values: with AVX-512, integer sums of the codes against
- *     weight * scale rounded to 15 bits per tile (kv_attention_x512.h);
- *     AVX2: codes converted to float in registers and summed with weight *
- *     scale; the minimum's share added once per group in both;
+ *     weight * scale rounded per tile (8 bits for 4- and 2-bit values, 15
+ *     for 8-bit; kv_attention_x512.h, ek_attn_value_weight_max); AVX2:
+ *     codes converted to float in registers and summed with weight * scale;
+ *     the minimum's share added once per group in both;
  *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
  *     tile is dequantized into an L1-sized scratch and processed in float.
  * Partials from different chunks, pools or threads merge by log-sum-exp, so
