@@ -38,11 +38,11 @@ _Static_assert(ATTN_CHUNK % 16 == 0 && ATTN_CHUNK <= 256, "ATTN_CHUNK: a multipl
 #define X512_MAX_GROUPS 8 /* head_dim / group: head_dim <= 256, group >= 32 */
 
 /* ---- value order -------------------------------------------------------------------------
- * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). Two records A, B
- * of a unit become four registers x[a] of 16 int32 lanes, lane t = (code of A, code of B) as int16,
- * so one vpdpwssd against a broadcast pair of weights adds both records to 16 values. One byte
- * permute (vpermb / vpermt2b, zeroing the high bytes) places a byte of A and the same byte of B in
- * each lane; nibbles or bit pairs are then taken out with a shift and a mask:
+ * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). The codes of a
+ * group of records of a unit become four registers x[a] of 16 int32 lanes, lane t holding each
+ * record's code of one value: 8-bit values two records as int16 (for vpdpwssd), 4- and 2-bit
+ * values four records as bytes (for vpdpbusd). One byte permute (vpermt2b / vpermb) gathers the same
+ * byte of every record into a lane; nibbles or bit pairs are then taken out with a shift and a mask:
  *   8-bit: x[a] lane t = byte 16a + t                                  -> value 16a + t
  *   4-bit: x[0|1] = bytes 0-15 low | high nibble, x[2|3] = bytes 16-31 -> value 16a + t
  *   2-bit: x[s] = byte t, bits 2s..2s+1 (byte t: chunk t/8, byte t%8)   -> value 32(t/8) + t%8 + 8s */
@@ -56,25 +56,21 @@ EK_INLINE __mmask16 second_chunk_mask(int a, const int bits) {
     return a >= 2 ? 0xFFFF : 0;
 }
 
-/* byte permutes: output lane t (4 bytes) = [src byte P(t), 0, src byte P(t) + B_OFF, 0] */
-#define PB(t, p, boff) (p), 0, (p) + (boff), 0
-#define PB4(t0, p0, boff) PB(t0, p0, boff), PB(t0 + 1, p0 + 1, boff), PB(t0 + 2, p0 + 2, boff), PB(t0 + 3, p0 + 3, boff)
-#define PB16(p0, boff) PB4(0, p0, boff), PB4(4, p0 + 4, boff), PB4(8, p0 + 8, boff), PB4(12, p0 + 12, boff)
-/* [A | B] 32 + 32 bytes (4-bit) or 16 + 16 (2-bit, B at byte 32): bytes 0-15 and 16-31 of each */
-static const uint8_t PERM_AB_LO[64] __attribute__((aligned(64))) = {PB16(0, 32)};
-static const uint8_t PERM_AB_HI[64] __attribute__((aligned(64))) = {PB16(16, 32)};
-/* A, B in two registers (8-bit): byte 16a + t of A (index < 64) and of B (index 64 + ...) */
-static const uint8_t PERM_8[4][64] __attribute__((aligned(64))) = {{PB16(0, 64)}, {PB16(16, 64)}, {PB16(32, 64)}, {PB16(48, 64)}};
+/* 8-bit pairs: lane t = [byte 16a + t of A, 0, the same byte of B, 0] (A: indexes < 64, B: 64 + ...) */
+#define PB(p) (p), 0, (p) + 64, 0
+#define PB4(p) PB(p), PB(p + 1), PB(p + 2), PB(p + 3)
+#define PB16(p) PB4(p), PB4(p + 4), PB4(p + 8), PB4(p + 12)
+static const uint8_t PERM_8[4][64] __attribute__((aligned(64))) = {{PB16(0)}, {PB16(16)}, {PB16(32)}, {PB16(48)}};
 #undef PB16
 #undef PB4
 #undef PB
 #define KEEP_LOW_BYTES 0x5555555555555555ULL /* bytes 0 and 2 of every lane; 1 and 3 are zero */
-/* lane t = byte t (+ 16 for QUAD4[1]) of A, B (in [A | B]) and C, D (in [C | D]): 4-bit quads */
+/* 4-bit quads: lane t = byte t (+ 16 for QUAD4[1]) of A, B (in [A | B]) and C, D (in [C | D]) */
 #define Q4(t, o) (t) + (o), 32 + (t) + (o), 64 + (t) + (o), 96 + (t) + (o)
 #define Q4x4(t, o) Q4(t, o), Q4(t + 1, o), Q4(t + 2, o), Q4(t + 3, o)
 static const uint8_t QUAD4[2][64] __attribute__((aligned(64))) = {{Q4x4(0, 0), Q4x4(4, 0), Q4x4(8, 0), Q4x4(12, 0)},
                                                                  {Q4x4(0, 16), Q4x4(4, 16), Q4x4(8, 16), Q4x4(12, 16)}};
-/* lane t = byte t of A, B, C, D in [A | B | C | D] (16 bytes each): 2-bit quads */
+/* 2-bit quads: lane t = byte t of A, B, C, D in [A | B | C | D] (16 bytes each) */
 #define Q2(t) (t), 16 + (t), 32 + (t), 48 + (t)
 #define Q2x4(t) Q2(t), Q2(t + 1), Q2(t + 2), Q2(t + 3)
 static const uint8_t QUAD2[64] __attribute__((aligned(64))) = {Q2x4(0), Q2x4(4), Q2x4(8), Q2x4(12)};
@@ -82,34 +78,6 @@ static const uint8_t QUAD2[64] __attribute__((aligned(64))) = {Q2x4(0), Q2x4(4),
 #undef Q2
 #undef Q4x4
 #undef Q4
-
-/* x[0..3] of unit u for records A (ra) and B (rb) */
-EK_INLINE void unit_pair(const uint8_t *ra, const uint8_t *rb, int u, __m512i x[4], const int bits) {
-    if (bits == 8) {
-        const __m512i a = _mm512_loadu_si512(ra + 64 * u), b = _mm512_loadu_si512(rb + 64 * u);
-        for (int i = 0; i < 4; i++)
-            x[i] = _mm512_maskz_permutex2var_epi8(KEEP_LOW_BYTES, a, _mm512_load_si512(PERM_8[i]), b);
-    } else if (bits == 4) {
-        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ra + 32 * u))),
-                                              _mm256_loadu_si256((const __m256i *)(rb + 32 * u)), 1);
-        const __m512i lo = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_LO), ab);
-        const __m512i hi = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_HI), ab);
-        const __m512i k = _mm512_set1_epi16(15);
-        x[0] = _mm512_and_si512(lo, k);
-        x[1] = _mm512_srli_epi16(lo, 4);
-        x[2] = _mm512_and_si512(hi, k);
-        x[3] = _mm512_srli_epi16(hi, 4);
-    } else {
-        const __m512i ab = _mm512_inserti32x4(_mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ra + 16 * u))),
-                                              _mm_loadu_si128((const __m128i *)(rb + 16 * u)), 2);
-        const __m512i p = _mm512_maskz_permutexvar_epi8(KEEP_LOW_BYTES, _mm512_load_si512(PERM_AB_LO), ab);
-        const __m512i k = _mm512_set1_epi16(3);
-        x[0] = _mm512_and_si512(p, k);
-        x[1] = _mm512_and_si512(_mm512_srli_epi16(p, 2), k);
-        x[2] = _mm512_and_si512(_mm512_srli_epi16(p, 4), k);
-        x[3] = _mm512_srli_epi16(p, 6);
-    }
-}
 
 /* Weights: 8-bit values (step 1/255 of their range) keep 15-bit weights, two records per lane and
  * vpdpwssd; 4- and 2-bit values (steps of 1/15, 1/3) take 8-bit weights, four records per lane and
@@ -128,7 +96,9 @@ int ek_x512_values_ok(int bits, int hd, int gs) {
  * of value acc_dword_dim(bits, a, t), as int16 (8-bit) or bytes */
 EK_INLINE void unit_quad(const uint8_t *const *r, int u, __m512i x[4], const int bits) {
     if (bits == 8) {
-        unit_pair(r[0], r[1], u, x, 8);
+        const __m512i a = _mm512_loadu_si512(r[0] + 64 * u), b = _mm512_loadu_si512(r[1] + 64 * u);
+        for (int i = 0; i < 4; i++)
+            x[i] = _mm512_maskz_permutex2var_epi8(KEEP_LOW_BYTES, a, _mm512_load_si512(PERM_8[i]), b);
     } else if (bits == 4) {
         const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r[0] + 32 * u))),
                                               _mm256_loadu_si256((const __m256i *)(r[1] + 32 * u)), 1);
