@@ -697,13 +697,31 @@ static void norm_task(void *p, int ith, int nth) {
         rmsnorm(c->m->xb + (size_t)t * n, c->m->x + (size_t)t * n, c->w, n, c->m->cfg.norm_eps);
 }
 
+/* g = silu(g) * u over n values. AVX2: 8 at a time, the sigmoid from e = exp(-|g|) <= 1 (no
+ * overflow) as 1/(1+e) for g >= 0 and e/(1+e) below, with the softmax's vector exp (relative error
+ * < 2e-7). Measured on the 1.5B model (benchmarks/results/batch_cost.md): a forward pass over 16
+ * new tokens 147.2 -> 144.0 ms, one token 42.4 -> 42.2 (libm's expf was already fast). */
+static void swiglu_row(float *g, const float *u, size_t n) {
+    size_t i = 0;
+#if defined(EK_AVX2)
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = ek_exp_neg256(_mm256_or_ps(x, neg));
+        const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), x); /* x's sign bit picks e/(1+e) */
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 static void swiglu_task(void *p, int ith, int nth) {
     norm_ctx *c = (norm_ctx *)p;
     const size_t n_ff = (size_t)c->m->cfg.n_ff;
     float *g = c->m->gate, *u = c->m->up;
     int t;
-    while ((t = ek_claim(&c->next, c->n_tok)) >= 0)
-        for (size_t i = (size_t)t * n_ff; i < (size_t)(t + 1) * n_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0) swiglu_row(g + (size_t)t * n_ff, u + (size_t)t * n_ff, n_ff);
 }
 
 /* Run a per-token elementwise task in parallel only when there is enough work. */
