@@ -29,13 +29,16 @@ EK_INLINE __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t *s8) {
 /* whole 16-record vectors per tile; int32 sums of a tile's codes x 15-bit weights cannot overflow:
  * ATTN_CHUNK * 255 * 32767 < 2^31 */
 _Static_assert(ATTN_CHUNK % 16 == 0 && ATTN_CHUNK <= 256, "ATTN_CHUNK: a multiple of 16, at most 256");
-#ifndef EK_PF_HINT
-#define EK_PF_HINT _MM_HINT_T0
-#endif
 #ifndef EK_PF_RECORDS
 #define EK_PF_RECORDS 64 /* records ahead (measured at 8,192 tokens: 64 beats 32 and 128) */
 #endif
 #define X512_MAX_GROUPS 8 /* head_dim / group: head_dim <= 256, group >= 32 */
+
+/* 16 records' (scale, minimum) fp16 pairs, one per int32 lane (scale in the low half), as floats */
+EK_INLINE void fp16_pairs_to_ps(__m512i v, __m512 *d, __m512 *m) {
+    *d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    *m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+}
 
 /* ---- value order -------------------------------------------------------------------------
  * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). The codes of a
@@ -131,7 +134,8 @@ EK_INLINE __m512i dp_weights(__m512i acc, __m512i x, __m512i w, const int bits) 
 }
 
 /* Records r[0..R-1] (R = WEIGHT_RECS) of unit u, the first at slot j, into the accumulators of heads
- * h0 .. h0+HB-1; qw rows are (head, group) of ATTN_CHUNK weights of WEIGHT_RECS / 2... bytes each */
+ * h0 .. h0+HB-1; qw rows are (head, group) of ATTN_CHUNK weights, 2 bytes each for 8-bit values, 1
+ * for 4- and 2-bit */
 EK_INLINE void accum_group(const uint8_t *const *r, int u, int j, int k0, int k1, const uint8_t *qw, int h0,
                            __m512i acc[][4], const int HB, const int bits) {
     const size_t wb = bits == 8 ? 2 : 1; /* bytes per weight */
@@ -219,9 +223,10 @@ static void load_scales(const uint8_t *base, size_t stride, int n, size_t code_b
         uint32_t dm[ATTN_CHUNK] = {0};
         for (int j = 0; j < n; j++) memcpy(&dm[j], base + (size_t)j * stride + code_bytes, 4);
         for (int j = 0; j < ATTN_CHUNK; j += 16) {
-            const __m512i v = _mm512_loadu_si512(dm + j);
-            _mm512_store_ps(&d[0][j], _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
-            _mm512_store_ps(&m[0][j], _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
+            __m512 dj, mj;
+            fp16_pairs_to_ps(_mm512_loadu_si512(dm + j), &dj, &mj);
+            _mm512_store_ps(&d[0][j], dj);
+            _mm512_store_ps(&m[0][j], mj);
         }
         return;
     }
@@ -325,17 +330,11 @@ static const int32_t LEVEL_INDEX[3][2][16] __attribute__((aligned(64))) = {
 #undef LI16
 #undef LI
 
-EK_INLINE __m512i level_index(int t, int b) { return _mm512_load_si512(LEVEL_INDEX[t][b]); }
-
-/* 16 records' unit u (32 bytes of 4-bit codes: 8 groups of 4 bytes) -> t[i] = group i of records 0-15.
- * Register k starts as [record k | record k+8], so after the three levels lane r is record r. */
-EK_INLINE void transpose_4bit(const uint8_t *const *rp, int u, __m512i t[8]) {
-    for (int k = 0; k < 8; k++)
-        t[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[k] + 32 * u))),
-                                  _mm256_loadu_si256((const __m256i *)(rp[k + 8] + 32 * u)), 1);
-    for (int lv = 0; lv < 3; lv++) {
-        const __m512i i0 = level_index(lv, 0), i1 = level_index(lv, 1);
-        for (int r0 = 0; r0 < 8; r0++) {
+/* levels 0 .. LEVELS-1 over registers t[0 .. 2^LEVELS - 1] */
+EK_INLINE void transpose_levels(__m512i *t, const int LEVELS) {
+    for (int lv = 0; lv < LEVELS; lv++) {
+        const __m512i i0 = _mm512_load_si512(LEVEL_INDEX[lv][0]), i1 = _mm512_load_si512(LEVEL_INDEX[lv][1]);
+        for (int r0 = 0; r0 < 1 << LEVELS; r0++) {
             if (r0 & (1 << lv)) continue;
             const int r1 = r0 | (1 << lv);
             const __m512i a = t[r0], b = t[r1];
@@ -343,6 +342,15 @@ EK_INLINE void transpose_4bit(const uint8_t *const *rp, int u, __m512i t[8]) {
             t[r1] = _mm512_permutex2var_epi32(a, i1, b);
         }
     }
+}
+
+/* 16 records' unit u (32 bytes of 4-bit codes: 8 groups of 4 bytes) -> t[i] = group i of records 0-15.
+ * Register k starts as [record k | record k+8], so after the three levels lane r is record r. */
+EK_INLINE void transpose_4bit(const uint8_t *const *rp, int u, __m512i t[8]) {
+    for (int k = 0; k < 8; k++)
+        t[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[k] + 32 * u))),
+                                  _mm256_loadu_si256((const __m256i *)(rp[k + 8] + 32 * u)), 1);
+    transpose_levels(t, 3);
 }
 
 /* 16 records' unit u (16 bytes of 2-bit codes: 4 groups) -> t[i] = group i of records 0-15;
@@ -354,16 +362,7 @@ EK_INLINE void transpose_2bit(const uint8_t *const *rp, int u, __m512i t[4]) {
         z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[k + 8] + 16 * u)), 2);
         t[k] = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[k + 12] + 16 * u)), 3);
     }
-    for (int lv = 0; lv < 2; lv++) {
-        const __m512i i0 = level_index(lv, 0), i1 = level_index(lv, 1);
-        for (int r0 = 0; r0 < 4; r0++) {
-            if (r0 & (1 << lv)) continue;
-            const int r1 = r0 | (1 << lv);
-            const __m512i a = t[r0], b = t[r1];
-            t[r0] = _mm512_permutex2var_epi32(a, i0, b);
-            t[r1] = _mm512_permutex2var_epi32(a, i1, b);
-        }
-    }
+    transpose_levels(t, 2);
 }
 
 /* Query dword d of unit u (int8 x 4) in the order the transposed codes come: 4-bit: d < 8 the low
@@ -385,8 +384,7 @@ int ek_x512_keys_ok(int bits, int hd, int g, int gs) {
 }
 
 void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n) {
-    const size_t bytes = (size_t)(n < EK_PF_RECORDS ? n : EK_PF_RECORDS) * stride;
-    for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)(base + b), EK_PF_HINT);
+    ek_prefetch_bytes(base, (size_t)(n < EK_PF_RECORDS ? n : EK_PF_RECORDS) * stride);
 }
 
 void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz) {
@@ -455,8 +453,7 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
     for (int j0 = 0; j0 < n; j0 += 16) {
         const int nb = n - j0 < 16 ? n - j0 : 16;
         /* the next records (a tile is too short a run for the hardware prefetcher) */
-        const uint8_t *ahead = base + (size_t)(j0 + EK_PF_RECORDS) * stride;
-        for (size_t b = 0; b < (size_t)nb * stride; b += 64) _mm_prefetch((const char *)(ahead + b), EK_PF_HINT);
+        ek_prefetch_bytes(base + (size_t)(j0 + EK_PF_RECORDS) * stride, (size_t)nb * stride);
         /* the block's records (a short tail repeats its last) and their scale and minimum (fp16,
          * adjacent: one group), gathered */
         const uint8_t *blk = base + (size_t)j0 * stride;
@@ -466,9 +463,8 @@ EK_INLINE void score_tile_units(const query512 *qz, const uint8_t *base, size_t 
         int32_t o32[16] __attribute__((aligned(64)));
         _mm512_store_si512(o32, offs);
         for (int j = 0; j < 16; j++) rp[j] = blk + o32[j];
-        const __m512i dmv = _mm512_i32gather_epi32(offs, blk + code_bytes, 1);
-        const __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dmv));
-        const __m512 mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dmv, 16)));
+        __m512 dv, mv;
+        fp16_pairs_to_ps(_mm512_i32gather_epi32(offs, blk + code_bytes, 1), &dv, &mv);
         const __mmask16 keep = (__mmask16)((1u << nb) - 1);
         __m512i tot[QI_MAX_GS];
         switch (gs) {

@@ -186,6 +186,17 @@ EK_INLINE __m256i act_group(const block_q8a *a, int j) {
     return _mm256_set1_epi32(g);
 }
 
+/* sum over the 8 register groups of a block: lane r += codes w[j] of row r x activation group j, in
+ * two independent chains (eight dependent vpdpbusd would leave the unit waiting on latency) */
+EK_INLINE __m256i block_dot(const __m256i w[8], const block_q8a *a) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+        s0 = ek_dpbusd(s0, w[j], act_group(a, j));
+        s1 = ek_dpbusd(s1, w[j + 1], act_group(a, j + 1));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+
 /* nx (1..4) is a compile-time constant at each call site, so the token loops unroll */
 EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void *act, size_t stride, int nx,
                               float *out) {
@@ -206,13 +217,7 @@ EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void 
         }
         for (int t = 0; t < nx; t++) {
             const block_q8a *a = ACT(act, stride, t) + b;
-            /* two independent chains: eight dependent vpdpbusd would leave the unit waiting on latency */
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j += 2) {
-                s0 = ek_dpbusd(s0, q[j], act_group(a, j));
-                s1 = ek_dpbusd(s1, q[j + 1], act_group(a, j + 1));
-            }
-            const __m256i s = _mm256_add_epi32(s0, s1);
+            const __m256i s = block_dot(q, a);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
             acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->s), acc[t]);
         }
@@ -235,12 +240,7 @@ EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t
         for (int j = 0; j < 8; j++) u[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j)), flip);
         for (int t = 0; t < nx; t++) {
             const block_q8a *a = ACT(act, stride, t) + b;
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* two chains, as above */
-            for (int j = 0; j < 8; j += 2) {
-                s0 = ek_dpbusd(s0, u[j], act_group(a, j));
-                s1 = ek_dpbusd(s1, u[j + 1], act_group(a, j + 1));
-            }
-            const __m256i s = _mm256_add_epi32(s0, s1);
+            const __m256i s = block_dot(u, a);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
             acc[t] = _mm256_fmadd_ps(d, _mm256_set1_ps(-128.0f * a->s), acc[t]);
         }

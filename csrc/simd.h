@@ -32,19 +32,33 @@ static inline float ek_hmax256(__m256 v) {
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
 }
-/* exp(x) for x <= 0: 2^n * p(r), relative error < 2e-7 (Cephes polynomial) */
+/* every cache line of bytes [p, p + n) into L1 */
+static inline void ek_prefetch_bytes(const void *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+/* exp(x) for x <= 0: 2^n * p(r), relative error < 2e-7 (Cephes polynomial); the constants, shared by
+ * the 8- and 16-lane forms: the clamp, log2(e), ln(2) in two parts, and p's coefficients */
+#define EK_EXP_MIN (-87.0f)
+#define EK_EXP_LOG2E 1.44269504088896341f
+#define EK_EXP_LN2_HI 0.693359375f
+#define EK_EXP_LN2_LO (-2.12194440e-4f)
+#define EK_EXP_P0 1.9875691500e-4f
+#define EK_EXP_P1 1.3981999507e-3f
+#define EK_EXP_P2 8.3334519073e-3f
+#define EK_EXP_P3 4.1665795894e-2f
+#define EK_EXP_P4 1.6666665459e-1f
+#define EK_EXP_P5 5.0000001201e-1f
 static inline __m256 ek_exp_neg256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(EK_EXP_MIN));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EK_EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EK_EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EK_EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EK_EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EK_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EK_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EK_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EK_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EK_EXP_P5));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -53,17 +67,17 @@ static inline __m256 ek_exp_neg256(__m256 x) {
 #if defined(EK_AVX512)
 /* ek_exp_neg256 on 16 lanes: the same reduction and polynomial, 2^n applied by vscalefps */
 static inline __m512 ek_exp_neg512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_max_ps(x, _mm512_set1_ps(EK_EXP_MIN));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EK_EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EK_EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EK_EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EK_EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EK_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EK_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EK_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EK_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EK_EXP_P5));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
