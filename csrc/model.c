@@ -373,19 +373,19 @@ typedef struct {
     atomic_int next;
 } mm_ctx;
 
-/* Rows [r0, r1) of one matrix against every token, tile by tile. */
-/* Rows r0..r1 (multiples of 8) of a packed matrix, 8 rows by up to 4 tokens per kernel call. */
+/* Rows r0..r1 (multiples of 8) of a packed matrix, 8 rows by up to max_nx tokens per kernel call. */
 static void mm_rows_x8(const mm_ctx *c, const mm_job *job, const void *act, size_t stride, int64_t r0, int64_t r1) {
     const ek_mat *w = job->w;
-    const ek_dot_x8_fn dot = ek_x8_get(w->type)->dot;
+    const ek_x8_traits *x8 = ek_x8_get(w->type);
+    const ek_dot_x8_fn dot = x8->dot;
     const size_t group = EK_X8 * w->row_bytes;
     for (int t0 = 0; t0 < c->n_tok; t0 += MM_TOKEN_TILE) {
         const int t1 = t0 + MM_TOKEN_TILE < c->n_tok ? t0 + MM_TOKEN_TILE : c->n_tok;
         for (int64_t r = r0; r < r1; r += EK_X8) {
             const void *w8 = (const char *)w->packed + (size_t)(r / EK_X8) * group;
-            for (int t = t0; t < t1; t += 4) {
-                const int nt = t1 - t < 4 ? t1 - t : 4;
-                float o[4 * EK_X8];
+            for (int t = t0; t < t1; t += x8->max_nx) {
+                const int nt = t1 - t < x8->max_nx ? t1 - t : x8->max_nx;
+                float o[EK_X8_MAX_NX * EK_X8];
                 dot((int)w->n_in, w8, (const char *)act + (size_t)t * stride, stride, nt, o);
                 for (int i = 0; i < nt; i++)
                     memcpy(job->out + (size_t)(t + i) * job->out_stride + r, o + i * EK_X8, sizeof(float) * EK_X8);
@@ -394,6 +394,7 @@ static void mm_rows_x8(const mm_ctx *c, const mm_job *job, const void *act, size
     }
 }
 
+/* Rows [r0, r1) of one matrix against every token, tile by tile. */
 static void mm_rows(const mm_ctx *c, const mm_job *job, int64_t r0, int64_t r1) {
     const ek_mat *w = job->w;
     const ek_type_traits *tr = ek_type_get(w->type);
@@ -882,9 +883,10 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
     for (int64_t r = 0; r < n8; r += EK_X8) {
         const size_t off = (size_t)r * rb;
         x8->repack((const char *)w + off, rb, (char *)packed + off, (int)n_in);
-        for (int i = 0; i < n_tok; i += 4) {
-            const int nt = n_tok - i < 4 ? n_tok - i : 4;
-            float o[4 * EK_X8];
+        const int max_nx = dot8 == x8->dot ? x8->max_nx : EK_X8_MAX_NX; /* the reference takes any */
+        for (int i = 0; i < n_tok; i += max_nx) {
+            const int nt = n_tok - i < max_nx ? n_tok - i : max_nx;
+            float o[EK_X8_MAX_NX * EK_X8];
             dot8((int)n_in, (const char *)packed + off, (const char *)act + (size_t)i * stride, stride, nt, o);
             for (int k = 0; k < nt; k++)
                 for (int j = 0; j < EK_X8; j++) out[(size_t)(i + k) * n_out + r + j] = o[k * EK_X8 + j];

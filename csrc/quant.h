@@ -98,12 +98,16 @@ void ek_quantize_act_row(int type, const float *x, void *y, int n);
  * horizontal sums. Rows r0..r0+7 of the matrix live at packed + (r0 / 8) * 8 * row_bytes. */
 #define EK_X8 8
 
-/* Dot products of 8 interleaved rows with nx (1..4) activation rows: out[t * 8 + r]. */
+#define EK_X8_MAX_NX 8 /* the most activation rows any build's x8 kernel takes per call */
+
+/* Dot products of 8 interleaved rows with nx activation rows: out[t * 8 + r]. The SIMD kernel
+ * takes nx in 1..max_nx; the reference any nx >= 1. */
 typedef void (*ek_dot_x8_fn)(int n, const void *w8, const void *act, size_t act_row_bytes, int nx, float *out);
 
 typedef struct {
     void (*repack)(const void *rows, size_t row_bytes, void *dst, int n); /* 8 rows of n values */
     ek_dot_x8_fn dot;     /* SIMD kernel; NULL where this build has none (then no repacking) */
+    int max_nx;           /* activation rows per call of dot (<= EK_X8_MAX_NX) */
     ek_dot_x8_fn dot_ref; /* plain C reference on the same layout */
     void (*to_float)(const void *w8, int r, float *y, int n); /* row r (0..7) of a group, dequantized */
 } ek_x8_traits;

@@ -7,11 +7,18 @@
  * against a broadcast group of 4 activations advances all 8 rows, the per-row sums stay in their
  * lanes, and the 8 scales of a block convert with one instruction.
  *
- * Layout of block b of rows r = 0..7 (same bytes as the 8 source blocks):
+ * Layout of block b of rows r = 0..7 (as many bytes as the 8 source blocks):
  *   Q4_0x8: d[8] fp16, qs[128];  Q4_1x8: d[8], m[8] fp16, qs[128];  Q8_0x8: d[8] fp16, qs[256].
  *   Q4: qs[32c + 4r + i] = code(r, 8c + i) | code(r, 8c + 4 + i) << 4   (c = 0..3, i = 0..3),
  *       so a 32-byte load gives groups 2c (low nibbles) and 2c + 1 (high nibbles) for all rows.
- *   Q8: qs[32j + 4r + i] = w(r, 4j + i)                                (j = 0..7, i = 0..3).
+ *   Q8: qs[32j + 4r + i] = w(r, 4j + i) + 128 as u8                    (j = 0..7, i = 0..3):
+ *       vpdpbusd wants its unsigned operand in the register that is reused across tokens.
+
+The SIMD kernels take up to 8 tokens per call where the build has 32 vector registers (AVX-512VL):
+the weights of a block are loaded once for all of them, so a catch-up or prefill batch of 8
+tokens reads each group of 8 rows once. They also prefetch the next group of 8 rows (the matmul
+walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
+group's first pass stalls on memory the core could have been fetching meanwhile.
  *
  * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
  * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
@@ -44,6 +51,9 @@ static_assert(sizeof(block_q8_0x8) == X8 * sizeof(block_q8_0), "Q8_0x8 keeps the
 
 /* code k (0..31) of a GGUF Q4 block: k < 16 in the low nibble of qs[k], else the high one of qs[k-16] */
 static inline int q4_code(const uint8_t *qs, int k) { return k < 16 ? qs[k] & 15 : qs[k - 16] >> 4; }
+
+/* a Q8_0x8 weight back from its stored u8 form (w + 128) */
+static inline int q8_weight(int8_t stored) { return (int8_t)(stored ^ 0x80); }
 
 /* interleave the codes of 8 Q4 blocks (one per row) */
 static void pack_q4_codes(const uint8_t *const qs[X8], uint8_t *out) {
@@ -85,7 +95,8 @@ static void repack_q8_0(const void *rows, size_t row_bytes, void *dst, int n) {
         for (int r = 0; r < X8; r++) {
             const block_q8_0 *src = (const block_q8_0 *)((const char *)rows + (size_t)r * row_bytes) + b;
             o->d[r] = src->d;
-            for (int j = 0; j < QK / 4; j++) memcpy(o->qs + 32 * j + 4 * r, src->qs + 4 * j, 4);
+            for (int j = 0; j < QK / 4; j++)
+                for (int i = 0; i < 4; i++) o->qs[32 * j + 4 * r + i] = (int8_t)(src->qs[4 * j + i] ^ 0x80);
         }
 }
 
@@ -114,7 +125,7 @@ static void row_q8_0_x8(const void *w8, int r, float *y, int n) {
     const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
     for (int b = 0; b < n / QK; b++, y += QK) {
         const float d = ek_fp16_to_fp32(wb[b].d[r]);
-        for (int k = 0; k < QK; k++) y[k] = (float)wb[b].qs[32 * (k / 4) + 4 * r + k % 4] * d;
+        for (int k = 0; k < QK; k++) y[k] = (float)q8_weight(wb[b].qs[32 * (k / 4) + 4 * r + k % 4]) * d;
     }
 }
 
@@ -166,7 +177,7 @@ static void dot_q8_0_x8_ref(int n, const void *w8, const void *act, size_t strid
             for (int r = 0; r < X8; r++) {
                 int isum = 0;
                 for (int j = 0; j < QK / 4; j++)
-                    for (int i = 0; i < 4; i++) isum += wb[b].qs[32 * j + 4 * r + i] * a[b].qs[4 * j + i];
+                    for (int i = 0; i < 4; i++) isum += q8_weight(wb[b].qs[32 * j + 4 * r + i]) * a[b].qs[4 * j + i];
                 acc[r] += (float)isum * (ek_fp16_to_fp32(wb[b].d[r]) * a[b].d);
             }
         memcpy(out + (size_t)t * X8, acc, sizeof(acc));
@@ -178,6 +189,11 @@ static void dot_q8_0_x8_ref(int n, const void *w8, const void *act, size_t strid
 /* ------------------------------------------------------------------------- */
 #if defined(EK_AVX2)
 #define EK_INLINE static inline __attribute__((always_inline))
+#if defined(__AVX512VL__)
+#define X8_NX 8 /* 32 vector registers: 8 tokens' sums and accumulators stay in registers */
+#else
+#define X8_NX 4
+#endif
 
 /* the 4-byte activation group j of block a, broadcast to all 8 lanes */
 EK_INLINE __m256i act_group(const block_q8a *a, int j) {
@@ -186,39 +202,42 @@ EK_INLINE __m256i act_group(const block_q8a *a, int j) {
     return _mm256_set1_epi32(g);
 }
 
-/* sum over the 8 register groups of a block: lane r += codes w[j] of row r x activation group j, in
- * two independent chains (eight dependent vpdpbusd would leave the unit waiting on latency) */
-EK_INLINE __m256i block_dot(const __m256i w[8], const block_q8a *a) {
-    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j += 2) {
-        s0 = ek_dpbusd(s0, w[j], act_group(a, j));
-        s1 = ek_dpbusd(s1, w[j + 1], act_group(a, j + 1));
-    }
-    return _mm256_add_epi32(s0, s1);
+/* block b of the next group of 8 rows, fetched while this group computes */
+EK_INLINE void prefetch_next_group(const uint8_t *blk, size_t group_bytes, size_t bsz) {
+    for (size_t c = 0; c < bsz; c += 64) _mm_prefetch((const char *)blk + group_bytes + c, _MM_HINT_T0);
 }
 
-/* nx (1..4) is a compile-time constant at each call site, so the token loops unroll */
+/* s[t] += one register of codes (4 of each of the 8 rows) against activation group j of block b,
+ * for every token: nx independent chains, so consecutive vpdpbusd never wait on each other */
+EK_INLINE void group_dot(__m256i *s, __m256i w, const void *act, size_t stride, int b, int j, int nx) {
+    for (int t = 0; t < nx; t++) s[t] = ek_dpbusd(s[t], w, act_group(ACT(act, stride, t) + b, j));
+}
+
+/* nx (1..X8_NX) is a compile-time constant at each call site, so the token loops unroll */
 EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void *act, size_t stride, int nx,
                               float *out) {
     const size_t bsz = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const size_t group_bytes = (size_t)(n / QK) * bsz;
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[X8_NX];
+    for (int t = 0; t < nx; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < n / QK; b++) {
         const uint8_t *blk = w8 + (size_t)b * bsz;
+        prefetch_next_group(blk, group_bytes, bsz);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         const __m256 m = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
                                  : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
         const uint8_t *qs = blk + (has_min ? 32 : 16);
-        __m256i q[8];
+        __m256i s[X8_NX];
+        for (int t = 0; t < nx; t++) s[t] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i p = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            q[2 * c] = _mm256_and_si256(p, low4);
-            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+            group_dot(s, _mm256_and_si256(p, low4), act, stride, b, 2 * c, nx);
+            group_dot(s, _mm256_and_si256(_mm256_srli_epi16(p, 4), low4), act, stride, b, 2 * c + 1, nx);
         }
         for (int t = 0; t < nx; t++) {
             const block_q8a *a = ACT(act, stride, t) + b;
-            const __m256i s = block_dot(q, a);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
             acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->s), acc[t]);
         }
     }
@@ -226,23 +245,26 @@ EK_INLINE void dot_q4_x8_avx2(int n, const uint8_t *w8, int has_min, const void 
 }
 
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-/* Q8_0 with VNNI: vpdpbusd wants an unsigned operand, so the weights are flipped to w + 128
- * (one xor per register, shared by all tokens) and the extra 128 * sum(a) of each block is
- * taken back through the activation block's s = d_a * sum(q_a):
+/* Q8_0 with VNNI: the weights are stored as w + 128 (u8, vpdpbusd's unsigned operand) and the
+ * extra 128 * sum(a) of each block is taken back through the activation block's s = d_a * sum(q_a):
  *   d_w d_a sum(w q_a) = d_w (d_a sum((w + 128) q_a) - 128 s). */
 EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
     const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const size_t group_bytes = (size_t)(n / QK) * sizeof(block_q8_0x8);
+    __m256 acc[X8_NX];
+    for (int t = 0; t < nx; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < n / QK; b++) {
+        prefetch_next_group((const uint8_t *)&wb[b], group_bytes, sizeof(block_q8_0x8));
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb[b].d));
-        __m256i u[8];
-        for (int j = 0; j < 8; j++) u[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j)), flip);
+        const __m256 d128 = _mm256_mul_ps(d, _mm256_set1_ps(-128.0f));
+        __m256i s[X8_NX];
+        for (int t = 0; t < nx; t++) s[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++)
+            group_dot(s, _mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j)), act, stride, b, j, nx);
         for (int t = 0; t < nx; t++) {
             const block_q8a *a = ACT(act, stride, t) + b;
-            const __m256i s = block_dot(u, a);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_set1_ps(-128.0f * a->s), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(d128, _mm256_set1_ps(a->s), acc[t]);
         }
     }
     for (int t = 0; t < nx; t++) _mm256_storeu_ps(out + (size_t)t * X8, acc[t]);
@@ -252,12 +274,16 @@ EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t
  * products inside int16 for vpmaddubsw) */
 EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
     const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const size_t group_bytes = (size_t)(n / QK) * sizeof(block_q8_0x8);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[X8_NX];
+    for (int t = 0; t < nx; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < n / QK; b++) {
+        prefetch_next_group((const uint8_t *)&wb[b], group_bytes, sizeof(block_q8_0x8));
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb[b].d));
         __m256i w[8], wabs[8];
         for (int j = 0; j < 8; j++) {
-            w[j] = _mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j));
+            w[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb[b].qs + 32 * j)), flip);
             wabs[j] = _mm256_sign_epi8(w[j], w[j]);
         }
         for (int t = 0; t < nx; t++) {
@@ -271,6 +297,19 @@ EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t
 }
 #endif
 
+#if X8_NX == 8
+#define EK_X8_NX(CALL)                                                                                \
+    switch (nx) {                                                                                     \
+    case 8: CALL(8); break;                                                                           \
+    case 7: CALL(7); break;                                                                           \
+    case 6: CALL(6); break;                                                                           \
+    case 5: CALL(5); break;                                                                           \
+    case 4: CALL(4); break;                                                                           \
+    case 3: CALL(3); break;                                                                           \
+    case 2: CALL(2); break;                                                                           \
+    default: CALL(1); break;                                                                          \
+    }
+#else
 #define EK_X8_NX(CALL)                                                                                \
     switch (nx) {                                                                                     \
     case 4: CALL(4); break;                                                                           \
@@ -278,6 +317,7 @@ EK_INLINE void dot_q8_0_x8_avx2_n(int n, const void *w8, const void *act, size_t
     case 2: CALL(2); break;                                                                           \
     default: CALL(1); break;                                                                          \
     }
+#endif
 
 static void dot_q4_0_x8_avx2(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
 #define CALL(k) dot_q4_x8_avx2(n, (const uint8_t *)w8, 0, act, stride, k, out)
@@ -294,9 +334,9 @@ static void dot_q8_0_x8_avx2(int n, const void *w8, const void *act, size_t stri
     EK_X8_NX(CALL)
 #undef CALL
 }
-#define DOT_X8_BEST(t) dot_##t##_x8_avx2
+#define DOT_X8_BEST(t) dot_##t##_x8_avx2, X8_NX
 #else
-#define DOT_X8_BEST(t) NULL /* no interleaved SIMD kernel in this build: matrices stay row-major */
+#define DOT_X8_BEST(t) NULL, 0 /* no interleaved SIMD kernel in this build: matrices stay row-major */
 #endif
 
 /* ------------------------------------------------------------------------- */

@@ -230,7 +230,7 @@ def test_matmul_matches_numpy(type_name, case):
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))
-@pytest.mark.parametrize("n_tok", [1, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("n_tok", [1, 3, 4, 5, 8, 9, 17])
 def test_matmul_real_shapes(type_name, n_tok):
     """SmolLM2-sized rows (576 and 1536 values) through every token-count path (4-wide and tail)."""
     rng = np.random.default_rng(n_tok)

@@ -69,7 +69,7 @@ static void random_weights(int type, void *buf, int64_t n_in, int64_t n_out) {
 static void test_matmul(void) {
     const int types[] = {EK_TYPE_F32, EK_TYPE_F16, EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0};
     const int n_ins[] = {32, 64, 576, 1536};
-    const int n_toks[] = {1, 3, 4, 9};
+    const int n_toks[] = {1, 3, 4, 8, 9, 17}; /* x8 kernels take up to 4 or 8 tokens per call */
     for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
         for (size_t ii = 0; ii < sizeof n_ins / sizeof *n_ins; ii++)
             for (size_t ki = 0; ki < sizeof n_toks / sizeof *n_toks; ki++) {
