@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 3 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max */
+#define EK_ABI_VERSION 4 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights */
 
 typedef struct {
     int n_vocab;
@@ -135,6 +135,16 @@ int ek_logit_stats(const float *logits, int n_rows, int n_vocab, float *max_logi
  * also computes that row's statistics, as ek_logit_stats would, chunk by chunk inside the output
  * matmul: out[3] = max logit, log s, entropy. 0 if the last forward call computed them, else -1. */
 int ek_last_logit_stats(const ek_model *m, float *out);
+
+/* ---- weight conversion at load (weight_convert.c) ----
+ * GGUF types the kernels do not run: Q4_K -> Q4_1 (codes kept, scales rounded to fp16),
+ * Q5_0 -> Q8_0 (exact), Q6_K -> Q8_0 (requantized). ek_convert_target: the EK_TYPE_* a source
+ * GGML type id becomes for rows of n_in values, or EK_ERR_INVALID when there is no C conversion.
+ * ek_convert_weights: converts n_rows rows; src_bytes / dst_bytes must be the exact sizes; returns
+ * the destination type or EK_ERR_INVALID. */
+int ek_convert_target(int src_type, int64_t n_in);
+int ek_convert_weights(int src_type, const void *src, size_t src_bytes, int64_t n_in, int64_t n_rows, void *dst,
+                       size_t dst_bytes);
 
 /* Kernel entry for tests and benchmarks: out[t * n_out + r] = dot(W row r, x row t).
  * x: (n_tok, n_in) float32; impl 0 = plain C reference, 1 = compiled SIMD path; for types with a

@@ -11,8 +11,9 @@ edgekv differs from the reference only by its approximations:
   quantized matmul inputs per layer and the output head, whose errors partly add up through
   the residual stream: the logits' RMS error is asserted below ``2 * EPS_Q8A`` of the logits'
   standard deviation, and the largest error below ``8 * EPS_Q8A``.
-* Q5_0 / BF16 files are re-quantized to Q8_0 at load time, which rounds each weight to
-  ``amax/127`` steps too: one more ``EPS_Q8A`` in both bounds.
+* BF16 files are re-quantized to Q8_0 at load time, which rounds each weight to ``amax/127``
+  steps too: one more ``EPS_Q8A`` in both bounds. Q5_0 becomes Q8_0 exactly (its 5-bit codes
+  under the same scale): no extra term.
 * the FP16 KV cache (all types) rounds K and V to 11 significant bits, relative ``2^-11``;
   with F32/F16 weights (float32 activations, nothing else quantized) that is the whole error:
   RMS below ``4 * 2^-11`` and maximum below ``16 * 2^-11`` of the logits' std.
@@ -55,7 +56,7 @@ def bounds_for(weight_type: str) -> tuple[float, float]:
     """(RMS bound, max bound), relative to the reference logits' standard deviation."""
     if weight_type in ("F32", "F16"):
         return 4 * EPS_KV, 16 * EPS_KV
-    extra = 1 if weight_type in ("Q5_0", "BF16") else 0
+    extra = 1 if weight_type == "BF16" else 0
     return (2 + extra) * EPS_Q8A, (8 + extra) * EPS_Q8A
 
 

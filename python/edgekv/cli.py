@@ -528,7 +528,8 @@ def _info_lines(info: dict) -> Iterable[str]:
     hp = info.get("hparams", {})
     types = ", ".join(f"{t} x{n}" for t, n in sorted(info["weight_types"].items(), key=lambda kv: -kv[1]))
     conv = info.get("converted_at_load") or {}
-    conv_text = ", ".join(f"{t} x{n}" for t, n in sorted(conv.items())) + " (to Q8_0 at load time)" \
+    to = info.get("converted_to") or {}
+    conv_text = ", ".join(f"{t} x{n}" + (f" -> {to[t]}" if t in to else "") for t, n in sorted(conv.items())) + " (at load time)" \
         if conv else "none (all weight types run natively)"
     ctx = f"{info['ctx']} tokens"
     if info.get("ctx_train"):

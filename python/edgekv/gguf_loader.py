@@ -1,9 +1,11 @@
 """Read a GGUF file into what the C core needs: a config and borrowed weight buffers.
 
 Weights whose type runs natively (F32, F16, Q4_0, Q4_1, Q8_0) are handed to C as
-pointers into the memory-mapped file: no copy. Any other type (Q4_K, Q5_0, Q6_K,
-BF16, ...) is dequantized with gguf's own dequantizers and re-quantized to Q8_0
-at load time, and the loader logs that it did.
+pointers into the memory-mapped file: no copy. Q4_K, Q5_0 and Q6_K are converted
+in C at load time (csrc/weight_convert.c: Q4_K -> Q4_1 keeping the codes, Q5_0 ->
+Q8_0 exactly, Q6_K -> Q8_0 requantized); any other type (BF16, Q5_1, ...) is
+dequantized with gguf's own dequantizers and requantized to Q8_0. The loader logs
+what it converted.
 
 Architectures are rows in ``ARCHS``; tensor names are rows in ``TENSORS``.
 """
@@ -88,6 +90,7 @@ class LoadedGGUF:
     fields: dict[str, Any]  # all metadata as Python values (tokenizer included)
     weights: list[Weight] = field(default_factory=list)
     converted: dict[str, int] = field(default_factory=dict)  # source type -> tensor count
+    converted_to: dict[str, str] = field(default_factory=dict)  # source type -> the type it runs as
 
     @property
     def weight_types(self) -> dict[str, int]:
@@ -296,6 +299,16 @@ def _as_native(t, name: str, want_f32: bool) -> tuple[int, np.ndarray, str]:
         raise ModelLoadError(f"tensor {name!r}: file holds {data.nbytes} of its {expected} bytes (truncated file?)")
     if qtype == F32 or (qtype in NATIVE_TYPES and not want_f32):
         return qtype, np.ascontiguousarray(data), src
+    if not want_f32:
+        dst = L.ek_convert_target(qtype, n_in)
+        if dst >= 0:  # a C conversion (csrc/weight_convert.c)
+            src_arr = np.ascontiguousarray(data)
+            out = np.empty(L.ek_type_row_bytes(dst, n_in) * n_out, dtype=np.uint8)
+            rc = L.ek_convert_weights(qtype, _native.ffi.from_buffer(src_arr), src_arr.nbytes, n_in, n_out,
+                                      _native.ffi.from_buffer(out), out.nbytes)
+            if rc != dst:
+                raise ModelLoadError(f"tensor {name!r}: cannot convert weight type {src} ({n_in} x {n_out})")
+            return dst, out, src
     try:
         f32 = quants.dequantize(data, GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
     except Exception as e:
@@ -347,10 +360,13 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
             qtype, arr, src = _as_native(t, name, want_f32)
             if src not in NATIVE_TYPES.values():
                 out.converted[src] = out.converted.get(src, 0) + 1
+                if not want_f32:
+                    out.converted_to[src] = NATIVE_TYPES[qtype]
             n_in = int(t.shape[0])
             n_out = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
             out.weights.append(Weight(name, kind, layer, qtype, n_in, n_out, arr, src))
     if out.converted:
-        desc = ", ".join(f"{n} {k}" for k, n in sorted(out.converted.items()))
-        log.info("%s: converted %s tensors at load time (to Q8_0; norms and biases to F32)", path.name, desc)
+        desc = ", ".join(f"{n} {k}" + (f" to {out.converted_to[k]}" if k in out.converted_to else "")
+                         for k, n in sorted(out.converted.items()))
+        log.info("%s: converted %s tensors at load time (norms and biases to F32)", path.name, desc)
     return out

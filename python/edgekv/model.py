@@ -732,6 +732,7 @@ class Model:
             "parameters": n_params,
             "weight_types": g.weight_types,
             "converted_at_load": dict(g.converted),
+            "converted_to": dict(g.converted_to),
             "ctx": self.n_ctx,
             "ctx_train": self.hparams["n_ctx_train"],
             "threads": self.threads,
