@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from .gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from .errors import ModelLoadError
 
 log = logging.getLogger("edgekv")
@@ -108,13 +109,17 @@ def release_weight(w: Weight) -> None:
     repacking, are dropped from this process with madvise(MADV_DONTNEED) (the kernel would
     re-read them from the file if anything touched them again; nothing does).
     """
+    import mmap
+
     arr = w.array
     base = arr
-    while base is not None and not isinstance(base, np.memmap):
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
         base = base.base
-    if base is not None and getattr(base, "mode", None) == "r" and sys.platform.startswith("linux"):
+    if isinstance(base, memoryview):  # np.frombuffer over the file's mmap (gguf_file.py)
+        base = base.obj
+    file_map = isinstance(base, mmap.mmap) or (isinstance(base, np.memmap) and base.mode == "r")
+    if file_map and sys.platform.startswith("linux"):
         import ctypes
-        import mmap
 
         page = mmap.PAGESIZE
         start = -(-arr.ctypes.data // page) * page  # whole pages inside the tensor only
@@ -138,102 +143,11 @@ def trim_heap() -> None:
             pass
 
 
-def _field_values(reader) -> dict[str, Any]:
-    out = {}
-    for name, f in reader.fields.items():
-        try:
-            out[name] = f.contents()
-        except Exception as e:  # a malformed field: report it where it is used
-            out[name] = e
-    return out
-
-
-# Bytes of each GGUF scalar value type (8 is a string, 9 an array).
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def _check_header_sizes(path: Path) -> None:
-    """Reject a GGUF header whose counts or lengths run past the end of the file.
-
-    gguf's GGUFReader loops over every element an array count announces, even past the end of
-    the file, where each element reads as empty and nothing advances: a corrupt count of 2**40
-    kept it spinning for hours (found by tools/fuzz_gguf.py). This walks the header once, with
-    O(1) work per scalar array, and stops at anything it does not know (the reader reports those).
-    """
-    import mmap
-    import struct
-
-    size = path.stat().st_size
-    if size < 24:
-        return
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            return
-        order = ">" if struct.unpack_from("<I", mm, 4)[0] & 0xFFFF == 0 else "<"  # as GGUFReader decides
-        if struct.unpack_from(order + "I", mm, 4)[0] not in (2, 3):
-            return  # versions GGUFReader refuses
-        pos = 8
-
-        def take(fmt: str, what: str) -> int:
-            nonlocal pos
-            n = struct.calcsize(fmt)
-            need(n, what)
-            v = struct.unpack_from(order + fmt, mm, pos)[0]
-            pos += n
-            return v
-
-        def need(n: int, what: str) -> None:
-            if pos + n > size:
-                raise ModelLoadError(f"{path}: not a valid GGUF file ({what} at byte {pos} needs {n} bytes; "
-                                     f"the file has {size})")
-
-        def skip(vtype: int, what: str, depth: int = 0) -> bool:
-            nonlocal pos
-            if vtype in _GGUF_SCALAR_BYTES:
-                need(_GGUF_SCALAR_BYTES[vtype], what)
-                pos += _GGUF_SCALAR_BYTES[vtype]
-            elif vtype == 8:
-                n = take("Q", what)
-                need(n, what)
-                pos += n
-            elif vtype == 9 and depth < 4:
-                sub, n = take("I", what), take("Q", what)
-                if sub in _GGUF_SCALAR_BYTES:
-                    need(n * _GGUF_SCALAR_BYTES[sub], f"{what}: array of {n}")
-                    pos += n * _GGUF_SCALAR_BYTES[sub]
-                    return True
-                need(n * (8 if sub == 8 else 12), f"{what}: array of {n}")  # smallest element: an empty one
-                return all(skip(sub, what, depth + 1) for _ in range(n))
-            else:
-                return False  # unknown type: GGUFReader raises
-            return True
-
-        n_tensors, n_kv = take("Q", "tensor count"), take("Q", "metadata count")
-        need(n_kv * 12, f"{n_kv} metadata entries")
-        need(n_tensors * 24, f"{n_tensors} tensor infos")
-        for _ in range(n_kv):
-            key = take("Q", "metadata key")
-            need(key, "metadata key")
-            pos += key
-            if not skip(take("I", "metadata type"), "metadata value"):
-                return
-        for _ in range(n_tensors):
-            name = take("Q", "tensor name")
-            need(name, "tensor name")
-            pos += name
-            n_dims = take("I", "tensor dimensions")
-            need(8 * n_dims + 12, "tensor info")
-            pos += 8 * n_dims + 12
-
-
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
-    _check_header_sizes(path)
+def _open_gguf(path: Path) -> GGUFFile:
     try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError, IndexError, struct errors...
-        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        return read_gguf(path)
+    except GGUFFormatError as e:
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({e})") from None
 
 
 def _get(fields: dict, key: str, typ, default=None, required: bool = True):
@@ -325,8 +239,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelLoadError(f"model path is not a file: {path}")
-    reader = _open_reader(path)
-    fields = _field_values(reader)
+    gf = _open_gguf(path)
+    fields = gf.fields
     arch = fields.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelLoadError(f"{path}: metadata field 'general.architecture' is missing")
@@ -340,11 +254,9 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
         raise ModelLoadError(f"{path}: metadata field 'tokenizer.ggml.tokens' must be an array of strings")
     hp = read_hparams(fields, arch)
-    # The reader itself is not kept: its parsed metadata holds one NumPy array per token and merge
-    # (about 160 MiB for a 49k vocabulary). Weight arrays are views of its memory map and keep
-    # the map alive on their own.
+    # Weight arrays are views of the file's memory map and keep the map alive on their own.
     out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields)
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in gf.tensors}
     for kind, pattern, required, per_layer in TENSORS:
         layers = range(hp["n_layer"]) if per_layer else [-1]
         for layer in layers:
@@ -357,7 +269,10 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
             if len(t.shape) == 0:  # n_dims = 0 in the file: no row length (was an IndexError; tools/fuzz_gguf.py)
                 raise ModelLoadError(f"{path}: tensor {name!r} has no dimensions")
             want_f32 = kind in _VECTOR_KINDS
-            qtype, arr, src = _as_native(t, name, want_f32)
+            try:
+                qtype, arr, src = _as_native(t, name, want_f32)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{path}: {e}") from None
             if src not in NATIVE_TYPES.values():
                 out.converted[src] = out.converted.get(src, 0) + 1
                 if not want_f32:

@@ -546,21 +546,21 @@ class Tokenizer:
     def read_fields(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
         """The ``tokenizer.*`` metadata of a GGUF file as a dict of Python values (what
         ``from_fields`` takes). Raises ModelLoadError when the file cannot be read."""
-        try:
-            import gguf
-        except ImportError as exc:  # pragma: no cover - gguf is a dependency
-            raise TokenizerError("reading GGUF metadata needs the 'gguf' package") from exc
+        from .gguf_file import GGUFFormatError, read_gguf
+
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path}")
         try:
-            reader = gguf.GGUFReader(path)
-        except Exception as exc:
+            fields = read_gguf(path).fields
+        except (GGUFFormatError, OSError) as exc:
             raise ModelLoadError(f"cannot read GGUF metadata from {path}: {exc}") from exc
         out: Dict[str, Any] = {}
-        for key, field in reader.fields.items():
+        for key, value in fields.items():
             if key.startswith("tokenizer."):
-                out[key] = field.contents()
+                if isinstance(value, Exception):
+                    raise ModelLoadError(f"{path}: metadata field {key!r} is malformed: {value}")
+                out[key] = value
         return out
 
     @classmethod
