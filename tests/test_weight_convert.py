@@ -136,3 +136,20 @@ def test_convert_rejects_bad_arguments():
     assert lib.ek_convert_weights(int(Q.Q4_K), ffi.from_buffer(raw), 144, 256, 2, ffi.from_buffer(out), 160) == invalid
     assert lib.ek_convert_weights(int(Q.Q4_K), ffi.NULL, 144, 256, 1, ffi.from_buffer(out), 160) == invalid
     assert lib.ek_convert_weights(99, ffi.from_buffer(raw), 144, 256, 1, ffi.from_buffer(out), 160) == invalid
+
+
+def test_load_converts_each_matrix_when_handed_to_the_core(tiny_path):
+    """load_gguf only plans a C conversion (the weight's type is known, its array is not made);
+    the model converts each matrix as it hands it over, so the finished model has no conversion
+    pending and every converted matrix runs as the planned type."""
+    import edgekv
+    from edgekv.gguf_loader import load_gguf
+
+    path = tiny_path("qwen2", "Q5_0")
+    g = load_gguf(path)
+    pending = [w for w in g.weights if w.source is not None]
+    assert pending and all(w.array is None and w.type == int(Q.Q8_0) for w in pending)
+    with edgekv.Model(path, threads=1) as m:
+        assert all(w.source is None for w in m._gguf.weights)
+        assert m.info()["converted_to"] == {"Q5_0": "Q8_0"}
+        assert len(m.generate("Hi", max_tokens=3, temperature=0)) >= 0

@@ -153,8 +153,12 @@ class Model:
             # than one matrix (the tied token embedding: after finalize).
             released = 0
             for w in g.weights:
-                ptr = ffi.cast("void *", w.array.ctypes.data)
-                rc = lib.ek_model_set_tensor(handle, w.kind, w.layer, w.type, ptr, w.n_in, w.n_out, w.array.nbytes)
+                try:
+                    arr = w.materialize()  # a matrix converted at load is converted here, one at a time
+                except ModelLoadError as e:
+                    raise ModelLoadError(f"{self.path}: {e}") from None
+                ptr = ffi.cast("void *", arr.ctypes.data)
+                rc = lib.ek_model_set_tensor(handle, w.kind, w.layer, w.type, ptr, w.n_in, w.n_out, arr.nbytes)
                 if rc != 0:
                     raise ModelLoadError(f"{self.path}: tensor {w.name!r}: {self._c_error()}")
                 if lib.ek_model_tensor_released(handle, w.kind, w.layer):
@@ -163,7 +167,7 @@ class Model:
             if lib.ek_model_finalize(handle) != 0:
                 raise ModelLoadError(f"{self.path}: {self._c_error()}")
             for w in g.weights:
-                if w.array.size and lib.ek_model_tensor_released(handle, w.kind, w.layer):
+                if w.array is not None and w.array.size and lib.ek_model_tensor_released(handle, w.kind, w.layer):
                     release_weight(w)
                     released += 1
             if released:
