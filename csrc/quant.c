@@ -68,7 +68,7 @@ void ek_fp32_to_fp16_row(const float *x, ek_fp16 *y, int n) {
 /* activation quantization                                                    */
 /* ------------------------------------------------------------------------- */
 
-void ek_quantize_row_q8a(const float *x, block_q8a *y, int n) {
+void ek_quantize_row_q8a_ref(const float *x, block_q8a *y, int n) {
     const int nb = n / QK;
     for (int b = 0; b < nb; b++) {
         const float *xb = x + b * QK;
@@ -85,6 +85,43 @@ void ek_quantize_row_q8a(const float *x, block_q8a *y, int n) {
         y[b].d = d;
         y[b].s = d * (float)sum;
     }
+}
+
+#if defined(EK_AVX2)
+/* The same blocks as the reference for finite inputs (max is exact in any order, cvtps2dq rounds
+ * to nearest even as lrintf does); a batch forward quantizes every matmul input of every token,
+ * and the reference's libm fmaxf/lrintf calls made that 8% of a 32-token pass of the 1.5B model. */
+static void quantize_row_q8a_avx2(const float *x, block_q8a *y, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < n / QK; b++) {
+        const float *xb = x + b * QK;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), m); /* a NaN lane keeps m, as fmaxf does */
+        }
+        const float d = ek_hmax256(m) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        /* int32 -> int8 (|q| <= 127: the saturating packs are exact), then the 4-byte groups the
+         * two packs interleaved across 128-bit lanes put back in order */
+        const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)y[b].qs, _mm256_permutevar8x32_epi32(p8, order));
+        y[b].d = d;
+        y[b].s = d * (float)ek_hsum256_epi32(sum);
+    }
+}
+#endif
+
+void ek_quantize_row_q8a(const float *x, block_q8a *y, int n) {
+#if defined(EK_AVX2)
+    quantize_row_q8a_avx2(x, y, n);
+#else
+    ek_quantize_row_q8a_ref(x, y, n);
+#endif
 }
 
 /* ------------------------------------------------------------------------- */

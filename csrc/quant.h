@@ -116,6 +116,7 @@ typedef struct {
 const ek_x8_traits *ek_x8_get(int type);
 
 /* Reference quantizers for activations (also used by tests). */
-void ek_quantize_row_q8a(const float *x, block_q8a *y, int n);
+void ek_quantize_row_q8a(const float *x, block_q8a *y, int n);     /* SIMD where compiled */
+void ek_quantize_row_q8a_ref(const float *x, block_q8a *y, int n); /* plain C, the reference */
 
 #endif

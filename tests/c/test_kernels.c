@@ -113,6 +113,19 @@ static void test_act_quant(void) {
     }
     /* round-to-nearest: error at most half a step per value */
     for (int i = 0; i < n; i++) CHECK(fabsf(y[i] - x[i]) <= 0.5001f * q[i / QK].d, "q8a value %d off by %g", i, y[i] - x[i]);
+    /* the SIMD quantizer writes the reference's blocks exactly (finite inputs), ties included */
+    float t[256];
+    block_q8a r[256 / QK];
+    for (int rep = 0; rep < 200; rep++) {
+        const float scale = powf(10.0f, (float)(rep % 9) - 4.0f);
+        for (int i = 0; i < n; i++) t[i] = frand() * scale;
+        if (rep % 3 == 0) /* exact halves of a step: amax = 127 so that x * id lands on k + 0.5 */
+            for (int i = 0; i < n; i++) t[i] = (i % QK == 0) ? 127.0f : (float)((i * 7) % 254 - 127) + 0.5f;
+        if (rep % 5 == 0) t[rep % n] = 0.0f, t[(rep + 1) % n] = -0.0f;
+        ek_quantize_row_q8a(t, q, n);
+        ek_quantize_row_q8a_ref(t, r, n);
+        CHECK(memcmp(q, r, sizeof q) == 0, "q8a SIMD vs reference differ (rep %d)", rep);
+    }
     float zeros[QK] = {0};
     ek_quantize_row_q8a(zeros, q, QK);
     CHECK(q[0].d == 0.0f && q[0].s == 0.0f, "all-zero block must quantize to d = 0");
