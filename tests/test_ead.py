@@ -101,6 +101,19 @@ def test_config_validation():
             EADConfig(**bad)
 
 
+def test_entropy_bits_c_path_matches_float64():
+    from edgekv.ead import entropy_bits_f64
+
+    rng = np.random.default_rng(7)
+    for scale in (0.01, 1.0, 5.0, 30.0):
+        for n in (2, 1000, 151936):
+            z = (rng.standard_normal(n) * scale).astype(np.float32)
+            assert abs(entropy_bits(z) - entropy_bits_f64(z)) < 1e-4 * max(1.0, entropy_bits_f64(z))
+    z = np.full(5000, -20.0, np.float32)
+    z[17] = 40.0  # nearly one-hot
+    assert entropy_bits(z) == pytest.approx(entropy_bits_f64(z), abs=1e-6)
+
+
 def test_entropy_bits():
     assert entropy_bits(np.zeros(8, np.float32)) == pytest.approx(3.0)
     assert entropy_bits(np.array([0.0, 0.0, -np.inf])) == pytest.approx(1.0)
