@@ -54,7 +54,7 @@ def dump_model(gguf_path, out_path, prompt: str = "The quick brown fox jumps ove
     offset = -(-(len(header) + table_len) // ALIGN) * ALIGN
     recs, blobs = [], []
     for w in g.weights:
-        data = w.array.tobytes()
+        data = w.materialize().tobytes()  # converts a Q4_K/Q5_0/Q6_K matrix now
         recs.append(struct.pack("<4i4q", w.kind, w.layer, w.type, 0, w.n_in, w.n_out, len(data), offset))
         pad = -len(data) % ALIGN
         blobs.append(data + b"\0" * pad)
