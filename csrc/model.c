@@ -368,7 +368,6 @@ typedef struct {
     const void *xq;   /* (n_tok, act_stride) quantized activations */
     size_t act_stride;
     int n_tok, n_in;
-    int rows_per_chunk;
     int job_chunks[MM_MAX_JOBS + 1]; /* prefix sums: chunks before job j */
     atomic_int next;
 } mm_ctx;
@@ -400,7 +399,7 @@ static void mm_rows(const mm_ctx *c, const mm_job *job, int64_t r0, int64_t r1) 
     const ek_type_traits *tr = ek_type_get(w->type);
     const void *act = tr->act_is_q8 ? c->xq : (const void *)c->x;
     const size_t stride = tr->act_is_q8 ? c->act_stride : (size_t)c->n_in * sizeof(float);
-    if (w->packed) { /* chunks start at multiples of rows_per_chunk (MM_ROWS_CHUNK) and n_out % 8 == 0 */
+    if (w->packed) { /* chunks start at multiples of MM_ROWS_CHUNK and n_out % 8 == 0 */
         mm_rows_x8(c, job, act, stride, r0, r1);
         return;
     }
@@ -428,8 +427,8 @@ static void mm_task(void *p, int ith, int nth) {
     while ((i = ek_claim(&c->next, c->job_chunks[c->n_jobs])) >= 0) {
         int j = 0;
         while (i >= c->job_chunks[j + 1]) j++;
-        const int64_t r0 = (int64_t)(i - c->job_chunks[j]) * c->rows_per_chunk;
-        const int64_t n_out = c->jobs[j].w->n_out, r1 = r0 + c->rows_per_chunk < n_out ? r0 + c->rows_per_chunk : n_out;
+        const int64_t r0 = (int64_t)(i - c->job_chunks[j]) * MM_ROWS_CHUNK;
+        const int64_t n_out = c->jobs[j].w->n_out, r1 = r0 + MM_ROWS_CHUNK < n_out ? r0 + MM_ROWS_CHUNK : n_out;
         mm_rows(c, &c->jobs[j], r0, r1);
         if (c->jobs[j].chunk_stats) /* while the chunk's logits are still in this core's cache */
             ek_logit_partial(c->jobs[j].out + r0, (int)(r1 - r0), c->jobs[j].chunk_stats + 3 * (i - c->job_chunks[j]));
@@ -454,14 +453,13 @@ static void quant_task(void *p, int ith, int nth) {
 /* Run up to MM_MAX_JOBS matrices that share the input x (n_tok, n_in). */
 static void matmul(ek_model *m, const float *x, int n_tok, int n_in, const mm_job *jobs, int n_jobs) {
     mm_ctx c = {.n_jobs = n_jobs, .x = x, .xq = m->act, .act_stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
-    c.rows_per_chunk = MM_ROWS_CHUNK;
     atomic_init(&c.next, 0);
     int need_q8 = 0;
     c.job_chunks[0] = 0;
     for (int j = 0; j < n_jobs; j++) {
         c.jobs[j] = jobs[j];
         need_q8 |= ek_type_get(jobs[j].w->type)->act_is_q8;
-        c.job_chunks[j + 1] = c.job_chunks[j] + (int)((jobs[j].w->n_out + c.rows_per_chunk - 1) / c.rows_per_chunk);
+        c.job_chunks[j + 1] = c.job_chunks[j] + (int)((jobs[j].w->n_out + MM_ROWS_CHUNK - 1) / MM_ROWS_CHUNK);
     }
     if (need_q8) {
         quant_ctx q = {.x = x, .xq = m->act, .stride = m->act_stride, .n_tok = n_tok, .n_in = n_in};
