@@ -33,20 +33,9 @@ def _convert(src_type: Q, raw: np.ndarray, n_in: int, n_rows: int) -> tuple[int,
     return dst, out
 
 
-def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
-    blocks = b.reshape(-1, 34)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)
-    return (d * q).reshape(-1)
-
-
-def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
-    blocks = b.reshape(-1, 20)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    qs = blocks[:, 4:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
-    return (d * q + m).reshape(-1)
+def _dequant(qtype: Q, b: np.ndarray) -> np.ndarray:
+    """gguf-py's dequantizer for a converted buffer (the same one test_kernels.py uses)."""
+    return quants.dequantize(b.reshape(1, -1), qtype).reshape(-1)
 
 
 def _random_blocks(rng, qtype: Q, n_blocks: int) -> np.ndarray:
@@ -74,7 +63,7 @@ def test_q5_0_to_q8_0_is_exact(n_in, n_rows):
     dst, out = _convert(Q.Q5_0, raw, n_in, n_rows)
     assert dst == int(Q.Q8_0)
     ref = quants.dequantize(raw, Q.Q5_0).reshape(-1)
-    np.testing.assert_array_equal(_dequant_q8_0(out), ref)
+    np.testing.assert_array_equal(_dequant(Q.Q8_0, out), ref)
 
 
 @pytest.mark.parametrize("n_in,n_rows", [(256, 5), (1536, 3)])
@@ -83,7 +72,7 @@ def test_q4_k_to_q4_1_keeps_codes_and_rounds_only_scales(n_in, n_rows):
     raw = _random_blocks(rng, Q.Q4_K, n_in // 256 * n_rows)
     dst, out = _convert(Q.Q4_K, raw, n_in, n_rows)
     assert dst == int(Q.Q4_1)
-    got = _dequant_q4_1(out)
+    got = _dequant(Q.Q4_1, out)
     ref = quants.dequantize(raw, Q.Q4_K).reshape(-1).astype(np.float64)
     # per sub-block of 32: the magnitudes the fp16 roundings act on, from the converted block
     q41 = out.reshape(-1, 20)
@@ -106,7 +95,7 @@ def test_q6_k_to_q8_0_error_within_half_a_step(n_in, n_rows):
     dst, out = _convert(Q.Q6_K, raw, n_in, n_rows)
     assert dst == int(Q.Q8_0)
     ref = quants.dequantize(raw, Q.Q6_K).reshape(-1).astype(np.float32)
-    got = _dequant_q8_0(out)
+    got = _dequant(Q.Q8_0, out)
     blocks = ref.reshape(-1, 32)
     d8 = np.abs(blocks).max(axis=1) / 127.0
     d8_16 = d8.astype(np.float16).astype(np.float64)

@@ -91,6 +91,14 @@ class _Cursor:
         self.pos += n
         return s
 
+    def text(self, what: str) -> str:
+        """A string that must be UTF-8 (a key or a tensor name)."""
+        at = self.pos
+        try:
+            return self.string(what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"{what} at byte {at} is not UTF-8") from None
+
     def value(self, vtype: int, what: str, depth: int = 0):
         """One metadata value as a Python object (strings still bytes)."""
         if vtype in SCALARS:
@@ -159,10 +167,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     fields: dict[str, Any] = {}
     for _ in range(n_kv):
         key_at = c.pos
-        try:
-            key = c.string("metadata key").decode("utf-8")
-        except UnicodeDecodeError:
-            raise GGUFFormatError(f"metadata key at byte {key_at} is not UTF-8") from None
+        key = c.text("metadata key")
         if key in fields:
             raise GGUFFormatError(f"metadata key {key!r} appears twice (byte {key_at})")
         raw = c.value(c.take("I", 4, f"type of {key!r}"), f"value of {key!r}")
@@ -173,11 +178,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     infos = []
     names = set()
     for _ in range(n_tensors):
-        at = c.pos
-        try:
-            name = c.string("tensor name").decode("utf-8")
-        except UnicodeDecodeError:
-            raise GGUFFormatError(f"tensor name at byte {at} is not UTF-8") from None
+        name = c.text("tensor name")
         if name in names:
             raise GGUFFormatError(f"tensor {name!r} appears twice")
         names.add(name)
