@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 4 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights */
+#define EK_ABI_VERSION 5 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering */
 
 typedef struct {
     int n_vocab;
@@ -106,10 +106,14 @@ size_t ek_kv_bytes_per_token(const ek_model *m);
 /* ---- mixed-precision KV store ----
  * Tokens enter at 16 bits; a policy moves them to 8, 4 or 2 bits (keys and values
  * separately). group_bits8/4/2: quantization group sizes (multiples of 32 dividing
- * head_dim); rotate: randomized Hadamard rotation of quantized records. Configure
- * only while the context is empty. */
-int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int rotate);
+ * head_dim); flags: EK_KV_ROTATE, randomized Hadamard rotation of quantized records;
+ * EK_KV_CENTER_KEYS, quantized keys stored minus a per-(layer, head) mean fixed at the
+ * first key quantization, which attention adds back as a score offset (exact; see
+ * kv_store.h). Configure only while the context is empty. */
+enum { EK_KV_ROTATE = 1, EK_KV_CENTER_KEYS = 2 };
+int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags);
 int ek_kv_rotating(const ek_model *m);
+int ek_kv_centering(const ek_model *m);
 /* Re-encode n cached positions at the given bit-widths (16, 8, 4 or 2). */
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
 /* Bit-widths of every cached position (n_past entries each). */
@@ -156,13 +160,16 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 /* Quantize and dequantize one record of n values (tests): bits 16/8/4/2, group g. */
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
 /* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
- * are stored at the given per-position bits into a scratch store; out (gs, head_dim).
- * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone.
+ * are stored at the given per-position bits into a scratch store (flags as ek_kv_configure, group
+ * for every precision); out (gs, head_dim).
+ * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone (and the
+ * key center added back: with EK_KV_CENTER_KEYS a quantized key j scores q_key . (k_deq_j - c) + q . c,
+ * c the mean of the fp16 keys at positions 1..n_pos-1).
  * q_key (optional, 4 * gs * head_dim): for each key precision (16, 8, 4, 2 bits in that order),
  * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
  * or, for 4- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
-                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,
                          float *k_deq, float *v_deq, float *q_key);
 /* Values at v_bits, head_dim, gs query heads: 0 if the build sums them in float, else the tile size T
  * of the integer value sum, which rounds each weight * scale to an integer in 0..Q (Q =

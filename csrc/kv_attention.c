@@ -111,7 +111,11 @@ float ek_exp_shift(float *x, int n, float m) { return exp_shift_ref(x, n, m); }
 /* ------------------------------------------------------------------------- */
 
 size_t ek_attn_partial_floats(int gs, int head_dim) { return (size_t)gs * (2 + 2 * head_dim); }
-size_t ek_attn_scratch_floats(int gs, int head_dim) { return (size_t)gs * ATTN_CHUNK + 2 * (size_t)ATTN_CHUNK * head_dim; }
+/* scores (gs, ATTN_CHUNK) | tile (ATTN_CHUNK, head_dim) | second tile (AVX-512 permuted values) | key-center
+ * score offsets (gs) */
+size_t ek_attn_scratch_floats(int gs, int head_dim) {
+    return (size_t)gs * ATTN_CHUNK + 2 * (size_t)ATTN_CHUNK * head_dim + (size_t)gs;
+}
 
 void ek_attn_partial_init(ek_attn_partial *p, float *buf, int gs, int head_dim) {
     p->m = buf;
@@ -589,6 +593,15 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     float *sc = scratch;                                  /* (gs, ATTN_CHUNK) scores, then weights */
     float *tile = scratch + (size_t)gs * ATTN_CHUNK;      /* (ATTN_CHUNK, head_dim) dequantized records */
     const int masked_pool = pool->kp == KVP_F16 && pool->vp == KVP_F16; /* only new tokens can be in the future */
+    /* centered keys (kv_store.h): each head's scores of this pool get q . c back */
+    const float *kc = pool->kp != KVP_F16 ? ek_kv_center(s, a->layer, a->head) : NULL;
+    float *kbias = scratch + (size_t)gs * ATTN_CHUNK + 2 * (size_t)ATTN_CHUNK * hd;
+    if (kc)
+        for (int h = 0; h < gs; h++) {
+            float b = 0.0f;
+            for (int i = 0; i < hd; i++) b += a->q[(size_t)h * hd + i] * kc[i];
+            kbias[h] = b;
+        }
 #if defined(EK_AVX512)
     /* integer value sums go to o directly where the kernel's value order is the natural one, else
      * to o_perm (added into o at the end) */
@@ -639,6 +652,12 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
             }
             score_tile(tile, n, hd, q, gs, sc);
         }
+        if (kc)
+            for (int h = 0; h < gs; h++) {
+                float *row = sc + h * ATTN_CHUNK;
+                for (int j = 0; j < n; j++) row[j] += kbias[h];
+                if (have_tmax) tmax[h] += kbias[h];
+            }
         int n_masked = 0;
         if (masked_pool)
             for (int j = 0; j < n; j++)

@@ -32,7 +32,8 @@ int ek_kv_store_init(ek_kv_store *s, int n_layer, int n_kv_head, int head_dim, i
     s->att_sum = (double *)calloc((size_t)n_ctx, sizeof(double));
     s->att_sumsq = (double *)calloc((size_t)n_ctx, sizeof(double));
     s->att_count = (int32_t *)calloc((size_t)n_ctx, sizeof(int32_t));
-    if (!s->signs || !s->pool_of || !s->slot_of || !s->att_sum || !s->att_sumsq || !s->att_count) goto fail;
+    s->k_center = (float *)calloc((size_t)n_layer * n_kv_head * head_dim, sizeof(float));
+    if (!s->k_center || !s->signs || !s->pool_of || !s->slot_of || !s->att_sum || !s->att_sumsq || !s->att_count) goto fail;
     /* fixed signs (xorshift): the same rotation on every machine and run */
     uint32_t r = 0x2545F491u;
     for (int i = 0; i < head_dim; i++) {
@@ -63,12 +64,13 @@ void ek_kv_store_free(ek_kv_store *s) {
         s->pools[i].data = NULL;
         s->pools[i].pos = NULL;
     }
+    free(s->k_center); s->k_center = NULL;
     free(s->signs); free(s->pool_of); free(s->slot_of); free(s->att_sum); free(s->att_sumsq); free(s->att_count);
     s->signs = NULL; s->pool_of = NULL; s->slot_of = NULL;
     s->att_sum = s->att_sumsq = NULL; s->att_count = NULL;
 }
 
-int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate) {
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center) {
     if (s->n != 0) return -1;
     for (int p = KVP_Q8; p < KVP_COUNT; p++) {
         const int g = group[p];
@@ -77,6 +79,8 @@ int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate
     if (rotate && (!is_pow2(s->head_dim) || s->head_dim % 32)) return -1;
     for (int p = KVP_Q8; p < KVP_COUNT; p++) s->group[p] = group[p];
     s->rotate = rotate;
+    s->center = center != 0;
+    s->center_ready = 0;
     set_layout(s);
     return 0;
 }
@@ -119,15 +123,44 @@ static void pool_remove(ek_kv_store *s, ek_kv_pool *p, int slot) {
     p->n = last;
 }
 
-/* One head's vector of a record, as floats in the unrotated basis. */
-static void record_to_float(const ek_kv_store *s, int prec, const uint8_t *rec, float *x) {
+/* One head's vector of a record, as floats in the unrotated basis; center: the key center
+ * (NULL for values and uncentered keys), added back to quantized records. */
+static void record_to_float(const ek_kv_store *s, int prec, const uint8_t *rec, float *x, const float *center) {
     ek_kv_prec(prec)->dequant_ref(rec, x, s->head_dim, s->group[prec]);
-    if (prec != KVP_F16 && s->rotate) ek_unrotate(x, s->signs, s->head_dim);
+    if (prec == KVP_F16) return;
+    if (s->rotate) ek_unrotate(x, s->signs, s->head_dim);
+    if (center)
+        for (int i = 0; i < s->head_dim; i++) x[i] += center[i];
 }
 
-static void float_to_record(const ek_kv_store *s, int prec, float *x, uint8_t *rec) {
-    if (prec != KVP_F16 && s->rotate) ek_rotate(x, s->signs, s->head_dim);
+static void float_to_record(const ek_kv_store *s, int prec, float *x, uint8_t *rec, const float *center) {
+    if (prec != KVP_F16) {
+        if (center)
+            for (int i = 0; i < s->head_dim; i++) x[i] -= center[i];
+        if (s->rotate) ek_rotate(x, s->signs, s->head_dim);
+    }
     ek_kv_prec(prec)->quantize(x, rec, s->head_dim, s->group[prec]);
+}
+
+/* Fix the key centers: per (layer, head), the mean of the keys at positions 1..n-1 (position 0
+ * alone when it is the only one). Called before the first key leaves 16 bits, so every key is
+ * still an fp16 record. */
+static void set_key_centers(ek_kv_store *s) {
+    const int hd = s->head_dim, p0 = s->n > 1 ? 1 : 0;
+    float x[1024];
+    double acc[1024];
+    for (int l = 0; l < s->n_layer; l++)
+        for (int h = 0; h < s->n_kv_head; h++) {
+            for (int i = 0; i < hd; i++) acc[i] = 0.0;
+            for (int pos = p0; pos < s->n; pos++) {
+                const ek_kv_pool *p = &s->pools[s->pool_of[pos]];
+                record_to_float(s, p->kp, ek_kv_rec(s, p, l, h, s->slot_of[pos]), x, NULL);
+                for (int i = 0; i < hd; i++) acc[i] += x[i];
+            }
+            float *c = s->k_center + ((size_t)l * s->n_kv_head + h) * hd;
+            for (int i = 0; i < hd; i++) c[i] = s->n > p0 ? (float)(acc[i] / (s->n - p0)) : 0.0f;
+        }
+    s->center_ready = 1;
 }
 
 void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp) {
@@ -136,22 +169,24 @@ void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp) {
     if (&s->pools[dst_id] == src) return;
     ek_kv_pool *dst = &s->pools[dst_id];
     const int from = s->slot_of[pos], to = dst->n;
+    if (s->center && !s->center_ready && kp != KVP_F16) set_key_centers(s);
     float x[1024];
     for (int l = 0; l < s->n_layer; l++)
         for (int h = 0; h < s->n_kv_head; h++) {
             const uint8_t *a = ek_kv_rec(s, src, l, h, from);
             uint8_t *b = ek_kv_rec(s, dst, l, h, to);
+            const float *c = ek_kv_center(s, l, h);
             if (src->kp == kp) {
                 memcpy(b, a, src->k_bytes);
             } else {
-                record_to_float(s, src->kp, a, x);
-                float_to_record(s, kp, x, b);
+                record_to_float(s, src->kp, a, x, c);
+                float_to_record(s, kp, x, b, c);
             }
             if (src->vp == vp) {
                 memcpy(b + dst->k_bytes, a + src->k_bytes, src->v_bytes);
             } else {
-                record_to_float(s, src->vp, a + src->k_bytes, x);
-                float_to_record(s, vp, x, b + dst->k_bytes);
+                record_to_float(s, src->vp, a + src->k_bytes, x, NULL);
+                float_to_record(s, vp, x, b + dst->k_bytes, NULL);
             }
         }
     dst->pos[to] = pos;
@@ -164,6 +199,7 @@ void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp) {
 void ek_kv_store_truncate(ek_kv_store *s, int n) {
     for (int pos = s->n - 1; pos >= n; pos--) pool_remove(s, &s->pools[s->pool_of[pos]], s->slot_of[pos]);
     if (n < s->n) s->n = n;
+    if (s->n == 0) s->center_ready = 0; /* a new context sets new centers */
 }
 
 size_t ek_kv_store_data_bytes(const ek_kv_store *s) {
@@ -180,7 +216,7 @@ void ek_kv_store_get(const ek_kv_store *s, int layer, int pos, float *k, float *
     const ek_kv_pool *p = &s->pools[s->pool_of[pos]];
     for (int h = 0; h < s->n_kv_head; h++) {
         const uint8_t *rec = ek_kv_rec(s, p, layer, h, s->slot_of[pos]);
-        record_to_float(s, p->kp, rec, k + (size_t)h * s->head_dim);
-        record_to_float(s, p->vp, rec + p->k_bytes, v + (size_t)h * s->head_dim);
+        record_to_float(s, p->kp, rec, k + (size_t)h * s->head_dim, ek_kv_center(s, layer, h));
+        record_to_float(s, p->vp, rec + p->k_bytes, v + (size_t)h * s->head_dim, NULL);
     }
 }

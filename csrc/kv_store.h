@@ -11,6 +11,16 @@
  * exactly the plain FP16 attention. Quantized records are stored rotated
  * (randomized Hadamard, when enabled): attention rotates the query for
  * quantized keys and un-rotates the output gathered from quantized values.
+ *
+ * Key centering (when enabled): quantized key records hold k - c, with c one
+ * fixed vector per (layer, KV head). Softmax ignores a score offset shared by
+ * every position, and q.k = q.(k - c) + q.c, so attention adds q.c to the
+ * scores of quantized keys and stays exact; what changes is that the
+ * per-channel offset keys carry (large in a few channels, the same for every
+ * token) no longer widens each token's quantization range. c is the mean of
+ * the 16-bit keys at positions 1..n-1 (position 0, an attention sink, is
+ * unlike the rest) at the moment the first key is quantized, and stays fixed
+ * until the store is emptied.
  */
 #ifndef EDGEKV_KV_STORE_H
 #define EDGEKV_KV_STORE_H
@@ -38,6 +48,9 @@ typedef struct {
     int group[KVP_COUNT]; /* quantization group size per precision (ignored for FP16) */
     int rotate;
     float *signs;         /* (head_dim) random signs of the rotation */
+    int center;           /* center quantized keys (see above) */
+    int center_ready;     /* k_center is fixed (set at the first key quantization) */
+    float *k_center;      /* (n_layer, n_kv_head, head_dim) */
     int n;                /* tokens stored: positions 0..n-1 */
     ek_kv_pool pools[KV_NPOOLS];
     uint8_t *pool_of;     /* (n_ctx) pool id of each position */
@@ -50,8 +63,13 @@ typedef struct {
 int ek_kv_store_init(ek_kv_store *s, int n_layer, int n_kv_head, int head_dim, int n_ctx);
 void ek_kv_store_free(ek_kv_store *s);
 
-/* Group sizes and rotation; only while the store is empty. 0 = ok, -1 = invalid. */
-int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate);
+/* Group sizes, rotation and key centering; only while the store is empty. 0 = ok, -1 = invalid. */
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center);
+
+/* The key center of (layer, head), or NULL while keys are not centered. */
+static inline const float *ek_kv_center(const ek_kv_store *s, int layer, int head) {
+    return s->center_ready ? s->k_center + ((size_t)layer * s->n_kv_head + head) * s->head_dim : NULL;
+}
 
 /* Append positions n..n+count-1 as FP16/FP16 slots (records filled by ek_kv_store_put). */
 void ek_kv_store_append(ek_kv_store *s, int count);

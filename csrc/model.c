@@ -912,10 +912,11 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 /* mixed-precision KV                                                          */
 /* ------------------------------------------------------------------------- */
 
-int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int rotate) {
+int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags) {
     if (m->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
+    if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
     const int g[KVP_COUNT] = {m->cfg.head_dim, group_bits8, group_bits4, group_bits2};
-    if (ek_kv_store_configure(&m->kv, g, rotate))
+    if (ek_kv_store_configure(&m->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS))
         return fail(m, EK_ERR_INVALID,
                     "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "
                     "rotation needs a power-of-two head_dim",
@@ -924,6 +925,7 @@ int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bit
 }
 
 int ek_kv_rotating(const ek_model *m) { return m->kv.rotate; }
+int ek_kv_centering(const ek_model *m) { return m->kv.center; }
 
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
     /* validate everything first: a rejected call changes nothing */
@@ -976,15 +978,16 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
 }
 
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
-                         const int32_t *v_bits, int n_pos, int head_dim, int group, int rotate, float *out,
+                         const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,
                          float *k_deq, float *v_deq, float *q_key) {
     if (gs <= 0 || n_pos <= 0 || head_dim <= 0 || head_dim % 32 || head_dim > 1024) return EK_ERR_INVALID;
+    if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
     const int g[KVP_COUNT] = {head_dim, group, group, group};
     int rc = EK_ERR_INVALID;
     float *buf = NULL, *qs = NULL;
-    if (ek_kv_store_configure(&s, g, rotate)) goto done;
+    if (ek_kv_store_configure(&s, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS)) goto done;
     for (int j = 0; j < n_pos; j++)
         if (ek_kv_prec_from_bits(k_bits[j]) < 0 || ek_kv_prec_from_bits(v_bits[j]) < 0) goto done;
     ek_kv_store_append(&s, n_pos);

@@ -401,7 +401,9 @@ def test_roundtrip_rejects_invalid_arguments():
 # ---------------------------------------------------------------------------------------------
 
 
-def c_attention(q, k, v, k_bits, v_bits, group, rotate):
+def c_attention(q, k, v, k_bits, v_bits, group, rotate, center=False):
+    """ek_kv_attention_test; with center, also returns the key center c the store used (see
+    key_center), else zeros: (rc, out, kd, vd, q_key, c)."""
     gs, hd = q.shape
     n_pos = k.shape[0]
     out = np.full((gs, hd), np.nan, np.float32)
@@ -411,21 +413,36 @@ def c_attention(q, k, v, k_bits, v_bits, group, rotate):
     vb = np.ascontiguousarray(v_bits, np.int32)
     qk = np.full((4, gs, hd), np.nan, np.float32)
     rc = lib.ek_kv_attention_test(_ptr(q), gs, _ptr(k), _ptr(v), _ptr(kb, "int32_t *"), _ptr(vb, "int32_t *"),
-                                  n_pos, hd, group, int(rotate), _ptr(out), _ptr(kd), _ptr(vd), _ptr(qk))
+                                  n_pos, hd, group, (lib.EK_KV_ROTATE if rotate else 0) |
+                                  (lib.EK_KV_CENTER_KEYS if center else 0), _ptr(out), _ptr(kd), _ptr(vd), _ptr(qk))
     # per position, the (scaled) query its key was scored with: float, or int8-rounded where the
     # build scores that key precision with integer dot products
     q_key = qk[[ALL_BITS.index(b) for b in kb]] if rc == 0 else None  # (n_pos, gs, hd)
-    return rc, out, kd, vd, q_key
+    c = key_center(k) if center and (kb != 16).any() else np.zeros(hd)
+    return rc, out, kd, vd, q_key, c
 
 
-def attention_probs(q, kd, q_key=None) -> np.ndarray:
+def key_center(k) -> np.ndarray:
+    """The store's key center for keys k (n_pos, hd), all entered as fp16 records: their mean over
+    positions 1..n-1 (position 0 when it is the only one), float64."""
+    x = f16(k).astype(np.float64)
+    return x[1:].mean(axis=0) if len(x) > 1 else x[0]
+
+
+def attention_probs(q, kd, q_key=None, c=None, kb=None) -> np.ndarray:
     """(gs, n_pos) softmax weights in float64; q_key (n_pos, gs, hd): the scaled query each key was
-    scored with."""
+    scored with; c, kb: with key centering, the center and each position's key bits (a quantized key
+    j scores q_key_j . (kd_j - c) + q . c, see ek_kv_attention_test)."""
     hd = q.shape[1]
+    qs = q.astype(np.float64) / np.sqrt(hd)
     if q_key is None:
-        s = (q.astype(np.float64) / np.sqrt(hd)) @ kd.astype(np.float64).T
-    else:
+        s = qs @ kd.astype(np.float64).T
+    elif c is None or not np.any(c):
         s = np.einsum("jhd,jd->hj", q_key.astype(np.float64), kd.astype(np.float64))
+    else:
+        quant = np.asarray(kb) != 16
+        kc = kd.astype(np.float64) - np.where(quant[:, None], c[None, :], 0.0)
+        s = np.einsum("jhd,jd->hj", q_key.astype(np.float64), kc) + np.where(quant[None, :], (qs @ c)[:, None], 0.0)
     s -= s.max(axis=1, keepdims=True)
     p = np.exp(s)
     return p / p.sum(axis=1, keepdims=True)
@@ -469,19 +486,26 @@ def value_rounding_bound(p, vd, kb, vb, group, rotated) -> np.ndarray:
     return np.linalg.norm(bound, axis=1)
 
 
-def check_attention(out, q, kd, vd, q_key, kb, vb, group, rotated) -> None:
+def check_attention(out, q, kd, vd, q_key, kb, vb, group, rotated, c=None) -> None:
     """out against dequantize-then-attend: the error beyond what the integer value sum's weight
     rounding may add (value_rounding_bound, zero where values are summed in float) must be float
     noise, normalized MSE < 1e-9."""
-    p = attention_probs(q, kd, q_key)
+    p = attention_probs(q, kd, q_key, c, kb)
     ref = p @ vd.astype(np.float64)
     excess = np.maximum(np.linalg.norm(out - ref, axis=1) - value_rounding_bound(p, vd, kb, vb, group, rotated), 0)
     nmse = np.sum(excess**2) / out.size / np.mean(ref**2)
     assert nmse < 1e-9, f"normalized MSE beyond the value rounding bound {nmse:.3g}"
 
 
-def check_stored(x, xd, bits, group, rotated):
-    """Read-back records of one tensor (n_pos, hd) against the reference formats."""
+def check_stored(x, xd, bits, group, rotated, c=None):
+    """Read-back records of one tensor (n_pos, hd) against the reference formats; c: the key center
+    (quantized records hold x - c and read back with c added)."""
+    # tokens enter as FP16 records and are re-encoded from those: the input is fp16(x) (- c)
+    entered = f16(x).astype(np.float64)
+    if c is not None and np.any(c):
+        quant = np.asarray(bits) != 16
+        entered = np.where(quant[:, None], entered - c, entered)
+        xd = np.where(quant[:, None], xd.astype(np.float64) - c, xd)
     for b in ALL_BITS:
         sel = bits == b
         if not sel.any():
@@ -489,8 +513,7 @@ def check_stored(x, xd, bits, group, rotated):
         if b == 16:  # FP16 records are stored unrotated: exactly fp16(x)
             np.testing.assert_array_equal(xd[sel], f16(x[sel]))
             continue
-        # tokens enter as FP16 records and are re-encoded from those: the input is fp16(x)
-        xr = rotate(f16(x[sel])) if rotated else f16(x[sel])
+        xr = rotate(entered[sel], np.float64) if rotated else entered[sel]
         for row, got in zip(xr, xd[sel]):
             codes, d, m = ref_quantize(row, b, group)
             want = ref_dequantize(codes, d, m, group)  # in the stored (rotated) basis
@@ -508,15 +531,17 @@ def check_stored(x, xd, bits, group, rotated):
     do_rotate=st.booleans(),
     mix=st.sampled_from(["random", "all16", "allq", "mostly16"]),
     qscale=st.sampled_from([0.2, 1.0, 3.0]),
+    center=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_attention_equals_dequantize_then_attend(hd, gs, n_pos, group_pick, do_rotate, mix, qscale, seed):
+def test_attention_equals_dequantize_then_attend(hd, gs, n_pos, group_pick, do_rotate, mix, qscale, center, seed):
     group = [32, 64][group_pick] if hd % 64 == 0 else 32
     r = np.random.default_rng(seed)
     q = (r.normal(0, qscale, (gs, hd))).astype(np.float32)
     k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     k[:, r.integers(hd)] *= 8  # an outlier channel, as real keys have
+    k[:, r.integers(hd)] += 6  # and an offset channel, the same for every token (what centering removes)
     if mix == "all16":
         kb = vb = np.full(n_pos, 16)
     elif mix == "allq":
@@ -526,12 +551,12 @@ def test_attention_equals_dequantize_then_attend(hd, gs, n_pos, group_pick, do_r
         vb = np.where(r.random(n_pos) < 0.9, 16, r.choice(QBITS, n_pos))
     else:
         kb, vb = r.choice(ALL_BITS, n_pos), r.choice(ALL_BITS, n_pos)
-    rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, do_rotate)
+    rc, out, kd, vd, q_key, c = c_attention(q, k, v, kb, vb, group, do_rotate, center)
     assert rc == 0
     assert np.isfinite(out).all() and np.isfinite(kd).all() and np.isfinite(vd).all()
-    check_stored(k, kd, np.asarray(kb), group, do_rotate)
+    check_stored(k, kd, np.asarray(kb), group, do_rotate, c)
     check_stored(v, vd, np.asarray(vb), group, do_rotate)
-    check_attention(out, q, kd, vd, q_key, kb, vb, group, do_rotate)
+    check_attention(out, q, kd, vd, q_key, kb, vb, group, do_rotate, c)
 
 
 @pytest.mark.parametrize("vbits", QBITS)
@@ -549,7 +574,7 @@ def test_integer_value_sum_error_is_small_and_bounded(vbits, group):
         k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
         v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
         kb, vb = np.full(n_pos, 4), np.full(n_pos, vbits)
-        rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, True)
+        rc, out, kd, vd, q_key, _ = c_attention(q, k, v, kb, vb, group, True)
         assert rc == 0
         p = attention_probs(q, kd, q_key)
         ref = p @ vd.astype(np.float64)
@@ -578,9 +603,9 @@ def test_integer_value_sum_adds_little_to_quantization_error(vbits, group):
         k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
         v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
         k[:, 5] *= 8
-        _, o16, _, _, _ = c_attention(q, k, v, [16] * n_pos, [16] * n_pos, 64, True)
+        _, o16, _, _, _, _ = c_attention(q, k, v, [16] * n_pos, [16] * n_pos, 64, True)
         kb, vb = np.full(n_pos, 4), np.full(n_pos, vbits)
-        rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, True)
+        rc, out, kd, vd, q_key, _ = c_attention(q, k, v, kb, vb, group, True)
         assert rc == 0
         ref = attention_probs(q, kd, q_key) @ vd.astype(np.float64)  # the same cache, read in float
         rounding.append(np.linalg.norm(out - ref))
@@ -598,7 +623,7 @@ def test_integer_key_scoring_query_rule(bits, do_rotate):
     gs, hd, n_pos = 3, 64, 50
     q = r.normal(0, 1, (gs, hd)).astype(np.float32)
     k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
-    rc, out, kd, vd, q_key = c_attention(q, k, k.copy(), [bits] * n_pos, [16] * n_pos, 64, do_rotate)
+    rc, out, kd, vd, q_key, _ = c_attention(q, k, k.copy(), [bits] * n_pos, [16] * n_pos, 64, do_rotate)
     assert rc == 0
     qs = q / np.sqrt(hd)
     for h in range(gs):
@@ -624,7 +649,7 @@ def test_attention_shapes(hd, group, do_rotate, ok):
     k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
     kb, vb = r.choice(ALL_BITS, n_pos), r.choice(ALL_BITS, n_pos)
-    rc, out, kd, vd, q_key = c_attention(q, k, v, kb, vb, group, do_rotate)
+    rc, out, kd, vd, q_key, _ = c_attention(q, k, v, kb, vb, group, do_rotate)
     if not ok:
         assert rc < 0
         return
@@ -648,7 +673,7 @@ def test_attention_all_fp16_is_plain_attention():
     k = r.normal(0, 1, (200, 64)).astype(np.float32)
     v = r.normal(0, 1, (200, 64)).astype(np.float32)
     for do_rotate in (False, True):
-        rc, out, kd, vd, _ = c_attention(q, k, v, [16] * 200, [16] * 200, 64, do_rotate)
+        rc, out, kd, vd, _, _ = c_attention(q, k, v, [16] * 200, [16] * 200, 64, do_rotate)
         assert rc == 0
         ref = attention_ref(q, f16(k), f16(v))
         assert np.mean((out - ref) ** 2) / np.mean(ref**2) < 1e-9
@@ -763,23 +788,101 @@ def test_move_keeping_one_precision_keeps_that_record(open_model, hd64_path):
     assert same_bits(kv_read_all(m), b)
 
 
-def test_requantized_values_are_within_format_error(open_model, hd64_path):
-    """Moving FP16 -> b bits once: the read-back is the rotated-basis round trip of the fp16 values."""
-    m = open_model(hd64_path)
+def key_centers(kv: np.ndarray, hd: int) -> np.ndarray:
+    """(n_layer, 1, n_head_kv * head_dim) key centers as the store sets them from an all-fp16 cache
+    (kv as kv_read_all returns it): per layer and head, the mean key over positions 1..n-1."""
+    return kv[:, 1:, 0].astype(np.float64).mean(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["centered", "plain"])
+def test_requantized_values_are_within_format_error(open_model, hd64_path, center):
+    """Moving FP16 -> b bits once: the read-back is the rotated-basis round trip of the fp16 values;
+    with key centering, a key's record holds the round trip of (key - c), c its head's mean key over
+    positions 1..n-1, and reads back with c added."""
+    m = open_model(hd64_path, kv_center_keys=center)
     n = 12
     m.logits(rand_ids(m, n, 12))
-    assert m.kv_rotate
+    assert m.kv_rotate and m.kv_center_keys == center
     hd, g = 64, dict(zip(QBITS, m.kv_groups))
     base = kv_read_all(m)
+    c = np.zeros_like(base, np.float64)
+    if center:
+        c[:, :, 0] = key_centers(base, hd)
     for bits in QBITS:
         m.logits(rand_ids(m, n, 12))
         assert kv_set_bits(m, np.arange(n), bits, bits) == 0
         got = kv_read_all(m)
-        for x, y in zip(base.reshape(-1, hd), got.reshape(-1, hd)):
-            codes, d, mm = ref_quantize(rotate(x), bits, g[bits])
+        for x, y, cc in zip(base.reshape(-1, hd), got.reshape(-1, hd), c.reshape(-1, hd)):
+            codes, d, mm = ref_quantize(rotate(x - cc), bits, g[bits])
             want = ref_dequantize(codes, d, mm, g[bits])
-            tol = per_element(np.abs(d), g[bits]) + 1e-5 * np.abs(want).max()
-            assert (np.abs(rotate(y, np.float64) - want) <= tol).all()
+            tol = per_element(np.abs(d), g[bits]) + 1e-5 * np.abs(want).max() + 1e-5 * np.abs(cc).max()
+            assert (np.abs(rotate(y - cc, np.float64) - want) <= tol).all()
+
+
+def test_key_centers_are_fixed_at_the_first_key_move(open_model, hd64_path):
+    """The centers are the mean keys over positions 1..n-1 when the first key leaves 16 bits; a
+    truncation that keeps tokens keeps them (later moves use the old centers), an empty context
+    sets new ones. Checked through read-back: a 4-bit key holds the round trip of (key - c)."""
+    m = open_model(hd64_path)
+    hd, g4 = 64, m.kv_groups[1]
+
+    def check_key(kv, pos, c):
+        for layer in range(kv.shape[0]):
+            for h in range(kv.shape[3] // hd):
+                sl = slice(h * hd, (h + 1) * hd)
+                x = kv[layer, pos, 0, sl].astype(np.float64) - c[layer, 0, sl]
+                codes, d, mm = ref_quantize(rotate(x), 4, g4)
+                want = ref_dequantize(codes, d, mm, g4)
+                got = rotate(now[layer, pos, 0, sl] - c[layer, 0, sl], np.float64)
+                tol = per_element(np.abs(d), g4) + 1e-5 * (np.abs(want).max() + np.abs(c).max())
+                assert (np.abs(got - want) <= tol).all(), (layer, h)
+
+    ids_a, ids_b = rand_ids(m, 20, 31), rand_ids(m, 20, 32)
+    m._eval(ids_a, lib.EK_LOGITS_NONE, None)
+    kv_a = kv_read_all(m)
+    c_a = key_centers(kv_a, hd)
+    assert kv_set_bits(m, [3], 4, 16) == 0
+    now = kv_read_all(m)
+    check_key(kv_a, 3, c_a)
+    # keep 8 tokens, append 20 more: a new token's key is centered with the old c_a
+    m._truncate(8)
+    m._eval(ids_b, lib.EK_LOGITS_NONE, None)
+    kv_ab = kv_read_all(m)
+    assert kv_set_bits(m, [15], 4, 16) == 0
+    now = kv_read_all(m)
+    check_key(kv_ab, 15, c_a)
+    assert np.abs(key_centers(kv_ab, hd) - c_a).max() > 1e-3  # the new mean would differ
+    # an empty context sets new centers
+    m._truncate(0)
+    m._eval(ids_b, lib.EK_LOGITS_NONE, None)
+    kv_b = kv_read_all(m)
+    assert kv_set_bits(m, [5], 4, 16) == 0
+    now = kv_read_all(m)
+    check_key(kv_b, 5, key_centers(kv_b, hd))
+
+
+def test_key_centering_helps_offset_keys():
+    """Why keys are centered: keys whose channels carry a per-channel offset shared by every token
+    (as real keys do) lose far less to 2-bit quantization once the offset is removed, and attention
+    stays exact (the offset comes back as a score shift). Attention error vs FP16 over 400 such keys,
+    20 queries: centered at least 2x smaller than plain (same rotation and groups)."""
+    r = np.random.default_rng(41)
+    gs, hd, n_pos = 4, 64, 400
+    offset = np.zeros(hd)
+    offset[r.choice(hd, 6, replace=False)] = r.choice([-1, 1], 6) * r.uniform(4, 8, 6)
+    k = (r.normal(0, 1, (n_pos, hd)) + offset).astype(np.float32)
+    v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+    err = {}
+    for center in (False, True):
+        e = []
+        for seed in range(20):
+            q = np.random.default_rng(seed).normal(0, 1, (gs, hd)).astype(np.float32)
+            _, o16, *_ = c_attention(q, k, v, [16] * n_pos, [16] * n_pos, 32, True, center)
+            rc, out, *_ = c_attention(q, k, v, [2] * n_pos, [16] * n_pos, 32, True, center)
+            assert rc == 0
+            e.append(np.linalg.norm(out - o16) / np.linalg.norm(o16))
+        err[center] = float(np.mean(e))
+    assert err[True] < 0.5 * err[False], err
 
 
 def test_random_walk_through_pools_keeps_the_map(open_model, kv_model_path):
@@ -845,9 +948,12 @@ def test_truncation_after_mixed_moves(open_model, tiny_path, shape):
     assert same_bits(kv_read_all(a)[:, :keep], before[:, :keep])
     check_accounting(a)
     # same logits as a model that truncated first and moved only the tokens it kept (prefilled
-    # with the same batch: the fp16 records are then bit-identical)
+    # with the same batch: the fp16 records are then bit-identical). Its first key move, of a
+    # position it then drops, fixes its key centers from the same n keys as a's did; truncating to
+    # keep > 0 keeps them.
     b = open_model(kv_model_path)
     b.logits(ids)
+    assert kv_set_bits(b, [n - 1], 8, 16) == 0
     b._truncate(keep)
     assert kv_set_bits(b, np.arange(keep), kb[:keep], vb[:keep]) == 0
     assert same_bits(kv_read_all(b), before[:, :keep])

@@ -2,15 +2,16 @@
 """Dump a GGUF model into the flat format tests/c/run_model.c reads (no Python needed there).
 
 The tensors come from edgekv's own loader (python/edgekv/gguf_loader.py), converted exactly as
-``edgekv.Model`` would hand them to the C core, and the KV layout (quantization groups, rotation)
-is the one ``edgekv.Model`` picks, so the C driver and the Python API run the same computation.
+``edgekv.Model`` would hand them to the C core, and the KV layout (quantization groups, rotation,
+key centering) is the one ``edgekv.Model`` picks, so the C driver and the Python API run the same
+computation.
 
     python tools/dump_model.py tiny.gguf tiny.ekd --prompt "The quick brown fox"
 
 Format (little-endian; 64-byte aligned tensor data):
     b"EKDUMP01"
     int32 x 14: n_vocab n_embd n_layer n_head n_head_kv head_dim n_ff rope_dim rope_neox
-                has_qkv_bias kv_group8 kv_group4 kv_group2 kv_rotate
+                has_qkv_bias kv_group8 kv_group4 kv_group2 kv_flags (ek_kv_configure's flags)
     float32 x 2: rope_base norm_eps
     int32 x 3: n_tensors n_prompt n_eot
     n_tensors x (int32 kind, layer, type, pad; int64 n_in, n_out, n_bytes, offset)
@@ -39,7 +40,9 @@ def dump_model(gguf_path, out_path, prompt: str = "The quick brown fox jumps ove
         warnings.simplefilter("ignore")
         with edgekv.Model(gguf_path, threads=1, ctx=16) as m:  # the KV layout edgekv picks
             groups = m.kv_groups or (0, 0, 0)
-            rotate = int(m.kv_rotate)
+            from edgekv._native import lib
+
+            flags = (lib.EK_KV_ROTATE if m.kv_rotate else 0) | (lib.EK_KV_CENTER_KEYS if m.kv_center_keys else 0)
             prompt_ids = m.tokenize(prompt)
             eot = sorted(m.tokenizer.eot_ids)
     g = load_gguf(gguf_path)
@@ -47,7 +50,7 @@ def dump_model(gguf_path, out_path, prompt: str = "The quick brown fox jumps ove
     if groups == (0, 0, 0):  # head_dim with no valid quantization group: keep the C defaults
         groups = (32, 32, 32)
     ints = [hp["n_vocab"], hp["n_embd"], hp["n_layer"], hp["n_head"], hp["n_head_kv"], hp["head_dim"], hp["n_ff"],
-            hp["rope_dim"], int(g.spec.rope_neox), int(g.spec.qkv_bias), *groups, rotate]
+            hp["rope_dim"], int(g.spec.rope_neox), int(g.spec.qkv_bias), *groups, flags]
     header = MAGIC + struct.pack("<14i", *ints) + struct.pack("<2f", hp["rope_base"], hp["norm_eps"])
     header += struct.pack("<3i", len(g.weights), len(prompt_ids), len(eot))
     table_len = len(g.weights) * 48 + 4 * (len(prompt_ids) + len(eot))
@@ -64,7 +67,7 @@ def dump_model(gguf_path, out_path, prompt: str = "The quick brown fox jumps ove
     body += b"\0" * (-len(body) % ALIGN)
     out = Path(out_path)
     out.write_bytes(body + b"".join(blobs))
-    return {"prompt_ids": list(prompt_ids), "eot": eot, "kv_groups": tuple(groups), "kv_rotate": rotate,
+    return {"prompt_ids": list(prompt_ids), "eot": eot, "kv_groups": tuple(groups), "kv_flags": flags,
             "n_tensors": len(g.weights), "bytes": out.stat().st_size}
 
 

@@ -61,6 +61,7 @@ def load(
     kv_window: int = 0,
     kv_groups: tuple[int, int, int] | None = None,
     kv_rotate: bool = True,
+    kv_center_keys: bool = True,
 ) -> Model:
     """Load a model by registry name (fetched and verified on first use) or .gguf path.
 
@@ -72,7 +73,9 @@ def load(
     kv_window: W, the age in steps at which a token's precision is decided (0 = at once).
     kv_groups: group sizes for 8-, 4- and 2-bit records (default: see Model).
     kv_rotate: Hadamard-rotate quantized keys and values (on by default).
+    kv_center_keys: store quantized keys minus a per-(layer, head) mean, added back exactly as a
+        score offset (on by default; see Model).
     """
     path = resolve(str(model), progress=progress)
     return Model(path, threads=threads, ctx=ctx, n_batch=n_batch, name=str(model), kv=kv, kv_window=kv_window,
-                 kv_groups=kv_groups, kv_rotate=kv_rotate)
+                 kv_groups=kv_groups, kv_rotate=kv_rotate, kv_center_keys=kv_center_keys)

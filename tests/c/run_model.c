@@ -42,7 +42,7 @@ typedef struct {
     unsigned char *buf; /* the whole file, 64-byte aligned */
     size_t size;
     ek_config cfg;
-    int kv_groups[3], kv_rotate;
+    int kv_groups[3], kv_flags; /* ek_kv_configure's flags */
     int n_tensors, n_prompt, n_eot;
     const tensor_rec *tensors;
     const int32_t *prompt, *eot;
@@ -78,7 +78,7 @@ static int read_dump(const char *path, dump *d) {
     ek_config *c = &d->cfg;
     c->n_vocab = iv[0]; c->n_embd = iv[1]; c->n_layer = iv[2]; c->n_head = iv[3]; c->n_head_kv = iv[4];
     c->head_dim = iv[5]; c->n_ff = iv[6]; c->rope_dim = iv[7]; c->rope_neox = iv[8]; c->has_qkv_bias = iv[9];
-    d->kv_groups[0] = iv[10]; d->kv_groups[1] = iv[11]; d->kv_groups[2] = iv[12]; d->kv_rotate = iv[13];
+    d->kv_groups[0] = iv[10]; d->kv_groups[1] = iv[11]; d->kv_groups[2] = iv[12]; d->kv_flags = iv[13];
     c->rope_base = fv[0]; c->norm_eps = fv[1];
     d->n_tensors = counts[0]; d->n_prompt = counts[1]; d->n_eot = counts[2];
     if (d->n_tensors <= 0 || d->n_tensors > 100000 || d->n_prompt <= 0 || d->n_prompt > 1 << 20 || d->n_eot < 0 ||
@@ -218,7 +218,7 @@ int main(int argc, char **argv) {
         }
     }
     if (ek_model_finalize(m)) { die("ek_model_finalize", ek_model_error(m)); goto out; }
-    if (ek_kv_configure(m, d.kv_groups[0], d.kv_groups[1], d.kv_groups[2], d.kv_rotate)) {
+    if (ek_kv_configure(m, d.kv_groups[0], d.kv_groups[1], d.kv_groups[2], d.kv_flags)) {
         die("ek_kv_configure", ek_model_error(m));
         goto out;
     }

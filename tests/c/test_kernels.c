@@ -230,16 +230,25 @@ static void test_kv_attention(void) {
     ek_kv_store signs_of; /* the store's rotation signs (fixed), to read records in the stored basis */
     CHECK(ek_kv_store_init(&signs_of, 1, 1, hd, 1) == 0, "store init failed");
     for (int i = 0; i < n_pos * hd; i++) { k[i] = frand() * 2.0f; v[i] = frand(); }
+    for (int j = 0; j < n_pos; j++) k[j * hd + 5] += 6.0f; /* a channel offset, as real keys have */
     for (int i = 0; i < gsz * hd; i++) q[i] = frand();
-    for (int rotate = 0; rotate <= 1; rotate++)
-        for (int mix = 0; mix < 3; mix++) {
+    /* the key center the store sets with EK_KV_CENTER_KEYS: mean fp16 key over positions 1..n-1 */
+    double c[64] = {0};
+    for (int j = 1; j < n_pos; j++) {
+        float k16[64];
+        CHECK(ek_kv_quant_roundtrip(16, k + (size_t)j * hd, hd, hd, k16, 0) == 0, "fp16 round trip");
+        for (int i = 0; i < hd; i++) c[i] += k16[i] / (double)(n_pos - 1);
+    }
+    for (int flags = 0; flags <= (EK_KV_ROTATE | EK_KV_CENTER_KEYS); flags++)
+        for (int mix = 0; mix < 4; mix++) { /* all 16; two mixes; mixed keys with 16-bit values (no rounding bound) */
+            const int rotate = flags & EK_KV_ROTATE, center = (flags & EK_KV_CENTER_KEYS) && mix > 0;
             for (int j = 0; j < n_pos; j++) {
                 kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % 4];
-                vb[j] = mix == 0 ? 16 : bits[(j * 5 + 1) % 4];
+                vb[j] = mix == 0 || mix == 3 ? 16 : bits[(j * 5 + 1) % 4];
             }
             /* reference: the stored values read back (rotation undone), attended in double precision */
             float kd[150 * 64], vd[150 * 64], qk[4 * 3 * 64];
-            CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, group, rotate, out, kd, vd, qk) == 0,
+            CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, group, flags, out, kd, vd, qk) == 0,
                   "attention test failed");
             double excess2 = 0, ref2 = 0;
             for (int h = 0; h < gsz; h++) {
@@ -247,8 +256,12 @@ static void test_kv_attention(void) {
                 for (int j = 0; j < n_pos; j++) {
                     /* the query this key was scored with (int8-rounded where the build scores with integers) */
                     const float *qh = qk + ((size_t)ek_kv_prec_from_bits(kb[j]) * gsz + h) * hd;
+                    const float *qf = qk + (size_t)h * hd; /* the float query (16-bit keys' entry) */
                     double d = 0;
-                    for (int i = 0; i < hd; i++) d += (double)qh[i] * kd[j * hd + i];
+                    if (center && kb[j] != 16) /* centered key: q_key . (k - c) + q . c */
+                        for (int i = 0; i < hd; i++) d += (double)qh[i] * (kd[j * hd + i] - c[i]) + (double)qf[i] * c[i];
+                    else
+                        for (int i = 0; i < hd; i++) d += (double)qh[i] * kd[j * hd + i];
                     s[j] = d;
                     if (s[j] > mx) mx = s[j];
                 }
@@ -266,8 +279,8 @@ static void test_kv_attention(void) {
                 excess2 += x * x;
             }
             const double e = excess2 / ref2, bound = 1e-9;
-            CHECK(e < bound, "kv attention mix=%d rotate=%d: nmse beyond the value rounding bound %.3g >= %.3g", mix,
-                  rotate, e, bound);
+            CHECK(e < bound, "kv attention mix=%d flags=%d: nmse beyond the value rounding bound %.3g >= %.3g", mix,
+                  flags, e, bound);
         }
     ek_kv_store_free(&signs_of);
     free(k);
