@@ -28,6 +28,11 @@ Policies (comma-separated)
   rule:REF / random:REF                rule-based at REF's measured average bits on this task
                                        (thresholds set on features of the task's first items) /
                                        random routing (RandomPolicy) at REF's measured K and V bit mix
+  random-sink:REF                      random:REF with the learned policy's attention-sink guard
+                                       (position 0's key never below SINK_MIN_KEY_BITS)
+  P+wN                                 policy P with a window: each token stays at 16 bits until it
+                                       is N steps old (kv_window=N; not W=0). Its bits count the
+                                       tokens still at 16 bits when the item ends
 Average bits: storage bits per cached K/V element, group scales and minimums included, over the
 tokens whose precision the scores depend on (HellaSwag: context; WikiText: the whole window).
 
@@ -51,8 +56,9 @@ for _p in (REPO / "python", REPO):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from edgekv.controller import LearnedPolicy, RulePolicy, average_bits, effective_bits  # noqa: E402
-from edgekv.kv_policy import KVPolicy, RandomPolicy, parse_policy  # noqa: E402
+from edgekv.controller import (SINK_MIN_KEY_BITS, LearnedPolicy, RulePolicy, average_bits,  # noqa: E402
+                               effective_bits)
+from edgekv.kv_policy import CallablePolicy, KVPolicy, RandomPolicy, parse_policy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "controller_eval"
@@ -112,8 +118,20 @@ def _measured_bits(records) -> float:
     return num / sum(r["ntok"] for r in records)
 
 
+def _split_window(spec: str) -> tuple[str, int]:
+    """'k4v2+w4' -> ('k4v2', 4): the policy with kv_window W (tokens decided once W steps old)."""
+    base, sep, w = spec.rpartition("+w")
+    return (base, int(w)) if sep and w.isdigit() else (spec, 0)
+
+
 def make_policy(spec: str, task: str, model, item: int = 0) -> KVPolicy:
     """The policy named spec (see the module docstring); item seeds random routing."""
+    base, window = _split_window(spec)
+    if window:
+        pol = make_policy(base, task, model, item)
+        pol.window = window
+        pol.name = spec
+        return pol
     if spec.startswith("adaptive-lam@"):
         return LearnedPolicy(lam=float(spec.split("@", 1)[1]), name=spec)
     if spec.startswith("adaptive@"):
@@ -127,11 +145,21 @@ def make_policy(spec: str, task: str, model, item: int = 0) -> KVPolicy:
         pol = RulePolicy.calibrated(_probe_features(task, model), _measured_bits(ref), groups=model.kv_groups)
         pol.name = spec
         return pol
-    if spec.startswith("random:"):
+    if spec.startswith(("random:", "random-sink:")):
         ref = _records(task, spec.split(":", 1)[1])
         if not ref:
             raise SystemExit(f"{spec}: run {spec.split(':', 1)[1]} on {task} first")
-        return RandomPolicy(_mix(ref, "k_hist"), _mix(ref, "v_hist"), seed=1000003 * (item + 1))
+        pol = RandomPolicy(_mix(ref, "k_hist"), _mix(ref, "v_hist"), seed=1000003 * (item + 1))
+        if spec.startswith("random:"):
+            return pol
+
+        def with_sink(f):  # the learned policy's sink guard (edgekv.controller.SINK_MIN_KEY_BITS) on top
+            k, v = pol.decide(f)
+            sink = np.asarray(f.positions) == 0
+            k[sink] = np.maximum(k[sink], SINK_MIN_KEY_BITS)
+            return k, v
+
+        return CallablePolicy(with_sink, needs_features=False, name=spec)
     return parse_policy(spec)
 
 
@@ -202,15 +230,32 @@ def _artifact_tag(model, spec: str) -> str | None:
     return h.hexdigest()[:12]
 
 
-def _resume(task: str, spec: str, model) -> tuple[set, str | None]:
-    """Items already done, after checking they came from the controller artifact now shipped."""
-    tag = _artifact_tag(model, spec)
+# records from before the layout was recorded were all made with this one
+OLD_LAYOUT = "g64-64-32-rot"
+
+
+def _layout_tag(model, spec: str) -> str | None:
+    """The KV record layout a policy's results depend on (None for fp16, whose records are plain)."""
+    if spec == "fp16":
+        return None
+    g8, g4, g2 = model.kv_groups
+    return f"g{g8}-{g4}-{g2}" + ("-rot" if model.kv_rotate else "") + ("-ck" if model.kv_center_keys else "")
+
+
+def _resume(task: str, spec: str, model) -> tuple[set, str | None, str | None]:
+    """Items already done, after checking they came from the controller artifact now shipped and
+    the KV layout the model uses now."""
+    tag, layout = _artifact_tag(model, spec), _layout_tag(model, spec)
     recs = _records(task, spec)
     stale = [r for r in recs if r.get("artifact") != tag]
     if stale:
         raise SystemExit(f"{OUT / task / _fname(spec)}.jsonl holds results of another controller artifact "
                          f"({stale[0].get('artifact')} vs {tag}): delete it to rerun")
-    return {r["i"] for r in recs}, tag
+    stale = [r for r in recs if layout is not None and r.get("layout", OLD_LAYOUT) != layout]
+    if stale:
+        raise SystemExit(f"{OUT / task / _fname(spec)}.jsonl holds results of another KV layout "
+                         f"({stale[0].get('layout', OLD_LAYOUT)} vs {layout}): delete it to rerun")
+    return {r["i"] for r in recs}, tag, layout
 
 
 def _run_items(task: str, model, spec: str, items: list, progress: bool, score, s_digits: int) -> None:
@@ -218,7 +263,7 @@ def _run_items(task: str, model, spec: str, items: list, progress: bool, score, 
     JSON record per item. score(item, policy) -> (fields, k_bits, v_bits of the tokens scored on)."""
     out = OUT / task / f"{_fname(spec)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done, tag = _resume(task, spec, model)
+    done, tag, layout = _resume(task, spec, model)
     static = None if spec.startswith("random:") else make_policy(spec, task, model)
     from tqdm import tqdm
 
@@ -229,7 +274,8 @@ def _run_items(task: str, model, spec: str, items: list, progress: bool, score, 
             t0 = time.perf_counter()
             fields, kb, vb = score(items[i], pol)
             rec = {"i": i, **fields, "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb),
-                   "v_hist": _hist(vb), "s": round(time.perf_counter() - t0, s_digits), "artifact": tag}
+                   "v_hist": _hist(vb), "s": round(time.perf_counter() - t0, s_digits), "artifact": tag,
+                   "layout": layout}
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
 
@@ -355,7 +401,9 @@ def cmd_report(args) -> None:
     _plot(summary, RESULTS / "controller_pareto.png")
     lines = ["# KV policies: quality vs average KV bits (W=0)", "",
              "SmolLM2-135M-Instruct Q4_1. Command: `python benchmarks/controller_eval.py report`; protocol in "
-             "benchmarks/controller_eval.py. Bits: storage bits per K/V element, group scales included.", ""]
+             "benchmarks/controller_eval.py. Bits: storage bits per K/V element, group scales included. "
+             "Every policy decides a token right after its forward pass (W=0), except `P+wN`: a token stays at "
+             "16 bits until it is N steps old (its bits include the tokens still at 16 bits at the end).", ""]
     for task, t in summary["tasks"].items():
         key = "acc" if task == "hellaswag" else "ppl"
         unit = "tasks" if key == "acc" else "windows"
@@ -393,9 +441,10 @@ def _plot(summary: dict, path: Path) -> None:
         t = summary["tasks"][task]
         key = "acc" if task == "hellaswag" else "ppl"
         for name, s in t["policies"].items():
-            kind = ("adaptive" if name.startswith("adaptive") else "rule" if name.startswith("rule")
-                    else "random" if name.startswith("random") else "static")
-            style = {"adaptive": ("o", "C3"), "rule": ("s", "C2"), "random": ("^", "C1"), "static": ("D", "C0")}[kind]
+            kind = ("window" if _split_window(name)[1] else "adaptive" if name.startswith("adaptive")
+                    else "rule" if name.startswith("rule") else "random" if name.startswith("random") else "static")
+            style = {"adaptive": ("o", "C3"), "rule": ("s", "C2"), "random": ("^", "C1"), "static": ("D", "C0"),
+                     "window": ("x", "C4")}[kind]
             ax.scatter(s["bits"], s[key], marker=style[0], color=style[1], s=40, zorder=3)
             ax.annotate(name, (s["bits"], s[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "fp16" in t["policies"]:
@@ -403,10 +452,10 @@ def _plot(summary: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("average KV bits per element (scales included)")
         ax.set_ylabel("HellaSwag accuracy (%)" if key == "acc" else "WikiText-2 perplexity")
-        ax.set_title(f"{task}: {t['common_items']} {'tasks' if key == 'acc' else 'windows'} (W=0)")
+        ax.set_title(f"{task}: {t['common_items']} {'tasks' if key == 'acc' else 'windows'} (W=0 unless +wN)")
         ax.grid(alpha=0.3)
     for kind, (m, c) in {"adaptive (learned)": ("o", "C3"), "rule-based": ("s", "C2"), "random": ("^", "C1"),
-                         "static": ("D", "C0")}.items():
+                         "static": ("D", "C0"), "with window W=N (+wN)": ("x", "C4")}.items():
         axes[0][0].scatter([], [], marker=m, color=c, label=kind)
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()

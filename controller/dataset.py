@@ -125,10 +125,12 @@ def build_window(model, streams, spec: dict) -> dict:
     return out
 
 
-def cache_dir(repo: Path, slug: str, seed: int) -> Path:
+def cache_dir(repo: Path, slug: str, seed: int, layout: dict | None = None) -> Path:
+    """Cache folder of one build's windows; its name hashes everything the rows depend on (the
+    oracle's horizon and tolerances, the window recipe, the seed, the model's KV layout)."""
     tag = hashlib.sha256(json.dumps({"T": oracle.HORIZON, "tol": oracle.TOL, "null": oracle.NULL_SPLIT,
                                      "ctx": CONTEXTS, "n_lab": N_LABELED, "stream": STREAM_MAX,
-                                     "seed": seed}).encode()).hexdigest()[:10]
+                                     "seed": seed, **({"layout": layout} if layout else {})}).encode()).hexdigest()[:10]
     return repo / "build" / "controller_cache" / f"{slug}-{tag}"
 
 

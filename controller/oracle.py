@@ -28,9 +28,16 @@ from edgekv import _native
 
 ffi, lib = _native.ffi, _native.lib
 
-HORIZON = 16              # T: following positions over which KL is summed
+HORIZON = 16              # T: following positions over which KL is summed (controller.train --horizon)
 NULL_SPLIT = 5            # the null run feeds j+1..j+5, then the rest
-TOL = {"k": 0.5, "v": 0.05}  # tolerance on the excess damage (nats summed over T positions)
+TOL = {"k": 0.5, "v": 0.05}  # tolerance on the excess damage (nats summed over T positions), at T = 16
+
+
+def set_horizon(t: int) -> None:
+    """Sum damage over t following positions; the tolerances scale with t (they are per 16)."""
+    global HORIZON, TOL
+    TOL = {kind: tol * t / HORIZON for kind, tol in TOL.items()}
+    HORIZON = int(t)
 LADDER = (2, 4, 8)
 
 
@@ -63,10 +70,10 @@ class WindowOracle:
     then j+1..j+T run in one batch with all logits.
     """
 
-    def __init__(self, model, ids: np.ndarray, horizon: int = HORIZON):
+    def __init__(self, model, ids: np.ndarray, horizon: int | None = None):
         self.model = model
         self.ids = np.ascontiguousarray(ids, dtype=np.int32)
-        self.T = int(horizon)
+        self.T = int(HORIZON if horizon is None else horizon)
         model._ctx_policy = None
         model._truncate(0)
         self._base = None  # (j, log-softmax of the baseline rows)
@@ -107,9 +114,10 @@ class WindowOracle:
         base = self._baseline(j)
         return float(kl_rows(base, self._run(j, split=NULL_SPLIT)).sum())
 
-    def measure(self, j: int, tol=TOL) -> dict:
+    def measure(self, j: int, tol=None) -> dict:
         """null and damages of token j along the ladder (NaN where not measured: a lower
         bit-width already passed)."""
+        tol = TOL if tol is None else tol
         if j + 1 + self.T > self.ids.size:
             raise ValueError(f"position {j} needs {self.T} following tokens in the window")
         rec = {"null": self.null(j)}
@@ -124,8 +132,9 @@ class WindowOracle:
         return rec
 
 
-def labels_from(rec_arrays: dict, tol=TOL) -> tuple[np.ndarray, np.ndarray]:
+def labels_from(rec_arrays: dict, tol=None) -> tuple[np.ndarray, np.ndarray]:
     """Oracle labels (key bits, value bits) from measured damages (arrays keyed like measure())."""
+    tol = TOL if tol is None else tol
     out = []
     for kind in ("k", "v"):
         n = rec_arrays["null"].size

@@ -17,8 +17,9 @@
    lambda -> bits table, cross-validation results, offline baselines); a feature sample (drawn with
    the same weights) for calibrating the rule baseline
 
-Sizing: about 15 s per window on this 2-core machine while shared (oracle ~5.5 forward runs of 17
-tokens per labeled token), so the default 56 windows take ~15 min and the whole build ~20 min.
+Sizing: about 2.3 s per window on this 2-core machine (one thread, another benchmark running on the
+other core; oracle ~5.5 forward runs of 17 tokens per labeled token), so the default 56 windows take
+~2 min and the whole build ~2.5 min (140 s on 2026-11-29).
 
 Writes python/edgekv/data/controller_<model>.{onnx,json} and controller_<model>_calib.npy.
 Same seed, same windows, same decisions (one thread; scikit-learn seeded).
@@ -244,7 +245,8 @@ def export_onnx(est_k, est_v, n_features: int, path: Path) -> None:
 def build_windows(model, slug: str, n: int, seed: int, fresh: bool) -> list[dict]:
     streams = dataset.token_streams(model)
     specs = dataset.window_specs(streams, n, seed)
-    cdir = dataset.cache_dir(REPO, slug, seed)
+    layout = {"groups": list(model.kv_groups), "rotate": bool(model.kv_rotate), "center": bool(model.kv_center_keys)}
+    cdir = dataset.cache_dir(REPO, slug, seed, layout)
     cdir.mkdir(parents=True, exist_ok=True)
     out = []
     bar = tqdm(specs, desc="windows (features + oracle)", unit="win", file=sys.stderr)
@@ -271,7 +273,13 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore cached windows")
     ap.add_argument("--threads", type=int, default=1, help="engine threads (1: deterministic and polite)")
     ap.add_argument("--out", default=str(DATA_DIR))
+    ap.add_argument("--horizon", type=int, default=oracle.HORIZON,
+                    help="oracle: following positions damage is summed over (tolerances scale with it)")
     args = ap.parse_args(argv)
+    if args.horizon != oracle.HORIZON:
+        if args.horizon < 1:
+            raise SystemExit("--horizon must be >= 1")
+        oracle.set_horizon(args.horizon)
     t_start = time.time()
     slug = model_slug(args.model)
     out_dir = Path(args.out)
@@ -284,7 +292,8 @@ def main(argv=None) -> None:
         rarity.build(args.model)
 
     model = load_model(args.model, threads=args.threads, ctx=1024)
-    log(f"model {model.name}: {model.hparams['n_layer']} layers, KV groups {model.kv_groups}")
+    log(f"model {model.name}: {model.hparams['n_layer']} layers, KV groups {model.kv_groups}, rotation "
+        f"{model.kv_rotate}, key centering {model.kv_center_keys}")
     windows = build_windows(model, slug, args.windows, args.seed, args.fresh)
     rows = dataset.load_rows(windows)
     feats = dataset.features_of(rows)
@@ -389,6 +398,8 @@ def main(argv=None) -> None:
         "vocab_sha256": vocab_fingerprint(model.tokenizer),
         "shape": model_shape(model),
         "kv_groups": list(model.kv_groups),
+        "kv_rotate": bool(model.kv_rotate),
+        "kv_center_keys": bool(model.kv_center_keys),
         "features": list(FEATURE_NAMES),
         "k_classes": classes_k.tolist(),
         "v_classes": classes_v.tolist(),

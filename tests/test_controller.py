@@ -172,8 +172,14 @@ def test_shipped_artifact_loads_and_decides_deterministically(meta_path):
     pol = ctl.LearnedPolicy(target_bits=3.5, artifact=meta_path)
     pol.attach(art, meta["kv_groups"])
     assert pol.lam == ctl.lambda_for_target(meta["lambda_table"], 3.5)
-    k, v = pol.decide(_features(64, seed=3))
-    np.testing.assert_array_equal(k, ctl.choose_bits(pk, meta["k_damage_table"], pol.lam, eff, bucket))
+    feats = _features(64, seed=3)
+    k, v = pol.decide(feats)
+    want_k = ctl.choose_bits(pk, meta["k_damage_table"], pol.lam, eff, bucket)
+    sink = feats.positions == 0  # the attention sink's key: never below SINK_MIN_KEY_BITS
+    assert sink.any()
+    want_k[sink] = np.maximum(want_k[sink], ctl.SINK_MIN_KEY_BITS)
+    np.testing.assert_array_equal(k, want_k)
+    assert (k[sink] >= 8).all()
     np.testing.assert_array_equal(v, ctl.choose_bits(pv, meta["v_damage_table"], pol.lam, eff, bucket))
     # rule-baseline calibration sample ships with it
     calib = np.load(meta_path.with_name(meta_path.stem + "_calib.npy"))
@@ -322,6 +328,26 @@ def test_learned_policy_refuses_another_models_artifact(tiny_model, tmp_path):
         tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
 
 
+def test_learned_policy_warns_on_another_kv_layout(tiny_model, tmp_path, caplog):
+    """The damage tables belong to the KV layout the controller was trained on: another layout still
+    runs, with a warning that names what differs; the same layout runs silently."""
+    art = _tiny_artifact(tiny_model, tmp_path)
+    meta = json.loads(art.read_text())
+    meta.update(kv_groups=list(tiny_model.kv_groups), kv_rotate=tiny_model.kv_rotate,
+                kv_center_keys=tiny_model.kv_center_keys)
+    art.write_text(json.dumps(meta))
+    ctl.load_artifact.cache_clear()
+    with caplog.at_level("WARNING", logger="edgekv"):
+        tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
+    assert "another KV layout" not in caplog.text
+    meta["kv_center_keys"] = not tiny_model.kv_center_keys
+    art.write_text(json.dumps(meta))
+    ctl.load_artifact.cache_clear()
+    with caplog.at_level("WARNING", logger="edgekv"):
+        tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
+    assert "another KV layout" in caplog.text and "kv_center_keys" in caplog.text
+
+
 def test_rule_policy(tiny_model):
     X = ctl.feature_matrix(_features(400, seed=5))
     rule = ctl.RulePolicy.calibrated(X, 3.5, groups=(64, 64, 32))
@@ -331,3 +357,37 @@ def test_rule_policy(tiny_model):
     tiny_model.score(list(range(3, 30)), [5], kv=rule)
     k, v = tiny_model.kv_bits()
     assert set(np.unique(k)) <= {2, 4} and set(np.unique(v)) == {2}
+
+
+# ---- the oracle (controller/oracle.py) ----------------------------------------------------------------
+
+def test_oracle_horizon_scales_tolerances():
+    from controller import oracle
+
+    saved = (oracle.HORIZON, dict(oracle.TOL))
+    try:
+        oracle.set_horizon(64)
+        assert oracle.HORIZON == 64
+        assert oracle.TOL == {k: v * 4 for k, v in saved[1].items()}
+        oracle.set_horizon(16)
+        assert oracle.HORIZON == 16 and oracle.TOL == pytest.approx(saved[1])
+    finally:
+        oracle.HORIZON, oracle.TOL = saved
+
+
+def test_oracle_damage_is_exact_against_its_baseline(tiny_model):
+    """A token left at 16 bits does no damage (the same path as the baseline: KL exactly 0); one at
+    2 bits does some; measure() walks the ladder and stops at the first bit-width that passes."""
+    from controller import oracle
+
+    ids = np.arange(5, 5 + 40, dtype=np.int32)
+    orc = oracle.WindowOracle(tiny_model, ids, horizon=8)
+    j = 10
+    assert orc.damage(j, "k", 16) == 0.0 and orc.damage(j, "v", 16) == 0.0
+    assert orc.damage(j, "k", 2) > 0.0
+    rec = orc.measure(j, tol={"k": np.inf, "v": np.inf})  # everything passes at 2 bits
+    assert np.isfinite(rec["k2"]) and np.isnan(rec["k4"]) and np.isnan(rec["k8"])
+    rec = orc.measure(j, tol={"k": -np.inf, "v": -np.inf})  # nothing passes: the whole ladder
+    assert all(np.isfinite(rec[f"{kind}{b}"]) for kind in "kv" for b in oracle.LADDER)
+    with pytest.raises(ValueError, match="following tokens"):
+        orc.measure(ids.size - 3)
