@@ -368,9 +368,21 @@ def paired_wikitext(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
             float(np.percentile(bs, 97.5))], "p_le_0": float(np.mean(bs <= 0))}
 
 
+def _default_pairs(pols: dict) -> list[tuple[str, str]]:
+    """Each learned policy against fp16, k4v2 and every baseline run at its bits (random, random-sink,
+    rule); the static policies against fp16."""
+    out = []
+    for name in sorted(pols):
+        if name.startswith("adaptive@") and "+w" not in name:
+            out += [(name, b) for b in ("fp16", "k4v2", f"random:{name}", f"random-sink:{name}", f"rule:{name}")
+                    if b in pols]
+    out += [(name, "fp16") for name in ("int8", "int4", "k4v2", "k2v4", "int2") if name in pols]
+    return out
+
+
 def cmd_report(args) -> None:
     summary: dict = {"protocol": __doc__.split("Policies")[0].strip(), "tasks": {}}
-    pairs = [p.split("~vs~") for p in args.compare.split(",") if p] if args.compare else []
+    pairs = [p.split("~vs~") for p in args.compare.split(",") if p] if args.compare else None
     for task, summ, paired in (("hellaswag", hellaswag_summary, paired_hellaswag),
                                ("wikitext", wikitext_summary, paired_wikitext)):
         d = OUT / task
@@ -391,7 +403,7 @@ def cmd_report(args) -> None:
             s["items_run"] = len(recs)
             res[name] = s
         cmp = {}
-        for a, b in pairs:
+        for a, b in (pairs if pairs is not None else _default_pairs(pols)):
             if a in pols and b in pols:
                 pa = [r for r in pols[a] if r["i"] in common]
                 pb = [r for r in pols[b] if r["i"] in common]
@@ -572,7 +584,8 @@ def main(argv=None) -> None:
     r.add_argument("--threads", type=int, default=int(os.environ.get("EDGEKV_THREADS", "1")))
     r.add_argument("--quiet", action="store_true")
     p = sub.add_parser("report")
-    p.add_argument("--compare", default="", help="pairs A~vs~B, comma-separated, for paired bootstrap CIs")
+    p.add_argument("--compare", default="", help="pairs A~vs~B, comma-separated, for paired bootstrap CIs "
+                   "(default: each adaptive@B against fp16, k4v2 and the baselines run at B; statics vs fp16)")
     c = sub.add_parser("cost")
     c.add_argument("--model", default="smollm2-135m")
     c.add_argument("--ctx", type=int, default=1024)
