@@ -157,6 +157,8 @@ def fingerprint(model_path: Path) -> str:
     key = json.dumps({
         "model": [model_path.name, model_path.stat().st_size], "n_ctx": N_CTX, "window": WINDOW,
         "window_ctx": WINDOW_CTX, "wiki": WIKI.stat().st_size, "hellaswag": HELLASWAG.stat().st_size, "v": 1,
+        # edgekv's default KV layout (groups, rotation, key centering) since key centering
+        "kv_layout": "g64-64-32-rot-ck",
     }, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 

@@ -119,6 +119,11 @@ CONFIGS: dict[str, Config] = {
                    edgekv=dict(kv="int2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
     "k4v2": Config("k4v2", "4-bit keys, 2-bit values. edgekv kv=k4v2 (3.75 bits); llama.cpp q4_0 K and V, flash_attn on",
                    edgekv=dict(kv="k4v2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
+    # 3-bit records are read by the generic dequantize-then-attend path (no fused kernel yet)
+    "int3": Config("int3", "3-bit KV. edgekv kv=int3 (3.5 bits); llama.cpp q4_0 (it has no 3-bit KV), flash_attn on",
+                   edgekv=dict(kv="int3"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
+    "k4v3": Config("k4v3", "4-bit keys, 3-bit values. edgekv kv=k4v3 (4 bits); llama.cpp q4_0 K and V, flash_attn on",
+                   edgekv=dict(kv="k4v3"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
     # the learned controller (per-token bits from features, decided every step: its cost included)
     "adaptive": Config("adaptive", "learned KV controller. edgekv kv=adaptive (default target bits); "
                        "llama.cpp q4_0 K and V, flash_attn on",

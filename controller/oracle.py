@@ -15,7 +15,7 @@ batches, which changes nothing but the kernel path) and subtracted:
 
     excess(j, kind, b) = damage(j, kind, b) - null(j)
 
-The label of a token, for keys and values separately, is the lowest b in 2, 4, 8 whose
+The label of a token, for keys and values separately, is the lowest b in 2, 3, 4, 8 whose
 excess is at most the kind's tolerance (``TOL``), else 16. Higher bit-widths are only
 measured when the lower one fails (damage falls as bits rise).
 """
@@ -38,7 +38,8 @@ def set_horizon(t: int) -> None:
     global HORIZON, TOL
     TOL = {kind: tol * t / HORIZON for kind, tol in TOL.items()}
     HORIZON = int(t)
-LADDER = (2, 4, 8)
+LADDER = (2, 3, 4, 8)
+CHOICES = LADDER + (16,)  # the bit-widths a decision picks from (excess_table's columns)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -147,10 +148,10 @@ def labels_from(rec_arrays: dict, tol=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def excess_table(rec_arrays: dict) -> np.ndarray:
-    """(n, 2, 4) excess damage for kind (k, v) x bits (2, 4, 8, 16); unmeasured bits above a
+    """(n, 2, len(CHOICES)) excess damage for kind (k, v) x bits (CHOICES); unmeasured bits above a
     passing one are taken as 0 (at or under the floor), 16 bits as 0."""
     n = rec_arrays["null"].size
-    t = np.zeros((n, 2, 4))
+    t = np.zeros((n, 2, len(CHOICES)))
     for ki, kind in enumerate(("k", "v")):
         for bi, b in enumerate(LADDER):
             ex = np.maximum(rec_arrays[f"{kind}{b}"] - rec_arrays["null"], 0.0)

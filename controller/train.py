@@ -44,7 +44,7 @@ from controller.common import load_model, model_slug  # noqa: E402
 from edgekv.controller import (DATA_DIR, FEATURE_NAMES, RulePolicy, choose_bits, effective_bits,  # noqa: E402
                                feature_matrix, model_shape, position_bucket, vocab_fingerprint)
 
-BIT_CHOICES = (2, 4, 8, 16)
+BIT_CHOICES = oracle.CHOICES  # (2, 3, 4, 8, 16)
 _GROUPS: list = [64, 64, 32]  # the model's KV groups (set in main)
 TARGETS = (3.25, 3.5, 3.75, 4.0, 4.5)
 SELECT_AT = 3.5
@@ -96,9 +96,10 @@ MIN_CELL = 8  # a (bucket, label) cell with few tokens is shrunk toward the labe
 
 
 def damage_table(labels: np.ndarray, excess: np.ndarray, classes: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """(B, C, 4): mean excess damage at 2/4/8/16 bits of the tokens with each label, per position
-    bucket (DAMAGE_BUCKETS), each cell shrunk toward the label's overall mean by MIN_CELL tokens."""
-    t = np.zeros((classes.size, 4))
+    """(B, C, len(BIT_CHOICES)): mean excess damage at each of BIT_CHOICES of the tokens with each label,
+    per position bucket (DAMAGE_BUCKETS), each cell shrunk toward the label's overall mean by MIN_CELL
+    tokens."""
+    t = np.zeros((classes.size, len(BIT_CHOICES)))
     for i, c in enumerate(classes):
         sel = labels == c
         if sel.any():
@@ -117,9 +118,9 @@ def damage_table(labels: np.ndarray, excess: np.ndarray, classes: np.ndarray, po
 # ---- decisions and their oracle cost --------------------------------------------------------
 
 def decide(pk, pv, tk, tv, lam, eff):
-    """Decisions of the controller's rule; tk, tv: damage tables per row, (n, C, 4)."""
+    """Decisions of the controller's rule; tk, tv: damage tables per row, (n, C, len(BIT_CHOICES))."""
     rows = np.arange(pk.shape[0])
-    return choose_bits(pk, tk, lam, eff, rows), choose_bits(pv, tv, lam, eff, rows)
+    return (choose_bits(pk, tk, lam, eff, rows, BIT_CHOICES), choose_bits(pv, tv, lam, eff, rows, BIT_CHOICES))
 
 
 def position_weights(rows: dict) -> np.ndarray:
@@ -176,7 +177,8 @@ def offline_baselines(X, excess, eff, target: float, seed: int, mix_k, mix_v, w,
     """Oracle damage of uniform, random-at-mix and rule-based decisions on the labeled rows."""
     n = X.shape[0]
     res = {}
-    for name, (k, v) in {"int2": (2, 2), "k4v2": (4, 2), "k2v4": (2, 4), "int4": (4, 4), "int8": (8, 8)}.items():
+    for name, (k, v) in {"int2": (2, 2), "int3": (3, 3), "k4v2": (4, 2), "k2v4": (2, 4), "k4v3": (4, 3),
+                         "int4": (4, 4), "int8": (8, 8)}.items():
         kb, vb = np.full(n, k), np.full(n, v)
         res[name] = {"bits": avg_bits(kb, vb, eff, w), "damage": oracle_damage(kb, vb, excess, w)}
     rng = np.random.default_rng(seed)
@@ -344,8 +346,8 @@ def main(argv=None) -> None:
                 est = make().fit(X[tr], y[tr])
                 p[te] = proba_full(est, X[te], classes)
         # damage tables from the training folds only, like the probabilities
-        tk = np.zeros((X.shape[0], classes_k.size, 4))
-        tv = np.zeros((X.shape[0], classes_v.size, 4))
+        tk = np.zeros((X.shape[0], classes_k.size, len(BIT_CHOICES)))
+        tv = np.zeros((X.shape[0], classes_v.size, len(BIT_CHOICES)))
         for tr, te in folds:
             tk[te] = damage_table(yk[tr], excess[tr, 0], classes_k, positions[tr])[bucket[te]]
             tv[te] = damage_table(yv[tr], excess[tr, 1], classes_v, positions[tr])[bucket[te]]
@@ -404,6 +406,7 @@ def main(argv=None) -> None:
         "k_classes": classes_k.tolist(),
         "v_classes": classes_v.tolist(),
         "damage_buckets": list(DAMAGE_BUCKETS),
+        "bit_choices": list(BIT_CHOICES),
         "k_damage_table": damage_table(yk, excess[:, 0], classes_k, positions).tolist(),
         "v_damage_table": damage_table(yv, excess[:, 1], classes_v, positions).tolist(),
         "lambda_table": lambda_table(pk, pv, tk, tv, eff, w),

@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 5 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering */
+#define EK_ABI_VERSION 5 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records */
 
 typedef struct {
     int n_vocab;
@@ -104,7 +104,7 @@ size_t ek_kv_bytes_used(const ek_model *m);
 size_t ek_kv_bytes_per_token(const ek_model *m);
 
 /* ---- mixed-precision KV store ----
- * Tokens enter at 16 bits; a policy moves them to 8, 4 or 2 bits (keys and values
+ * Tokens enter at 16 bits; a policy moves them to 8, 4, 3 or 2 bits (keys and values
  * separately). group_bits8/4/2: quantization group sizes (multiples of 32 dividing
  * head_dim); flags: EK_KV_ROTATE, randomized Hadamard rotation of quantized records;
  * EK_KV_CENTER_KEYS, quantized keys stored minus a per-(layer, head) mean fixed at the
@@ -114,7 +114,8 @@ enum { EK_KV_ROTATE = 1, EK_KV_CENTER_KEYS = 2 };
 int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags);
 int ek_kv_rotating(const ek_model *m);
 int ek_kv_centering(const ek_model *m);
-/* Re-encode n cached positions at the given bit-widths (16, 8, 4 or 2). */
+/* Re-encode n cached positions at the given bit-widths (16, 8, 4, 3 or 2; 3-bit records use the
+ * 4-bit group size). */
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
 /* Bit-widths of every cached position (n_past entries each). */
 int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits);
@@ -157,7 +158,7 @@ int ek_convert_weights(int src_type, const void *src, size_t src_bytes, int64_t 
  * kernel. Rows past the last multiple of 8 take the row kernels, as in the model. */
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl);
-/* Quantize and dequantize one record of n values (tests): bits 16/8/4/2, group g. */
+/* Quantize and dequantize one record of n values (tests): bits 16/8/4/3/2, group g. */
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
 /* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
  * are stored at the given per-position bits into a scratch store (flags as ek_kv_configure, group
@@ -165,7 +166,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
  * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone (and the
  * key center added back: with EK_KV_CENTER_KEYS a quantized key j scores q_key . (k_deq_j - c) + q . c,
  * c the mean of the fp16 keys at positions 1..n_pos-1).
- * q_key (optional, 4 * gs * head_dim): for each key precision (16, 8, 4, 2 bits in that order),
+ * q_key (optional, 5 * gs * head_dim): for each key precision (16, 8, 4, 2, 3 bits in that order),
  * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
  * or, for 4- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,

@@ -16,6 +16,7 @@ static size_t rec_bytes_q(int n, int g, int bits) { return (size_t)n * bits / 8 
 static size_t rec_bytes_q8(int n, int g) { return rec_bytes_q(n, g, 8); }
 static size_t rec_bytes_q4(int n, int g) { return rec_bytes_q(n, g, 4); }
 static size_t rec_bytes_q2(int n, int g) { return rec_bytes_q(n, g, 2); }
+static size_t rec_bytes_q3(int n, int g) { return rec_bytes_q(n, g, 3); }
 
 /* ------------------------------------------------------------------------- */
 /* quantize (scalar: runs once per token, off the hot path)                   */
@@ -74,10 +75,18 @@ static void quantize_q(const float *x, uint8_t *rec, int n, int g, int bits) {
         } else if (bits == 4) {
             for (int j = 0; j < 16; j++) p[j] = (uint8_t)(cc[j] | (cc[j + 16] << 4));
             p += 16;
-        } else {
+        } else { /* 2-bit, or the low 2 bits of 3-bit codes, then (3-bit) the mask of their bit 2 */
             for (int j = 0; j < 8; j++)
-                p[j] = (uint8_t)(cc[j] | (cc[j + 8] << 2) | (cc[j + 16] << 4) | (cc[j + 24] << 6));
+                p[j] = (uint8_t)((cc[j] & 3) | (cc[j + 8] & 3) << 2 | (cc[j + 16] & 3) << 4 | (cc[j + 24] & 3) << 6);
             p += 8;
+            if (bits == 3) {
+                for (int j = 0; j < 4; j++) {
+                    uint8_t b = 0;
+                    for (int t = 0; t < 8; t++) b |= (uint8_t)((cc[8 * j + t] >> 2) & 1) << t;
+                    p[j] = b;
+                }
+                p += 4;
+            }
         }
     }
 }
@@ -85,6 +94,7 @@ static void quantize_q(const float *x, uint8_t *rec, int n, int g, int bits) {
 static void quantize_q8(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 8); }
 static void quantize_q4(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 4); }
 static void quantize_q2(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 2); }
+static void quantize_q3(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 3); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: reference                                                      */
@@ -101,6 +111,10 @@ static inline int code_at(const uint8_t *rec, int i, int bits) {
         const uint8_t b = rec[c * 16 + (j & 15)];
         return j < 16 ? (b & 15) : (b >> 4);
     }
+    if (bits == 3) {
+        const uint8_t *r = rec + c * 12;
+        return ((r[j & 7] >> (2 * (j >> 3))) & 3) | ((r[8 + (j >> 3)] >> (j & 7)) & 1) << 2;
+    }
     const uint8_t b = rec[c * 8 + (j & 7)];
     return (b >> (2 * (j >> 3))) & 3;
 }
@@ -114,6 +128,7 @@ static void dequant_q_ref(const uint8_t *rec, float *y, int n, int g, int bits) 
 static void dequant_q8_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 8); }
 static void dequant_q4_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 4); }
 static void dequant_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 2); }
+static void dequant_q3_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: SIMD (the attention inner loop calls these once per record)    */
@@ -130,6 +145,27 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
         __m256 v[4];
         ek_kv_chunk_codes(rec, c / CH, v, bits);
         for (int b = 0; b < 4; b++) _mm256_storeu_ps(y + c + 8 * b, _mm256_fmadd_ps(v[b], d, m));
+    }
+}
+
+/* 3-bit: the 2-bit unpack of the low bits, plus 4 where the chunk's high-bit mask has the value's bit */
+static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) {
+    const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * 3 / 8);
+    const int ng = n / g;
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 four = _mm256_set1_ps(4.0f);
+    for (int c = 0; c < n; c += CH) {
+        const uint8_t *r = rec + (size_t)(c / CH) * 12;
+        const __m256 d = _mm256_set1_ps(ek_h2f(dm[c / g])), m = _mm256_set1_ps(ek_h2f(dm[ng + c / g]));
+        __m256 v[4];
+        ek_kv_chunk_codes(r, 0, v, 2);
+        uint32_t mask;
+        memcpy(&mask, r + 8, sizeof mask);
+        for (int b = 0; b < 4; b++) { /* v[b] holds codes 8b .. 8b+7 */
+            const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((int)(mask >> (8 * b))), lane);
+            const __m256 hi = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, lane)), four);
+            _mm256_storeu_ps(y + c + 8 * b, _mm256_fmadd_ps(_mm256_add_ps(v[b], hi), d, m));
+        }
     }
 }
 
@@ -176,6 +212,9 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
 static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { dequant_f16_ref(rec, y, n, g); }
 static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) { dequant_q_ref(rec, y, n, g, bits); }
 #endif
+#if !defined(EK_AVX2) /* NEON and plain C: the reference */
+static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3); }
+#endif
 
 static void dequant_q8_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 8); }
 static void dequant_q4_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 4); }
@@ -190,6 +229,7 @@ static const ek_kv_prec_traits PRECS[KVP_COUNT] = {
     [KVP_Q8] = {8, rec_bytes_q8, quantize_q8, dequant_q8_simd, dequant_q8_ref},
     [KVP_Q4] = {4, rec_bytes_q4, quantize_q4, dequant_q4_simd, dequant_q4_ref},
     [KVP_Q2] = {2, rec_bytes_q2, quantize_q2, dequant_q2_simd, dequant_q2_ref},
+    [KVP_Q3] = {3, rec_bytes_q3, quantize_q3, dequant_q3_simd, dequant_q3_ref}, /* AVX2 unpack; else the reference */
 };
 
 const ek_kv_prec_traits *ek_kv_prec(int prec) { return prec >= 0 && prec < KVP_COUNT ? &PRECS[prec] : NULL; }

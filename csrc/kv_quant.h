@@ -1,5 +1,5 @@
 /* KV record formats: one head's keys or values for one token, stored at
- * 16, 8, 4 or 2 bits.
+ * 16, 8, 4, 3 or 2 bits.
  *
  * FP16 records are the raw fp16 vector. Quantized records use asymmetric
  * per-group quantization along the head dimension:
@@ -9,7 +9,12 @@
  *     8-bit: byte i                       = code i
  *     4-bit: byte j of a chunk            = code j | code j+16 << 4
  *     2-bit: byte j of a chunk (j < 8)    = codes j, j+8, j+16, j+24 in bits 0-1, 2-3, 4-5, 6-7
- * so a SIMD unpack of a chunk yields its 32 codes in order.
+ *     3-bit: 12 bytes a chunk: the low 2 bits of the codes as the 2-bit layout (8 bytes), then
+ *            their high bits as a 32-bit little-endian mask (bit j = code j's bit 2)
+ * so a SIMD unpack of a chunk yields its 32 codes in order. 3-bit records share the 4-bit
+ * group size (ek_kv_configure has no separate knob) and are read by the generic paths:
+ * dequantized into a tile (AVX2 unpack; NEON and plain C builds use the reference), then
+ * attended in float.
  *
  * Quantized records hold the vector after a randomized Hadamard rotation
  * (when the store enables it): R x = H (s * x) / sqrt(n), with fixed signs s.
@@ -28,7 +33,7 @@
 #include "simd.h"
 
 /* Precision ids: index into the trait table and into pool ids. */
-enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_COUNT = 4 };
+enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_Q3 = 4, KVP_COUNT = 5 };
 
 typedef struct {
     int bits;
@@ -42,7 +47,7 @@ typedef struct {
 } ek_kv_prec_traits;
 
 const ek_kv_prec_traits *ek_kv_prec(int prec);
-int ek_kv_prec_from_bits(int bits); /* -1 if not 16/8/4/2 */
+int ek_kv_prec_from_bits(int bits); /* -1 if not 16/8/4/3/2 */
 
 #if defined(EK_AVX2)
 /* Codes of chunk c (values 32c .. 32c+31) of a quantized record at `bits`, as 4 x 8 floats in

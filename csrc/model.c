@@ -915,7 +915,8 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags) {
     if (m->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
     if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
-    const int g[KVP_COUNT] = {m->cfg.head_dim, group_bits8, group_bits4, group_bits2};
+    const int g[KVP_COUNT] = {[KVP_F16] = m->cfg.head_dim, [KVP_Q8] = group_bits8, [KVP_Q4] = group_bits4,
+                              [KVP_Q2] = group_bits2, [KVP_Q3] = group_bits4}; /* 3-bit: the 4-bit group */
     if (ek_kv_store_configure(&m->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS))
         return fail(m, EK_ERR_INVALID,
                     "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "
@@ -934,7 +935,7 @@ int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const
             return fail(m, EK_ERR_INVALID, "position %d is not in the context (0..%d)", pos[i], m->n_past - 1);
         const int kp = ek_kv_prec_from_bits(k_bits[i]), vp = ek_kv_prec_from_bits(v_bits[i]);
         if (kp < 0 || vp < 0)
-            return fail(m, EK_ERR_INVALID, "bit-widths must be 16, 8, 4 or 2 (got k=%d, v=%d at position %d)",
+            return fail(m, EK_ERR_INVALID, "bit-widths must be 16, 8, 4, 3 or 2 (got k=%d, v=%d at position %d)",
                         k_bits[i], v_bits[i], pos[i]);
         if ((kp != KVP_F16 || vp != KVP_F16) && m->cfg.head_dim % 32)
             return fail(m, EK_ERR_INVALID, "quantized KV needs head_dim to be a multiple of 32 (it is %d)",
@@ -984,7 +985,8 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
-    const int g[KVP_COUNT] = {head_dim, group, group, group};
+    const int g[KVP_COUNT] = {[KVP_F16] = head_dim, [KVP_Q8] = group, [KVP_Q4] = group, [KVP_Q2] = group,
+                              [KVP_Q3] = group};
     int rc = EK_ERR_INVALID;
     float *buf = NULL, *qs = NULL;
     if (ek_kv_store_configure(&s, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS)) goto done;

@@ -42,8 +42,15 @@ from edgekv._native import ffi, lib
 from edgekv.kv_policy import CallablePolicy, RandomPolicy, StaticPolicy, TokenFeatures, parse_policy
 
 FP16_MAX = np.float32(65504.0)
-QBITS = (8, 4, 2)
-ALL_BITS = (16, 8, 4, 2)
+QBITS = (8, 4, 3, 2)
+ALL_BITS = (16, 8, 4, 3, 2)
+KVP_BITS = (16, 8, 4, 2, 3)  # the C precision ids' order (ek_kv_attention_test's q_key rows)
+
+
+def model_groups(m) -> dict:
+    """Group size of each quantized bit-width in a Model's store (3-bit records use the 4-bit group)."""
+    g8, g4, g2 = m.kv_groups
+    return {8: g8, 4: g4, 3: g4, 2: g2}
 
 # ---------------------------------------------------------------------------------------------
 # NumPy reference of the record formats
@@ -392,7 +399,7 @@ def test_non_finite_input_fp16(impl):
 def test_roundtrip_rejects_invalid_arguments():
     x = np.zeros(64, np.float32)
     y = np.zeros(64, np.float32)
-    for bits, n, g in [(3, 64, 32), (4, 64, 48), (4, 64, 128), (8, 48, 16), (2, 0, 32), (4, 64, 0)]:
+    for bits, n, g in [(5, 64, 32), (4, 64, 48), (4, 64, 128), (8, 48, 16), (2, 0, 32), (4, 64, 0)]:
         assert lib.ek_kv_quant_roundtrip(bits, _ptr(x), n, g, _ptr(y), 0) < 0, (bits, n, g)
 
 
@@ -411,13 +418,13 @@ def c_attention(q, k, v, k_bits, v_bits, group, rotate, center=False):
     vd = np.full((n_pos, hd), np.nan, np.float32)
     kb = np.ascontiguousarray(k_bits, np.int32)
     vb = np.ascontiguousarray(v_bits, np.int32)
-    qk = np.full((4, gs, hd), np.nan, np.float32)
+    qk = np.full((len(KVP_BITS), gs, hd), np.nan, np.float32)
     rc = lib.ek_kv_attention_test(_ptr(q), gs, _ptr(k), _ptr(v), _ptr(kb, "int32_t *"), _ptr(vb, "int32_t *"),
                                   n_pos, hd, group, (lib.EK_KV_ROTATE if rotate else 0) |
                                   (lib.EK_KV_CENTER_KEYS if center else 0), _ptr(out), _ptr(kd), _ptr(vd), _ptr(qk))
     # per position, the (scaled) query its key was scored with: float, or int8-rounded where the
     # build scores that key precision with integer dot products
-    q_key = qk[[ALL_BITS.index(b) for b in kb]] if rc == 0 else None  # (n_pos, gs, hd)
+    q_key = qk[[KVP_BITS.index(b) for b in kb]] if rc == 0 else None  # (n_pos, gs, hd)
     c = key_center(k) if center and (kb != 16).any() else np.zeros(hd)
     return rc, out, kd, vd, q_key, c
 
@@ -662,7 +669,7 @@ def test_attention_rejects_invalid_bits():
     r = np.random.default_rng(8)
     q = r.normal(0, 1, (2, 32)).astype(np.float32)
     k = r.normal(0, 1, (5, 32)).astype(np.float32)
-    rc, *_ = c_attention(q, k, k.copy(), [16, 8, 3, 4, 2], [16] * 5, 32, False)
+    rc, *_ = c_attention(q, k, k.copy(), [16, 8, 5, 4, 2], [16] * 5, 32, False)
     assert rc < 0
 
 
@@ -737,7 +744,7 @@ def same_bits(a, b) -> bool:
 def token_record_bytes(m, kb: int, vb: int) -> int:
     hp = m.hparams
     hd = hp["head_dim"]
-    g = dict(zip(QBITS, m.kv_groups))
+    g = model_groups(m)
     return hp["n_layer"] * hp["n_head_kv"] * (record_bytes(kb, hd, g.get(kb)) + record_bytes(vb, hd, g.get(vb)))
 
 
@@ -803,7 +810,7 @@ def test_requantized_values_are_within_format_error(open_model, hd64_path, cente
     n = 12
     m.logits(rand_ids(m, n, 12))
     assert m.kv_rotate and m.kv_center_keys == center
-    hd, g = 64, dict(zip(QBITS, m.kv_groups))
+    hd, g = 64, model_groups(m)
     base = kv_read_all(m)
     c = np.zeros_like(base, np.float64)
     if center:
@@ -994,7 +1001,7 @@ def test_set_bits_rejects_and_changes_nothing(open_model, hd64_path):
     m.logits(rand_ids(m, 10, 20))
     assert kv_set_bits(m, [2], 4, 4) == 0
     snap, bits = kv_read_all(m), m.kv_bits()
-    for pos, kb, vb in [([1, 3], [8, 3], [8, 8]), ([1, 10], [8, 8], [8, 8]), ([1, -1], [4, 4], [4, 4]),
+    for pos, kb, vb in [([1, 3], [8, 5], [8, 8]), ([1, 10], [8, 8], [8, 8]), ([1, -1], [4, 4], [4, 4]),
                         ([4, 5], [2, 4], [2, 5])]:
         assert kv_set_bits(m, pos, kb, vb) < 0
         assert same_bits(kv_read_all(m), snap)
@@ -1224,17 +1231,17 @@ def test_random_policy_proportions_and_seed(open_model, hd64_path):
 
 
 def test_invalid_policies_raise_and_leave_the_model_usable(open_model, hd64_path):
-    for spec in ("int3", "k5v2", "k4", "", "int4 please", 3, None):
+    for spec in ("int5", "k5v2", "k4", "", "int4 please", 3, None):
         with pytest.raises(ValueError):
             parse_policy(spec)
     with pytest.raises(ValueError):
-        open_model(hd64_path, kv="int3")
+        open_model(hd64_path, kv="int5")
     with pytest.raises(ValueError):
         open_model(hd64_path, kv="int4", kv_window=-1)
     with pytest.raises(ValueError):
         open_model(hd64_path, kv_groups=(48, 64, 32))
     with pytest.raises(ValueError):
-        RandomPolicy({3: 1.0}, {4: 1.0})
+        RandomPolicy({5: 1.0}, {4: 1.0})
     with pytest.raises(ValueError):
         StaticPolicy(16, 5)
 
@@ -1243,8 +1250,8 @@ def test_invalid_policies_raise_and_leave_the_model_usable(open_model, hd64_path
     ctx, cont = ids[:18], ids[18:]
     fresh = open_model(hd64_path).score(ctx, cont)
 
-    def bits3(f):
-        return np.full(len(f), 4), np.full(len(f), 3)
+    def bits5(f):
+        return np.full(len(f), 4), np.full(len(f), 5)
 
     def short(f):
         return np.full(len(f) - 1, 4), np.full(len(f) - 1, 4)
@@ -1252,7 +1259,7 @@ def test_invalid_policies_raise_and_leave_the_model_usable(open_model, hd64_path
     def scalar(f):
         return 4, 4
 
-    bad = ["int3", "k5v2", bits3, short, scalar, lambda f: (np.full(len(f), 3), np.full(len(f), 16))]
+    bad = ["int5", "k5v2", bits5, short, scalar, lambda f: (np.full(len(f), 5), np.full(len(f), 16))]
     for spec in bad:
         with pytest.raises(ValueError):
             m.score(ctx, cont, kv=spec)
@@ -1262,7 +1269,7 @@ def test_invalid_policies_raise_and_leave_the_model_usable(open_model, hd64_path
         np.testing.assert_array_equal(m.score(ctx, cont, kv="fp16"), fresh)
         np.testing.assert_array_equal(m.score(ctx, cont), fresh)
     with pytest.raises(ValueError):
-        m.generate(ids[:5].tolist(), max_tokens=3, kv=bits3)
+        m.generate(ids[:5].tolist(), max_tokens=3, kv=bits5)
     assert isinstance(m.generate(ids[:5].tolist(), max_tokens=3, temperature=0), str)
     np.testing.assert_array_equal(m.score(ctx, cont), fresh)
 

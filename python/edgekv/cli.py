@@ -112,7 +112,7 @@ def _model_parent() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--kv", default="fp16", metavar="POLICY",
-        help="KV-cache precision: fp16, int8, int4, int2, or keys/values apart such as k4v2 "
+        help="KV-cache precision: fp16, int8, int4, int3, int2, or keys/values apart such as k4v3 or k4v2 "
              "(default: %(default)s)",
     )
     g.add_argument(

@@ -81,9 +81,10 @@ def model_shape(model) -> dict:
 
 
 def effective_bits(groups) -> dict[int, float]:
-    """Storage bits per element for each bit-width, fp16 scale and minimum per group included."""
+    """Storage bits per element for each bit-width, fp16 scale and minimum per group included
+    (3-bit records use the 4-bit group)."""
     g8, g4, g2 = groups if groups is not None else (64, 64, 32)
-    return {16: 16.0, 8: 8 + 32.0 / g8, 4: 4 + 32.0 / g4, 2: 2 + 32.0 / g2}
+    return {16: 16.0, 8: 8 + 32.0 / g8, 4: 4 + 32.0 / g4, 3: 3 + 32.0 / g4, 2: 2 + 32.0 / g2}
 
 
 def average_bits(k_bits: np.ndarray, v_bits: np.ndarray, groups) -> float:
@@ -208,16 +209,21 @@ def feature_matrix(f: TokenFeatures) -> np.ndarray:
 
 # ---- decisions from class probabilities -------------------------------------------------
 
+LEGACY_CHOICES = (2, 4, 8, 16)  # artifacts without "bit_choices" were trained on these
+
+
 def choose_bits(probs: np.ndarray, damage_table, lam: float, eff: dict[int, float],
-                bucket: np.ndarray | None = None) -> np.ndarray:
-    """argmin over b in (2, 4, 8, 16) of eff[b] + lam * E[damage(b)], per row.
+                bucket: np.ndarray | None = None, choices=LEGACY_CHOICES) -> np.ndarray:
+    """argmin over b in choices of eff[b] + lam * E[damage(b)], per row.
 
     probs (n, C): class probabilities (oracle labels). damage_table: mean excess damage
-    (controller/oracle.py) of a token with label c stored at 2, 4, 8, 16 bits, from the
-    training set: (C, 4), or (B, C, 4) per position bucket with ``bucket`` (n,) giving each
-    row's bucket. E[damage(b)] = sum_c probs[c] * table[c, b]."""
-    cand = np.array((2, 4, 8, 16))
+    (controller/oracle.py) of a token with label c stored at each of the choices, from the
+    training set: (C, len(choices)), or (B, C, len(choices)) per position bucket with ``bucket``
+    (n,) giving each row's bucket. E[damage(b)] = sum_c probs[c] * table[c, b]."""
+    cand = np.asarray(choices)
     table = np.asarray(damage_table, np.float64)
+    if table.shape[-1] != cand.size:
+        raise ValueError(f"damage table has {table.shape[-1]} bit-width columns, choices {tuple(choices)}")
     p = np.asarray(probs, np.float64)
     if table.ndim == 3:
         cost = np.einsum("nc,ncb->nb", p, table[np.asarray(bucket)])
@@ -368,6 +374,7 @@ class LearnedPolicy(KVPolicy):
         meta = art.meta
         self._tables = (np.asarray(meta["k_damage_table"], np.float64), np.asarray(meta["v_damage_table"], np.float64),
                         meta.get("damage_buckets"))
+        self.choices = tuple(meta.get("bit_choices", LEGACY_CHOICES))
         self.eff = effective_bits(groups)
         if self.lam_override is not None:
             self.lam = float(self.lam_override)
@@ -390,8 +397,8 @@ class LearnedPolicy(KVPolicy):
         pk, pv = self.probabilities(features)
         tk, tv, edges = self._tables
         bucket = position_bucket(features.positions, edges) if edges is not None else None
-        k = choose_bits(pk, tk, self.lam, self.eff, bucket)
-        v = choose_bits(pv, tv, self.lam, self.eff, bucket)
+        k = choose_bits(pk, tk, self.lam, self.eff, bucket, self.choices)
+        v = choose_bits(pv, tv, self.lam, self.eff, bucket, self.choices)
         sink = np.asarray(features.positions) == 0
         k[sink] = np.maximum(k[sink], SINK_MIN_KEY_BITS)
         return k, v

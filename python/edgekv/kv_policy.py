@@ -2,7 +2,7 @@
 
 Every token enters the cache at 16 bits. Once a token is W steps old (W = the
 policy's ``window``; W=0 means right after the forward pass that produced it),
-the policy decides its key and value bit-widths (16, 8, 4 or 2), in batches:
+the policy decides its key and value bit-widths (16, 8, 4, 3 or 2), in batches:
 a whole prefill is decided at once.
 
 A policy is any object with ``decide(features) -> (k_bits, v_bits)`` (or a
@@ -45,7 +45,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-BITS = (16, 8, 4, 2)
+BITS = (16, 8, 4, 3, 2)
 
 
 @dataclass
@@ -137,7 +137,7 @@ class CallablePolicy(KVPolicy):
 
 
 _ALIASES = {"fp16": (16, 16), "f16": (16, 16), "int8": (8, 8), "q8": (8, 8), "int4": (4, 4), "q4": (4, 4),
-            "int2": (2, 2), "q2": (2, 2)}
+            "int3": (3, 3), "q3": (3, 3), "int2": (2, 2), "q2": (2, 2)}
 
 
 def _static_name(k: int, v: int) -> str:
@@ -147,7 +147,8 @@ def _static_name(k: int, v: int) -> str:
 
 
 def parse_policy(spec, window: int = 0) -> KVPolicy:
-    """A policy from a name ("fp16", "int8", "int4", "int2", "k4v2", ..., "adaptive", "adaptive@3.5"),
+    """A policy from a name ("fp16", "int8", "int4", "int3", "int2", "k4v2", "k4v3", ..., "adaptive",
+    "adaptive@3.5"),
     a policy object or a callable."""
     if isinstance(spec, KVPolicy):
         return spec
@@ -155,7 +156,7 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
         s = spec.strip().lower()
         if s in _ALIASES:
             return StaticPolicy(*_ALIASES[s], window=window)
-        m = re.fullmatch(r"k(16|8|4|2)v(16|8|4|2)", s)
+        m = re.fullmatch(r"k(16|8|4|3|2)v(16|8|4|3|2)", s)
         if m:
             return StaticPolicy(int(m.group(1)), int(m.group(2)), window=window)
         m = re.fullmatch(r"adaptive(?:@(\d+(?:\.\d*)?))?", s)
@@ -164,7 +165,7 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
 
             return LearnedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         raise ValueError(
-            f"unknown KV policy {spec!r}: use fp16, int8, int4, int2, a split form such as k4v2, adaptive, "
+            f"unknown KV policy {spec!r}: use fp16, int8, int4, int3, int2, a split form such as k4v2, adaptive, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )
     if callable(spec):

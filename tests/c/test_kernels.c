@@ -149,10 +149,10 @@ static void test_fp16(void) {
 /* Every KV record format: SIMD dequant == reference dequant, and the round trip
  * error stays within half a quantization step of each group (rotation off). */
 static void test_kv_records(void) {
-    const int bitss[] = {16, 8, 4, 2};
+    const int bitss[] = {16, 8, 4, 3, 2};
     const int ns[] = {32, 64, 128};
     const int gs[] = {32, 64};
-    for (size_t a = 0; a < 4; a++)
+    for (size_t a = 0; a < 5; a++)
         for (size_t b = 0; b < 3; b++)
             for (size_t c = 0; c < 2; c++) {
                 const int bits = bitss[a], n = ns[b], g = gs[c];
@@ -226,7 +226,7 @@ static void test_kv_attention(void) {
     float *k = malloc(sizeof(float) * n_pos * hd), *v = malloc(sizeof(float) * n_pos * hd);
     float q[3 * 64], out[3 * 64];
     int32_t kb[150], vb[150];
-    const int bits[] = {16, 8, 4, 2};
+    const int bits[] = {16, 8, 4, 3, 2};
     ek_kv_store signs_of; /* the store's rotation signs (fixed), to read records in the stored basis */
     CHECK(ek_kv_store_init(&signs_of, 1, 1, hd, 1) == 0, "store init failed");
     for (int i = 0; i < n_pos * hd; i++) { k[i] = frand() * 2.0f; v[i] = frand(); }
@@ -243,11 +243,11 @@ static void test_kv_attention(void) {
         for (int mix = 0; mix < 4; mix++) { /* all 16; two mixes; mixed keys with 16-bit values (no rounding bound) */
             const int rotate = flags & EK_KV_ROTATE, center = (flags & EK_KV_CENTER_KEYS) && mix > 0;
             for (int j = 0; j < n_pos; j++) {
-                kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % 4];
-                vb[j] = mix == 0 || mix == 3 ? 16 : bits[(j * 5 + 1) % 4];
+                kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % 5];
+                vb[j] = mix == 0 || mix == 3 ? 16 : bits[(j * 5 + 1) % 5];
             }
             /* reference: the stored values read back (rotation undone), attended in double precision */
-            float kd[150 * 64], vd[150 * 64], qk[4 * 3 * 64];
+            float kd[150 * 64], vd[150 * 64], qk[KVP_COUNT * 3 * 64];
             CHECK(ek_kv_attention_test(q, gsz, k, v, kb, vb, n_pos, hd, group, flags, out, kd, vd, qk) == 0,
                   "attention test failed");
             double excess2 = 0, ref2 = 0;
