@@ -17,9 +17,9 @@
    lambda -> bits table, cross-validation results, offline baselines); a feature sample (drawn with
    the same weights) for calibrating the rule baseline
 
-Sizing: about 2.3 s per window on this 2-core machine (one thread, another benchmark running on the
-other core; oracle ~5.5 forward runs of 17 tokens per labeled token), so the default 56 windows take
-~2 min and the whole build ~2.5 min (140 s on 2026-11-29).
+Sizing: about 4-5 s per window on this 2-core machine (one thread, other benchmarks running; oracle
+~7 forward runs of 17 tokens per labeled token along the 2/3/4/8-bit ladder), so the default 56
+windows take ~4 min and the whole build ~5 min (261 s and 321 s on 2026-11-29).
 
 Writes python/edgekv/data/controller_<model>.{onnx,json} and controller_<model>_calib.npy.
 Same seed, same windows, same decisions (one thread; scikit-learn seeded).
