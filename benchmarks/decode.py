@@ -119,7 +119,7 @@ CONFIGS: dict[str, Config] = {
                    edgekv=dict(kv="int2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
     "k4v2": Config("k4v2", "4-bit keys, 2-bit values. edgekv kv=k4v2 (3.75 bits); llama.cpp q4_0 K and V, flash_attn on",
                    edgekv=dict(kv="k4v2"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
-    # 3-bit records are read by the generic dequantize-then-attend path (no fused kernel yet)
+    # 3-bit values take the fused float value sum; 3-bit keys are dequantized and scored in float
     "int3": Config("int3", "3-bit KV. edgekv kv=int3 (3.5 bits); llama.cpp q4_0 (it has no 3-bit KV), flash_attn on",
                    edgekv=dict(kv="int3"), llama=dict(type_k=2, type_v=2, flash_attn=True)),
     "k4v3": Config("k4v3", "4-bit keys, 3-bit values. edgekv kv=k4v3 (4 bits); llama.cpp q4_0 K and V, flash_attn on",

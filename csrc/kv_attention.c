@@ -551,12 +551,13 @@ EK_INLINE void accum_tile_q_bits(const uint8_t *base, size_t stride, int n, int 
 
 /* 1 if quantized values at this precision take the fused path */
 static int fused_values_ok(int vp, int hd, int gs) {
-    return (vp == KVP_Q8 || vp == KVP_Q4 || vp == KVP_Q2) && hd <= 256 && gs <= QI_MAX_GS;
+    return (vp == KVP_Q8 || vp == KVP_Q4 || vp == KVP_Q3 || vp == KVP_Q2) && hd <= 256 && gs <= QI_MAX_GS;
 }
 
 static void accum_tile_q(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o, int bits) {
     if (bits == 8) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 8);
     else if (bits == 4) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 4);
+    else if (bits == 3) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 3);
     else accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 2);
 }
 #else

@@ -148,26 +148,7 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
     }
 }
 
-/* 3-bit: the 2-bit unpack of the low bits, plus 4 where the chunk's high-bit mask has the value's bit */
-static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) {
-    const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * 3 / 8);
-    const int ng = n / g;
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 four = _mm256_set1_ps(4.0f);
-    for (int c = 0; c < n; c += CH) {
-        const uint8_t *r = rec + (size_t)(c / CH) * 12;
-        const __m256 d = _mm256_set1_ps(ek_h2f(dm[c / g])), m = _mm256_set1_ps(ek_h2f(dm[ng + c / g]));
-        __m256 v[4];
-        ek_kv_chunk_codes(r, 0, v, 2);
-        uint32_t mask;
-        memcpy(&mask, r + 8, sizeof mask);
-        for (int b = 0; b < 4; b++) { /* v[b] holds codes 8b .. 8b+7 */
-            const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((int)(mask >> (8 * b))), lane);
-            const __m256 hi = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, lane)), four);
-            _mm256_storeu_ps(y + c + 8 * b, _mm256_fmadd_ps(_mm256_add_ps(v[b], hi), d, m));
-        }
-    }
-}
+static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 3); }
 
 #elif defined(EK_NEON) && defined(__aarch64__)
 

@@ -12,9 +12,9 @@
  *     3-bit: 12 bytes a chunk: the low 2 bits of the codes as the 2-bit layout (8 bytes), then
  *            their high bits as a 32-bit little-endian mask (bit j = code j's bit 2)
  * so a SIMD unpack of a chunk yields its 32 codes in order. 3-bit records share the 4-bit
- * group size (ek_kv_configure has no separate knob) and are read by the generic paths:
- * dequantized into a tile (AVX2 unpack; NEON and plain C builds use the reference), then
- * attended in float.
+ * group size (ek_kv_configure has no separate knob). AVX2 builds unpack them like the others
+ * (ek_kv_chunk_codes), so 3-bit values take the fused float value sum; 3-bit keys are dequantized
+ * into a tile and scored in float (no integer kernel). NEON and plain-C builds use the reference.
  *
  * Quantized records hold the vector after a randomized Hadamard rotation
  * (when the store enables it): R x = H (s * x) / sqrt(n), with fixed signs s.
@@ -28,6 +28,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "quant.h"
 #include "simd.h"
@@ -61,12 +62,22 @@ static inline __attribute__((always_inline)) void ek_kv_chunk_codes(const uint8_
         const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * c)), k = _mm_set1_epi8(0x0f);
         const __m128i lo = _mm_and_si128(t, k), hi = _mm_and_si128(_mm_srli_epi16(t, 4), k);
         q[0] = lo; q[1] = _mm_srli_si128(lo, 8); q[2] = hi; q[3] = _mm_srli_si128(hi, 8);
-    } else {
-        const __m128i t = _mm_loadl_epi64((const __m128i *)(r + 8 * c)), k = _mm_set1_epi8(3);
+    } else { /* 2-bit, or the low 2 bits of a 3-bit chunk (12 bytes: 8 of them, then the high-bit mask) */
+        const uint8_t *lo = bits == 3 ? r + 12 * c : r + 8 * c;
+        const __m128i t = _mm_loadl_epi64((const __m128i *)lo), k = _mm_set1_epi8(3);
         q[0] = _mm_and_si128(t, k); q[1] = _mm_and_si128(_mm_srli_epi16(t, 2), k);
         q[2] = _mm_and_si128(_mm_srli_epi16(t, 4), k); q[3] = _mm_and_si128(_mm_srli_epi16(t, 6), k);
     }
     for (int b = 0; b < 4; b++) v[b] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[b]));
+    if (bits == 3) { /* + 4 where the chunk's high-bit mask has the value's bit; v[b] holds codes 8b .. 8b+7 */
+        uint32_t mask;
+        memcpy(&mask, r + 12 * c + 8, sizeof mask);
+        const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (int b = 0; b < 4; b++) {
+            const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((int)(mask >> (8 * b))), lane);
+            v[b] = _mm256_add_ps(v[b], _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, lane)), _mm256_set1_ps(4.0f)));
+        }
+    }
 }
 #endif
 
