@@ -56,8 +56,7 @@ for _p in (REPO / "python", REPO):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from edgekv.controller import (SINK_MIN_KEY_BITS, LearnedPolicy, RulePolicy, average_bits,  # noqa: E402
-                               effective_bits)
+from edgekv.controller import LearnedPolicy, RulePolicy, average_bits, protect_sink  # noqa: E402
 from edgekv.kv_policy import CallablePolicy, KVPolicy, RandomPolicy, parse_policy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -153,11 +152,9 @@ def make_policy(spec: str, task: str, model, item: int = 0) -> KVPolicy:
         if spec.startswith("random:"):
             return pol
 
-        def with_sink(f):  # the learned policy's sink guard (edgekv.controller.SINK_MIN_KEY_BITS) on top
+        def with_sink(f):  # the learned policy's sink guard on top
             k, v = pol.decide(f)
-            sink = np.asarray(f.positions) == 0
-            k[sink] = np.maximum(k[sink], SINK_MIN_KEY_BITS)
-            return k, v
+            return protect_sink(f.positions, k), v
 
         return CallablePolicy(with_sink, needs_features=False, name=spec)
     return parse_policy(spec)
@@ -187,7 +184,6 @@ def _probe_features(task: str, model) -> np.ndarray:
     if path.exists():
         return np.load(path)
     from edgekv.controller import feature_matrix
-    from edgekv.kv_policy import CallablePolicy
 
     store: list = []
 
@@ -264,7 +260,9 @@ def _run_items(task: str, model, spec: str, items: list, progress: bool, score, 
     out = OUT / task / f"{_fname(spec)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     done, tag, layout = _resume(task, spec, model)
-    static = None if spec.startswith("random:") else make_policy(spec, task, model)
+    # random routing is seeded per item (make_policy's item), so random:REF and random-sink:REF
+    # draw the same bits for the same item
+    static = None if spec.startswith(("random:", "random-sink:")) else make_policy(spec, task, model)
     from tqdm import tqdm
 
     todo = [i for i in range(len(items)) if i not in done]

@@ -31,6 +31,8 @@ ffi, lib = _native.ffi, _native.lib
 HORIZON = 16              # T: following positions over which KL is summed (controller.train --horizon)
 NULL_SPLIT = 5            # the null run feeds j+1..j+5, then the rest
 TOL = {"k": 0.5, "v": 0.05}  # tolerance on the excess damage (nats summed over T positions), at T = 16
+LADDER = (2, 3, 4, 8)
+CHOICES = LADDER + (16,)  # the bit-widths a decision picks from (excess_table's columns)
 
 
 def set_horizon(t: int) -> None:
@@ -38,8 +40,6 @@ def set_horizon(t: int) -> None:
     global HORIZON, TOL
     TOL = {kind: tol * t / HORIZON for kind, tol in TOL.items()}
     HORIZON = int(t)
-LADDER = (2, 3, 4, 8)
-CHOICES = LADDER + (16,)  # the bit-widths a decision picks from (excess_table's columns)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

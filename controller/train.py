@@ -247,8 +247,7 @@ def export_onnx(est_k, est_v, n_features: int, path: Path) -> None:
 def build_windows(model, slug: str, n: int, seed: int, fresh: bool) -> list[dict]:
     streams = dataset.token_streams(model)
     specs = dataset.window_specs(streams, n, seed)
-    layout = {"groups": list(model.kv_groups), "rotate": bool(model.kv_rotate), "center": bool(model.kv_center_keys)}
-    cdir = dataset.cache_dir(REPO, slug, seed, layout)
+    cdir = dataset.cache_dir(REPO, slug, seed, model.kv_layout)
     cdir.mkdir(parents=True, exist_ok=True)
     out = []
     bar = tqdm(specs, desc="windows (features + oracle)", unit="win", file=sys.stderr)
@@ -294,8 +293,7 @@ def main(argv=None) -> None:
         rarity.build(args.model)
 
     model = load_model(args.model, threads=args.threads, ctx=1024)
-    log(f"model {model.name}: {model.hparams['n_layer']} layers, KV groups {model.kv_groups}, rotation "
-        f"{model.kv_rotate}, key centering {model.kv_center_keys}")
+    log(f"model {model.name}: {model.hparams['n_layer']} layers, KV layout {model.kv_layout}")
     windows = build_windows(model, slug, args.windows, args.seed, args.fresh)
     rows = dataset.load_rows(windows)
     feats = dataset.features_of(rows)
@@ -399,9 +397,7 @@ def main(argv=None) -> None:
         "model_name": model.name,
         "vocab_sha256": vocab_fingerprint(model.tokenizer),
         "shape": model_shape(model),
-        "kv_groups": list(model.kv_groups),
-        "kv_rotate": bool(model.kv_rotate),
-        "kv_center_keys": bool(model.kv_center_keys),
+        **model.kv_layout,  # kv_groups, kv_rotate, kv_center_keys
         "features": list(FEATURE_NAMES),
         "k_classes": classes_k.tolist(),
         "v_classes": classes_v.tolist(),

@@ -158,7 +158,7 @@ static void set_key_centers(ek_kv_store *s) {
                 for (int i = 0; i < hd; i++) acc[i] += x[i];
             }
             float *c = s->k_center + ((size_t)l * s->n_kv_head + h) * hd;
-            for (int i = 0; i < hd; i++) c[i] = s->n > p0 ? (float)(acc[i] / (s->n - p0)) : 0.0f;
+            for (int i = 0; i < hd; i++) c[i] = (float)(acc[i] / (s->n - p0)); /* n >= 1: a position is moving */
         }
     s->center_ready = 1;
 }

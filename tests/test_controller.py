@@ -350,8 +350,9 @@ def test_learned_policy_warns_on_another_kv_layout(tiny_model, tmp_path, caplog)
     runs, with a warning that names what differs; the same layout runs silently."""
     art = _tiny_artifact(tiny_model, tmp_path)
     meta = json.loads(art.read_text())
-    meta.update(kv_groups=list(tiny_model.kv_groups), kv_rotate=tiny_model.kv_rotate,
-                kv_center_keys=tiny_model.kv_center_keys)
+    assert tiny_model.kv_layout == {"kv_groups": list(tiny_model.kv_groups), "kv_rotate": tiny_model.kv_rotate,
+                                    "kv_center_keys": tiny_model.kv_center_keys}
+    meta.update(tiny_model.kv_layout)
     art.write_text(json.dumps(meta))
     ctl.load_artifact.cache_clear()
     with caplog.at_level("WARNING", logger="edgekv"):

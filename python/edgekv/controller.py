@@ -318,6 +318,13 @@ def find_artifact(model) -> ControllerArtifact:
 # policy never stores it below this many bits (one token: no visible cost in average bits).
 SINK_MIN_KEY_BITS = 8
 
+
+def protect_sink(positions: np.ndarray, k_bits: np.ndarray) -> np.ndarray:
+    """k_bits with position 0's key raised to at least SINK_MIN_KEY_BITS (in place; returned)."""
+    sink = np.asarray(positions) == 0
+    k_bits[sink] = np.maximum(k_bits[sink], SINK_MIN_KEY_BITS)
+    return k_bits
+
 class LearnedPolicy(KVPolicy):
     """Per-token key and value bit-widths from the learned controller (onnxruntime).
 
@@ -360,11 +367,9 @@ class LearnedPolicy(KVPolicy):
         self.attach(art, getattr(model, "kv_groups", None))
         self._bound = weakref.ref(model)
         # the damage tables were measured on one KV layout; another one still runs, less well matched
-        layout = {"kv_groups": list(getattr(model, "kv_groups", None) or []),
-                  "kv_rotate": getattr(model, "kv_rotate", None), "kv_center_keys": getattr(model, "kv_center_keys", None)}
-        trained = {k: art.meta.get(k) for k in layout}
-        differs = [f"{k} {layout[k]} (trained with {trained[k]})" for k in layout
-                   if trained[k] is not None and layout[k] is not None and trained[k] != layout[k]]
+        layout = getattr(model, "kv_layout", {})
+        differs = [f"{k} {v} (trained with {art.meta[k]})" for k, v in layout.items()
+                   if art.meta.get(k) is not None and v is not None and art.meta[k] != v]
         if differs:
             log.warning("controller %s was trained on another KV layout: %s", art.path.name, ", ".join(differs))
 
@@ -399,9 +404,7 @@ class LearnedPolicy(KVPolicy):
         bucket = position_bucket(features.positions, edges) if edges is not None else None
         k = choose_bits(pk, tk, self.lam, self.eff, bucket, self.choices)
         v = choose_bits(pv, tv, self.lam, self.eff, bucket, self.choices)
-        sink = np.asarray(features.positions) == 0
-        k[sink] = np.maximum(k[sink], SINK_MIN_KEY_BITS)
-        return k, v
+        return protect_sink(features.positions, k), v
 
 
 # static configurations ordered by storage bits: the rungs a rule-based policy splits tokens between

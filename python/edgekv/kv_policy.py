@@ -156,7 +156,8 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
         s = spec.strip().lower()
         if s in _ALIASES:
             return StaticPolicy(*_ALIASES[s], window=window)
-        m = re.fullmatch(r"k(16|8|4|3|2)v(16|8|4|3|2)", s)
+        b = "|".join(map(str, BITS))
+        m = re.fullmatch(rf"k({b})v({b})", s)
         if m:
             return StaticPolicy(int(m.group(1)), int(m.group(2)), window=window)
         m = re.fullmatch(r"adaptive(?:@(\d+(?:\.\d*)?))?", s)

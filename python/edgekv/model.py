@@ -470,6 +470,13 @@ class Model:
             return k, v
 
     @property
+    def kv_layout(self) -> dict:
+        """The KV record layout: what quantized records and their damage depend on (controller
+        artifacts and benchmark results record it)."""
+        return {"kv_groups": list(self.kv_groups) if self.kv_groups else None, "kv_rotate": self.kv_rotate,
+                "kv_center_keys": self.kv_center_keys}
+
+    @property
     def kv_avg_bits(self) -> float:
         """Average bits per cached key/value element, scales and minimums included (maps excluded)."""
         self._check_open()
