@@ -368,12 +368,15 @@ def paired_wikitext(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
 
 def _default_pairs(pols: dict) -> list[tuple[str, str]]:
     """Each learned policy against fp16, the uniform policies around its bits (int3 3.5, k4v2 3.75, k4v3
-    4.0) and every baseline run at its bits (random, random-sink, rule); the static policies against fp16."""
+    4.0) and every baseline run at its bits (random, random-sink, rule); random-sink against random (the
+    sink guard alone, same draws); the static policies against fp16."""
     out = []
     for name in sorted(pols):
         if name.startswith("adaptive@") and "+w" not in name:
             out += [(name, b) for b in ("fp16", "int3", "k4v2", "k4v3", f"random:{name}", f"random-sink:{name}",
                                         f"rule:{name}") if b in pols]
+            if f"random-sink:{name}" in pols and f"random:{name}" in pols:  # the sink guard alone
+                out.append((f"random-sink:{name}", f"random:{name}"))
     out += [(name, "fp16") for name in ("int8", "int4", "k4v3", "k4v2", "int3", "k2v4", "int2") if name in pols]
     return out
 
