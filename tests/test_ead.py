@@ -96,7 +96,8 @@ def test_simulation_reads_the_active_models_entropy():
 
 def test_config_validation():
     for bad in (dict(window=0), dict(d_min=0), dict(tau=float("nan")), dict(tau=1.0, tau_low=2.0),
-                dict(max_draft=-1), dict(window=True)):
+                dict(max_draft=-1), dict(window=True), dict(verify_window=-1), dict(verify_window=4),
+                dict(max_draft=3)):
         with pytest.raises(ValueError):
             EADConfig(**bad)
 
@@ -249,6 +250,33 @@ def test_verify_with_scripted_switches(pair):
     assert got == pair.large.generate(PROMPT, max_tokens=30, temperature=0)
 
 
+def test_verify_window_bounds_what_a_rejection_throws_away(pair):
+    # the small model drafts everything; the large checks only the last 3 tentative tokens at the
+    # end of the text and after every 6: each check looks at 3, so at most 3 are thrown away
+    n = 40
+    cfg = EADConfig(tau=1e9, verify=True, max_draft=6, verify_window=3)
+    got = pair.generate(PROMPT, max_tokens=n, temperature=0, config=cfg)
+    st = pair.last_stats
+    assert st.generated_tokens == n and st.verifications >= n // 6
+    assert st.checked_tokens <= 3 * st.verifications
+    assert 0 < st.rejected_tokens <= 3 * st.verifications
+    tokens, sources = st.tokens, pattern(st.sources)
+    # tokens older than the window stay the small model's: the text is neither model's alone
+    assert got != pair.large.generate(PROMPT, max_tokens=n, temperature=0)
+    pair.generate(PROMPT, max_tokens=n, temperature=0, tau=1e9)
+    small = pair.last_stats.tokens
+    assert tokens != small and "S" in sources and "L" in sources
+    # positions 0..2 are never in the last 3 of a 6-token draft: the small model's greedy tokens
+    assert tokens[:3] == small[:3] and sources[:3] == "SSS"
+
+
+def test_verify_window_wider_than_any_draft_is_plain_verify(pair):
+    n = 30
+    cfg = EADConfig(tau=2.5, window=2, d_min=2, verify=True, max_draft=5, verify_window=5)
+    got = pair.generate(PROMPT, max_tokens=n, temperature=0, config=cfg)
+    assert got == pair.large.generate(PROMPT, max_tokens=n, temperature=0)
+
+
 def test_verify_when_the_draft_ends_the_text(tiny_path):
     # the small model ends its turn at once, the large never: verification must undo the end
     small = tiny_path("qwen2", "Q8_0", size="small", seed=1, tie_embeddings=False, special_logit_bias=8.0)
@@ -368,6 +396,7 @@ def test_cli_verify_matches_the_large_model(capsys, offline_cache, pair_paths):
     (["--tau", "2"], "--tau needs --draft"),
     (["--verify"], "--verify needs --draft"),
     (["--draft", "SMALL", "--max-draft", "3"], "--max-draft needs --verify"),
+    (["--draft", "SMALL", "--verify-window", "3"], "--verify-window needs --verify"),
     (["--draft", "SMALL", "--tau", "1", "--tau-low", "2"], "tau_low"),
 ])
 def test_cli_ead_flag_errors(capsys, offline_cache, pair_paths, argv, needle):

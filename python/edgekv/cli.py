@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
             '  edgekv generate "Why is the sky blue?" --chat --temperature 0\n'
             "  cat prompt.txt | edgekv generate - --json\n"
             "  edgekv generate \"What is 17*23?\" --chat --temperature 0 \\\n"
-            "      --draft qwen2.5-coder-0.5b --model qwen2.5-coder-1.5b --tau 1.5"
+            "      --draft qwen2.5-coder-0.5b --model qwen2.5-coder-1.5b"
         ),
         formatter_class=_Formatter,
         parents=[verbose, model, sampling],
@@ -274,21 +274,25 @@ def _add_ead_arguments(g: argparse.ArgumentParser) -> None:
     e.add_argument("--max-draft", type=_int_at_least(0), default=None, metavar="N",
                    help="with --verify: check at least every N draft tokens (default: 0, only at switches "
                         "and at the end)")
+    e.add_argument("--verify-window", type=_int_at_least(0), default=None, metavar="N",
+                   help="with --verify: check only the last N draft tokens at each check, keeping older "
+                        "ones (default: 0, all; a rejection then throws away at most N tokens)")
 
 
 def _ead_config(args: argparse.Namespace):
     """The EAD configuration of a generate command (None without --draft); fails fast on bad values."""
     from .ead import EADConfig
 
-    given = {k: getattr(args, k) for k in ("tau", "tau_low", "window", "d_min", "max_draft")
+    given = {k: getattr(args, k) for k in ("tau", "tau_low", "window", "d_min", "max_draft", "verify_window")
              if getattr(args, k) is not None}
     if args.draft is None:
         flags = [f"--{k.replace('_', '-')}" for k in given] + (["--verify"] if args.verify else [])
         if flags:
             raise ValueError(f"{', '.join(flags)} needs --draft (the small model of the pair)")
         return None
-    if "max_draft" in given and not args.verify:
-        raise ValueError("--max-draft needs --verify")
+    for k in ("max_draft", "verify_window"):
+        if k in given and not args.verify:
+            raise ValueError(f"--{k.replace('_', '-')} needs --verify")
     return EADConfig(verify=args.verify, **given)
 
 
@@ -404,7 +408,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 doc = {"model": model.large.name, "path": str(model.large.path), "draft": model.small.name,
                        "draft_path": str(model.small.path), "chat": args.chat, "text": text,
                        "ead": {k: getattr(ead, k) for k in ("tau", "tau_low", "window", "d_min", "verify",
-                                                            "max_draft")},
+                                                            "max_draft", "verify_window")},
                        "stats": model.last_stats.as_dict()}
             _out(json.dumps(_json_safe(doc), ensure_ascii=False) + "\n")
             return EXIT_OK
