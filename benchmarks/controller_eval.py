@@ -30,6 +30,13 @@ Policies (comma-separated)
                                        random routing (RandomPolicy) at REF's measured K and V bit mix
   random-sink:REF                      random:REF with the learned policy's attention-sink guard
                                        (position 0's key never below SINK_MIN_KEY_BITS)
+  oracle@B                             (wikitext only) the learned controller's own objective with
+                                       perfect knowledge: every token's exact single-token damage
+                                       (controller/oracle.py, the training labels) measured on the
+                                       window itself, then the bits that minimize the summed damage
+                                       at B average bits, with the sink guard. Not a policy: what a
+                                       controller that predicted its labels perfectly would reach.
+                                       Slow (~10 forward passes per token); reported on its own windows
   P+wN                                 policy P with a window: each token stays at 16 bits until it
                                        is N steps old (kv_window=N; not W=0). Its bits count the
                                        tokens still at 16 bits when the item ends
@@ -157,7 +164,32 @@ def make_policy(spec: str, task: str, model, item: int = 0) -> KVPolicy:
             return protect_sink(f.positions, k), v
 
         return CallablePolicy(with_sink, needs_features=False, name=spec)
+    if spec.startswith("oracle@"):
+        raise SystemExit(f"{spec}: the oracle is measured per WikiText window (run --task wikitext)")
     return parse_policy(spec)
+
+
+def oracle_policy(model, ids: np.ndarray, spec: str, progress: bool) -> KVPolicy:
+    """oracle@B on one window: every token's exact single-token damage (controller/oracle.py) at
+    each bit-width, then the bits that minimize the summed damage at B average bits for this
+    window, with the learned policy's sink guard: the controller's objective (choose_bits) with
+    the window's true damages in place of predicted ones."""
+    from controller.oracle import budget_bits, window_damages
+    from edgekv.controller import SINK_MIN_KEY_BITS, effective_bits
+    from tqdm import tqdm
+
+    ids = np.asarray(ids, np.int32)
+    with tqdm(total=ids.size - 1, desc=f"{spec} damages", disable=not progress, file=sys.stderr,
+              mininterval=10, leave=False) as bar:
+        dmg = window_damages(model, ids, progress=lambda j: bar.update(1))
+    floor = np.where(np.arange(ids.size) == 0, SINK_MIN_KEY_BITS, 0)
+    kb, vb = budget_bits(dmg, float(spec.split("@", 1)[1]), effective_bits(model.kv_groups), floor)
+
+    def by_position(f):
+        pos = np.asarray(f.positions)
+        return kb[pos].copy(), vb[pos].copy()
+
+    return CallablePolicy(by_position, needs_features=False, name=spec)
 
 
 _RULE_X = None
@@ -262,13 +294,17 @@ def _run_items(task: str, model, spec: str, items: list, progress: bool, score, 
     done, tag, layout = _resume(task, spec, model)
     # random routing is seeded per item (make_policy's item), so random:REF and random-sink:REF
     # draw the same bits for the same item
-    static = None if spec.startswith(("random:", "random-sink:")) else make_policy(spec, task, model)
+    per_item = spec.startswith(("random:", "random-sink:", "oracle@"))
+    static = None if per_item else make_policy(spec, task, model)
     from tqdm import tqdm
 
     todo = [i for i in range(len(items)) if i not in done]
     with out.open("a") as fh:
         for i in tqdm(todo, desc=f"{task} {spec}", disable=not progress, file=sys.stderr, mininterval=5):
-            pol = static or make_policy(spec, task, model, item=i)
+            if spec.startswith("oracle@"):
+                pol = oracle_policy(model, items[i], spec, progress)
+            else:
+                pol = static or make_policy(spec, task, model, item=i)
             t0 = time.perf_counter()
             fields, kb, vb = score(items[i], pol)
             rec = {"i": i, **fields, "bits": average_bits(kb, vb, model.kv_groups), "k_hist": _hist(kb),
@@ -378,6 +414,9 @@ def _default_pairs(pols: dict) -> list[tuple[str, str]]:
             if f"random-sink:{name}" in pols and f"random:{name}" in pols:  # the sink guard alone
                 out.append((f"random-sink:{name}", f"random:{name}"))
     out += [(name, "fp16") for name in ("int8", "int4", "k4v3", "k4v2", "int3", "k2v4", "int2") if name in pols]
+    for name in sorted(pols):  # the oracle against fp16 and the learned policy at its budget
+        if name.startswith("oracle@"):
+            out += [(name, b) for b in ("fp16", "adaptive@" + name.split("@", 1)[1], "int3") if b in pols]
     return out
 
 
@@ -394,11 +433,16 @@ def cmd_report(args) -> None:
             recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
             if recs:
                 pols[f.stem.replace("~", ":")] = recs
-        # compare on the items every policy finished
-        common = set.intersection(*[{r["i"] for r in v} for v in pols.values()]) if pols else set()
+        # compare on the items every policy finished; the oracle (slow: measured per window) runs on
+        # fewer windows and is summarized, and paired, on its own
+        full = [v for k, v in pols.items() if not k.startswith("oracle@")]
+        common = set.intersection(*[{r["i"] for r in v} for v in full]) if full else set()
         res = {}
         for name, recs in pols.items():
-            s = summ([r for r in recs if r["i"] in common])
+            own = name.startswith("oracle@")
+            s = summ(recs if own else [r for r in recs if r["i"] in common])
+            if own:
+                s["own_items"] = True
             s["k_mix"] = _mix([r for r in recs if r["i"] in common], "k_hist")
             s["v_mix"] = _mix([r for r in recs if r["i"] in common], "v_hist")
             s["items_run"] = len(recs)
@@ -406,9 +450,10 @@ def cmd_report(args) -> None:
         cmp = {}
         for a, b in (pairs if pairs is not None else _default_pairs(pols)):
             if a in pols and b in pols:
-                pa = [r for r in pols[a] if r["i"] in common]
-                pb = [r for r in pols[b] if r["i"] in common]
-                cmp[f"{a} vs {b}"] = paired(pa, pb)
+                keep = (lambda r: True) if a.startswith("oracle@") else (lambda r: r["i"] in common)
+                pa = [r for r in pols[a] if keep(r)]
+                pb = [r for r in pols[b] if keep(r)]
+                cmp[f"{a} vs {b}"] = paired(pa, pb)  # on the items both have
         summary["tasks"][task] = {"common_items": len(common), "policies": res, "paired": cmp}
     (RESULTS / "controller_pareto.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(summary, RESULTS / "controller_pareto.png")
@@ -427,6 +472,8 @@ def cmd_report(args) -> None:
         for name, s in sorted(t["policies"].items(), key=lambda kv: kv[1]["bits"]):
             rel = "" if fp is None or key == "acc" else f" ({100 * (s[key] / fp - 1):+.2f}%)"
             mix = lambda m: " ".join(f"{b}:{p:.2f}" for b, p in m.items())  # noqa: E731
+            if s.get("own_items"):  # not on the common items: compare through its paired rows
+                rel = f" ({s['n']} {unit} only: see the paired rows)"
             lines.append(f"| {name} | {s['bits']:.3f} | {s[key]:.3f}{rel} | {mix(s['k_mix'])} | {mix(s['v_mix'])} |")
         if t["paired"]:
             lines += ["", "Paired bootstrap (10,000 resamples), A minus B"

@@ -157,3 +157,71 @@ def excess_table(rec_arrays: dict) -> np.ndarray:
             ex = np.maximum(rec_arrays[f"{kind}{b}"] - rec_arrays["null"], 0.0)
             t[:, ki, bi] = np.where(np.isfinite(ex), ex, 0.0)
     return t
+
+
+# ---- the oracle as a policy: an upper bound for per-token controllers --------------------
+
+def window_damages(model, ids: np.ndarray, progress=None) -> np.ndarray:
+    """(n, 2, len(CHOICES)) excess damage (damage - null, at least 0) of every token of a window,
+    keys and values, at every bit-width of the ladder (16 bits: 0), each measured alone against
+    the 16-bit background. Near the end of the window the sums run over the positions that are
+    left (the last token has none).
+
+    Key centers (EK_KV_CENTER_KEYS) are fixed when the first key is quantized and kept while the
+    context holds a token. They are first set from the whole window (as a policy run sets them
+    from its prefilled context), so every token from 1 on is measured against the same centers;
+    token 0, measured first from an empty context, gets centers of its own."""
+    wo = WindowOracle(model, ids)
+    n = wo.ids.size
+    t = np.zeros((n, 2, len(CHOICES)))
+
+    def measure(j):
+        floor = wo.null(j) if j + 1 + NULL_SPLIT < n else 0.0  # too few positions left to split
+        for ki, kind in enumerate(("k", "v")):
+            for bi, b in enumerate(LADDER):
+                t[j, ki, bi] = max(wo.damage(j, kind, b) - floor, 0.0)
+        if progress is not None:
+            progress(j)
+
+    measure(0)
+    if model.kv_center_keys and n > 2:
+        model._truncate(0)
+        model._eval_raw(wo.ids, lib.EK_LOGITS_NONE, None)
+        set_bits(model, n - 1, 8, 16)  # the first quantized key: centers from keys 1..n-1
+        model._truncate(n - 1)
+        wo._base = None
+    for j in range(1, n - 1):
+        measure(j)
+    model._truncate(0)
+    return t
+
+
+def budget_bits(damage: np.ndarray, target_bits: float, eff: dict, min_key_bits: np.ndarray | None = None,
+                iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (key bits, value bits) minimizing the summed damage at an average storage cost of at
+    most target_bits: argmin_b eff[b] + lam * damage[b] per token and kind, lam found by bisection.
+    min_key_bits (n,): a floor on each token's key bits (the attention-sink guard)."""
+    cand = np.asarray(CHOICES)
+    cost_b = np.array([eff[int(b)] for b in cand])
+    floor = np.zeros(damage.shape[0], np.int32) if min_key_bits is None else np.asarray(min_key_bits)
+
+    def pick(lam):
+        c = cost_b + lam * damage  # (n, 2, C)
+        c[:, 0, :] = np.where(cand[None, :] < floor[:, None], np.inf, c[:, 0, :])
+        b = cand[np.argmin(c, axis=2)]
+        return b[:, 0].astype(np.int32), b[:, 1].astype(np.int32)
+
+    def avg(kb, vb):
+        return float((cost_b[np.searchsorted(cand, kb)].sum() + cost_b[np.searchsorted(cand, vb)].sum())
+                     / (2 * kb.size))
+
+    lo, hi = 1e-6, 1e9  # lam: bits rise with it
+    if avg(*pick(lo)) > target_bits:
+        return pick(lo)
+    for _ in range(iters):
+        mid = float(np.sqrt(lo * hi))
+        if avg(*pick(mid)) <= target_bits:
+            lo = mid
+        else:
+            hi = mid
+    return pick(lo)

@@ -409,3 +409,45 @@ def test_oracle_damage_is_exact_against_its_baseline(tiny_model):
     assert all(np.isfinite(rec[f"{kind}{b}"]) for kind in "kv" for b in oracle.LADDER)
     with pytest.raises(ValueError, match="following tokens"):
         orc.measure(ids.size - 3)
+
+
+def test_oracle_budget_bits_meets_the_budget_and_spends_it_where_damage_is():
+    from controller import oracle
+
+    rng = np.random.default_rng(0)
+    n = 200
+    eff = ctl.effective_bits((64, 64, 32))
+    # damage falls with bits; half the tokens are 10x as sensitive
+    scale = np.where(np.arange(n) % 2 == 0, 10.0, 1.0)[:, None, None] * rng.uniform(0.5, 1.5, (n, 2, 1))
+    dmg = scale * np.array([8.0, 4.0, 2.0, 0.2, 0.0])[None, None, :]
+    floor = np.where(np.arange(n) == 0, 8, 0)
+    for target in (3.25, 3.5, 4.5, 8.0):
+        kb, vb = oracle.budget_bits(dmg, target, eff, floor)
+        assert ctl.average_bits(kb, vb, (64, 64, 32)) <= target + 1e-9
+        assert kb[0] >= 8
+        sens = np.arange(n) % 2 == 0
+        assert kb[sens].mean() >= kb[~sens].mean() and vb[sens].mean() >= vb[~sens].mean()
+    # a tighter budget never raises a token's bits
+    k35, v35 = oracle.budget_bits(dmg, 3.5, eff)
+    k45, v45 = oracle.budget_bits(dmg, 4.5, eff)
+    assert (k35 <= k45).all() and (v35 <= v45).all()
+    # no budget can go below the cheapest choice: the cheapest is returned
+    kb, vb = oracle.budget_bits(dmg, 1.0, eff)
+    assert (kb == 2).all() and (vb == 2).all()
+
+
+def test_oracle_window_damages(tiny_model):
+    from controller import oracle
+
+    ids = np.arange(5, 5 + 24, dtype=np.int32)
+    saved = oracle.HORIZON
+    try:
+        oracle.HORIZON = 6
+        t = oracle.window_damages(tiny_model, ids)
+    finally:
+        oracle.HORIZON = saved
+    assert t.shape == (ids.size, 2, len(oracle.CHOICES))
+    assert (t[:, :, -1] == 0).all() and (t[-1] == 0).all()  # 16 bits, and the last token: no damage
+    assert (t >= 0).all() and (t[1:-1, :, 0] > 0).mean() > 0.9  # 2 bits does some, above the floor
+    assert (t[:-1, :, 0].mean(axis=0) > t[:-1, :, 3].mean(axis=0)).all()  # 2 bits worse than 8 on average
+    assert tiny_model.n_past == 0
