@@ -501,6 +501,8 @@ def _plot(summary: dict, path: Path) -> None:
         t = summary["tasks"][task]
         key = "acc" if task == "hellaswag" else "ppl"
         for name, s in t["policies"].items():
+            if s.get("own_items"):  # measured on other (fewer) items: not comparable on this plot
+                continue
             kind = ("window" if _split_window(name)[1] else "adaptive" if name.startswith("adaptive")
                     else "rule" if name.startswith("rule") else "random" if name.startswith("random") else "static")
             style = {"adaptive": ("o", "C3"), "rule": ("s", "C2"), "random": ("^", "C1"), "static": ("D", "C0"),
