@@ -615,16 +615,18 @@ def cmd_gsm8k(args) -> int:
 
 
 def summarize_gsm8k(runs: list, n: int) -> dict:
+    """Per setting, over the problems (< n) it shares with small-only and large-only: accuracy,
+    gap recovery with a paired bootstrap CI (10,000 resamples of those problems), cost. Settings
+    may have run on different problems (a setting added later runs on fewer); each random
+    baseline is compared with its matched setting on the problems both ran."""
     by = {}
     for r in runs:
         if r["idx"] < n:
             by.setdefault(r["setting"], {})[r["idx"]] = r
-    common = None  # the problems every setting has finished
-    for name in by:
-        common = set(by[name]) if common is None else common & set(by[name])
+    base = set(by.get("small", {})) & set(by.get("large", {}))
     out = {}
     for name, rs in by.items():
-        ids = sorted(set(rs) & common if common else set(rs))
+        ids = sorted(set(rs) & base if base else set(rs))
         if not ids:
             continue
         sel = [rs[i] for i in ids]
@@ -632,6 +634,7 @@ def summarize_gsm8k(runs: list, n: int) -> dict:
         wall = sum(r["wall_s"] for r in sel)
         d = {
             "problems": len(sel),
+            "first_last": [ids[0], ids[-1]],
             "accuracy": float(np.mean([r["correct"] for r in sel])),
             "correct": int(sum(r["correct"] for r in sel)),
             "large_share": sum(r["large_share"] * r["generated_tokens"] for r in sel) / max(1, tok),
@@ -655,32 +658,39 @@ def summarize_gsm8k(runs: list, n: int) -> dict:
             d["checked_tokens"] = int(sum(r.get("checked_tokens", 0) for r in sel))
             d["rejected_tokens"] = int(sum(r.get("rejected_tokens", 0) for r in sel))
         out[name] = d
-    if "small" in out and "large" in out:
-        a_s, a_l = out["small"]["accuracy"], out["large"]["accuracy"]
-        # paired bootstrap over the problems every setting ran (10,000 resamples)
-        ids = sorted(common)
-        corr = {name: np.array([by[name][i]["correct"] for i in ids], np.float64) for name in out}
-        idx = np.random.default_rng(0).integers(0, len(ids), size=(10000, len(ids)))
-        bs_s, bs_l = corr["small"][idx].mean(1), corr["large"][idx].mean(1)
-        ok = bs_l != bs_s
+
+    def correct(name, ids):
+        return np.array([by[name][i]["correct"] for i in ids], np.float64)
+
+    if base:
         for name, d in out.items():
-            d["gap_recovery"] = (d["accuracy"] - a_s) / (a_l - a_s) if a_l != a_s else float("nan")
-            rec = (corr[name][idx].mean(1)[ok] - bs_s[ok]) / (bs_l[ok] - bs_s[ok])
+            ids = d["ids"]
+            cs, cl, ce = correct("small", ids), correct("large", ids), correct(name, ids)
+            d["small_accuracy"], d["large_accuracy"] = float(cs.mean()), float(cl.mean())
+            d["gap_recovery"] = (ce.mean() - cs.mean()) / (cl.mean() - cs.mean()) if cl.mean() != cs.mean() else float("nan")
+            idx = np.random.default_rng(0).integers(0, len(ids), size=(10000, len(ids)))
+            bs_s, bs_l, bs_e = cs[idx].mean(1), cl[idx].mean(1), ce[idx].mean(1)
+            ok = bs_l != bs_s
+            rec = (bs_e[ok] - bs_s[ok]) / (bs_l[ok] - bs_s[ok])
             d["gap_recovery_ci95"] = [float(np.percentile(rec, 2.5)), float(np.percentile(rec, 97.5))]
         for name, d in out.items():
             m = d["config"].get("matched_to") if name.startswith("random@") else None
             if m in out:  # the matched EAD setting minus this random baseline, accuracy points
-                diff = 100 * (corr[m][idx].mean(1) - corr[name][idx].mean(1))
-                d["matched_minus_random_points"] = float(100 * (corr[m].mean() - corr[name].mean()))
+                ids = sorted(set(d["ids"]) & set(out[m]["ids"]))
+                cm, cr = correct(m, ids), correct(name, ids)
+                idx = np.random.default_rng(0).integers(0, len(ids), size=(10000, len(ids)))
+                diff = 100 * (cm[idx].mean(1) - cr[idx].mean(1))
+                d["matched_minus_random_points"] = float(100 * (cm.mean() - cr.mean()))
                 d["matched_minus_random_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+                d["matched_minus_random_problems"] = len(ids)
         # verify against large-only on the same problems: identical texts?
         for name, d in out.items():
             if d["config"].get("verify") and not d["config"].get("verify_window"):
-                same = [by[name][i]["text"] == by["large"][i]["text"] for i in d["ids"] if i in by["large"]]
+                same = [by[name][i]["text"] == by["large"][i]["text"] for i in d["ids"]]
                 d["same_text_as_large"] = f"{sum(same)}/{len(same)}"
-                base = [by["large"][i] for i in d["ids"] if i in by["large"]]
-                d["large_only_ms_per_token_same_problems"] = 1000 * sum(r["wall_s"] for r in base) / max(
-                    1, sum(r["generated_tokens"] for r in base))
+                bl = [by["large"][i] for i in d["ids"]]
+                d["large_only_ms_per_token_same_problems"] = 1000 * sum(r["wall_s"] for r in bl) / max(
+                    1, sum(r["generated_tokens"] for r in bl))
     for d in out.values():
         d.pop("ids")
     return out
@@ -832,7 +842,8 @@ def targets_md(res: dict) -> list:
             if name.startswith("ead_tau") and d["large_share"] <= 0.5:
                 lo, hi = d["gap_recovery_ci95"]
                 mode = " (verify: slower than the large model alone)" if (
-                    d["config"].get("verify") and d["ms_per_token"] > st["large"]["ms_per_token"]) else ""
+                    d["config"].get("verify") and d["ms_per_token"] > d.get("large_only_ms_per_token_same_problems",
+                                                                             st["large"]["ms_per_token"])) else ""
                 L.append(f"| GSM8K {name}{mode}: >= 80% of the accuracy gap at a large share <= 50% | "
                          f"{100 * d['gap_recovery']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] at share "
                          f"{100 * d['large_share']:.1f}% ({d['problems']} problems; compute "
@@ -845,7 +856,8 @@ def targets_md(res: dict) -> list:
                 L.append(f"| GSM8K: beats random switching at the same share | {m} {100 * st[m]['accuracy']:.1f}% "
                          f"(share {100 * st[m]['large_share']:.1f}%) vs {name} {100 * d['accuracy']:.1f}% "
                          f"(share {100 * d['large_share']:.1f}%): {d.get('matched_minus_random_points', float('nan')):+.0f} "
-                         f"points [{lo:+.0f}, {hi:+.0f}] | {yes(st[m]['accuracy'] > d['accuracy'])} |")
+                         f"points [{lo:+.0f}, {hi:+.0f}] on {d.get('matched_minus_random_problems')} problems | "
+                         f"{yes(d.get('matched_minus_random_points', 0) > 0)} |")
         for name, d in st.items():
             if name.startswith("ead_tau") and "catchup_overhead_vs_ideal" in d:
                 L.append(f"| catch-up adds < 10% to wall time vs no catch-up cost ({name}, GSM8K run) | "
@@ -911,12 +923,16 @@ def write_md(res: dict, path: Path) -> None:
         L += ["## GSM8K generation", "",
               f"Greedy, chat template, max {gs['max_tokens']} tokens, exact match of the final number. "
               "ms/token is wall time per generated token (prefill included) on a shared 2-core machine. "
-              "Compute is parameter-weighted tokens run (prompt, catch-up, decode) relative to the large model alone.",
+              "Compute is parameter-weighted tokens run (prompt, catch-up, decode) relative to the large model alone. "
+              "Each setting is summarized on the problems it ran (settings added later ran on fewer); its gap "
+              "recovery uses small-only's and large-only's accuracy on those same problems, with a paired "
+              "bootstrap 95% CI over them.",
               "", "| setting | problems | accuracy | gap recovery [95% CI] | large share | compute | ms/token | "
               "switches | catch-up tok | catch-up overhead | truncated |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, d in gs["settings"].items():
             co = d.get("catchup_overhead_vs_ideal")
-            L.append(f"| {name} | {d['problems']} | {100 * d['accuracy']:.1f}% ({d['correct']}) | "
+            L.append(f"| {name} | {d['problems']} ({d['first_last'][0]}-{d['first_last'][1]}) | "
+                     f"{100 * d['accuracy']:.1f}% ({d['correct']}) | "
                      f"{100 * d.get('gap_recovery', float('nan')):.0f}% "
                      f"[{100 * d.get('gap_recovery_ci95', [np.nan] * 2)[0]:.0f}, "
                      f"{100 * d.get('gap_recovery_ci95', [np.nan] * 2)[1]:.0f}] | {100 * d['large_share']:.1f}% | "
@@ -940,7 +956,7 @@ def write_md(res: dict, path: Path) -> None:
     tm = res.get("timing")
     if tm:
         L += ["## Where the time goes (controlled timing run)", "",
-              "Large-only and EAD on the same problems (GSM8K 100.., not in the accuracy set), rotating order, "
+              "Large-only and EAD on the same problems (GSM8K problems from 100; a speed measurement, no setting is chosen on it), rotating order, "
               "each run's caches cut back to the shared prefix first. 'paired' is the median over runs of "
               "EAD's ms/token divided by large-only's on the same problem and repetition.", "",
               "| setting | runs | ms/token | paired vs large | small fwd share of wall | large fwd share of wall | "
@@ -997,7 +1013,7 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=16384)
     r.add_argument("--chunk", type=int, default=1024)
     r.add_argument("--runs", default=str(WORK / "gsm8k_runs.jsonl"))
-    r.add_argument("--n", type=int, default=100)
+    r.add_argument("--n", type=int, default=200)
     r.add_argument("--max-tokens", type=int, default=256)
     r.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)
