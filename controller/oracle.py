@@ -159,7 +159,7 @@ def excess_table(rec_arrays: dict) -> np.ndarray:
     return t
 
 
-# ---- the oracle as a policy: an upper bound for per-token controllers --------------------
+# ---- the oracle as a policy: the controller's objective with perfect labels ---------------
 
 def window_damages(model, ids: np.ndarray, progress=None) -> np.ndarray:
     """(n, 2, len(CHOICES)) excess damage (damage - null, at least 0) of every token of a window,
