@@ -175,7 +175,7 @@ def oracle_policy(model, ids: np.ndarray, spec: str, progress: bool) -> KVPolicy
     window, with the learned policy's sink guard: the controller's objective (choose_bits) with
     the window's true damages in place of predicted ones."""
     from controller.oracle import budget_bits, window_damages
-    from edgekv.controller import SINK_MIN_KEY_BITS, effective_bits
+    from edgekv.controller import SINK_MIN_KEY_BITS
     from tqdm import tqdm
 
     ids = np.asarray(ids, np.int32)
@@ -183,7 +183,7 @@ def oracle_policy(model, ids: np.ndarray, spec: str, progress: bool) -> KVPolicy
               mininterval=10, leave=False) as bar:
         dmg = window_damages(model, ids, progress=lambda j: bar.update(1))
     floor = np.where(np.arange(ids.size) == 0, SINK_MIN_KEY_BITS, 0)
-    kb, vb = budget_bits(dmg, float(spec.split("@", 1)[1]), effective_bits(model.kv_groups), floor)
+    kb, vb = budget_bits(dmg, float(spec.split("@", 1)[1]), model.kv_groups, floor)
 
     def by_position(f):
         pos = np.asarray(f.positions)
@@ -440,11 +440,12 @@ def cmd_report(args) -> None:
         res = {}
         for name, recs in pols.items():
             own = name.startswith("oracle@")
-            s = summ(recs if own else [r for r in recs if r["i"] in common])
+            sel = recs if own else [r for r in recs if r["i"] in common]
+            s = summ(sel)
             if own:
                 s["own_items"] = True
-            s["k_mix"] = _mix([r for r in recs if r["i"] in common], "k_hist")
-            s["v_mix"] = _mix([r for r in recs if r["i"] in common], "v_hist")
+            s["k_mix"] = _mix(sel, "k_hist")
+            s["v_mix"] = _mix(sel, "v_hist")
             s["items_run"] = len(recs)
             res[name] = s
         cmp = {}

@@ -213,14 +213,22 @@ def _runs(m: np.ndarray) -> list:
     return runs
 
 
-def oracle_nll(chunks: list, share: float) -> float:
-    s = np.concatenate([ch["small_nll"] for ch in chunks])
-    gain = s - np.concatenate([ch["large_nll"] for ch in chunks])
-    k = int(round(share * s.size))
-    idx = np.argsort(-gain)[:k]
+def _cat(chunks: list, key: str) -> np.ndarray:
+    return np.concatenate([ch[key] for ch in chunks])
+
+
+def _large_at_top(chunks: list, key: np.ndarray, share: float) -> float:
+    """Mean NLL when the large model takes the `share` of positions where key is highest."""
+    s, l_ = _cat(chunks, "small_nll"), _cat(chunks, "large_nll")
+    idx = np.argsort(-key, kind="stable")[:int(round(share * s.size))]
     out = s.copy()
-    out[idx] -= gain[idx]
+    out[idx] = l_[idx]
     return float(out.mean())
+
+
+def oracle_nll(chunks: list, share: float) -> float:
+    """The positions where the large model's NLL gains most: an upper bound for any selection."""
+    return _large_at_top(chunks, _cat(chunks, "small_nll") - _cat(chunks, "large_nll"), share)
 
 
 # tau grids (bits). The top must reach low shares for every d_min: a recovery is only read off
@@ -235,14 +243,12 @@ def entropy_gate_nll(chunks: list, share: float) -> float:
     entropy is highest: the best any per-position threshold on that entropy can do at this share
     (EAD's rule also sees the large model's entropy while it is active, and switching has to
     follow d_min)."""
-    s = np.concatenate([ch["small_nll"] for ch in chunks])
-    l_ = np.concatenate([ch["large_nll"] for ch in chunks])
-    e = np.concatenate([ch["small_ent"] for ch in chunks])
-    k = int(round(share * s.size))
-    idx = np.argsort(-e, kind="stable")[:k]
-    out = s.copy()
-    out[idx] = l_[idx]
-    return float(out.mean())
+    return _large_at_top(chunks, _cat(chunks, "small_ent"), share)
+
+
+def ppl_recovery(ppl: float, ppl_s: float, ppl_l: float) -> float:
+    """Share of the small-to-large perplexity gap a mixture with perplexity ppl closes."""
+    return (ppl_s - ppl) / (ppl_s - ppl_l)
 
 
 def sweep(chunks: list, cfg_base: dict, taus=TAUS, baselines: bool = True) -> list:
@@ -258,7 +264,7 @@ def sweep(chunks: list, cfg_base: dict, taus=TAUS, baselines: bool = True) -> li
         cfg = EADConfig(tau=tau, tau_low=tau * ratio if ratio != 1.0 else None, **kw)
         nll, share, masks = mixture(chunks, cfg)
         ppl = math.exp(nll)
-        row = {"tau": tau, "large_share": share, "ppl": ppl, "recovery": (ppl_s - ppl) / (ppl_s - ppl_l)}
+        row = {"tau": tau, "large_share": share, "ppl": ppl, "recovery": ppl_recovery(ppl, ppl_s, ppl_l)}
         rows.append(row)
         if not baselines:
             continue
@@ -273,18 +279,14 @@ def sweep(chunks: list, cfg_base: dict, taus=TAUS, baselines: bool = True) -> li
     return rows
 
 
-def recovery_at(rows: list, share: float, key: str = "recovery") -> float:
+def recovery_at(rows: list, share: float) -> float:
     """Gap recovery interpolated at a given large share; NaN outside the shares the sweep reached
     (np.interp would clamp, crediting a setting that never got that low with its best point)."""
-    pts = sorted((r["large_share"], r[key]) for r in rows)
+    pts = sorted((r["large_share"], r["recovery"]) for r in rows)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if not xs or share < xs[0] or share > xs[-1]:
         return float("nan")
     return float(np.interp(share, xs, ys))
-
-
-def ppl_recovery(ppl: float, ppl_s: float, ppl_l: float) -> float:
-    return (ppl_s - ppl) / (ppl_s - ppl_l)
 
 
 def analyse_tf(tokens: int, chunk: int) -> dict:
@@ -327,14 +329,13 @@ def analyse_tf(tokens: int, chunk: int) -> dict:
         at_default = next(r for r in rows if abs(r["tau"] - DEFAULT_TAU) < 1e-9)
         ppl_s, ppl_l = math.exp(s.mean()), math.exp(l_.mean())
         gate50 = ppl_recovery(math.exp(entropy_gate_nll(chunks, 0.5)), ppl_s, ppl_l)
-        alt = ALT_D_MIN
-        d_min1 = sweep(chunks, dict(window=DEFAULT_WINDOW, d_min=alt), taus=REPORT_TAUS, baselines=False)
+        alt_rows = sweep(chunks, dict(window=DEFAULT_WINDOW, d_min=ALT_D_MIN), taus=REPORT_TAUS, baselines=False)
         out["domains"][dom] = {
             "recovery_at_share_50": recovery_at(rows, 0.5),
             "entropy_gate_recovery_at_share_50": gate50,
-            "alt_d_min": {"d_min": alt, "recovery_at_share_50": recovery_at(d_min1, 0.5), "sweep": d_min1,
-                        "best_recovery_at_share_le_50": max((r for r in d_min1 if r["large_share"] <= 0.5),
-                                                            key=lambda r: r["recovery"])},
+            "alt_d_min": {"d_min": ALT_D_MIN, "recovery_at_share_50": recovery_at(alt_rows, 0.5), "sweep": alt_rows,
+                          "best_recovery_at_share_le_50": max((r for r in alt_rows if r["large_share"] <= 0.5),
+                                                              key=lambda r: r["recovery"])},
             "positions": int(s.size),
             "ppl_small": ppl_s, "ppl_large": ppl_l,
             "argmax_agreement": float(agree.mean()),
@@ -447,7 +448,6 @@ class RandomEntropy:
         return 0.0
 
 
-
 LEGACY_D_MIN = 4  # names without _dN (runs from before d_min became part of the name) had d_min 4
 
 
@@ -500,7 +500,7 @@ def run_one(pair, setting: dict, prompt: str, max_tokens: int, seed: int, keep: 
             kw.update(config=EADConfig(tau=1.0, window=1, d_min=setting["d_min"]),
                       entropy_fn=RandomEntropy(setting["p_up"], seed))
         else:
-            kw.update(tau=setting["tau"], d_min=setting.get("d_min", LEGACY_D_MIN),
+            kw.update(tau=setting["tau"], d_min=setting["d_min"],
                       verify=setting.get("verify", False), max_draft=setting.get("max_draft", 0),
                       verify_window=setting.get("verify_window", 0))
         text = pair.generate(prompt, **kw)

@@ -196,11 +196,15 @@ def window_damages(model, ids: np.ndarray, progress=None) -> np.ndarray:
     return t
 
 
-def budget_bits(damage: np.ndarray, target_bits: float, eff: dict, min_key_bits: np.ndarray | None = None,
+def budget_bits(damage: np.ndarray, target_bits: float, groups, min_key_bits: np.ndarray | None = None,
                 iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token (key bits, value bits) minimizing the summed damage at an average storage cost of at
-    most target_bits: argmin_b eff[b] + lam * damage[b] per token and kind, lam found by bisection.
-    min_key_bits (n,): a floor on each token's key bits (the attention-sink guard)."""
+    """Per-token (key bits, value bits) minimizing the summed damage at an average storage cost
+    (edgekv.controller.average_bits with these KV groups) of at most target_bits: argmin_b
+    eff[b] + lam * damage[b] per token and kind, lam found by bisection. min_key_bits (n,): a
+    floor on each token's key bits (the attention-sink guard)."""
+    from edgekv.controller import average_bits, effective_bits
+
+    eff = effective_bits(groups)
     cand = np.asarray(CHOICES)
     cost_b = np.array([eff[int(b)] for b in cand])
     floor = np.zeros(damage.shape[0], np.int32) if min_key_bits is None else np.asarray(min_key_bits)
@@ -211,16 +215,15 @@ def budget_bits(damage: np.ndarray, target_bits: float, eff: dict, min_key_bits:
         b = cand[np.argmin(c, axis=2)]
         return b[:, 0].astype(np.int32), b[:, 1].astype(np.int32)
 
-    def avg(kb, vb):
-        return float((cost_b[np.searchsorted(cand, kb)].sum() + cost_b[np.searchsorted(cand, vb)].sum())
-                     / (2 * kb.size))
+    def fits(lam):
+        return average_bits(*pick(lam), groups) <= target_bits
 
     lo, hi = 1e-6, 1e9  # lam: bits rise with it
-    if avg(*pick(lo)) > target_bits:
+    if not fits(lo):
         return pick(lo)
     for _ in range(iters):
         mid = float(np.sqrt(lo * hi))
-        if avg(*pick(mid)) <= target_bits:
+        if fits(mid):
             lo = mid
         else:
             hi = mid

@@ -416,23 +416,23 @@ def test_oracle_budget_bits_meets_the_budget_and_spends_it_where_damage_is():
 
     rng = np.random.default_rng(0)
     n = 200
-    eff = ctl.effective_bits((64, 64, 32))
+    groups = (64, 64, 32)
     # damage falls with bits; half the tokens are 10x as sensitive
     scale = np.where(np.arange(n) % 2 == 0, 10.0, 1.0)[:, None, None] * rng.uniform(0.5, 1.5, (n, 2, 1))
     dmg = scale * np.array([8.0, 4.0, 2.0, 0.2, 0.0])[None, None, :]
     floor = np.where(np.arange(n) == 0, 8, 0)
     for target in (3.25, 3.5, 4.5, 8.0):
-        kb, vb = oracle.budget_bits(dmg, target, eff, floor)
-        assert ctl.average_bits(kb, vb, (64, 64, 32)) <= target + 1e-9
+        kb, vb = oracle.budget_bits(dmg, target, groups, floor)
+        assert ctl.average_bits(kb, vb, groups) <= target + 1e-9
         assert kb[0] >= 8
         sens = np.arange(n) % 2 == 0
         assert kb[sens].mean() >= kb[~sens].mean() and vb[sens].mean() >= vb[~sens].mean()
     # a tighter budget never raises a token's bits
-    k35, v35 = oracle.budget_bits(dmg, 3.5, eff)
-    k45, v45 = oracle.budget_bits(dmg, 4.5, eff)
+    k35, v35 = oracle.budget_bits(dmg, 3.5, groups)
+    k45, v45 = oracle.budget_bits(dmg, 4.5, groups)
     assert (k35 <= k45).all() and (v35 <= v45).all()
     # no budget can go below the cheapest choice: the cheapest is returned
-    kb, vb = oracle.budget_bits(dmg, 1.0, eff)
+    kb, vb = oracle.budget_bits(dmg, 1.0, groups)
     assert (kb == 2).all() and (vb == 2).all()
 
 
