@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 5 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records */
+#define EK_ABI_VERSION 6 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT */
 
 typedef struct {
     int n_vocab;
@@ -109,11 +109,14 @@ size_t ek_kv_bytes_per_token(const ek_model *m);
  * head_dim); flags: EK_KV_ROTATE, randomized Hadamard rotation of quantized records;
  * EK_KV_CENTER_KEYS, quantized keys stored minus a per-(layer, head) mean fixed at the
  * first key quantization, which attention adds back as a score offset (exact; see
- * kv_store.h). Configure only while the context is empty. */
-enum { EK_KV_ROTATE = 1, EK_KV_CENTER_KEYS = 2 };
+ * kv_store.h); EK_KV_FIT_GRID, each group's grid (scale, minimum) fitted to its values for
+ * the least squared error instead of its min/max (kv_quant.c; same record format, slower
+ * encoding). Configure only while the context is empty. */
+enum { EK_KV_ROTATE = 1, EK_KV_CENTER_KEYS = 2, EK_KV_FIT_GRID = 4, EK_KV_FLAGS = 7 /* all of them */ };
 int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags);
 int ek_kv_rotating(const ek_model *m);
 int ek_kv_centering(const ek_model *m);
+int ek_kv_fitting(const ek_model *m);
 /* Re-encode n cached positions at the given bit-widths (16, 8, 4, 3 or 2; 3-bit records use the
  * 4-bit group size). */
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
@@ -158,7 +161,10 @@ int ek_convert_weights(int src_type, const void *src, size_t src_bytes, int64_t 
  * kernel. Rows past the last multiple of 8 take the row kernels, as in the model. */
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl);
-/* Quantize and dequantize one record of n values (tests): bits 16/8/4/3/2, group g. */
+/* Quantize and dequantize one record of n values (tests): bits 16/8/4/3/2, group g; impl flags:
+ * EK_RT_SIMD dequantizes with the compiled SIMD path (else the plain-C reference), EK_RT_FIT
+ * encodes with the fitted grid (EK_KV_FIT_GRID). */
+enum { EK_RT_SIMD = 1, EK_RT_FIT = 2 };
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl);
 /* Attention of gs query heads (plain basis, unscaled) over n_pos fp32 keys/values that
  * are stored at the given per-position bits into a scratch store (flags as ek_kv_configure, group

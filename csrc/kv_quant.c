@@ -27,33 +27,112 @@ static inline float sanitize(float v) {
     return v > 65504.0f ? 65504.0f : (v < -65504.0f ? -65504.0f : v);
 }
 
-/* Codes for one group: fp16-rounded scale and minimum are what dequant will use. */
-static void quantize_group(const float *x, int n, int bits, uint8_t *codes, ek_fp16 *d_out, ek_fp16 *m_out) {
+/* The grid of a group is min/max (no value clipped) unless the store fits grids (EK_KV_FIT_GRID).
+ * The fit starts from min/max and tries the grids of a few clipped ranges, each refined by
+ * least-squares steps on its codes, keeping the one with the smallest squared error. Every
+ * candidate is read back through fp16, as dequant will read it, and only steps no larger than the
+ * min/max step are accepted, so the result is never worse than min/max and every bound stated in
+ * min/max steps still holds.
+ * Arithmetic is float32 in a fixed order (8 accumulator lanes, then the lanes in order; the file is
+ * built without FMA contraction), so the NumPy reference in tests/test_kv.py mirrors it exactly.
+ * 8-bit groups keep min/max: their error is already far below anything measurable. */
+static const float FIT_SHRINK[] = {1.0f, 0.8f}; /* ranges tried, relative to max - min */
+#define FIT_STEPS 2                                /* least-squares refinements of each */
+#define LANES 8
+
+/* Codes of x (n % 8 == 0, finite) on the grid (d, m) and their squared error. */
+static float grid_codes(const float *x, int n, int qmax, float d, float m, uint8_t *codes) {
+    const float id = d > 0.0f ? 1.0f / d : 0.0f, top = (float)qmax;
+    float acc[LANES] = {0};
+    for (int i = 0; i < n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float q = rintf((x[i + l] - m) * id);
+            q = q < 0.0f ? 0.0f : q;
+            q = q > top ? top : q;
+            const float e = x[i + l] - (q * d + m);
+            codes[i + l] = (uint8_t)q;
+            acc[l] += e * e;
+        }
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+/* Least-squares grid through codes c: x ~ d c + m. 0 if degenerate (one distinct code). */
+static int grid_lsq(const float *x, const uint8_t *c, int n, float *d, float *m) {
+    float a[4][LANES] = {{0}};
+    for (int i = 0; i < n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float q = (float)c[i + l];
+            a[0][l] += q; a[1][l] += x[i + l]; a[2][l] += q * q; a[3][l] += q * x[i + l];
+        }
+    float s[4] = {0};
+    for (int k = 0; k < 4; k++)
+        for (int l = 0; l < LANES; l++) s[k] += a[k][l];
+    const double den = (double)n * s[2] - (double)s[0] * s[0];
+    if (!(den > 0)) return 0;
+    const double dd = ((double)n * s[3] - (double)s[0] * s[1]) / den;
+    *d = (float)dd;
+    *m = (float)(((double)s[1] - dd * s[0]) / n);
+    return *d > 0.0f;
+}
+
+/* Codes for one group, and its fp16 scale and minimum. */
+static void quantize_group(const float *x, int n, int bits, int fit, uint8_t *codes, ek_fp16 *d_out, ek_fp16 *m_out) {
     const int qmax = (1 << bits) - 1;
-    float lo = INFINITY, hi = -INFINITY;
+    float xs[1024], lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
     for (int i = 0; i < n; i++) {
-        float v = sanitize(x[i]);
-        if (v != v) continue;
-        lo = fminf(lo, v);
-        hi = fmaxf(hi, v);
+        xs[i] = sanitize(x[i]);
+        if (xs[i] != xs[i]) { nan = 1; continue; }
+        lo = fminf(lo, xs[i]);
+        hi = fmaxf(hi, xs[i]);
     }
     if (lo > hi) lo = hi = 0.0f; /* all NaN */
-    /* codes are computed against the fp16-rounded minimum and scale that dequant will read */
-    ek_fp16 mh = ek_fp32_to_fp16(lo);
-    const float m = ek_fp16_to_fp32(mh);
-    ek_fp16 dh = ek_fp32_to_fp16((hi - m) / (float)qmax);
-    float d = ek_fp16_to_fp32(dh);
-    const float id = d > 0.0f ? 1.0f / d : 0.0f;
-    for (int i = 0; i < n; i++) {
-        float v = sanitize(x[i]);
-        int q = (v != v) ? 0 : (int)lrintf((v - m) * id);
-        codes[i] = (uint8_t)(q < 0 ? 0 : (q > qmax ? qmax : q));
+    /* min/max: codes against the fp16-rounded minimum and scale that dequant will read */
+    ek_fp16 mh = ek_fp32_to_fp16(lo), dh = ek_fp32_to_fp16((hi - ek_fp16_to_fp32(mh)) / (float)qmax);
+    if (!fit || nan || bits >= 8 || n % LANES) { /* NaN -> code 0; such groups keep min/max */
+        const float d = ek_fp16_to_fp32(dh), m = ek_fp16_to_fp32(mh), id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < n; i++) {
+            const int q = xs[i] != xs[i] ? 0 : (int)lrintf((xs[i] - m) * id);
+            codes[i] = (uint8_t)(q < 0 ? 0 : (q > qmax ? qmax : q));
+        }
+        *d_out = dh;
+        *m_out = mh;
+        return;
+    }
+    const float d_max = ek_fp16_to_fp32(dh);
+    float best = grid_codes(xs, n, qmax, d_max, ek_fp16_to_fp32(mh), codes);
+    uint8_t trial[1024];
+    for (size_t s = 0; s < sizeof FIT_SHRINK / sizeof FIT_SHRINK[0]; s++) {
+        /* the full range starts from the min/max codes; a clipped one from its own grid */
+        float d, m;
+        int step = 0;
+        if (FIT_SHRINK[s] == 1.0f) {
+            memcpy(trial, codes, (size_t)n);
+            step = 1;
+        } else {
+            const float half = 0.5f * (hi - lo) * FIT_SHRINK[s];
+            m = 0.5f * (lo + hi) - half;
+            d = 2.0f * half / (float)qmax;
+        }
+        for (; step <= FIT_STEPS; step++) {
+            if (step > 0 && !grid_lsq(xs, trial, n, &d, &m)) break;
+            const ek_fp16 ch = ek_fp32_to_fp16(m), sh = ek_fp32_to_fp16(d);
+            const float dr = ek_fp16_to_fp32(sh), mr = ek_fp16_to_fp32(ch);
+            if (!(dr > 0.0f && dr <= d_max && fabsf(mr) <= 65504.0f)) break; /* NaN and inf fail too */
+            const float err = grid_codes(xs, n, qmax, dr, mr, trial);
+            if (err < best) {
+                best = err; dh = sh; mh = ch;
+                memcpy(codes, trial, (size_t)n);
+            }
+        }
     }
     *d_out = dh;
     *m_out = mh;
 }
 
-static void quantize_f16(const float *x, uint8_t *rec, int n, int g) {
+static void quantize_f16(const float *x, uint8_t *rec, int n, int g, int fit) {
     ek_fp16 *h = (ek_fp16 *)rec;
     for (int i = 0; i < n; i++) {
         float v = sanitize(x[i]);
@@ -61,11 +140,11 @@ static void quantize_f16(const float *x, uint8_t *rec, int n, int g) {
     }
 }
 
-static void quantize_q(const float *x, uint8_t *rec, int n, int g, int bits) {
+static void quantize_q(const float *x, uint8_t *rec, int n, int g, int fit, int bits) {
     uint8_t codes[1024];
     ek_fp16 *dm = (ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
-    for (int k = 0; k < ng; k++) quantize_group(x + k * g, g, bits, codes + k * g, &dm[k], &dm[ng + k]);
+    for (int k = 0; k < ng; k++) quantize_group(x + k * g, g, bits, fit, codes + k * g, &dm[k], &dm[ng + k]);
     uint8_t *p = rec;
     for (int c = 0; c < n; c += CH) {
         const uint8_t *cc = codes + c;
@@ -91,10 +170,10 @@ static void quantize_q(const float *x, uint8_t *rec, int n, int g, int bits) {
     }
 }
 
-static void quantize_q8(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 8); }
-static void quantize_q4(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 4); }
-static void quantize_q2(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 2); }
-static void quantize_q3(const float *x, uint8_t *rec, int n, int g) { quantize_q(x, rec, n, g, 3); }
+static void quantize_q8(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 8); }
+static void quantize_q4(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 4); }
+static void quantize_q2(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 2); }
+static void quantize_q3(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 3); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: reference                                                      */

@@ -4,7 +4,9 @@
  * FP16 records are the raw fp16 vector. Quantized records use asymmetric
  * per-group quantization along the head dimension:
  *     x[i] ~= code[i] * d[g] + m[g],   g = i / group
- * laid out as [codes][d: fp16 x n_groups][m: fp16 x n_groups].
+ * laid out as [codes][d: fp16 x n_groups][m: fp16 x n_groups]. The grid (d, m) of a group is its
+ * min/max, or (fit, below 8 bits) the grid of least squared error among a few candidates
+ * (kv_quant.c); the format and every reader are the same either way.
  * Code packing works in chunks of 32 values (so head_dim % 32 == 0):
  *     8-bit: byte i                       = code i
  *     4-bit: byte j of a chunk            = code j | code j+16 << 4
@@ -41,7 +43,7 @@ typedef struct {
     /* bytes of one record of n values with groups of g */
     size_t (*record_bytes)(int n, int g);
     /* float -> record; x is already rotated where the store rotates */
-    void (*quantize)(const float *x, uint8_t *rec, int n, int g);
+    void (*quantize)(const float *x, uint8_t *rec, int n, int g, int fit);
     /* record -> float (compiled SIMD path) and its plain-C reference */
     void (*dequant)(const uint8_t *rec, float *y, int n, int g);
     void (*dequant_ref)(const uint8_t *rec, float *y, int n, int g);

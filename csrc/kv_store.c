@@ -70,7 +70,7 @@ void ek_kv_store_free(ek_kv_store *s) {
     s->att_sum = s->att_sumsq = NULL; s->att_count = NULL;
 }
 
-int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center) {
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center, int fit) {
     if (s->n != 0) return -1;
     for (int p = KVP_Q8; p < KVP_COUNT; p++) {
         const int g = group[p];
@@ -80,6 +80,7 @@ int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate
     for (int p = KVP_Q8; p < KVP_COUNT; p++) s->group[p] = group[p];
     s->rotate = rotate;
     s->center = center != 0;
+    s->fit = fit != 0;
     s->center_ready = 0;
     set_layout(s);
     return 0;
@@ -104,8 +105,8 @@ void ek_kv_store_put(ek_kv_store *s, int layer, int pos, const float *k, const f
     const ek_kv_prec_traits *kt = ek_kv_prec(p->kp), *vt = ek_kv_prec(p->vp);
     for (int h = 0; h < s->n_kv_head; h++) {
         uint8_t *rec = ek_kv_rec(s, p, layer, h, s->slot_of[pos]);
-        kt->quantize(k + (size_t)h * s->head_dim, rec, s->head_dim, s->group[p->kp]);
-        vt->quantize(v + (size_t)h * s->head_dim, rec + p->k_bytes, s->head_dim, s->group[p->vp]);
+        kt->quantize(k + (size_t)h * s->head_dim, rec, s->head_dim, s->group[p->kp], s->fit);
+        vt->quantize(v + (size_t)h * s->head_dim, rec + p->k_bytes, s->head_dim, s->group[p->vp], s->fit);
     }
 }
 
@@ -139,7 +140,7 @@ static void float_to_record(const ek_kv_store *s, int prec, float *x, uint8_t *r
             for (int i = 0; i < s->head_dim; i++) x[i] -= center[i];
         if (s->rotate) ek_rotate(x, s->signs, s->head_dim);
     }
-    ek_kv_prec(prec)->quantize(x, rec, s->head_dim, s->group[prec]);
+    ek_kv_prec(prec)->quantize(x, rec, s->head_dim, s->group[prec], s->fit);
 }
 
 /* Fix the key centers: per (layer, head), the mean of the keys at positions 1..n-1 (position 0

@@ -50,6 +50,7 @@ typedef struct {
     float *signs;         /* (head_dim) random signs of the rotation */
     int center;           /* center quantized keys (see above) */
     int center_ready;     /* k_center is fixed (set at the first key quantization) */
+    int fit;              /* fit each group's grid to its values (kv_quant.c) instead of min/max */
     float *k_center;      /* (n_layer, n_kv_head, head_dim) */
     int n;                /* tokens stored: positions 0..n-1 */
     ek_kv_pool pools[KV_NPOOLS];
@@ -63,8 +64,8 @@ typedef struct {
 int ek_kv_store_init(ek_kv_store *s, int n_layer, int n_kv_head, int head_dim, int n_ctx);
 void ek_kv_store_free(ek_kv_store *s);
 
-/* Group sizes, rotation and key centering; only while the store is empty. 0 = ok, -1 = invalid. */
-int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center);
+/* Group sizes, rotation, key centering and grid fitting; only while the store is empty. 0 = ok, -1 = invalid. */
+int ek_kv_store_configure(ek_kv_store *s, const int group[KVP_COUNT], int rotate, int center, int fit);
 
 /* The key center of (layer, head), or NULL while keys are not centered. */
 static inline const float *ek_kv_center(const ek_kv_store *s, int layer, int head) {

@@ -914,10 +914,10 @@ int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float 
 
 int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags) {
     if (m->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
-    if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
+    if (flags & ~EK_KV_FLAGS) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
     const int g[KVP_COUNT] = {[KVP_F16] = m->cfg.head_dim, [KVP_Q8] = group_bits8, [KVP_Q4] = group_bits4,
                               [KVP_Q2] = group_bits2, [KVP_Q3] = group_bits4}; /* 3-bit: the 4-bit group */
-    if (ek_kv_store_configure(&m->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS))
+    if (ek_kv_store_configure(&m->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID))
         return fail(m, EK_ERR_INVALID,
                     "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "
                     "rotation needs a power-of-two head_dim",
@@ -927,6 +927,7 @@ int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bit
 
 int ek_kv_rotating(const ek_model *m) { return m->kv.rotate; }
 int ek_kv_centering(const ek_model *m) { return m->kv.center; }
+int ek_kv_fitting(const ek_model *m) { return m->kv.fit; }
 
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
     /* validate everything first: a rejected call changes nothing */
@@ -971,10 +972,11 @@ const int32_t *ek_attn_stat_count(const ek_model *m) { return m->kv.att_count; }
 int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int impl) {
     const int p = ek_kv_prec_from_bits(bits);
     if (p < 0 || n <= 0 || n > 1024 || n % 32 || (p != KVP_F16 && (g < 32 || g % 32 || n % g))) return EK_ERR_INVALID;
+    if (impl & ~(EK_RT_SIMD | EK_RT_FIT)) return EK_ERR_INVALID;
     uint8_t rec[4096];
     const ek_kv_prec_traits *t = ek_kv_prec(p);
-    t->quantize(x, rec, n, g);
-    (impl ? t->dequant : t->dequant_ref)(rec, y, n, g);
+    t->quantize(x, rec, n, g, impl & EK_RT_FIT);
+    (impl & EK_RT_SIMD ? t->dequant : t->dequant_ref)(rec, y, n, g);
     return EK_OK;
 }
 
@@ -982,14 +984,14 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,
                          float *k_deq, float *v_deq, float *q_key) {
     if (gs <= 0 || n_pos <= 0 || head_dim <= 0 || head_dim % 32 || head_dim > 1024) return EK_ERR_INVALID;
-    if (flags & ~(EK_KV_ROTATE | EK_KV_CENTER_KEYS)) return EK_ERR_INVALID;
+    if (flags & ~EK_KV_FLAGS) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
     const int g[KVP_COUNT] = {[KVP_F16] = head_dim, [KVP_Q8] = group, [KVP_Q4] = group, [KVP_Q2] = group,
                               [KVP_Q3] = group};
     int rc = EK_ERR_INVALID;
     float *buf = NULL, *qs = NULL;
-    if (ek_kv_store_configure(&s, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS)) goto done;
+    if (ek_kv_store_configure(&s, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID)) goto done;
     for (int j = 0; j < n_pos; j++)
         if (ek_kv_prec_from_bits(k_bits[j]) < 0 || ek_kv_prec_from_bits(v_bits[j]) < 0) goto done;
     ek_kv_store_append(&s, n_pos);

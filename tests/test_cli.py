@@ -295,6 +295,26 @@ def test_chat_reuses_the_cache_for_the_shared_prefix(capsys, monkeypatch, tiny_m
     assert run2 < p2  # the shared prefix came from the cache
 
 
+def test_kv_options_reach_the_model(capsys, monkeypatch, tiny_model):
+    """--kv, --kv-window and --kv-fit-grid configure the model the command runs on."""
+    from edgekv.model import Model
+
+    seen = []
+    real_generate = Model.generate
+
+    def spy_generate(self, *a, **kw):
+        seen.append((self.kv_policy.name, self.kv_policy.window, self.kv_fit_grid))
+        return real_generate(self, *a, **kw)
+
+    monkeypatch.setattr(Model, "generate", spy_generate)
+    for extra, want in (([], ("fp16", 0, False)),
+                        (["--kv", "sink:int3", "--kv-window", "2", "--kv-fit-grid"], ("sink:int3", 2, True))):
+        rc, out, err = run_cli(capsys, "generate", "--model", tiny_model, "--max-tokens", "2", "--temperature", "0",
+                               *extra, "hello")
+        assert rc == 0, err
+        assert seen[-1] == want
+
+
 def _then_eof(script):
     def fake_input(prompt=""):
         try:

@@ -62,6 +62,7 @@ def load(
     kv_groups: tuple[int, int, int] | None = None,
     kv_rotate: bool = True,
     kv_center_keys: bool = True,
+    kv_fit_grid: bool = False,
 ) -> Model:
     """Load a model by registry name (fetched and verified on first use) or .gguf path.
 
@@ -75,7 +76,10 @@ def load(
     kv_rotate: Hadamard-rotate quantized keys and values (on by default).
     kv_center_keys: store quantized keys minus a per-(layer, head) mean, added back exactly as a
         score offset (on by default; see Model).
+    kv_fit_grid: fit each quantization group's scale and minimum to its values for the least
+        squared error instead of taking its min/max (off by default; see Model).
     """
     path = resolve(str(model), progress=progress)
     return Model(path, threads=threads, ctx=ctx, n_batch=n_batch, name=str(model), kv=kv, kv_window=kv_window,
-                 kv_groups=kv_groups, kv_rotate=kv_rotate, kv_center_keys=kv_center_keys)
+                 kv_groups=kv_groups, kv_rotate=kv_rotate, kv_center_keys=kv_center_keys,
+                 kv_fit_grid=kv_fit_grid)

@@ -112,12 +112,18 @@ def _model_parent() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--kv", default="fp16", metavar="POLICY",
-        help="KV-cache precision: fp16, int8, int4, int3, int2, or keys/values apart such as k4v3 or k4v2 "
-             "(default: %(default)s)",
+        help="KV-cache precision: fp16, int8, int4, int3, int2, or keys/values apart such as k4v3 or k4v2; "
+             "sink:P keeps P but the first token's key (the attention sink) at 8 bits, e.g. sink:int3; "
+             "adaptive[@BITS] the learned controller (default: %(default)s)",
     )
     g.add_argument(
         "--kv-window", type=_int_at_least(0), default=0, metavar="W",
         help="decide a token's KV precision once it is W steps old (default: %(default)s, at once)",
+    )
+    g.add_argument(
+        "--kv-fit-grid", action="store_true",
+        help="fit each quantization group's scale and minimum for the least squared error instead of "
+             "its min/max: less damage at 2 and 3 bits, a few percent slower encoding",
     )
     return p
 
@@ -330,7 +336,7 @@ def _load(args: argparse.Namespace, progress: Optional[bool] = None):
 
     log.info("loading %s", args.model)
     return load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv, kv_window=args.kv_window,
-                progress=_show_progress() if progress is None else progress)
+                kv_fit_grid=args.kv_fit_grid, progress=_show_progress() if progress is None else progress)
 
 
 def _json_safe(value: Any) -> Any:

@@ -97,6 +97,7 @@ class Model:
         kv_groups: tuple[int, int, int] | None = None,
         kv_rotate: bool = True,
         kv_center_keys: bool = True,
+        kv_fit_grid: bool = False,
     ):
         self._handle = ffi.NULL
         self._lock = threading.RLock()
@@ -181,7 +182,7 @@ class Model:
         self._tokens: list[int] = []  # what the C context holds, position by position
         self._logits = np.empty(hp["n_vocab"], dtype=np.float32)
         self.last_stats: GenerationStats | None = None
-        self._configure_kv(kv_groups, kv_rotate, kv_center_keys)
+        self._configure_kv(kv_groups, kv_rotate, kv_center_keys, kv_fit_grid)
         self.kv_policy: KVPolicy = self._check_policy(parse_policy(kv, window=kv_window))
         self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
         self._kv_decided = 0  # positions below this have had their precision decided or queued
@@ -436,7 +437,7 @@ class Model:
             )
         return policy
 
-    def _configure_kv(self, groups, rotate: bool, center_keys: bool) -> None:
+    def _configure_kv(self, groups, rotate: bool, center_keys: bool, fit_grid: bool) -> None:
         hd = self.hparams["head_dim"]
         if groups is None and hd % 32:
             # No quantization group fits (groups are multiples of 32 dividing head_dim): the C
@@ -445,18 +446,21 @@ class Model:
             self.kv_groups = None
             self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
             self.kv_center_keys = bool(lib.ek_kv_centering(self._handle))
+            self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
             return
         # default: each group the largest multiple of 32 that divides head_dim, at most the default
         g8, g4, g2 = groups or tuple(
             max(c for c in range(32, min(g, hd) + 1, 32) if hd % c == 0) for g in DEFAULT_KV_GROUPS
         )
         can_rotate = hd % 32 == 0 and hd & (hd - 1) == 0
-        flags = (lib.EK_KV_ROTATE if rotate and can_rotate else 0) | (lib.EK_KV_CENTER_KEYS if center_keys else 0)
+        flags = ((lib.EK_KV_ROTATE if rotate and can_rotate else 0) | (lib.EK_KV_CENTER_KEYS if center_keys else 0)
+                 | (lib.EK_KV_FIT_GRID if fit_grid else 0))
         if lib.ek_kv_configure(self._handle, g8, g4, g2, flags) != 0:
             raise ValueError(self._c_error())
         self.kv_groups = (g8, g4, g2)
         self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
         self.kv_center_keys = bool(lib.ek_kv_centering(self._handle))
+        self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
 
     def kv_bits(self) -> tuple[np.ndarray, np.ndarray]:
         """(key bits, value bits) of every cached position."""
@@ -474,7 +478,7 @@ class Model:
         """The KV record layout: what quantized records and their damage depend on (controller
         artifacts and benchmark results record it)."""
         return {"kv_groups": list(self.kv_groups) if self.kv_groups else None, "kv_rotate": self.kv_rotate,
-                "kv_center_keys": self.kv_center_keys}
+                "kv_center_keys": self.kv_center_keys, "kv_fit_grid": self.kv_fit_grid}
 
     @property
     def kv_avg_bits(self) -> float:

@@ -207,7 +207,10 @@ static void test_tensors_and_forward(void) {
     CHECK(ek_truncate(m, 0) == EK_OK, "truncate to 0");
     CHECK(ek_kv_configure(m, 48, 32, 32, 0) == EK_ERR_INVALID, "group 48 does not divide 32");
     CHECK(ek_kv_configure(m, 32, 16, 32, 0) == EK_ERR_INVALID, "group 16");
-    CHECK(ek_kv_configure(m, 32, 32, 32, 1) == EK_OK, "configure: %s", ek_model_error(m));
+    CHECK(ek_kv_configure(m, 32, 32, 32, 8) == EK_ERR_INVALID, "unknown layout flag 8");
+    CHECK(ek_kv_configure(m, 32, 32, 32, EK_KV_ROTATE | EK_KV_FIT_GRID) == EK_OK && ek_kv_fitting(m) && ek_kv_rotating(m),
+          "configure with a fitted grid: %s", ek_model_error(m));
+    CHECK(ek_kv_configure(m, 32, 32, 32, 1) == EK_OK && !ek_kv_fitting(m), "configure: %s", ek_model_error(m));
     CHECK(ek_bench_fill_kv(m, 25, 4, 4, 1) == EK_ERR_INVALID, "bench fill past n_ctx");
     CHECK(ek_bench_attention(m, 1) < 0, "bench attention on an empty context");
 
@@ -228,6 +231,7 @@ static void test_kernel_entries(void) {
     CHECK(ek_type_row_bytes(T_Q8_0, 33) == 0 && ek_type_row_bytes(99, 32) == 0, "row bytes of bad input");
     CHECK(ek_kv_quant_roundtrip(5, x, 32, 32, y, 1) == EK_ERR_INVALID, "roundtrip 5 bits");
     CHECK(ek_kv_quant_roundtrip(3, x, 32, 32, y, 1) == EK_OK, "roundtrip 3 bits");
+    CHECK(ek_kv_quant_roundtrip(3, x, 32, 32, y, 4) == EK_ERR_INVALID, "roundtrip impl flag 4");
     CHECK(ek_kv_quant_roundtrip(4, x, 48, 32, y, 1) == EK_ERR_INVALID, "roundtrip n 48");
     CHECK(ek_kv_quant_roundtrip(4, x, 2048, 32, y, 1) == EK_ERR_INVALID, "roundtrip n 2048");
     CHECK(ek_kv_quant_roundtrip(4, x, 64, 16, y, 1) == EK_ERR_INVALID, "roundtrip group 16");

@@ -163,6 +163,21 @@ static void test_kv_records(void) {
                 CHECK(ek_kv_quant_roundtrip(bits, x, n, g, y_simd, 1) == 0, "kv roundtrip simd failed");
                 double e = nmse(y_simd, y_ref, n);
                 CHECK(e < 1e-12, "kv dequant %d-bit n=%d g=%d: simd vs ref nmse %.3g", bits, n, g, e);
+                /* the fitted grid (EK_RT_FIT): same readers, and per group never a larger squared error */
+                float y_fit[128], y_fit_simd[128];
+                CHECK(ek_kv_quant_roundtrip(bits, x, n, g, y_fit, EK_RT_FIT) == 0, "kv roundtrip fit failed");
+                CHECK(ek_kv_quant_roundtrip(bits, x, n, g, y_fit_simd, EK_RT_FIT | EK_RT_SIMD) == 0, "kv roundtrip fit simd failed");
+                e = nmse(y_fit_simd, y_fit, n);
+                CHECK(e < 1e-12, "kv fit %d-bit n=%d g=%d: simd vs ref nmse %.3g", bits, n, g, e);
+                for (int k = 0; k < n / g; k++) {
+                    double s_mm = 0, s_fit = 0;
+                    for (int i = k * g; i < (k + 1) * g; i++) {
+                        s_mm += ((double)y_ref[i] - x[i]) * ((double)y_ref[i] - x[i]);
+                        s_fit += ((double)y_fit[i] - x[i]) * ((double)y_fit[i] - x[i]);
+                    }
+                    CHECK(s_fit <= s_mm * (1 + 1e-5) + 1e-30, "kv fit %d-bit n=%d g=%d group %d: error %g above min/max %g",
+                          bits, n, g, k, s_fit, s_mm);
+                }
                 for (int k = 0; k < n / g; k++) {
                     float lo = x[k * g], hi = x[k * g];
                     for (int i = k * g; i < (k + 1) * g; i++) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
