@@ -30,6 +30,8 @@ Policies (comma-separated)
                                        random routing (RandomPolicy) at REF's measured K and V bit mix
   random-sink:REF                      random:REF with the learned policy's attention-sink guard
                                        (position 0's key never below SINK_MIN_KEY_BITS)
+  sink:P                               static policy P with that same guard (edgekv.kv_policy): the
+                                       uniform baseline that shares the controller's one hand-made rule
   oracle@B                             (wikitext only) the learned controller's own objective with
                                        perfect knowledge: every token's exact single-token damage
                                        (controller/oracle.py, the training labels) measured on the
@@ -267,7 +269,8 @@ def _layout_tag(model, spec: str) -> str | None:
     if spec == "fp16":
         return None
     g8, g4, g2 = model.kv_groups
-    return f"g{g8}-{g4}-{g2}" + ("-rot" if model.kv_rotate else "") + ("-ck" if model.kv_center_keys else "")
+    return f"g{g8}-{g4}-{g2}" + ("-rot" if model.kv_rotate else "") + ("-ck" if model.kv_center_keys else "") \
+        + ("-fit" if getattr(model, "kv_fit_grid", False) else "")
 
 
 def _resume(task: str, spec: str, model) -> tuple[set, str | None, str | None]:
@@ -409,11 +412,12 @@ def _default_pairs(pols: dict) -> list[tuple[str, str]]:
     out = []
     for name in sorted(pols):
         if name.startswith("adaptive@") and "+w" not in name:
-            out += [(name, b) for b in ("fp16", "int3", "k4v2", "k4v3", f"random:{name}", f"random-sink:{name}",
-                                        f"rule:{name}") if b in pols]
+            out += [(name, b) for b in ("fp16", "int3", "k4v2", "k4v3", "sink:int3", "sink:k4v2", "sink:k4v3",
+                                        f"random:{name}", f"random-sink:{name}", f"rule:{name}") if b in pols]
             if f"random-sink:{name}" in pols and f"random:{name}" in pols:  # the sink guard alone
                 out.append((f"random-sink:{name}", f"random:{name}"))
     out += [(name, "fp16") for name in ("int8", "int4", "k4v3", "k4v2", "int3", "k2v4", "int2") if name in pols]
+    out += [(f"sink:{name}", name) for name in ("k4v3", "k4v2", "int3") if f"sink:{name}" in pols]  # the guard alone
     for name in sorted(pols):  # the oracle against fp16 and the learned policy at its budget
         if name.startswith("oracle@"):
             out += [(name, b) for b in ("fp16", "adaptive@" + name.split("@", 1)[1], "int3") if b in pols]
@@ -505,9 +509,10 @@ def _plot(summary: dict, path: Path) -> None:
             if s.get("own_items"):  # measured on other (fewer) items: not comparable on this plot
                 continue
             kind = ("window" if _split_window(name)[1] else "adaptive" if name.startswith("adaptive")
-                    else "rule" if name.startswith("rule") else "random" if name.startswith("random") else "static")
+                    else "rule" if name.startswith("rule") else "random" if name.startswith("random")
+                    else "sink" if name.startswith("sink:") else "static")
             style = {"adaptive": ("o", "C3"), "rule": ("s", "C2"), "random": ("^", "C1"), "static": ("D", "C0"),
-                     "window": ("x", "C4")}[kind]
+                     "sink": ("P", "C9"), "window": ("x", "C4")}[kind]
             ax.scatter(s["bits"], s[key], marker=style[0], color=style[1], s=40, zorder=3)
             ax.annotate(name, (s["bits"], s[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "fp16" in t["policies"]:
@@ -518,7 +523,8 @@ def _plot(summary: dict, path: Path) -> None:
         ax.set_title(f"{task}: {t['common_items']} {'tasks' if key == 'acc' else 'windows'} (W=0 unless +wN)")
         ax.grid(alpha=0.3)
     for kind, (m, c) in {"adaptive (learned)": ("o", "C3"), "rule-based": ("s", "C2"), "random": ("^", "C1"),
-                         "static": ("D", "C0"), "with window W=N (+wN)": ("x", "C4")}.items():
+                         "static": ("D", "C0"), "static + sink guard (sink:P)": ("P", "C9"),
+                         "with window W=N (+wN)": ("x", "C4")}.items():
         axes[0][0].scatter([], [], marker=m, color=c, label=kind)
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -351,7 +351,7 @@ def test_learned_policy_warns_on_another_kv_layout(tiny_model, tmp_path, caplog)
     art = _tiny_artifact(tiny_model, tmp_path)
     meta = json.loads(art.read_text())
     assert tiny_model.kv_layout == {"kv_groups": list(tiny_model.kv_groups), "kv_rotate": tiny_model.kv_rotate,
-                                    "kv_center_keys": tiny_model.kv_center_keys}
+                                    "kv_center_keys": tiny_model.kv_center_keys, "kv_fit_grid": tiny_model.kv_fit_grid}
     meta.update(tiny_model.kv_layout)
     art.write_text(json.dumps(meta))
     ctl.load_artifact.cache_clear()
@@ -364,6 +364,19 @@ def test_learned_policy_warns_on_another_kv_layout(tiny_model, tmp_path, caplog)
     with caplog.at_level("WARNING", logger="edgekv"):
         tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
     assert "another KV layout" in caplog.text and "kv_center_keys" in caplog.text
+    # artifacts from before kv_fit_grid existed were trained with min/max grids
+    meta["kv_center_keys"] = tiny_model.kv_center_keys
+    del meta["kv_fit_grid"]
+    art.write_text(json.dumps(meta))
+    ctl.load_artifact.cache_clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgekv"):
+        tiny_model.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
+    assert "another KV layout" not in caplog.text
+    with edgekv.Model(tiny_model.path, threads=THREADS, ctx=128, kv_fit_grid=True) as fitted, \
+            caplog.at_level("WARNING", logger="edgekv"):
+        fitted.score([1, 2, 3], [4], kv=ctl.LearnedPolicy(artifact=art))
+    assert "another KV layout" in caplog.text and "kv_fit_grid True (trained with False)" in caplog.text
 
 
 def test_rule_policy(tiny_model):

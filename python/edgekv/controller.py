@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kv_policy import BITS, KVPolicy, TokenFeatures
+from .kv_policy import BITS, SINK_MIN_KEY_BITS, KVPolicy, TokenFeatures, protect_sink  # noqa: F401
 
 log = logging.getLogger("edgekv")
 
@@ -210,6 +210,7 @@ def feature_matrix(f: TokenFeatures) -> np.ndarray:
 # ---- decisions from class probabilities -------------------------------------------------
 
 LEGACY_CHOICES = (2, 4, 8, 16)  # artifacts without "bit_choices" were trained on these
+LAYOUT_BEFORE_RECORDED = {"kv_fit_grid": False}  # artifacts without a layout key were trained with these
 
 
 def choose_bits(probs: np.ndarray, damage_table, lam: float, eff: dict[int, float],
@@ -310,20 +311,9 @@ def find_artifact(model) -> ControllerArtifact:
 
 # ---- policies -----------------------------------------------------------------------------
 
-# The first token of a context is the attention sink: most heads park their spare attention
-# there, at every later position, so an error in its key reaches every later score. The oracle
-# sums damage over the next oracle.HORIZON = 16 positions only and cannot see that reach (it
-# labels the sink's key 2-bit safe); measured on WikiText-2 (benchmarks/controller_eval.py
-# windows), k4v2 with position 0's key at 2 bits instead of 4 costs +19% perplexity. The learned
-# policy never stores it below this many bits (one token: no visible cost in average bits).
-SINK_MIN_KEY_BITS = 8
+# The attention-sink guard (SINK_MIN_KEY_BITS, protect_sink) lives in kv_policy: static policies
+# take it too ("sink:int3").
 
-
-def protect_sink(positions: np.ndarray, k_bits: np.ndarray) -> np.ndarray:
-    """k_bits with position 0's key raised to at least SINK_MIN_KEY_BITS (in place; returned)."""
-    sink = np.asarray(positions) == 0
-    k_bits[sink] = np.maximum(k_bits[sink], SINK_MIN_KEY_BITS)
-    return k_bits
 
 class LearnedPolicy(KVPolicy):
     """Per-token key and value bit-widths from the learned controller (onnxruntime).
@@ -368,8 +358,9 @@ class LearnedPolicy(KVPolicy):
         self._bound = weakref.ref(model)
         # the damage tables were measured on one KV layout; another one still runs, less well matched
         layout = getattr(model, "kv_layout", {})
-        differs = [f"{k} {v} (trained with {art.meta[k]})" for k, v in layout.items()
-                   if art.meta.get(k) is not None and v is not None and art.meta[k] != v]
+        trained = {**LAYOUT_BEFORE_RECORDED, **{k: v for k, v in art.meta.items() if v is not None}}
+        differs = [f"{k} {v} (trained with {trained[k]})" for k, v in layout.items()
+                   if trained.get(k) is not None and v is not None and trained[k] != v]
         if differs:
             log.warning("controller %s was trained on another KV layout: %s", art.path.name, ", ".join(differs))
 

@@ -86,15 +86,35 @@ class KVPolicy:
         return f"<KVPolicy {self.name} W={self.window}>"
 
 
-class StaticPolicy(KVPolicy):
-    """Every token gets the same key and value bit-widths."""
+# The first token of a context is the attention sink: most heads park their spare attention
+# there, at every later position, so an error in its key reaches every later score. The oracle
+# sums damage over the next oracle.HORIZON = 16 positions only and cannot see that reach (it
+# labels the sink's key 2-bit safe); measured on WikiText-2 (benchmarks/controller_eval.py
+# windows), k4v2 with position 0's key at 2 bits instead of 4 costs +19% perplexity. The learned
+# policy never stores it below this many bits (one token: no visible cost in average bits), and
+# "sink:P" gives a static policy P the same guard (int3: +10.2% -> +7.7% WikiText-2 perplexity,
+# benchmarks/results/controller_pareto.md).
+SINK_MIN_KEY_BITS = 8
 
-    def __init__(self, k_bits: int, v_bits: int, window: int = 0):
+
+def protect_sink(positions: np.ndarray, k_bits: np.ndarray) -> np.ndarray:
+    """k_bits with position 0's key raised to at least SINK_MIN_KEY_BITS (in place; returned)."""
+    sink = np.asarray(positions) == 0
+    k_bits[sink] = np.maximum(k_bits[sink], SINK_MIN_KEY_BITS)
+    return k_bits
+
+
+class StaticPolicy(KVPolicy):
+    """Every token gets the same key and value bit-widths; sink=True: except the attention sink's
+    key (position 0), never below SINK_MIN_KEY_BITS (spelled "sink:int3")."""
+
+    def __init__(self, k_bits: int, v_bits: int, window: int = 0, sink: bool = False):
         for b in (k_bits, v_bits):
             if b not in BITS:
                 raise ValueError(f"bit-width must be one of {BITS}, got {b!r}")
         self.k_bits, self.v_bits, self.window = int(k_bits), int(v_bits), _check_window(window)
-        self.name = _static_name(self.k_bits, self.v_bits)
+        self.sink = bool(sink)
+        self.name = ("sink:" if self.sink else "") + _static_name(self.k_bits, self.v_bits)
 
     @property
     def is_fp16(self) -> bool:
@@ -102,7 +122,10 @@ class StaticPolicy(KVPolicy):
 
     def decide(self, features):
         n = len(features)
-        return np.full(n, self.k_bits, np.int32), np.full(n, self.v_bits, np.int32)
+        k = np.full(n, self.k_bits, np.int32)
+        if self.sink:
+            protect_sink(features.positions, k)
+        return k, np.full(n, self.v_bits, np.int32)
 
 
 class RandomPolicy(KVPolicy):
@@ -147,13 +170,18 @@ def _static_name(k: int, v: int) -> str:
 
 
 def parse_policy(spec, window: int = 0) -> KVPolicy:
-    """A policy from a name ("fp16", "int8", "int4", "int3", "int2", "k4v2", "k4v3", ..., "adaptive",
-    "adaptive@3.5"),
+    """A policy from a name ("fp16", "int8", "int4", "int3", "int2", "k4v2", "k4v3", ..., "sink:int3"
+    (a static policy with the attention-sink guard), "adaptive", "adaptive@3.5"),
     a policy object or a callable."""
     if isinstance(spec, KVPolicy):
         return spec
     if isinstance(spec, str):
         s = spec.strip().lower()
+        if s.startswith("sink:"):
+            base = parse_policy(s[5:], window)
+            if not isinstance(base, StaticPolicy) or base.sink:
+                raise ValueError(f"unknown KV policy {spec!r}: sink: takes a static policy (int3, k4v2, ...)")
+            return StaticPolicy(base.k_bits, base.v_bits, window=window, sink=True)
         if s in _ALIASES:
             return StaticPolicy(*_ALIASES[s], window=window)
         b = "|".join(map(str, BITS))
@@ -166,7 +194,7 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
 
             return LearnedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         raise ValueError(
-            f"unknown KV policy {spec!r}: use fp16, int8, int4, int3, int2, a split form such as k4v2, adaptive, "
+            f"unknown KV policy {spec!r}: use fp16, int8, int4, int3, int2, a split form such as k4v2, sink:int3, adaptive, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )
     if callable(spec):
