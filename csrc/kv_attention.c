@@ -174,7 +174,7 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
  * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
  * scores up to float rounding. */
 static int int_keys_ok(int kp, int hd, int gs) {
-    return (kp == KVP_Q4 || kp == KVP_Q2) && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
+    return (kp == KVP_Q4 || kp == KVP_Q3 || kp == KVP_Q2) && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
 }
 
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale) {
@@ -300,7 +300,7 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
         for (int j = 0; j < n; j++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
 }
 
-/* ---- integer key scoring: int8 query x 4- or 2-bit key codes ------------------------------
+/* ---- integer key scoring: int8 query x 4-, 3- or 2-bit key codes ------------------------------
  * score = s_q * (sum_c d_c * (q8 . u)_c + sum_g m_g * sum_{i in g} q8_i) for a record with codes u,
  * group scales d and minimums m: exactly the dot product of the dequantized key with the
  * int8-rounded query s_q * q8. The integer part runs on vpdpbusd (AVX-VNNI) or vpmaddubsw. */
@@ -311,7 +311,8 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
  * values. 4-bit: a unit is 32 bytes (two 16-byte chunks of "code j | code j+16 << 4"); low nibbles
  * give values 0-15 | 32-47, high nibbles 16-31 | 48-63. 2-bit: a unit is 16 bytes (two 8-byte
  * chunks of codes j, j+8, j+16, j+24); shifts 0|2 give values 0-7, 32-39 | 8-15, 40-47 and
- * shifts 4|6 give 16-23, 48-55 | 24-31, 56-63. Runs once per task: vector code, and the same
+ * shifts 4|6 give 16-23, 48-55 | 24-31, 56-63. 3-bit units (two 12-byte chunks: the 2-bit layout, then
+ * a 32-bit mask of the codes' bit 2) unpack in the 2-bit order. Runs once per task: vector code, and the same
  * arithmetic as ek_attn_query_i8 (q * (127 / amax), rounded to nearest even). */
 static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, int g) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -361,17 +362,42 @@ EK_INLINE __m256i dot_u8s8(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
 }
 
-/* Unit u (64 values) of a 4- or 2-bit record's codes as the two registers qi8_prepare ordered the
- * query for. */
+/* Unit u (64 values) of a 4-, 3- or 2-bit record's codes as the two registers qi8_prepare ordered
+ * the query for. */
 EK_INLINE void unpack_unit(const uint8_t *r, int u, __m256i *x0, __m256i *x1, const int bits) {
     if (bits == 4) {
         const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
         *x0 = _mm256_and_si256(t, k);
         *x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
-    } else {
-        const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * u)), k = _mm_set1_epi8(3);
-        *x0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 2), k), _mm_and_si128(t, k));
-        *x1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 6), k), _mm_and_si128(_mm_srli_epi16(t, 4), k));
+        return;
+    }
+    __m128i t;
+    if (bits == 3) /* the two chunks' low-bit bytes, as one 2-bit unit */
+        t = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(r + 24 * u)),
+                               _mm_loadl_epi64((const __m128i *)(r + 24 * u + 12)));
+    else
+        t = _mm_loadu_si128((const __m128i *)(r + 16 * u));
+    const __m128i k = _mm_set1_epi8(3);
+    *x0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 2), k), _mm_and_si128(t, k));
+    *x1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 6), k), _mm_and_si128(_mm_srli_epi16(t, 4), k));
+    if (bits == 3) {
+        /* mask bytes 0-3: values 0-31 (chunk 0), 4-7: values 32-63; byte p of x0 holds value
+         * 8L + b (b < 8) or 40 + 8L + (b - 8) for lane L, b = p % 16 (x1: 16 more), so it reads
+         * mask byte L or 4 + L (x1: 2 + L, 6 + L), bit b % 8 */
+        uint32_t m0, m1;
+        memcpy(&m0, r + 24 * u + 8, 4);
+        memcpy(&m1, r + 24 * u + 20, 4);
+        const __m256i m = _mm256_set1_epi64x((long long)((uint64_t)m0 | (uint64_t)m1 << 32));
+        const __m256i sel0 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
+                                              1, 1, 1, 1, 1, 1, 1, 1, 5, 5, 5, 5, 5, 5, 5, 5);
+        const __m256i sel1 = _mm256_add_epi8(sel0, _mm256_set1_epi8(2));
+        const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
+                                             1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+        const __m256i four = _mm256_set1_epi8(4);
+        const __m256i h0 = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(m, sel0), bit), bit);
+        const __m256i h1 = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(m, sel1), bit), bit);
+        *x0 = _mm256_or_si256(*x0, _mm256_and_si256(h0, four));
+        *x1 = _mm256_or_si256(*x1, _mm256_and_si256(h1, four));
     }
 }
 
@@ -443,7 +469,7 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
             __m256i x0, x1;
             unpack_unit(r, u, &x0, &x1, bits);
             const __m256 d0 = _mm256_set1_ps(ek_h2f(dm[g0[u]])), d1 = _mm256_set1_ps(ek_h2f(dm[g1[u]]));
-            /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 2-bit 0,1,4,5 / 2,3,6,7 */
+            /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 3-, 2-bit 0,1,4,5 / 2,3,6,7 */
             const __m256 dv = bits == 4 ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
             for (int h = 0; h < G; h++)
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
@@ -480,6 +506,7 @@ EK_INLINE void score_tile_q_bits(const qi8_query *qi, const uint8_t *base, size_
 static void score_tile_q(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs,
                          float *sc, float *tmp, int bits) {
     if (bits == 4) score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 4);
+    else if (bits == 3) score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 3);
     else score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 2);
 }
 

@@ -15,8 +15,9 @@
  *            their high bits as a 32-bit little-endian mask (bit j = code j's bit 2)
  * so a SIMD unpack of a chunk yields its 32 codes in order. 3-bit records share the 4-bit
  * group size (ek_kv_configure has no separate knob). AVX2 builds unpack them like the others
- * (ek_kv_chunk_codes), so 3-bit values take the fused float value sum; 3-bit keys are dequantized
- * into a tile and scored in float (no integer kernel). NEON and plain-C builds use the reference.
+ * (ek_kv_chunk_codes), so 3-bit values take the fused float value sum; 3-bit keys are scored with
+ * integer dot products like 4- and 2-bit keys (kv_attention.c). NEON and plain-C builds use the
+ * reference.
  *
  * Quantized records hold the vector after a randomized Hadamard rotation
  * (when the store enables it): R x = H (s * x) / sqrt(n), with fixed signs s.
