@@ -270,7 +270,7 @@ def _layout_tag(model, spec: str) -> str | None:
         return None
     g8, g4, g2 = model.kv_groups
     return f"g{g8}-{g4}-{g2}" + ("-rot" if model.kv_rotate else "") + ("-ck" if model.kv_center_keys else "") \
-        + ("-fit" if getattr(model, "kv_fit_grid", False) else "")
+        + ("-fit" if model.kv_fit_grid else "")
 
 
 def _resume(task: str, spec: str, model) -> tuple[set, str | None, str | None]:

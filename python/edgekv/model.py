@@ -444,9 +444,7 @@ class Model:
             # store keeps its defaults and the cache stays FP16 (ek_kv_set_bits refuses quantized
             # records for such a head_dim).
             self.kv_groups = None
-            self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
-            self.kv_center_keys = bool(lib.ek_kv_centering(self._handle))
-            self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
+            self._read_kv_flags()
             return
         # default: each group the largest multiple of 32 that divides head_dim, at most the default
         g8, g4, g2 = groups or tuple(
@@ -458,6 +456,10 @@ class Model:
         if lib.ek_kv_configure(self._handle, g8, g4, g2, flags) != 0:
             raise ValueError(self._c_error())
         self.kv_groups = (g8, g4, g2)
+        self._read_kv_flags()
+
+    def _read_kv_flags(self) -> None:
+        """The layout flags as the C store holds them (it may refuse one, e.g. rotation)."""
         self.kv_rotate = bool(lib.ek_kv_rotating(self._handle))
         self.kv_center_keys = bool(lib.ek_kv_centering(self._handle))
         self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
