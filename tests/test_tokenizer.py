@@ -1,20 +1,18 @@
 """Tests for edgekv.tokenizer.
 
 Unit tests build a tiny byte-level BPE vocabulary in memory (no model file). Integration tests
-load the real SmolLM2-135M GGUF (and Qwen2.5-Coder when it is in the cache) and compare token ids
-with llama.cpp through llama-cpp-python; they skip, with the reason, when the file or
-llama_cpp is unavailable.
+load the real SmolLM2-135M and Qwen2.5-Coder-0.5B GGUFs (through the registry) and compare token
+ids with llama.cpp through llama-cpp-python; a missing model or reference skips with the reason,
+or fails under EDGEKV_REQUIRE_REFERENCE=1 (see conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import pathlib
 import random
 
 import pytest
 from hypothesis import given, settings
+from conftest import TEXT_EXCERPT, registry_model
 from hypothesis import strategies as st
 
 from edgekv.errors import EdgekvError, ModelLoadError, TokenizerError
@@ -26,12 +24,6 @@ from edgekv.tokenizer import (
     Tokenizer,
 )
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-WIKITEXT = DATA_DIR / "wikitext2_valid.txt"
-CACHE_DIR = pathlib.Path.home() / ".cache" / "edgekv" / "models"
-SMOLLM_FILE = CACHE_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN_FILE = CACHE_DIR / "Qwen2.5-Coder-0.5B-Instruct.gguf"
 
 # --------------------------------------------------------------------------------------------
 # a tiny byte-level BPE vocabulary
@@ -311,7 +303,7 @@ def test_bad_inputs(tiny):
 
 
 def test_decode_accepts_numpy_ints(tiny):
-    np = pytest.importorskip("numpy")
+    import numpy as np
     ids = np.array(tiny.encode("hello world"), dtype=np.int32)
     assert tiny.decode(ids) == "hello world"
 
@@ -452,7 +444,7 @@ def test_identity_same_as_diff(tiny):
 # --------------------------------------------------------------------------------------------
 
 def test_from_gguf_small_file(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     fields = tiny_fields(**{"tokenizer.chat_template": CHATML_TEMPLATE})
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -479,29 +471,15 @@ def test_from_gguf_small_file(tmp_path):
 # integration: the real SmolLM2 file vs llama.cpp
 # --------------------------------------------------------------------------------------------
 
-def _smollm_path():
-    reasons = []
-    if (REPO_ROOT / "python" / "edgekv" / "registry.py").exists():
-        try:
-            registry = importlib.import_module("edgekv.registry")
-            return pathlib.Path(registry.resolve("smollm2-135m", progress=False))
-        except Exception as exc:  # offline, or the registry cannot fetch it
-            reasons.append(f"registry.resolve('smollm2-135m') failed: {exc}")
-    if SMOLLM_FILE.is_file():
-        return SMOLLM_FILE
-    reasons.append(f"{SMOLLM_FILE} does not exist")
-    pytest.skip("SmolLM2 GGUF not available: " + "; ".join(reasons))
-
-
 @pytest.fixture(scope="module")
 def smollm_path():
-    return _smollm_path()
+    return registry_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def smollm_meta(smollm_path):
     """Every metadata field of the SmolLM2 file: key -> (value, GGUF value types)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     reader = gguf.GGUFReader(str(smollm_path))
     return {k: (f.contents(), list(f.types)) for k, f in reader.fields.items()}
 
@@ -511,24 +489,20 @@ def smollm(smollm_meta):
     return Tokenizer.from_fields({k: v for k, (v, _) in smollm_meta.items() if k.startswith("tokenizer.")})
 
 
-def _llama(path):
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama_cpp (llama-cpp-python) is not installed; cannot compare with llama.cpp")
-    import llama_cpp
-
+def _llama(llama_cpp, path):
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
 @pytest.fixture(scope="module")
-def smollm_llama(smollm_path):
-    return _llama(smollm_path)
+def smollm_llama(llama_cpp, smollm_path):
+    return _llama(llama_cpp, smollm_path)
 
 
 def _wikitext_lines(n=200):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not found")
-    with open(WIKITEXT, encoding="utf-8") as f:
-        return [next(f) for _ in range(n)]
+    with open(TEXT_EXCERPT, encoding="utf-8") as f:
+        lines = f.readlines()
+    assert len(lines) >= n, f"{TEXT_EXCERPT} has {len(lines)} lines, {n} wanted"
+    return lines[:n]
 
 
 EDGE_TEXTS = [
@@ -599,16 +573,14 @@ def _write_vocab_only_gguf(meta, path, overrides):
 
 
 @pytest.mark.parametrize("pre", ["qwen2", "gpt-2", "default", "llama-bpe"])
-def test_other_pre_tokenizers_match_llama_cpp(smollm_meta, tmp_path, pre):
+def test_other_pre_tokenizers_match_llama_cpp(llama_cpp, smollm_meta, tmp_path, pre):
     """SmolLM2's vocabulary under another tokenizer.ggml.pre: our regex table vs llama.cpp's."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama_cpp (llama-cpp-python) is not installed; cannot compare with llama.cpp")
     path = tmp_path / f"vocab-{pre}.gguf"
     _write_vocab_only_gguf(smollm_meta, path, {"tokenizer.ggml.pre": pre})
     fields = {k: v for k, (v, _) in smollm_meta.items() if k.startswith("tokenizer.")}
     fields["tokenizer.ggml.pre"] = pre
     tok = Tokenizer.from_fields(fields)
-    llama = _llama(path)
+    llama = _llama(llama_cpp, path)
     texts = EDGE_TEXTS + _wikitext_lines(100) + ["\U00013ba6's \u1b4e! \u0f3a\u2e80 x\u1c89y 12\U0001ccf5"]
     for text in texts:
         for parse_special in (True, False):
@@ -662,14 +634,12 @@ def test_smollm_same_as_itself_not_tiny(smollm, smollm_path, tiny):
 
 
 # --------------------------------------------------------------------------------------------
-# integration: Qwen2.5 (pre "qwen2"), only when the file is already in the cache
+# integration: Qwen2.5-Coder-0.5B (pre "qwen2")
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def qwen():
-    if not QWEN_FILE.is_file():
-        pytest.skip(f"{QWEN_FILE} is not in the cache")
-    return Tokenizer.from_gguf(QWEN_FILE), _llama(QWEN_FILE)
+def qwen(llama_cpp, qwen05_path):
+    return Tokenizer.from_gguf(qwen05_path), _llama(llama_cpp, qwen05_path)
 
 
 def test_qwen_matches_llama_cpp(qwen):

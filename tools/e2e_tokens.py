@@ -44,9 +44,11 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT / "python", ROOT / "models", ROOT / "tools"):
+for p in (ROOT / "models", ROOT / "tools"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+if str(ROOT / "python") not in sys.path:  # edgekv: installed first, the checkout as a fallback
+    sys.path.append(str(ROOT / "python"))
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 ARCHS = ("llama", "qwen2")

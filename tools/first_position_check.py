@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("python", "tests", "benchmarks"):
+for sub in ("tests", "benchmarks"):
     sys.path.insert(0, str(REPO / sub))
+sys.path.append(str(REPO / "python"))  # edgekv: installed first, the checkout as a fallback
 
 import edgekv  # noqa: E402
 import llama_cpp  # noqa: E402

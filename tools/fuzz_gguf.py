@@ -55,9 +55,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT / "python", ROOT / "models"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if str(ROOT / "models") not in sys.path:
+    sys.path.insert(0, str(ROOT / "models"))
+# edgekv: the installed package (or PYTHONPATH's) first; the checkout's python/ only as a fallback,
+# since its native library exists only after an in-tree build
+if str(ROOT / "python") not in sys.path:
+    sys.path.append(str(ROOT / "python"))
 
 # ----------------------------------------------------------------------------------------------
 # GGUF structure: just enough to parse a valid file and write it back, and to know where every

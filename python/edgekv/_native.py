@@ -5,9 +5,9 @@ straight from the header (between the cffi-begin and cffi-end markers), so the
 header is the single source of truth, and opens the shared library that the
 build placed next to this file.
 
-Search order for the library: $EDGEKV_LIB, this package's directory, then the
-CMake build folder of a source checkout (``build/``), so tests can run from the
-tree after ``cmake --build build``.
+The library: $EDGEKV_LIB when set (it must exist), else this package's directory,
+then the CMake build folder of a source checkout (``build/``), so tests can run
+from the tree after ``cmake --build build``.
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def _header_decls() -> str:
 
 def _library_path() -> Path:
     env = os.environ.get("EDGEKV_LIB")
-    candidates = [Path(env)] if env else []
-    candidates += [_HERE / n for n in _LIB_NAMES]
+    if env:  # a named library is that library or an error, never a quiet fallback to another
+        if not Path(env).is_file():
+            raise EdgekvError(f"EDGEKV_LIB={env} is not a file; unset it to use the package's own library")
+        return Path(env)
+    candidates = [_HERE / n for n in _LIB_NAMES]
     candidates += [_REPO / "build" / n for n in _LIB_NAMES]
     return _find(candidates, "library")
 
