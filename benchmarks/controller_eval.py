@@ -46,7 +46,9 @@ Average bits: storage bits per cached K/V element, group scales and minimums inc
 tokens whose precision the scores depend on (HellaSwag: context; WikiText: the whole window).
 
 Results go to benchmarks/results/controller_eval/<task>/<policy>.jsonl, one line per task or
-window, so a killed run resumes where it stopped. Report: benchmarks/results/controller_pareto.{json,png}.
+window, so a killed run resumes where it stopped. Those folders are not committed: the repository
+keeps each as controller_eval/<task>.tar.gz, unpacked in place when the folder is missing (see
+benchmarks/README.md). Report: benchmarks/results/controller_pareto.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -101,8 +104,17 @@ def wikitext_windows(model, n: int) -> list[np.ndarray]:
 
 # ---- policies ---------------------------------------------------------------------------
 
+def _task_dir(task: str) -> Path:
+    """OUT/<task>, unpacked from the committed OUT/<task>.tar.gz when it is not there yet."""
+    d, packed = OUT / task, OUT / f"{task}.tar.gz"
+    if not d.exists() and packed.exists():
+        with tarfile.open(packed) as tf:  # our own archive; the data filter where Python has it
+            tf.extractall(OUT, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return d
+
+
 def _records(task: str, name: str) -> list[dict]:
-    p = OUT / task / f"{_fname(name)}.jsonl"
+    p = _task_dir(task) / f"{_fname(name)}.jsonl"
     if not p.exists():
         return []
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
@@ -214,7 +226,7 @@ def _probe_features(task: str, model) -> np.ndarray:
     """feature_matrix rows of the first items of a task, as a W=0 policy sees them (cache at 16 bits):
     what rule:REF calibrates its thresholds on, so it lands on REF's bits on this task. (This gives the
     rule baseline the feature quantiles of the evaluation data, an advantage the controller lacks.)"""
-    path = OUT / task / "_probe_features.npy"
+    path = _task_dir(task) / "_probe_features.npy"
     if path.exists():
         return np.load(path)
     from edgekv.controller import feature_matrix
@@ -292,7 +304,7 @@ def _resume(task: str, spec: str, model) -> tuple[set, str | None, str | None]:
 def _run_items(task: str, model, spec: str, items: list, progress: bool, score, s_digits: int) -> None:
     """Score every item of a task not yet in its results file under the policy `spec`, appending one
     JSON record per item. score(item, policy) -> (fields, k_bits, v_bits of the tokens scored on)."""
-    out = OUT / task / f"{_fname(spec)}.jsonl"
+    out = _task_dir(task) / f"{_fname(spec)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     done, tag, layout = _resume(task, spec, model)
     # random routing is seeded per item (make_policy's item), so random:REF and random-sink:REF
@@ -429,7 +441,7 @@ def cmd_report(args) -> None:
     pairs = [p.split("~vs~") for p in args.compare.split(",") if p] if args.compare else None
     for task, summ, paired in (("hellaswag", hellaswag_summary, paired_hellaswag),
                                ("wikitext", wikitext_summary, paired_wikitext)):
-        d = OUT / task
+        d = _task_dir(task)
         if not d.exists():
             continue
         pols = {}
