@@ -46,6 +46,8 @@ if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 echo "== reference wheel: $cache ($(cat "$cache/build.json" 2>/dev/null || echo 'no build record'))"
 "$PY" -m pip install -q --no-deps --force-reinstall "$cache"/llama_cpp_python-*.whl
+# the build record travels with the installed reference: benchmarks write it into their results
+cp "$cache/build.json" "$("$PY" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("llama_cpp").origin))')/edgekv_reference_build.json"
 
 echo "== edgekv and its test extras"
 "$PY" -m pip install -q ".[test]"
