@@ -1147,7 +1147,8 @@ def test_memory_accounting_is_exact(open_model, kv_model_path):
 @pytest.mark.parametrize("kv,groups,avg", [
     ("fp16", None, 16.0), ("int8", None, 8.5), ("int4", None, 4.5), ("int2", None, 3.0),
     ("int2", (64, 64, 64), 2.5), ("int4", (32, 32, 32), 5.0), ("k8v2", None, (8.5 + 3.0) / 2),
-    ("k4v16", None, (4.5 + 16) / 2),
+    ("k4v16", None, (4.5 + 16) / 2), ("k4v3", None, 4.0), ("k4v2", None, 3.75), ("int3", None, 3.5),
+    ("int3", (64, 32, 32), 4.0),  # 3-bit records take the 4-bit group's scales
 ])
 def test_kv_avg_bits(open_model, hd64_path, kv, groups, avg):
     m = open_model(hd64_path, kv=kv, kv_groups=groups)
@@ -1219,8 +1220,9 @@ def test_window_keeps_young_tokens_at_16_bits(open_model, hd64_path, window):
 
 # score() and generate() reuse a cached context under the same policy. A reused context must be
 # indistinguishable from a fresh one: the same results, and tokens younger than W at 16 bits.
-# (Known failure, see the report: tokens that aged past W while a longer continuation was cached
-# stay quantized after the cache is truncated back to the shared prefix.)
+# Tokens that aged past W while a longer continuation was cached would stay quantized after a
+# truncation back to the shared prefix; Model._reusable_prefix refuses such a prefix (these tests
+# fail when it keeps any prefix).
 
 REUSE_W = 4
 
