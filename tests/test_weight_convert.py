@@ -127,10 +127,12 @@ def test_convert_rejects_bad_arguments():
     assert lib.ek_convert_weights(99, ffi.from_buffer(raw), 144, 256, 1, ffi.from_buffer(out), 160) == invalid
 
 
-def test_load_converts_each_matrix_when_handed_to_the_core(tiny_path):
+def test_load_converts_each_matrix_when_handed_to_the_core(tiny_path, reference_for):
     """load_gguf only plans a C conversion (the weight's type is known, its array is not made);
     the model converts each matrix as it hands it over, so the finished model has no conversion
-    pending and every converted matrix runs as the planned type."""
+    pending, every converted matrix runs as the planned type, and the model computes what the
+    file holds: its logits track the float64 reference of the Q5_0 file within the int8-activation
+    bounds of test_forward.py (Q5_0 -> Q8_0 is exact, so no extra term)."""
     import edgekv
     from edgekv.gguf_loader import load_gguf
 
@@ -141,4 +143,12 @@ def test_load_converts_each_matrix_when_handed_to_the_core(tiny_path):
     with edgekv.Model(path, threads=1) as m:
         assert all(w.source is None for w in m._gguf.weights)
         assert m.info()["converted_to"] == {"Q5_0": "Q8_0"}
-        assert len(m.generate("Hi", max_tokens=3, temperature=0)) >= 0
+        ids = m.tokenize("Hi there, how are you today?")
+        got = m.logits(ids).astype(np.float64)
+        m.generate(ids, max_tokens=3, temperature=0)
+        assert m.last_stats.generated_tokens == 3 and m.last_stats.finish_reason == "length"
+    ref = reference_for(path).logits(ids)
+    eps_q8a = np.sqrt(32) / 254.0
+    diff = np.abs(got - ref) / ref.std()
+    assert np.sqrt(np.mean(diff ** 2)) < 2 * eps_q8a and diff.max() < 8 * eps_q8a, (
+        f"converted model vs reference: RMS {np.sqrt(np.mean(diff ** 2)):.2e}, max {diff.max():.2e} of the logits' std")
