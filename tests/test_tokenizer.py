@@ -340,10 +340,13 @@ def test_template_from_gguf_with_variables():
 
 
 def test_template_is_sandboxed():
+    from jinja2.sandbox import SecurityError
+
     template = "{{ messages.__class__.__mro__ }}"
     tok = Tokenizer.from_fields(tiny_fields(**{"tokenizer.chat_template": template}))
-    with pytest.raises(Exception):
+    with pytest.raises(TokenizerError, match=r"chat template error: .*unsafe") as exc:
         tok.apply_chat_template(MESSAGES)
+    assert isinstance(exc.value.__cause__, SecurityError)
     bad = Tokenizer.from_fields(tiny_fields(**{"tokenizer.chat_template": "{% for %}"}))
     with pytest.raises(TokenizerError, match="chat template"):
         bad.apply_chat_template(MESSAGES)
