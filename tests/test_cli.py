@@ -135,14 +135,20 @@ def test_negative_temperature_exits_2(capsys, tiny_model):
     assert out == ""
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--top-p", "0"), ("--top-p", "1.5"), ("--max-tokens", "-3"), ("--threads", "0"),
-    ("--ctx", "zero"), ("--top-k", "-1"), ("--temperature", "nan"), ("--seed", "x"),
+@pytest.mark.parametrize("flag, value, names", [
+    # names: how the error line spells the option (argparse: the flag; the API's checks: its keyword)
+    ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"), ("--max-tokens", "-3", "--max-tokens"),
+    ("--threads", "0", "--threads"), ("--ctx", "zero", "--ctx"), ("--top-k", "-1", "--top-k"),
+    ("--temperature", "nan", "--temperature"), ("--seed", "x", "--seed"), ("--kv", "int5", "KV policy"),
+    ("--kv-window", "-1", "--kv-window"),
 ])
-def test_bad_flag_values_exit_2(capsys, tiny_model, flag, value):
+def test_bad_flag_values_exit_2(capsys, tiny_model, flag, value, names):
     rc, out, err = run_cli(capsys, "generate", "hi", "--model", tiny_model, flag, value)
     assert rc == 2, err
-    assert "Traceback" not in err and "error:" in err
+    assert "Traceback" not in err
+    # the last line is the error (argparse prints its usage, which lists every flag, above it)
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and names in last and value in last, err
     assert out == ""
 
 
