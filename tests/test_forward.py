@@ -381,10 +381,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def test_smollm2_matches_llama_cpp(smollm2_path):
+def test_smollm2_matches_llama_cpp(smollm2_path, llama_cpp):
     """SmolLM2-135M (Q4_1/Q8_0 weights): edgekv's logits track llama.cpp's (which quantizes
     activations to 8 bits as well) and agree on every clear top-1 choice."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     prompt = "The capital of France is Paris, and the capital of Germany is"
     with edgekv.Model(smollm2_path, threads=THREADS, ctx=128) as m:
         ids = m.tokenize(prompt)
