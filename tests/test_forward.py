@@ -169,10 +169,9 @@ def test_long_sequence_matches_reference(tiny_path, open_model, reference_for):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_reference_matches_llama_cpp(arch, tiny_path, reference_for):
+def test_reference_matches_llama_cpp(arch, tiny_path, reference_for, llama_cpp):
     """The reference itself against an independent implementation (llama.cpp, F32 weights):
     same RoPE conventions, GQA mapping and biases."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     path = tiny_path(arch, "F32")
     llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=THREADS)
     try:
