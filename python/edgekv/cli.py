@@ -368,9 +368,16 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
+def _stdin(reads: str):
+    """sys.stdin, or a clear error when there is none (`edgekv ... <&-` leaves it None)."""
+    if sys.stdin is None or getattr(sys.stdin, "closed", False):
+        raise ValueError(f"standard input is closed, and {reads} from it")
+    return sys.stdin
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\r\n")
+        prompt = _stdin("`generate -` reads the prompt").read().rstrip("\r\n")
     if not prompt:
         raise ValueError("the prompt is empty")
     return prompt
@@ -442,6 +449,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
 
     base: List[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    _stdin("chat reads the conversation")  # before loading anything
     with _load(args) as model:
         _err(f"edgekv chat: {model.name} ({model.arch}, ctx {model.n_ctx}). {CHAT_HELP}.")
         history = list(base)
