@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interactive conversation",
         description=(
             "Chat with the model interactively. Each reply streams to stdout; the conversation\n"
-            "so far is kept (the KV cache of the shared prefix is reused, so later turns only\n"
-            "run their new tokens). Type /reset to start over, /exit (or Ctrl-D) to quit.\n"
+            "so far is kept, and each turn runs all of it, so a reply is the one a fresh model\n"
+            "would give to the same conversation. Type /reset to start over, /exit (or Ctrl-D) to quit.\n"
             "Ctrl-C while a reply is being written stops that reply; at the prompt it quits.\n"
             "With -v, a statistics line follows each reply on stderr."
         ),
