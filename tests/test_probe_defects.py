@@ -270,7 +270,7 @@ def test_gguf_headers_that_do_not_match_their_tensors(tiny_path, tmp_path):
         "block_count=1": (tiny_path("llama", "Q8_0", extra_metadata=(("llama.block_count", 1),)),
                           r"'blk\.1\..*' belongs to no layer: llama\.block_count = 1"),
         "rope.dimension_count=0": (tiny_path("llama", "Q8_0", extra_metadata=(("llama.rope.dimension_count", 0),)),
-                                   r"rope_dim = 0 \(llama\.rope\.dimension_count\) must be positive"),
+                                   r"rope_dim = 0 \(llama\.rope\.dimension_count\) is out of range"),
         "misaligned offset": (_edited(src, tmp_path, "misaligned", add_to_offset(mid, 1)),
                               rf"{mid}.*not a multiple of the alignment"),
         "Q8_0 -> Q4_0 mid": (_edited(src, tmp_path, "q4mid", set_type(mid, 2)),

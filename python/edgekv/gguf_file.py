@@ -200,8 +200,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     prev = None
     for name, dims, ttype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[ttype]
-        n_el = int(np.prod(dims, dtype=object)) if dims else 1
-        if dims and dims[0] % block:
+        if not dims:  # (was an IndexError in the loader; tools/fuzz_gguf.py)
+            raise GGUFFormatError(f"tensor {name!r} has no dimensions")
+        n_el = int(np.prod(dims, dtype=object))
+        if dims[0] % block:
             raise GGUFFormatError(f"tensor {name!r}: rows of {dims[0]} values are not whole {ttype.name} blocks of {block}")
         n_bytes = n_el * type_size // block
         # Tensor data is laid out in info order, each tensor padded to the alignment (as every

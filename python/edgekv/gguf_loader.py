@@ -215,7 +215,8 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
     # the C core checks it against head_dim; it must fit an int first. 0 would leave positions
     # unencoded (the model then loads and writes garbage).
     if not 0 < hp["rope_dim"] <= 1 << 24:
-        raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} ({a}.rope.dimension_count) must be positive")
+        raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} ({a}.rope.dimension_count) is out of range "
+                             f"(1..{1 << 24})")
     return hp
 
 
