@@ -75,14 +75,20 @@ def test_seeded_sampling_repeats(smollm2, name):
     assert m.generate(PROMPT, **kw) == first
 
 
-@pytest.mark.parametrize("name", ["fp16", "int4", "int2"])
+@pytest.mark.parametrize("name", ["fp16", "int4", "int2", "adaptive@3.5"])
 def test_score_is_a_function_of_its_arguments(smollm2, name):
-    """score() after generate() on the same text, and twice in a row, equals a fresh score()."""
+    """score() after generate() on the same text, twice in a row, and with another ending of
+    the same context (how HellaSwag is scored: the context's prefill is reused) equals a
+    fresh score()."""
     m, policy = smollm2, parse_policy(name)
-    fresh = m.score(PROMPT, " blue and the sun", kv=policy)  # first call under this policy object
+    a, b = " blue and the sun is shining", " a canvas"
+    fresh_b = m.score(PROMPT, b, kv=parse_policy(name))
+    fresh_a = m.score(PROMPT, a, kv=policy)  # first call under this policy object
     m.generate(PROMPT, max_tokens=6, temperature=0, kv=policy)
-    np.testing.assert_array_equal(m.score(PROMPT, " blue and the sun", kv=policy), fresh)
-    np.testing.assert_array_equal(m.score(PROMPT, " blue and the sun", kv=policy), fresh)
+    np.testing.assert_array_equal(m.score(PROMPT, a, kv=policy), fresh_a)
+    np.testing.assert_array_equal(m.score(PROMPT, a, kv=policy), fresh_a)
+    np.testing.assert_array_equal(m.score(PROMPT, b, kv=policy), fresh_b)
+    np.testing.assert_array_equal(m.score(PROMPT, a, kv=policy), fresh_a)
 
 
 def test_prefix_of_a_longer_prompt_is_not_reused_inexactly(smollm2):

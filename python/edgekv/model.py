@@ -753,11 +753,11 @@ class Model:
         case where that is exact by construction: ids are the prompt of the last fresh
         prefill (self._prefill) and every cached position below len(ids) is still as that
         prefill left it; the cache is then truncated back to it and its logits returned.
-        Any other prefix is run again: a prefix stored quantized (after its prefill, at 16
-        bits, a fresh run's later prompt tokens saw it exactly) and even an fp16 prefix
-        differ from a fresh pass, the latter in float rounding (the attention kernels group
-        keys by how many the cache holds), which flipped greedy tokens of SmolLM2 in 3 of
-        18 chat turns.
+        Any other cached prefix is run again, as reusing it would not be exact: a fresh
+        run's later prompt tokens see the prefix at 16 bits, not quantized, and even an fp16
+        prefix computed in another pass differs from a fresh one in float rounding (the
+        attention kernels group keys by how many the cache holds), which changed SmolLM2's
+        greedy reply in 3 of 18 chat turns.
         """
         snap = self._prefill
         if (snap is not None and snap.policy is policy and self._ctx_policy is policy
