@@ -175,7 +175,8 @@ def test_cli_with_stdin_closed(tiny_path, argv):
 
 def test_chat_template_with_invalid_utf8(tiny_path, tmp_path):
     marker = "@@MARK@@"
-    src = tiny_path("llama", "Q8_0", extra_metadata=(("tokenizer.chat_template", "{{ messages[0]['content'] }}" + marker),))
+    template = "{{ messages[0]['content'] }}" + marker
+    src = tiny_path("llama", "Q8_0", extra_metadata=(("tokenizer.chat_template", template),))
     data = src.read_bytes()
     assert data.count(marker.encode()) == 1
     bad = tmp_path / "bad-template.gguf"
@@ -281,7 +282,8 @@ def test_gguf_headers_that_do_not_match_their_tensors(tiny_path, tmp_path, what)
     cases = {
         "block_count=1": (lambda: tiny_path("llama", "Q8_0", extra_metadata=(("llama.block_count", 1),)),
                           r"'blk\.1\..*' belongs to no layer: llama\.block_count = 1"),
-        "rope.dimension_count=0": (lambda: tiny_path("llama", "Q8_0", extra_metadata=(("llama.rope.dimension_count", 0),)),
+        "rope.dimension_count=0": (lambda: tiny_path("llama", "Q8_0",
+                                                     extra_metadata=(("llama.rope.dimension_count", 0),)),
                                    r"rope_dim = 0 \(llama\.rope\.dimension_count\) is out of range"),
         "misaligned offset": (lambda: _edited(src, tmp_path, "misaligned", add_to_offset(mid, 1)),
                               rf"{mid}.*not a multiple of the alignment"),

@@ -104,7 +104,8 @@ def _model_parent() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "-t", "--threads", type=_int_at_least(1), default=None, metavar="N",
-        help="worker threads (default: available cores, at most 8)",
+        help="worker threads (default: available cores, at most 8; more than the available cores "
+             "warns, as decoding then slows down)",
     )
     g.add_argument(
         "-c", "--ctx", type=_int_at_least(1), default=None, metavar="N",

@@ -204,13 +204,15 @@ def read_gguf(path: str | Path) -> GGUFFile:
             raise GGUFFormatError(f"tensor {name!r} has no dimensions")
         n_el = int(np.prod(dims, dtype=object))
         if dims[0] % block:
-            raise GGUFFormatError(f"tensor {name!r}: rows of {dims[0]} values are not whole {ttype.name} blocks of {block}")
+            raise GGUFFormatError(
+                f"tensor {name!r}: rows of {dims[0]} values are not whole {ttype.name} blocks of {block}")
         n_bytes = n_el * type_size // block
         # Tensor data is laid out in info order, each tensor padded to the alignment (as every
         # GGUF writer does and llama.cpp requires): a wrong type or shape, or an edited offset,
         # shows as a tensor that does not start where the one before it ends.
         if offset % alignment:
-            raise GGUFFormatError(f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}")
+            raise GGUFFormatError(
+                f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}")
         if offset != expect:
             where = (f"the data of {prev[0]!r} ({prev[1].name}, shape {prev[2]}) ends at {expect}" if prev
                      else "the first tensor's data must start at 0")

@@ -289,8 +289,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     by_name = {t.name: t for t in gf.tensors}
     # Tensors of layers past block_count would be ignored: a smaller block_count than the file
     # holds runs a truncated network that writes garbage.
-    beyond = [t.name for t in gf.tensors
-              if t.name.startswith("blk.") and t.name.split(".")[1].isdigit() and int(t.name.split(".")[1]) >= hp["n_layer"]]
+    layer_of = {t.name: t.name.split(".")[1] for t in gf.tensors if t.name.startswith("blk.")}
+    beyond = [n for n, layer in layer_of.items() if layer.isdigit() and int(layer) >= hp["n_layer"]]
     if beyond:
         raise ModelLoadError(
             f"{path}: tensor {beyond[0]!r} belongs to no layer: {arch}.block_count = {hp['n_layer']}, "

@@ -756,8 +756,8 @@ class Model:
         Any other cached prefix is run again, as reusing it would not be exact: a fresh
         run's later prompt tokens see the prefix at 16 bits, not quantized, and even an fp16
         prefix computed in another pass differs from a fresh one in float rounding (the
-        attention kernels group keys by how many the cache holds), which changed SmolLM2's
-        greedy reply in 3 of 18 chat turns.
+        attention kernels group keys by how many the cache holds), enough to change greedy
+        replies of SmolLM2 in chats.
         """
         snap = self._prefill
         if (snap is not None and snap.policy is policy and self._ctx_policy is policy
