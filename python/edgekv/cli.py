@@ -104,7 +104,8 @@ def _model_parent() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "-t", "--threads", type=_int_at_least(1), default=None, metavar="N",
-        help="worker threads (default: available cores, at most 8)",
+        help="worker threads (default: available cores, at most 8; more than the available cores "
+             "warns, as decoding then slows down)",
     )
     g.add_argument(
         "-c", "--ctx", type=_int_at_least(1), default=None, metavar="N",
@@ -206,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interactive conversation",
         description=(
             "Chat with the model interactively. Each reply streams to stdout; the conversation\n"
-            "so far is kept (the KV cache of the shared prefix is reused, so later turns only\n"
-            "run their new tokens). Type /reset to start over, /exit (or Ctrl-D) to quit.\n"
+            "so far is kept, and each turn runs all of it, so a reply is the one a fresh model\n"
+            "would give to the same conversation. Type /reset to start over, /exit (or Ctrl-D) to quit.\n"
             "Ctrl-C while a reply is being written stops that reply; at the prompt it quits.\n"
             "With -v, a statistics line follows each reply on stderr."
         ),
@@ -368,9 +369,16 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
+def _stdin(reads: str):
+    """sys.stdin, or a clear error when there is none (`edgekv ... <&-` leaves it None)."""
+    if sys.stdin is None or getattr(sys.stdin, "closed", False):
+        raise ValueError(f"standard input is closed, and {reads} from it")
+    return sys.stdin
+
+
 def _read_prompt(prompt: str) -> str:
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\r\n")
+        prompt = _stdin("`generate -` reads the prompt").read().rstrip("\r\n")
     if not prompt:
         raise ValueError("the prompt is empty")
     return prompt
@@ -442,6 +450,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
 
     base: List[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    _stdin("chat reads the conversation")  # before loading anything
     with _load(args) as model:
         _err(f"edgekv chat: {model.name} ({model.arch}, ctx {model.n_ctx}). {CHAT_HELP}.")
         history = list(base)

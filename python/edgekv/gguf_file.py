@@ -196,10 +196,30 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise GGUFFormatError(f"general.alignment = {alignment!r} is not a power of two")
     data_offset = -(-c.pos // alignment) * alignment
     tensors = []
+    expect = 0  # where the next tensor's data must start (relative to data_offset)
+    prev = None
     for name, dims, ttype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[ttype]
-        n_el = int(np.prod(dims, dtype=object)) if dims else 1
+        if not dims:  # (was an IndexError in the loader; tools/fuzz_gguf.py)
+            raise GGUFFormatError(f"tensor {name!r} has no dimensions")
+        n_el = int(np.prod(dims, dtype=object))
+        if dims[0] % block:
+            raise GGUFFormatError(
+                f"tensor {name!r}: rows of {dims[0]} values are not whole {ttype.name} blocks of {block}")
         n_bytes = n_el * type_size // block
+        # Tensor data is laid out in info order, each tensor padded to the alignment (as every
+        # GGUF writer does and llama.cpp requires): a wrong type or shape, or an edited offset,
+        # shows as a tensor that does not start where the one before it ends.
+        if offset % alignment:
+            raise GGUFFormatError(
+                f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}")
+        if offset != expect:
+            where = (f"the data of {prev[0]!r} ({prev[1].name}, shape {prev[2]}) ends at {expect}" if prev
+                     else "the first tensor's data must start at 0")
+            raise GGUFFormatError(f"tensor {name!r}: data offset {offset}, but {where} (a wrong type or shape, "
+                                  "or a corrupt offset)")
+        expect = offset + -(-n_bytes // alignment) * alignment
+        prev = (name, ttype, [int(d) for d in dims])
         start = data_offset + offset
         avail = max(0, min(n_bytes, size - start)) if start <= size else 0
         dtype = TENSOR_DTYPES.get(ttype, np.uint8)
@@ -212,4 +232,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 np_dims[-1] = np_dims[-1] * type_size // block
             data = data.reshape(np_dims)
         tensors.append(GGUFTensor(name, [int(d) for d in dims], ttype, n_el, n_bytes, data))
+    if prev is not None and size > data_offset + expect:
+        raise GGUFFormatError(f"{size - data_offset - expect} bytes follow the data of the last tensor {prev[0]!r} "
+                              f"({prev[1].name}, shape {prev[2]}): a wrong type or shape")
     return GGUFFile(path, version, fields, tensors, alignment, data_offset)

@@ -212,8 +212,11 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
     for k in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "head_dim", "n_ctx_train"):
         if hp[k] <= 0 or hp[k] > 1 << 24:
             raise ModelLoadError(f"metadata: {k} = {hp[k]} is out of range")
-    if not 0 <= hp["rope_dim"] <= 1 << 24:  # the C core checks it against head_dim; it must fit an int first
-        raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} is out of range")
+    # the C core checks it against head_dim; it must fit an int first. 0 would leave positions
+    # unencoded (the model then loads and writes garbage).
+    if not 0 < hp["rope_dim"] <= 1 << 24:
+        raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} ({a}.rope.dimension_count) is out of range "
+                             f"(1..{1 << 24})")
     return hp
 
 
@@ -277,10 +280,22 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     # text to no tokens at all (found by tools/fuzz_gguf.py).
     if isinstance(tokens, list) and not all(isinstance(t, str) for t in tokens):
         raise ModelLoadError(f"{path}: metadata field 'tokenizer.ggml.tokens' must be an array of strings")
-    hp = read_hparams(fields, arch)
+    try:
+        hp = read_hparams(fields, arch)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     # Weight arrays are views of the file's memory map and keep the map alive on their own.
     out = LoadedGGUF(path=path, arch=arch, spec=ARCHS[arch], hparams=hp, fields=fields)
     by_name = {t.name: t for t in gf.tensors}
+    # Tensors of layers past block_count would be ignored: a smaller block_count than the file
+    # holds runs a truncated network that writes garbage.
+    layer_of = {t.name: t.name.split(".")[1] for t in gf.tensors if t.name.startswith("blk.")}
+    beyond = [n for n, layer in layer_of.items() if layer.isdigit() and int(layer) >= hp["n_layer"]]
+    if beyond:
+        raise ModelLoadError(
+            f"{path}: tensor {beyond[0]!r} belongs to no layer: {arch}.block_count = {hp['n_layer']}, "
+            f"but the file has tensors for more layers ({len(beyond)} tensors past the last)"
+        )
     for kind, pattern, required, per_layer in TENSORS:
         layers = range(hp["n_layer"]) if per_layer else [-1]
         for layer in layers:

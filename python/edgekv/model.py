@@ -3,7 +3,12 @@
 A Model owns exactly one C handle and frees it deterministically: ``close()``,
 or use it as a context manager. Calls into C are serialized by a lock, so one
 Model may be shared between threads (they take turns); two Models run in
-parallel.
+parallel. A stream holds the model only while it computes a token (see
+``Model.generate`` for what happens when another call runs in between).
+
+Every call is a function of its arguments alone, whatever ran on the model
+before it: the KV cache is reused only where that gives the same bits as a
+fresh run (see ``Model._prefill_prompt``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,6 +43,11 @@ DEFAULT_KV_GROUPS = (64, 64, 32)
 # Generation: a KV policy that reads token features (the learned controller, the rule baseline)
 # runs once per this many due tokens instead of at every step (see _apply_policy).
 KV_DECIDE_BATCH = 16
+# A stream being consumed keeps the model this long after each token it yields, so that
+# threads streaming from one model take turns stream by stream instead of token by token
+# (each switch re-runs the other stream's context). A stream left suspended longer than
+# this no longer holds up other calls.
+STREAM_HOLD_S = 0.2
 
 
 def default_threads() -> int:
@@ -45,6 +56,106 @@ def default_threads() -> int:
     except AttributeError:  # macOS
         n = os.cpu_count() or 1
     return max(1, min(n, 8))
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+class _ModelLock:
+    """Serializes calls into one Model (re-entrant within a thread) and records which stream
+    used the KV cache last.
+
+    ``with model._lock:`` holds it for a plain call. A stream holds it for one token at a
+    time (``acquire(stream)`` / ``release(keep_for=stream)``); between tokens, other threads
+    wait up to STREAM_HOLD_S for that stream's next token, and never longer. A call from the
+    thread that consumes the stream does not wait: that stream is suspended.
+    """
+
+    def __init__(self):
+        self._cv = threading.Condition(threading.RLock())  # RLock: a stream's finalizer may run inside
+        self._thread = None  # the thread inside a call, if any
+        self._depth = 0
+        self._owner = None  # the stream whose step ran last (None: a plain call)
+        self._held = None  # (stream, consumer thread, deadline) while a stream waits for its consumer
+
+    def acquire(self, stream=None, touch: bool = True) -> bool:
+        """Wait for the model; True if stream is the one that used the cache last. touch=False:
+        the call leaves the cache as it is."""
+        me = threading.get_ident()
+        with self._cv:
+            if self._thread == me:
+                self._depth += 1
+                same = stream is not None and self._owner is stream
+                if touch:
+                    self._owner = stream
+                return same
+            while True:
+                h = self._held
+                if self._thread is None:
+                    if h is None or h[0] is stream or h[1] == me:
+                        break
+                    left = h[2] - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                else:
+                    self._cv.wait()
+            if self._held is not None and self._held[0] is not stream:
+                self._held = None  # its stream was suspended too long: this call takes over
+            self._thread, self._depth = me, 1
+            same = stream is not None and self._owner is stream
+            if touch:
+                self._owner = stream
+            return same
+
+    def release(self, keep_for=None) -> None:
+        with self._cv:
+            self._depth -= 1
+            if self._depth == 0:
+                self._thread = None
+                if keep_for is not None:
+                    self._held = (keep_for, threading.get_ident(), time.monotonic() + STREAM_HOLD_S)
+                self._cv.notify_all()
+
+    def drop(self, stream) -> None:
+        """A stream that ended (finished, closed, collected) holds nothing any more."""
+        with self._cv:
+            if self._held is not None and self._held[0] is stream:
+                self._held = None
+                self._cv.notify_all()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    @contextmanager
+    def reading(self):
+        """Hold the model for a call that leaves the cache as it is (a suspended stream need not re-run)."""
+        self.acquire(touch=False)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class _Prefill:
+    """What a fresh prefill of ids under policy left behind: its last logits, and (for policies
+    that read features) the row that gives the next token its log-prob. Valid while the cached
+    positions below len(ids) stay exactly as that prefill left them (see _prefill_prompt)."""
+
+    ids: tuple
+    policy: KVPolicy
+    logits: np.ndarray
+    logp_row: tuple | None
+    keys_quantized: bool
 
 
 @dataclass
@@ -100,9 +211,17 @@ class Model:
         kv_fit_grid: bool = False,
     ):
         self._handle = ffi.NULL
-        self._lock = threading.RLock()
+        self._lock = _ModelLock()
         threads = default_threads() if threads is None else threads
         _check_int("threads", threads, 1, 256)
+        if threads > available_cpus():
+            # allowed (a container may under-report its CPUs), but threads that share a core
+            # spin-wait on each other: decoding gets many times slower, not faster
+            warnings.warn(
+                f"threads={threads} exceeds the {available_cpus()} CPUs this process may run on; "
+                "decoding will be slower than with threads <= CPUs",
+                stacklevel=2,
+            )
         _check_int("n_batch", n_batch, 1, 8192)
         g: LoadedGGUF = load_gguf(path)
         hp = g.hparams
@@ -186,6 +305,8 @@ class Model:
         self.kv_policy: KVPolicy = self._check_policy(parse_policy(kv, window=kv_window))
         self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
         self._kv_decided = 0  # positions below this have had their precision decided or queued
+        self._keys_quantized = False  # a key below 16 bits was stored since the cache was last empty
+        self._prefill: _Prefill | None = None  # the last fresh prefill, while it can be reused exactly
         self._stats_buf = np.empty((3, 1), np.float32)  # a decode step's logit statistics (from C)
         self._stats_ptr = ffi.cast("float *", self._stats_buf.ctypes.data)
         # generation steps' due tokens waiting for a batched decision, with their frozen features:
@@ -278,6 +399,8 @@ class Model:
             self._ctx_policy = policy
             # attention statistics cost a little per step: gather them only for policies that read them
             lib.ek_set_collect_stats(self._handle, int(bool(policy.needs_features)))
+        if self._prefill is not None and policy.needs_features and self._kv_decided < len(self._prefill.ids):
+            self._prefill = None  # new queries change the attention features of its undecided tokens
         first = len(self._tokens)
         if policy.needs_features:
             self._take_prev_logprob(first, int(ids[0]))
@@ -421,6 +544,13 @@ class Model:
         v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
         if k_bits.shape != pos.shape or v_bits.shape != pos.shape:
             raise ValueError(f"policy {policy.name} returned {k_bits.shape}/{v_bits.shape} bit-widths for {pos.size} tokens")
+        first_key = not self._keys_quantized and bool((k_bits < 16).any())
+        self._keys_quantized |= first_key
+        snap = self._prefill
+        if snap is not None and (int(pos.min()) < len(snap.ids) or (first_key and not snap.keys_quantized)):
+            # a token of the prefill changes precision, or the first quantized key fixes the key
+            # centers (from the keys cached now, which a fresh run would not have)
+            self._prefill = None
         rc = lib.ek_kv_set_bits(
             self._handle, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", k_bits.ctypes.data),
             ffi.cast("int32_t *", v_bits.ctypes.data), pos.size,
@@ -435,6 +565,15 @@ class Model:
                 f"KV policy {policy.name!r} needs head_dim to be a multiple of 32; this model's head_dim is "
                 f"{self.hparams['head_dim']}, so its cache can only be fp16"
             )
+        target = getattr(policy, "target_bits", None)
+        if target is not None and self.kv_groups is not None:
+            # every token at 2 bits (group scales included) to every token at 16: nothing reaches beyond
+            lo, hi = 2 + 32.0 / self.kv_groups[2], 16.0
+            if not lo <= target <= hi:
+                raise ValueError(
+                    f"KV policy {policy.name!r}: target_bits {target:g} is outside the feasible range "
+                    f"[{lo:g}, {hi:g}] bits per element for this model's cache"
+                )
         return policy
 
     def _configure_kv(self, groups, rotate: bool, center_keys: bool, fit_grid: bool) -> None:
@@ -466,7 +605,7 @@ class Model:
 
     def kv_bits(self) -> tuple[np.ndarray, np.ndarray]:
         """(key bits, value bits) of every cached position."""
-        with self._lock:
+        with self._lock.reading():
             self._check_open()
             n = len(self._tokens)
             k = np.empty(n, np.int32)
@@ -515,6 +654,10 @@ class Model:
             raise EdgekvError(self._c_error())
         del self._tokens[n:]
         self._kv_decided = min(self._kv_decided, n)
+        if n == 0:
+            self._keys_quantized = False  # the C store sets new key centers for a new context
+        if self._prefill is not None and n < len(self._prefill.ids):
+            self._prefill = None
         self._pending = [tuple(a[d[0] < n] for a in d) for d in self._pending]
         self._pending = [d for d in self._pending if d[0].size]
         self._entropy[n:] = np.nan
@@ -564,36 +707,19 @@ class Model:
         continuation one token at a time so each scored token also sits in the cache
         under the policy before the next is scored (how generation sees the cache);
         False scores it in one batch (continuation tokens then see each other at 16 bits).
-        A context already in the cache under the same policy is reused.
+        A context whose prefill is still in the cache exactly as it left it is reused.
         """
         policy = self.kv_policy if kv is None else self._check_policy(parse_policy(kv))
-        ctx_ids = self._as_ids(self.tokenize(context) if isinstance(context, str) else context)
-        cont = continuation
-        cont_ids = self._as_ids(self.tokenize(cont, special=False) if isinstance(cont, str) else cont)
+        ctx_ids = self._text_or_ids("context", context, special=True)
+        cont_ids = self._text_or_ids("continuation", continuation, special=False)
         with self._lock:
             self._check_open()
             if ctx_ids.size + cont_ids.size > self.n_ctx:
                 raise ContextOverflowError(
                     f"context ({ctx_ids.size}) + continuation ({cont_ids.size}) tokens exceed ctx {self.n_ctx}"
                 )
-            n = ctx_ids.size
-            if (
-                self._ctx_policy is policy
-                and len(self._tokens) >= n
-                and self._tokens[:n] == ctx_ids.tolist()
-                and getattr(self, "_score_ctx_logits", None) is not None
-                and self._score_ctx_key == (n, id(policy))
-                and self._reusable_prefix(n, policy) == n
-            ):
-                self._truncate(n)
-                first = self._score_ctx_logits
-            else:
-                self._truncate(0)
-                self._score_ctx_logits = None
-                self._eval(ctx_ids, lib.EK_LOGITS_LAST, self._logits, policy)
-                self._apply_policy(policy, flush=False)
-                first = self._logits.copy()
-                self._score_ctx_logits, self._score_ctx_key = first, (n, id(policy))
+            first, _ = self._prefill_prompt(ctx_ids, policy)
+            first = first.copy()
             out = np.empty(cont_ids.size, np.float64)
             out[0] = _log_softmax_at(first, cont_ids[0])
             if cont_ids.size > 1:
@@ -608,38 +734,52 @@ class Model:
                         out[i + 1] = _log_softmax_at(rows[i], cont_ids[i + 1])
             return out
 
+    def _text_or_ids(self, what: str, value, special: bool) -> np.ndarray:
+        """Token ids of a text or an id sequence; an empty text is refused as a text."""
+        if isinstance(value, str):
+            ids = self.tokenize(value, special=special)
+            if not ids:
+                raise ValueError(f"the {what} is an empty text: it has no tokens" if not value else
+                                 f"the {what} text {value!r} encodes to no tokens")
+            return self._as_ids(ids)
+        return self._as_ids(value)
+
     # ---- generation ------------------------------------------------------------
 
     def _prefill_prompt(self, ids: np.ndarray, policy: KVPolicy) -> tuple[np.ndarray, int]:
-        """Make the context hold exactly ids, reusing the longest cached prefix; return last logits."""
-        if self._ctx_policy is not policy:
-            self._truncate(0)
-        cached = self._tokens
-        common = 0
-        limit = min(len(cached), ids.size - 1)  # always run at least one token to get logits
-        while common < limit and cached[common] == ids[common]:
-            common += 1
-        common = self._reusable_prefix(common, policy)
-        self._truncate(common)
-        self._eval(ids[common:], lib.EK_LOGITS_LAST, self._logits, policy)
-        return self._logits, ids.size - common
+        """Make the context hold exactly ids under policy; return (last logits, tokens run).
 
-    def _reusable_prefix(self, n: int, policy: KVPolicy) -> int:
-        """How much of the first n cached tokens a new call may keep.
-
-        With a window W > 0 the last W tokens of a context must still be at 16 bits, as a
-        fresh prefill would leave them; if any of them was already re-quantized (it aged
-        while later tokens were added), nothing can be reused exactly. Likewise for a policy
-        that reads features: the attention statistics of still-undecided tokens would include
-        queries that the truncation drops.
+        The result is what a fresh model computes. A cached prefix is reused only in the one
+        case where that is exact by construction: ids are the prompt of the last fresh
+        prefill (self._prefill) and every cached position below len(ids) is still as that
+        prefill left it; the cache is then truncated back to it and its logits returned.
+        Any other cached prefix is run again, as reusing it would not be exact: a fresh
+        run's later prompt tokens see the prefix at 16 bits, not quantized, and even an fp16
+        prefix computed in another pass differs from a fresh one in float rounding (the
+        attention kernels group keys by how many the cache holds), enough to change greedy
+        replies of SmolLM2 in chats.
         """
-        if policy.window == 0:
-            return n
-        if policy.needs_features and n < len(self._tokens):
-            return 0  # undecided tokens' attention statistics include queries that are being dropped
-        if min(self._kv_decided, n) <= n - policy.window:
-            return n
-        return 0
+        snap = self._prefill
+        if (snap is not None and snap.policy is policy and self._ctx_policy is policy
+                and len(self._tokens) >= ids.size and snap.ids == tuple(ids.tolist())):
+            self._truncate(ids.size)
+            self._logits[...] = snap.logits
+            if snap.logp_row is not None:
+                p, row, lse = snap.logp_row
+                self._last_logp_row = (p, row.copy(), lse)
+            else:
+                self._last_logp_row = None
+            return self._logits, 0
+        self._truncate(0)
+        self._last_logp_row = None
+        self._eval(ids, lib.EK_LOGITS_LAST, self._logits, policy)
+        row = getattr(self, "_last_logp_row", None)
+        self._prefill = _Prefill(
+            ids=tuple(ids.tolist()), policy=policy, logits=self._logits.copy(),
+            logp_row=None if row is None else (row[0], np.array(row[1], copy=True), row[2]),
+            keys_quantized=self._keys_quantized,
+        )
+        return self._logits, ids.size
 
     def generate(
         self,
@@ -659,13 +799,23 @@ class Model:
         end-of-turn token, a stop string, max_tokens, or a full context. Statistics
         of the run are in ``model.last_stats`` afterwards. kv: this call's KV policy
         (default: the one given at load).
+
+        The result depends on the arguments alone, not on earlier calls (a stateful policy
+        object such as RandomPolicy aside). Arguments are checked here, also when streaming.
+        A stream holds the model only while it computes a token. Between tokens, other calls
+        may run: at once from the thread that consumes the stream, after STREAM_HOLD_S (0.2 s)
+        without a next() from other threads, and close() likewise. A stream whose cache
+        another call used meanwhile re-runs its own context on its next token (its prompt,
+        then each token it generated, as they first ran) and continues with the same text
+        it would have produced undisturbed; after close() its next token raises
+        ModelClosedError.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         _check_int("max_tokens", max_tokens, 0, 1 << 30)
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError("stop must be a list of non-empty strings")
         self._check_open()
-        ids = self._as_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        ids = self._text_or_ids("prompt", prompt, special=True)
         if ids.size >= self.n_ctx:
             raise ContextOverflowError(
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
@@ -682,12 +832,20 @@ class Model:
         eot = self.tokenizer.eot_ids
         pending = ""  # text held back while it could still be the start of a stop string
         hold = max((len(s) for s in stop), default=1) - 1
-        with self._lock:
-            self._check_open()
-            t0 = time.perf_counter()
-            logits, stats.prefilled_tokens = self._prefill_prompt(ids, policy)
-            context = [int(t) for t in ids]  # what the C context must hold for this stream's next step
-            stats.prefill_s = time.perf_counter() - t0
+        lock, me = self._lock, object()  # me: this stream, as the lock knows it
+        logits = np.empty(self.vocab_size, np.float32)  # own copy: other calls reuse self._logits
+        context = [int(t) for t in ids]  # what the C context holds for this stream
+        try:
+            lock.acquire(me)
+            try:
+                self._check_open()
+                t0 = time.perf_counter()
+                first, stats.prefilled_tokens = self._prefill_prompt(ids, policy)
+                np.copyto(logits, first)
+                stats.prefill_s = time.perf_counter() - t0
+                stats.kv_bytes, stats.kv_bits = self.kv_bytes, self.kv_avg_bits
+            finally:
+                lock.release(keep_for=me)
             t_dec = time.perf_counter()
             stats.finish_reason = "length"
             for i in range(max_tokens):
@@ -716,26 +874,46 @@ class Model:
                 if len(context) >= self.n_ctx:
                     stats.finish_reason = "context"
                     break
-                if self._tokens != context or self._ctx_policy is not policy:
-                    # another call on this model ran while this stream was suspended: restore its context
-                    logits, _ = self._prefill_prompt(np.array(context + [tok], dtype=np.int32), policy)
-                else:
+                undisturbed = lock.acquire(me)
+                try:
+                    self._check_open()  # a stream may resume after close(): never pass C a freed handle
+                    if not undisturbed:
+                        self._replay(ids, context, policy)
                     self._eval(np.array([tok], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy, defer=True)
-                    logits = self._logits
+                    np.copyto(logits, self._logits)
+                    stats.kv_bytes, stats.kv_bits = self.kv_bytes, self.kv_avg_bits
+                finally:
+                    lock.release(keep_for=me)
                 context.append(tok)
             stats.decode_s = time.perf_counter() - t_dec
-            stats.kv_bytes = self.kv_bytes
-            stats.kv_bits = self.kv_avg_bits
+        finally:
+            lock.drop(me)
         pending += decoder.flush()
         if pending:
             yield pending
 
+    def _replay(self, ids: np.ndarray, context: list, policy: KVPolicy) -> None:
+        """Bring the cache back to what a stream left in it: its prompt's prefill, then each
+        token it generated, one decode step each, as they first ran (the same operations on
+        the same state give the same bits)."""
+        self._prefill_prompt(ids, policy)
+        for t in context[ids.size:]:
+            self._eval(np.array([t], dtype=np.int32), lib.EK_LOGITS_LAST, self._logits, policy, defer=True)
+
     def chat(self, messages: Sequence[dict], **kwargs) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template."""
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template.
+
+        Every role and content must be a string. content=None (OpenAI's assistant message
+        that holds only tool calls) is refused, naming the message: edgekv runs no tools,
+        and pass content="" to send such a turn anyway."""
         if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
             raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
+        for i, m in enumerate(messages):
+            for field in ("role", "content"):
+                if not isinstance(m[field], str):
+                    raise ValueError(f"messages[{i}][{field!r}] must be a string, got {m[field]!r}")
         prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         return self.generate(prompt, **kwargs)
 

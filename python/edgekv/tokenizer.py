@@ -283,16 +283,20 @@ def _byte_level_decode(text: str) -> bytes:
 # Field helpers
 # --------------------------------------------------------------------------------------------
 
-def _as_str(value: Any) -> str:
+def _as_str(value: Any, key: str) -> str:
+    if isinstance(value, UnicodeDecodeError):  # the GGUF reader keeps a value that is not UTF-8 as its error
+        raise TokenizerError(f"GGUF field {key} is not valid UTF-8 ({value.reason} at byte {value.start})")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
 
 
 def _as_str_list(key: str, value: Any) -> List[str]:
+    if isinstance(value, UnicodeDecodeError):
+        _as_str(value, key)  # raises
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TokenizerError(f"GGUF field {key} should be an array of strings, got {type(value).__name__}")
-    return [_as_str(v) for v in value]
+    return [_as_str(v, key) for v in value]
 
 
 def _as_int_list(key: str, value: Any) -> List[int]:
@@ -398,6 +402,7 @@ class Tokenizer:
         self._pad_id = pad_id
         self._add_bos = spec.add_bos if add_bos is None else bool(add_bos)
         self._chat_template = chat_template
+        self._template_error: Optional[str] = None  # why the GGUF's template cannot be used
         self._compiled_template = None
         self._identity: Optional[tuple] = None
 
@@ -508,7 +513,7 @@ class Tokenizer:
             raise TokenizerError(f"expected a mapping of GGUF keys to values, got {type(fields).__name__}")
         if KEY_MODEL not in fields or fields[KEY_MODEL] is None:
             raise TokenizerError(f"GGUF metadata has no {KEY_MODEL} field")
-        model = _as_str(fields[KEY_MODEL])
+        model = _as_str(fields[KEY_MODEL], KEY_MODEL)
         if model != "gpt2":
             what = _UNSUPPORTED_MODELS.get(model, "unknown")
             raise TokenizerError(
@@ -524,10 +529,17 @@ class Tokenizer:
         if fields.get(KEY_TOKEN_TYPE) is not None:
             token_types = _as_int_list(KEY_TOKEN_TYPE, fields[KEY_TOKEN_TYPE])
         pre = fields.get(KEY_PRE)
-        pre = None if pre is None else _as_str(pre)
+        pre = None if pre is None else _as_str(pre, KEY_PRE)
         template = fields.get(KEY_CHAT_TEMPLATE)
-        template = None if template is None else _as_str(template)
-        return cls(
+        template_error = None
+        if isinstance(template, UnicodeDecodeError):
+            # refused when a chat is rendered, not at load: plain generation does not need it
+            try:
+                _as_str(template, KEY_CHAT_TEMPLATE)
+            except TokenizerError as e:
+                template_error, template = str(e), None
+        template = None if template is None else _as_str(template, KEY_CHAT_TEMPLATE)
+        tok = cls(
             tokens,
             merges,
             token_types,
@@ -541,6 +553,8 @@ class Tokenizer:
             chat_template=template,
             model=model,
         )
+        tok._template_error = template_error
+        return tok
 
     @staticmethod
     def read_fields(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
@@ -773,6 +787,8 @@ class Tokenizer:
     # ---------------------------------------------------------------- chat template
 
     def _template(self):
+        if self._template_error is not None:
+            raise TokenizerError(f"cannot render the chat template: {self._template_error}")
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self._chat_template or CHATML_TEMPLATE)
         return self._compiled_template
