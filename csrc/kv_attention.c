@@ -211,8 +211,6 @@ int ek_attn_query_rounded(const float *q, int gs, int hd, float *out) {
 /* ------------------------------------------------------------------------- */
 
 #if defined(EK_AVX2)
-#define EK_INLINE static inline __attribute__((always_inline))
-
 /* CALL(G) with G = gs as a compile-time constant (1..8), so per-head accumulator arrays live in
  * registers; gs > 8 is not dispatched here */
 #define EK_DISPATCH_GS(gs, CALL)                                                                    \

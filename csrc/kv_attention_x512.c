@@ -7,8 +7,6 @@
 #include "kv_attention.h"
 #include "quant.h"
 
-#define EK_INLINE static inline __attribute__((always_inline))
-
 /* acc += products summed in pairs (int16 x int16) / in fours (u8 x s8). Inline asm because GCC 12
  * copies every accumulator around the intrinsics' tied operand inside loops (measured: two extra
  * register moves per instruction, about 10% of the attention time). */

@@ -166,12 +166,10 @@ static void to_float_q8_0(const void *row, float *y, int n) {
 /* reference dot products: one weight row against nx activation rows          */
 /* ------------------------------------------------------------------------- */
 
-#define ACT_ROW(act, stride, r) ((const void *)((const char *)(act) + (size_t)(r) * (stride)))
-
 static void dot_f32_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         double s = 0.0;
         for (int i = 0; i < n; i++) s += (double)wr[i] * x[i];
         out[r] = (float)s;
@@ -181,7 +179,7 @@ static void dot_f32_ref(int n, const void *w, const void *act, size_t stride, in
 static void dot_f16_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         double s = 0.0;
         for (int i = 0; i < n; i++) s += (double)ek_fp16_to_fp32(wr[i]) * x[i];
         out[r] = (float)s;
@@ -199,7 +197,7 @@ static inline int nibble_dot(const uint8_t *qs, const int8_t *a) {
 static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q4_0 *wb = (const block_q4_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             const int isum = nibble_dot(wb[b].qs, a[b].qs);
@@ -213,7 +211,7 @@ static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, i
 static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q4_1 *wb = (const block_q4_1 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             const int isum = nibble_dot(wb[b].qs, a[b].qs);
@@ -226,7 +224,7 @@ static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, i
 static void dot_q8_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             int isum = 0;
@@ -254,8 +252,6 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(ek_dpbusd(_mm256_setzero_si256(), u, s));
 }
 
-#define EK_INLINE static inline __attribute__((always_inline))
-
 /* nx is a compile-time constant at each call site below, so the r-loops unroll. */
 EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, size_t stride, int nx,
                            float *out) {
@@ -263,7 +259,7 @@ EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, s
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float off[4] = {0, 0, 0, 0};
     const block_q8a *a[4];
-    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)EK_ACT_ROW(act, stride, r);
     for (int b = 0; b < nb; b++) {
         __m256i q;
         float dw, ow;
@@ -293,7 +289,7 @@ static void dot_q4_0_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q4_avx2(n, w, 0, act, stride, 3, out); break;
     case 2: dot_q4_avx2(n, w, 0, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 0, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
@@ -303,7 +299,7 @@ static void dot_q4_1_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q4_avx2(n, w, 1, act, stride, 3, out); break;
     case 2: dot_q4_avx2(n, w, 1, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 1, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
@@ -311,7 +307,7 @@ EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t str
     const int nb = n / QK;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const block_q8a *a[4];
-    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)EK_ACT_ROW(act, stride, r);
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int b = 0; b < nb; b++) {
         __m256i wq = _mm256_loadu_si256((const __m256i *)wb[b].qs);
@@ -332,14 +328,14 @@ static void dot_q8_0_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q8_0_avx2_n(n, w, act, stride, 3, out); break;
     case 2: dot_q8_0_avx2_n(n, w, act, stride, 2, out); break;
     case 1: dot_q8_0_avx2_n(n, w, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
 static void dot_f32_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         __m256 acc = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc);
@@ -352,7 +348,7 @@ static void dot_f32_avx2(int n, const void *w, const void *act, size_t stride, i
 static void dot_f16_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         __m256 acc = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= n; i += 8) {
@@ -386,7 +382,7 @@ static inline int32x4_t dot16_s8(int8x16_t x, int8x16_t y, int32x4_t acc) {
 static void dot_q4_neon(int n, const void *w, int has_min, const void *act, size_t stride, int nx, float *out) {
     const int nb = n / QK;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         float off = 0.0f;
         for (int b = 0; b < nb; b++) {
@@ -423,7 +419,7 @@ static void dot_q8_0_neon(int n, const void *w, const void *act, size_t stride, 
     const int nb = n / QK;
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
             int32x4_t s = vdupq_n_s32(0);
@@ -438,7 +434,7 @@ static void dot_q8_0_neon(int n, const void *w, const void *act, size_t stride, 
 static void dot_f32_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(wr + i), vld1q_f32(x + i));
@@ -451,7 +447,7 @@ static void dot_f32_neon(int n, const void *w, const void *act, size_t stride, i
 static void dot_f16_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= n; i += 4) {

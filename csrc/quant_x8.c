@@ -133,7 +133,7 @@ static void row_q8_0_x8(const void *w8, int r, float *y, int n) {
 /* plain C reference: out[t * 8 + r] for tokens t < nx, rows r < 8             */
 /* ------------------------------------------------------------------------- */
 
-#define ACT(act, stride, t) ((const block_q8a *)((const char *)(act) + (size_t)(t) * (stride)))
+#define ACT(act, stride, t) ((const block_q8a *)EK_ACT_ROW(act, stride, t))
 
 static void dot_q4_x8_ref(int n, const uint8_t *w8, size_t bsz, int has_min, const void *act, size_t stride, int nx,
                           float *out) {
@@ -188,7 +188,6 @@ static void dot_q8_0_x8_ref(int n, const void *w8, const void *act, size_t strid
 /* AVX2 (vpdpbusd where the CPU has VNNI, else vpmaddubsw + vpmaddwd)          */
 /* ------------------------------------------------------------------------- */
 #if defined(EK_AVX2)
-#define EK_INLINE static inline __attribute__((always_inline))
 #if defined(__AVX512VL__)
 #define X8_NX 8 /* 32 vector registers: 8 tokens' sums and accumulators stay in registers */
 #else
