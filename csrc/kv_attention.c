@@ -354,9 +354,10 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
     return 0;
 }
 
-/* sum over 4-byte lanes of u8 x s8 products of two register pairs, as 8 int32 (codes <= 15, so
- * the plain-AVX2 fallback of ek_dpbusd stays exact) */
-EK_INLINE __m256i dot_u8s8(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
+/* One unit's codes (x0, x1 from unpack_unit) dotted with the int8 query's two registers for that
+ * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 15, so the
+ * plain-AVX2 fallback of ek_dpbusd stays exact) */
+EK_INLINE __m256i unit_dot_query(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
 }
 
@@ -418,7 +419,7 @@ EK_INLINE void score_tile_q1_g(const qi8_query *qi, const uint8_t *base, size_t 
         for (int u = 0; u < units; u++) {
             __m256i x0, x1;
             unpack_unit(r, u, &x0, &x1, bits);
-            for (int h = 0; h < G; h++) acc[h] = _mm256_add_epi32(acc[h], dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u]));
+            for (int h = 0; h < G; h++) acc[h] = _mm256_add_epi32(acc[h], unit_dot_query(x0, qi->qa[h][u], x1, qi->qb[h][u]));
         }
         for (int h = 0; h < G; h++) _mm256_storeu_si256((__m256i *)(tmp + ((size_t)h * ATTN_CHUNK + j) * 8), acc[h]);
     }
@@ -470,7 +471,7 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
             /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 3-, 2-bit 0,1,4,5 / 2,3,6,7 */
             const __m256 dv = bits == 4 ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
             for (int h = 0; h < G; h++)
-                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot_query(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
         }
         for (int h = 0; h < G; h++) _mm256_storeu_ps(tmp + ((size_t)h * ATTN_CHUNK + j) * 8, acc[h]);
         for (int k = 0; k < ng; k++) {

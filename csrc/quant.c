@@ -247,8 +247,9 @@ static inline __m256i unpack_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* u8 x s8 products summed in groups of 4, as 8 floats */
-static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+/* one weight block (u8: Q4 codes or |Q8 weights|) against one int8 activation block: products
+ * summed in groups of 4, as 8 floats */
+static inline __m256 block_dot_act(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(ek_dpbusd(_mm256_setzero_si256(), u, s));
 }
 
@@ -276,7 +277,7 @@ EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, s
         }
         for (int r = 0; r < nx; r++) {
             __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(q, av), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), block_dot_act(q, av), acc[r]);
             off[r] += ow * a[r][b].s;
         }
     }
@@ -316,7 +317,7 @@ EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t str
         for (int r = 0; r < nx; r++) {
             __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
             __m256i as = _mm256_sign_epi8(av, wq); /* move w's sign onto a */
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(wabs, as), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), block_dot_act(wabs, as), acc[r]);
         }
     }
     for (int r = 0; r < nx; r++) out[r] = ek_hsum256(acc[r]);
