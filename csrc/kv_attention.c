@@ -738,24 +738,6 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 
 int ek_attn_int_keys(int kp, int head_dim, int gs) { return int_keys_ok(kp, head_dim, gs); }
 
-int ek_attn_value_tile(int v_bits, int head_dim, int gs) {
-#if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ATTN_CHUNK : 0;
-#else
-    (void)v_bits, (void)head_dim, (void)gs;
-    return 0;
-#endif
-}
-
-int ek_attn_value_weight_max(int v_bits, int head_dim, int gs) {
-#if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ek_x512_weight_max(v_bits) : 0;
-#else
-    (void)v_bits, (void)head_dim, (void)gs;
-    return 0;
-#endif
-}
-
 void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch) {
     for (int p = 0; p < KV_NPOOLS; p++) {
         const ek_kv_pool *pool = &a->s->pools[p];

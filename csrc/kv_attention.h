@@ -79,9 +79,6 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
  * unspecified) when any head is non-finite or hd > 256, and then every head uses the plain query. */
 int ek_attn_query_rounded(const float *q, int gs, int hd, float *out);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
-/* Tile size of the integer value sum (AVX-512 builds) for values at v_bits, or 0 (see edgekv.h). */
-int ek_attn_value_tile(int v_bits, int head_dim, int gs);
-int ek_attn_value_weight_max(int v_bits, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */
 float ek_exp_shift(float *x, int n, float m);
