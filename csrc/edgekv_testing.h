@@ -34,7 +34,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
  * c the mean of the fp16 keys at positions 1..n_pos-1).
  * q_key (optional, 5 * gs * head_dim): for each key precision (16, 8, 4, 2, 3 bits in that order),
  * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
- * or, for 4- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
+ * or, for 4-, 3- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,
                          float *k_deq, float *v_deq, float *q_key);
