@@ -227,9 +227,8 @@ int ek_attn_query_rounded(const float *q, int gs, int hd, float *out) {
 /* column blocks of 8 per pass for G heads, G * CB <= 12 accumulators */
 #define EK_CB(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
 
-/* Ask for the record one tile ahead: a task streams a few hundred records, too short a run
- * for the hardware prefetcher to reach full speed (measured: -15% attention time at 8,192 tokens).
- * Prefetches never fault, so running past the pool's end is harmless. */
+/* Ask for the record one tile ahead: a task's run is too short for the hardware prefetcher
+ * (docs/decisions.md). Prefetches never fault, so running past the pool's end is harmless. */
 EK_INLINE void prefetch_ahead(const uint8_t *r, size_t stride) { ek_prefetch_bytes(r + ATTN_CHUNK * stride, stride); }
 
 /* sc[h*ATTN_CHUNK + j] = dot(tile[j], q[h]) for n records; 4 records share one reduction */

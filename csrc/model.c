@@ -24,19 +24,13 @@
 #include "simd.h"
 #include "threadpool.h"
 
-/* Decode attention splits each pool of each KV head into two halves (boundaries on whole tiles; an
- * empty half is dropped), listed half by half across heads and pools: with three KV heads, six equal
- * runs keep two threads busy, and each run is long (every run costs about a microsecond: its query
- * setup, its first records' misses, the merge of its partial; measured at 8,192 tokens, one thread:
- * 18 runs per layer 3.2 ms per step, 6 runs 2.9, 3 runs 2.85; two threads: 18 runs 1.70-1.75 ms,
- * 6 runs 1.62-1.65, 3 runs 2.0). The split depends on the pools' sizes only, never on the thread
- * count, so results do not either. */
+/* Decode attention runs each pool of each KV head as two halves (whole tiles; an empty half is
+ * dropped): enough runs for two threads, each long (docs/decisions.md). The split depends on the
+ * pools' sizes only, never on the thread count, so results do not either. */
 static const int DECODE_PIECES[] = {8, 8}; /* sixteenths of a pool */
 #define DECODE_NPIECES 2
-/* Matmul rows per claimed chunk, for one token and for batches alike: each thread then streams
- * long runs of a matrix (with chunks of 16 rows for batches, the threads' chunks interleaved through
- * every matrix and the hardware prefetcher lost the streams: a 2-token forward pass of the 1.5B
- * model took 56 ms against 42 for one token; with 64, 42 and 42; prefill unchanged). */
+/* Matmul rows per claimed chunk, for one token and batches alike: long runs per thread keep the
+ * hardware prefetcher's streams (docs/decisions.md). */
 #define MM_ROWS_CHUNK 64
 
 static int fail(ek_model *m, int code, const char *fmt, ...) {
@@ -639,8 +633,7 @@ static void norm_task(void *p, int ith, int nth) {
 
 /* g = silu(g) * u over n values. AVX2: 8 at a time, the sigmoid from e = exp(-|g|) <= 1 (no
  * overflow) as 1/(1+e) for g >= 0 and e/(1+e) below, with the softmax's vector exp (relative error
- * < 2e-7). Measured on the 1.5B model (benchmarks/results/batch_cost.md): a forward pass over 16
- * new tokens 147.2 -> 144.0 ms, one token 42.4 -> 42.2 (libm's expf was already fast). */
+ * < 2e-7), a little faster than libm's expf in batches (docs/decisions.md). */
 static void swiglu_row(float *g, const float *u, size_t n) {
     size_t i = 0;
 #if defined(EK_AVX2)

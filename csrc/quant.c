@@ -89,8 +89,8 @@ void ek_quantize_row_q8a_ref(const float *x, block_q8a *y, int n) {
 
 #if defined(EK_AVX2)
 /* The same blocks as the reference for finite inputs (max is exact in any order, cvtps2dq rounds
- * to nearest even as lrintf does); a batch forward quantizes every matmul input of every token,
- * and the reference's libm fmaxf/lrintf calls made that 8% of a 32-token pass of the 1.5B model. */
+ * to nearest even as lrintf does), without its libm calls: batches quantize every token's matmul
+ * inputs (docs/decisions.md). */
 static void quantize_row_q8a_avx2(const float *x, block_q8a *y, int n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);

@@ -1,11 +1,8 @@
 /* Row-interleaved ("x8") weights: 8 rows of a Q4_0 / Q4_1 / Q8_0 matrix stored block by block.
  *
- * Why: a row-at-a-time dot product needs, per block of 32 weights, a horizontal reduction of the
- * integer sums and a broadcast of the block scale, about 15 instructions for 20 bytes of Q4_1:
- * one core then reads weights at ~20 GB/s, half its memory bandwidth. Interleaved, int32 lane r
- * of one 256-bit register holds 4 consecutive codes of row r, so one u8 x s8 dot (vpdpbusd)
- * against a broadcast group of 4 activations advances all 8 rows, the per-row sums stay in their
- * lanes, and the 8 scales of a block convert with one instruction.
+ * Why: one u8 x s8 dot (vpdpbusd) against a broadcast group of 4 activations advances all 8 rows,
+ * with no per-block horizontal sums (which held the row kernels to half the memory bandwidth;
+ * docs/decisions.md).
  *
  * Layout of block b of rows r = 0..7 (as many bytes as the 8 source blocks):
  *   Q4_0x8: d[8] fp16, qs[128];  Q4_1x8: d[8], m[8] fp16, qs[128];  Q8_0x8: d[8] fp16, qs[256].
@@ -13,12 +10,12 @@
  *       so a 32-byte load gives groups 2c (low nibbles) and 2c + 1 (high nibbles) for all rows.
  *   Q8: qs[32j + 4r + i] = w(r, 4j + i) + 128 as u8                    (j = 0..7, i = 0..3):
  *       vpdpbusd wants its unsigned operand in the register that is reused across tokens.
-
-The SIMD kernels take up to 8 tokens per call where the build has 32 vector registers (AVX-512VL):
-the weights of a block are loaded once for all of them, so a catch-up or prefill batch of 8
-tokens reads each group of 8 rows once. They also prefetch the next group of 8 rows (the matmul
-walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
-group's first pass stalls on memory the core could have been fetching meanwhile.
+ *
+ * The SIMD kernels take up to 8 tokens per call where the build has 32 vector registers (AVX-512VL):
+ * the weights of a block are loaded once for all of them, so a catch-up or prefill batch of 8
+ * tokens reads each group of 8 rows once. They also prefetch the next group of 8 rows (the matmul
+ * walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
+ * group's first pass stalls on memory the core could have been fetching meanwhile.
  *
  * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
  * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
