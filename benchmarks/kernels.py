@@ -100,7 +100,7 @@ def main() -> None:
     lines = [
         "# KV attention throughput (GB/s of cache read)", "",
         f"One decode step's attention over all 30 layers of {args.model}'s cache geometry, synthetic keys/values "
-        f"stored at each precision; {args.threads} threads; SIMD `{SIMD}`; "
+        f"stored at each precision; {args.threads} threads; "
         f"{machine_line(info)}; {meta['date']}.",
         f"Each row: the median of {args.rounds} rounds, each round timed right after a sample of the sequential "
         f"read bandwidth (the machine is shared; its speed drifts within seconds). Read bandwidth, median of "
