@@ -60,7 +60,8 @@ class BuildWithCMake(build_py):
                 raise SystemExit(f"edgekv: CMake finished but {LIB_NAME} is not under {build_dir}")
             pkg_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(built, pkg_dir / LIB_NAME)
-        shutil.copy2(ROOT / "csrc" / "edgekv.h", pkg_dir / "edgekv.h")
+        for header in ("edgekv.h", "edgekv_testing.h"):  # _native.py reads both cffi blocks
+            shutil.copy2(ROOT / "csrc" / header, pkg_dir / header)
         shutil.copy2(ROOT / "models" / "registry.json", pkg_dir / "registry.json")
 
 

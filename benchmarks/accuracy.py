@@ -51,13 +51,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from common import bootstrap, ci95, command_line, machine, read_hellaswag, target_log_probs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -83,30 +84,6 @@ TARGETS = [  # (what, policy, metric, bound)
 ]
 SIM_CALIBRATION = ("NumPy simulation (the project's calibration figures): K8V8 +0.2% ppl, K4V4 +3.6% "
                    "(groups of 32; groups of 64 rotated: -0.2%), K4V2 +4.6%, K2V4 +224%, K2V2 +291%.")
-
-
-# ---- data --------------------------------------------------------------------------------------
-
-def read_hellaswag(path: Path, n: int) -> list[tuple[str, int, list[str]]]:
-    """The first n tasks of a llama.cpp-format HellaSwag file: (context, label, 4 endings)."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    tasks = []
-    for i in range(0, len(lines) - 5, 6):
-        if len(tasks) == n:
-            break
-        ctx, label, ends = lines[i].rstrip("\r"), int(lines[i + 1]), [e.rstrip("\r") for e in lines[i + 2:i + 6]]
-        if not 0 <= label < 4:
-            raise ValueError(f"{path}:{i + 2}: label {label} is not in 0..3")
-        tasks.append((ctx, label, ends))
-    return tasks
-
-
-def log_softmax_rows(rows: np.ndarray, targets) -> np.ndarray:
-    """log p(targets[i]) under logits rows[i], float64."""
-    z = np.asarray(rows, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return z[np.arange(len(targets)), np.asarray(targets)] - lse
 
 
 # ---- result cache ------------------------------------------------------------------------------
@@ -202,7 +179,7 @@ class LlamaRunner:
     def window(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
-        return log_softmax_rows(self.llm.scores[WINDOW_CTX - 1:WINDOW - 1], ids[WINDOW_CTX:])
+        return target_log_probs(self.llm.scores[WINDOW_CTX - 1:WINDOW - 1], ids[WINDOW_CTX:])
 
     def task(self, ctx_ids: list[int], ends_ids: list[list[int]]) -> list[np.ndarray]:
         """Context once, then each ending on top of it (the cache past the context dropped)."""
@@ -216,7 +193,7 @@ class LlamaRunner:
             llm.n_tokens = n  # eval() removes cached positions >= n_tokens before running
             llm.eval(e)
             rows = np.vstack([last[None, :], llm.scores[n:n + len(e) - 1]])
-            out.append(log_softmax_rows(rows, e))
+            out.append(target_log_probs(rows, e))
         return out
 
     def task_one_eval(self, ctx_ids: list[int], ends_ids: list[list[int]]) -> list[np.ndarray]:
@@ -226,7 +203,7 @@ class LlamaRunner:
             self.llm.reset()
             self.llm.eval(ctx_ids + e)
             c = len(ctx_ids)
-            out.append(log_softmax_rows(self.llm.scores[c - 1:c + len(e) - 1], e))
+            out.append(target_log_probs(self.llm.scores[c - 1:c + len(e) - 1], e))
         return out
 
 
@@ -318,17 +295,6 @@ def run_llama(args, cache: Cache, model_path: Path, windows: list[list[int]], ta
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-def bootstrap_ci(stat, n: int, resamples: int, seed: int = 0) -> list[float]:
-    """95% percentile interval of stat(idx) over resamples of range(n) with replacement."""
-    rng = np.random.default_rng(seed)
-    vals = []
-    for start in range(0, resamples, 1000):
-        idx = rng.integers(0, n, size=(min(1000, resamples - start), n))
-        vals.append(stat(idx))
-    v = np.concatenate(vals)
-    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-
-
 def hs_arrays(recs: dict[int, dict], n: int):
     """Per task (first n): correct under the mean rule, under the sum rule; None if incomplete."""
     if any(i not in recs for i in range(n)):
@@ -341,7 +307,7 @@ def hs_arrays(recs: dict[int, dict], n: int):
 def paired_acc(a: np.ndarray, b: np.ndarray, resamples: int) -> dict:
     """a - b in accuracy points (same tasks), with a paired bootstrap 95% CI."""
     d = a - b
-    ci = bootstrap_ci(lambda idx: d[idx].mean(axis=1), d.size, resamples)
+    ci = ci95(bootstrap(lambda idx: d[idx].mean(axis=1), d.size, resamples))
     return {"points": 100 * float(d.mean()), "ci95": [100 * ci[0], 100 * ci[1]],
             "tasks_better": int((d > 0).sum()), "tasks_worse": int((d < 0).sum())}
 
@@ -351,7 +317,7 @@ def paired_ppl(nll_a: np.ndarray, nll_b: np.ndarray, n_tok: int, resamples: int)
     paired bootstrap 95% CI over windows."""
     d = nll_a - nll_b  # per window: summed NLL of a minus summed NLL of b
     pct = lambda s: 100 * (np.exp(s / n_tok) - 1)  # noqa: E731
-    ci = bootstrap_ci(lambda idx: pct(d[idx].sum(axis=1)), d.size, resamples)
+    ci = ci95(bootstrap(lambda idx: pct(d[idx].sum(axis=1)), d.size, resamples))
     return {"pct": float(pct(d.sum())), "ci95": ci}
 
 
@@ -843,8 +809,7 @@ def main(argv=None) -> int:
         "command": reproduce_command(args),
         "invoked_as": " ".join(["benchmarks/accuracy.py"] + (argv if argv is not None else sys.argv[1:])),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "loadavg_start": [round(x, 2) for x in load_start],
+        "machine": {**machine(command_line("accuracy.py", argv)), "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "wall_s_this_invocation": round(time.time() - t_start, 1),
         "notes": NOTES,

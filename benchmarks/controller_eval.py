@@ -71,6 +71,8 @@ for _p in (REPO / "python", REPO):
 from edgekv.controller import LearnedPolicy, RulePolicy, average_bits, protect_sink  # noqa: E402
 from edgekv.kv_policy import CallablePolicy, KVPolicy, RandomPolicy, parse_policy  # noqa: E402
 
+from common import bootstrap, ci95, read_hellaswag  # noqa: E402  (benchmarks/, the script's own folder)
+
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "controller_eval"
 HELLASWAG = REPO.parent / "shared" / "data" / "hellaswag_dev.txt"
@@ -80,12 +82,7 @@ WINDOW, CONTEXT = 512, 256
 # ---- data -----------------------------------------------------------------------------
 
 def hellaswag_tasks(path: Path = HELLASWAG) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    tasks = []
-    for i in range(len(lines) // 6):
-        block = lines[6 * i:6 * i + 6]
-        tasks.append({"context": block[0], "label": int(block[1]), "endings": block[2:6]})
-    return tasks
+    return [{"context": c, "label": label, "endings": e} for c, label, e in read_hellaswag(path)]
 
 
 def wikitext_windows(model, n: int) -> list[np.ndarray]:
@@ -373,10 +370,6 @@ def cmd_run(args) -> None:
 
 # ---- report -------------------------------------------------------------------------------
 
-def _boot_idx(n: int, b: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(b, n))
-
-
 def hellaswag_summary(recs: list[dict]) -> dict:
     correct = np.array([r["pred"] == r["label"] for r in recs], np.float64)
     return {"n": len(recs), "acc": 100 * correct.mean(), "bits": _measured_bits(recs),
@@ -397,10 +390,8 @@ def paired_hellaswag(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
     ca = np.array([r["pred"] == r["label"] for r in common], np.float64)
     cb = np.array([bi[r["i"]]["pred"] == bi[r["i"]]["label"] for r in common], np.float64)
     d = 100 * (ca - cb)
-    idx = _boot_idx(d.size, boot)
-    bs = d[idx].mean(axis=1)
-    return {"n": int(d.size), "diff": float(d.mean()), "ci95": [float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))],
-            "p_le_0": float(np.mean(bs <= 0))}
+    bs = bootstrap(lambda idx: d[idx].mean(axis=1), d.size, boot)
+    return {"n": int(d.size), "diff": float(d.mean()), "ci95": ci95(bs), "p_le_0": float(np.mean(bs <= 0))}
 
 
 def paired_wikitext(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
@@ -411,10 +402,8 @@ def paired_wikitext(a: list[dict], b: list[dict], boot: int = 10000) -> dict:
     nb = np.array([bi[r["i"]]["nll"] for r in common])
     nt = np.array([r["n"] for r in common], np.float64)
     rel = lambda x, y, t: 100 * (np.exp((x.sum(-1) - y.sum(-1)) / t.sum(-1)) - 1)  # noqa: E731
-    idx = _boot_idx(na.size, boot)
-    bs = rel(na[idx], nb[idx], nt[idx])
-    return {"n": int(na.size), "diff_pct": float(rel(na, nb, nt)), "ci95": [float(np.percentile(bs, 2.5)),
-            float(np.percentile(bs, 97.5))], "p_le_0": float(np.mean(bs <= 0))}
+    bs = bootstrap(lambda idx: rel(na[idx], nb[idx], nt[idx]), na.size, boot)
+    return {"n": int(na.size), "diff_pct": float(rel(na, nb, nt)), "ci95": ci95(bs), "p_le_0": float(np.mean(bs <= 0))}
 
 
 def _default_pairs(pols: dict) -> list[tuple[str, str]]:

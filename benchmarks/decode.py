@@ -62,7 +62,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -80,6 +79,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 if str(REPO / "python") not in sys.path:  # run from a checkout without PYTHONPATH
     sys.path.insert(0, str(REPO / "python"))
+
+from common import command_line, machine  # noqa: E402  (benchmarks/, the script's own folder)
 
 GGML_TYPE_F16 = 1  # llama_cpp.GGML_TYPE_F16 (kept literal so the table needs no import)
 
@@ -289,75 +290,6 @@ def is_clean(rd: dict, args) -> bool:
 
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
-
-
-def machine_info() -> dict:
-    info: dict = {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    model = None
-    flags: list[str] = []
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model is None:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")
-                         if f in have]
-    except OSError:
-        pass
-    info["cpu_model"] = model
-    info["cpu_flags"] = flags
-    info["cpu_count"] = os.cpu_count()
-    try:
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                info["mem_total_bytes"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    info["platform"] = platform.platform()
-    info["python"] = platform.python_version()
-    info["numpy"] = np.__version__
-    try:
-        import edgekv
-
-        info["edgekv"] = edgekv.__version__
-        info["edgekv_simd"] = edgekv._native.SIMD
-        info["edgekv_lib"] = str(edgekv._native.LIB_PATH)
-        import hashlib
-
-        lib_bytes = Path(edgekv._native.LIB_PATH).read_bytes()
-        info["edgekv_lib_sha256"] = hashlib.sha256(lib_bytes).hexdigest()
-        info["edgekv_lib_mtime"] = _dt.datetime.fromtimestamp(
-            Path(edgekv._native.LIB_PATH).stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
-    except Exception as e:  # pragma: no cover
-        info["edgekv"] = f"unavailable: {e}"
-    try:
-        import llama_cpp
-
-        info["llama_cpp_python"] = llama_cpp.__version__
-        info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
-    except Exception as e:  # pragma: no cover
-        info["llama_cpp_python"] = f"unavailable: {e}"
-    try:
-        import gguf  # noqa: F401
-        from importlib.metadata import version
-
-        info["gguf"] = version("gguf")
-    except Exception:
-        pass
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "csrc", "python"],
-                               capture_output=True, text=True)
-        info["git_commit"] = rev.stdout.strip()
-        info["git_dirty_csrc_or_python"] = bool(dirty.stdout.strip())
-    except OSError:
-        pass
-    return info
 
 
 def loadavg() -> list[float]:
@@ -932,7 +864,7 @@ def main(argv=None) -> int:
         return 0
 
     la0 = loadavg()
-    info = machine_info()
+    info = machine(command_line("decode.py", argv))
     path = model_path()
     ctxs = list(dict.fromkeys(args.ctx))
     ids = wikitext_ids(max(ctxs))
@@ -945,7 +877,7 @@ def main(argv=None) -> int:
     if not args.no_memory:
         total += 1 + 2 * len(ctxs)
     res = {
-        "command": " ".join(["python", "benchmarks/decode.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("decode.py", argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "rss_child"},
         "machine": info, "model_path": path, "model_file_bytes": os.path.getsize(path),
         "data": str(DATA.relative_to(REPO.parent)), "loadavg_start": la0,

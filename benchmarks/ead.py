@@ -62,6 +62,7 @@ if str(REPO / "benchmarks") not in sys.path:  # sibling scripts, when imported r
 
 import edgekv  # noqa: E402
 from batch_cost import batch_times  # noqa: E402
+from common import bootstrap, ci95, command_line, machine, machine_line, target_log_probs  # noqa: E402
 from edgekv._native import lib  # noqa: E402
 from edgekv.ead import (  # noqa: E402
     DEFAULT_D_MIN, DEFAULT_TAU, DEFAULT_WINDOW, LARGE, SMALL, EADConfig, entropy_bits_rows, simulate_switching,
@@ -108,10 +109,7 @@ def score_positions(model, ids: list, sub: int = 128) -> dict:
             b = min(a + sub, n - 1)
             out = np.empty((b - a, model.vocab_size), np.float32)
             model._eval(arr[a:b], lib.EK_LOGITS_ALL, out)
-            z = out.astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(z).sum(axis=1))
-            nll[a:b] = lse - z[np.arange(b - a), arr[a + 1:b + 1]]
+            nll[a:b] = -target_log_probs(out, arr[a + 1:b + 1])
             ent[a:b] = entropy_bits_rows(out)
             top[a:b] = out.argmax(axis=1)
     model.reset()
@@ -668,20 +666,21 @@ def summarize_gsm8k(runs: list, n: int) -> dict:
             cs, cl, ce = correct("small", ids), correct("large", ids), correct(name, ids)
             d["small_accuracy"], d["large_accuracy"] = float(cs.mean()), float(cl.mean())
             d["gap_recovery"] = (ce.mean() - cs.mean()) / (cl.mean() - cs.mean()) if cl.mean() != cs.mean() else float("nan")
-            idx = np.random.default_rng(0).integers(0, len(ids), size=(10000, len(ids)))
-            bs_s, bs_l, bs_e = cs[idx].mean(1), cl[idx].mean(1), ce[idx].mean(1)
-            ok = bs_l != bs_s
-            rec = (bs_e[ok] - bs_s[ok]) / (bs_l[ok] - bs_s[ok])
-            d["gap_recovery_ci95"] = [float(np.percentile(rec, 2.5)), float(np.percentile(rec, 97.5))]
+
+            def recovery(idx, cs=cs, cl=cl, ce=ce):  # resamples where large and small tie are left out
+                bs_s, bs_l, bs_e = cs[idx].mean(1), cl[idx].mean(1), ce[idx].mean(1)
+                ok = bs_l != bs_s
+                return (bs_e[ok] - bs_s[ok]) / (bs_l[ok] - bs_s[ok])
+
+            d["gap_recovery_ci95"] = ci95(bootstrap(recovery, len(ids)))
         for name, d in out.items():
             m = d["config"].get("matched_to") if name.startswith("random@") else None
             if m in out:  # the matched EAD setting minus this random baseline, accuracy points
                 ids = sorted(set(d["ids"]) & set(out[m]["ids"]))
                 cm, cr = correct(m, ids), correct(name, ids)
-                idx = np.random.default_rng(0).integers(0, len(ids), size=(10000, len(ids)))
-                diff = 100 * (cm[idx].mean(1) - cr[idx].mean(1))
+                diff = bootstrap(lambda idx: 100 * (cm[idx].mean(1) - cr[idx].mean(1)), len(ids))
                 d["matched_minus_random_points"] = float(100 * (cm.mean() - cr.mean()))
-                d["matched_minus_random_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+                d["matched_minus_random_ci95"] = ci95(diff)
                 d["matched_minus_random_problems"] = len(ids)
         # verify against large-only on the same problems: identical texts?
         for name, d in out.items():
@@ -793,7 +792,7 @@ def summarize_timing(t: dict) -> dict:
 def cmd_report(args) -> int:
     res = {"date": _dt.date.today().isoformat(), "small": SMALL_NAME, "large": LARGE_NAME,
            "defaults": {"tau": DEFAULT_TAU, "window": DEFAULT_WINDOW, "d_min": DEFAULT_D_MIN},
-           "machine": f"{os.cpu_count()} CPUs (shared), edgekv {edgekv.__version__}, SIMD {edgekv._native.SIMD}"}
+           "machine": machine_line(machine(command_line("ead.py")))}
     try:
         res["teacher_forced"] = analyse_tf(args.tokens, args.chunk)
         plot_tf(res["teacher_forced"], RESULTS / "ead.png")

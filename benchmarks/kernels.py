@@ -20,25 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import edgekv
+from common import command_line, machine, machine_line
 from edgekv._native import SIMD, lib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = [("fp16", 16, 16), ("int8", 8, 8), ("int4", 4, 4), ("k4v2", 4, 2), ("int2", 2, 2)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -90,9 +80,10 @@ def main() -> None:
         row["frac_bw_nt"] = row["gb_s"] / bw[str(args.threads)]
 
     RESULTS.mkdir(exist_ok=True)
+    info = machine(command_line("kernels.py"))
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "simd": SIMD, "threads": args.threads, "iters": args.iters, "rounds": args.rounds,
+        "cpu": info["cpu_model"], "machine": info, "simd": SIMD, "threads": args.threads, "iters": args.iters, "rounds": args.rounds,
         "model": args.model,
         "read_bandwidth_gb_s": bw, "read_bandwidth_samples_gb_s": bw_samples, "command": "PYTHONPATH=python python benchmarks/kernels.py " +
         " ".join(["--ctx", *map(str, args.ctx), "--threads", str(args.threads)]),
@@ -109,8 +100,8 @@ def main() -> None:
     lines = [
         "# KV attention throughput (GB/s of cache read)", "",
         f"One decode step's attention over all 30 layers of {args.model}'s cache geometry, synthetic keys/values "
-        f"stored at each precision; {args.threads} threads; SIMD `{SIMD}`; "
-        f"{meta['cpu']}; {meta['date']}.",
+        f"stored at each precision; {args.threads} threads; "
+        f"{machine_line(info)}; {meta['date']}.",
         f"Each row: the median of {args.rounds} rounds, each round timed right after a sample of the sequential "
         f"read bandwidth (the machine is shared; its speed drifts within seconds). Read bandwidth, median of "
         f"{len(bw_samples['1'])} samples: **{bw['1']:.1f} GB/s** (1 thread; {min(bw_samples['1']):.1f}-"

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 import edgekv  # noqa: E402
+from common import target_log_probs  # noqa: E402  (benchmarks/, the script's own folder)
 from controller.corpus import wikitext_split  # noqa: E402
 from kv_layout import fmt_ci, paired_ci  # noqa: E402  (benchmarks/, the script's own folder)
 from reference import ReferenceModel  # noqa: E402
@@ -198,9 +199,7 @@ class Harness:
             x = self._ffn(layer, x + o.reshape(n, -1) @ w[f"blk.{layer}.attn_output.weight"].T)
         h = self.r.rmsnorm(x, w["output_norm.weight"])
         lg = h @ w["token_embd.weight"].T
-        lg -= lg.max(-1, keepdims=True)
-        lp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-        return -lp[np.arange(n - 1), ids[1:]][-SCORED:]
+        return -target_log_probs(lg[:n - 1], ids[1:])[-SCORED:]
 
 
 ENCODERS = {"int3": 3.5, "sink:int3": 3.5, "qmetric": 3.5, "klt@3.0": 3.25, "klt@3.25": 3.5}

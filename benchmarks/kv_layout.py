@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 import edgekv
+from common import bootstrap, ci95
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "wikitext2_valid.txt"
@@ -42,10 +43,8 @@ CONFIGS = [("fp16", DEFAULT_GROUPS, True, False)] + [
 
 def paired_ci(a: np.ndarray, b: np.ndarray, boot: int = 10000) -> tuple[float, float, float]:
     """Perplexity of a relative to b in percent, with a 95% bootstrap CI over windows (rows)."""
-    r = np.random.default_rng(0)
-    idx = r.integers(0, a.shape[0], (boot, a.shape[0]))
-    pct = 100 * (np.exp(a[idx].mean(axis=(1, 2)) - b[idx].mean(axis=(1, 2))) - 1)
-    return 100 * (np.exp(a.mean() - b.mean()) - 1), float(np.percentile(pct, 2.5)), float(np.percentile(pct, 97.5))
+    pct = bootstrap(lambda idx: 100 * (np.exp(a[idx].mean(axis=(1, 2)) - b[idx].mean(axis=(1, 2))) - 1), a.shape[0], boot)
+    return (100 * (np.exp(a.mean() - b.mean()) - 1), *ci95(pct))
 
 
 def fmt_ci(t: tuple[float, float, float]) -> str:

@@ -36,7 +36,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,14 +48,10 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO / "python") not in sys.path:
     sys.path.insert(0, str(REPO / "python"))
 
+from common import command_line, log_softmax, machine  # noqa: E402  (benchmarks/, the script's own folder)
+
 GGML_TYPE_F16 = 1
 TARGETS = {"mean_kl_max": 0.005, "top1_min": 0.95, "ppl_rel_diff_max": 0.01}
-
-
-def log_softmax64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def compare_logits(ref: np.ndarray, test: np.ndarray, targets: np.ndarray, rows: int = 128) -> dict:
@@ -68,8 +63,8 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, targets: np.ndarray, rows:
     nll_ref = np.empty(n)
     nll_test = np.empty(n)
     for i in range(0, n, rows):
-        a = log_softmax64(ref[i:i + rows])
-        b = log_softmax64(test[i:i + rows])
+        a = log_softmax(ref[i:i + rows])
+        b = log_softmax(test[i:i + rows])
         kl[i:i + rows] = (np.exp(a) * (a - b)).sum(axis=-1)
         agree[i:i + rows] = ref[i:i + rows].argmax(-1) == test[i:i + rows].argmax(-1)
         t = targets[i:i + rows]
@@ -201,17 +196,10 @@ def main(argv=None) -> int:
     checks = check(overall)
     checks_second = check(second_half)
 
-    try:
-        from importlib.metadata import version
-        gguf_v = version("gguf")
-    except Exception:
-        gguf_v = None
     res = {
-        "command": " ".join(["python", "benchmarks/parity.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("parity.py", argv),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "edgekv": edgekv.__version__, "edgekv_simd": edgekv._native.SIMD,
-                    "llama_cpp_python": llama_cpp.__version__, "numpy": np.__version__, "gguf": gguf_v},
+        "machine": machine(command_line("parity.py", argv)),
         "model_path": path,
         "data": str(DATA.relative_to(REPO.parent)),
         "setup": {

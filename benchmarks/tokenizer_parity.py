@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "python"))
 
+from common import read_hellaswag  # noqa: E402  (benchmarks/, the script's own folder)
 from edgekv.tokenizer import Tokenizer  # noqa: E402
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -90,12 +91,7 @@ class Tally:
 
 
 def hellaswag_tasks(n: int) -> List[Tuple[str, List[str]]]:
-    lines = HELLASWAG.read_text(encoding="utf-8").split("\n")
-    tasks = []
-    for k in range(min(n, len(lines) // 6)):
-        block = lines[6 * k:6 * k + 6]
-        tasks.append((block[0], block[2:6]))
-    return tasks
+    return [(ctx, endings) for ctx, _, endings in read_hellaswag(HELLASWAG, n)]
 
 
 def fuzz_texts(n: int, specials: Sequence[str], seed: int = 0) -> List[str]:

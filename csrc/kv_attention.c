@@ -211,8 +211,6 @@ int ek_attn_query_rounded(const float *q, int gs, int hd, float *out) {
 /* ------------------------------------------------------------------------- */
 
 #if defined(EK_AVX2)
-#define EK_INLINE static inline __attribute__((always_inline))
-
 /* CALL(G) with G = gs as a compile-time constant (1..8), so per-head accumulator arrays live in
  * registers; gs > 8 is not dispatched here */
 #define EK_DISPATCH_GS(gs, CALL)                                                                    \
@@ -229,9 +227,8 @@ int ek_attn_query_rounded(const float *q, int gs, int hd, float *out) {
 /* column blocks of 8 per pass for G heads, G * CB <= 12 accumulators */
 #define EK_CB(G) ((G) <= 3 ? 4 : (G) <= 6 ? 2 : 1)
 
-/* Ask for the record one tile ahead: a task streams a few hundred records, too short a run
- * for the hardware prefetcher to reach full speed (measured: -15% attention time at 8,192 tokens).
- * Prefetches never fault, so running past the pool's end is harmless. */
+/* Ask for the record one tile ahead: a task's run is too short for the hardware prefetcher
+ * (docs/decisions.md). Prefetches never fault, so running past the pool's end is harmless. */
 EK_INLINE void prefetch_ahead(const uint8_t *r, size_t stride) { ek_prefetch_bytes(r + ATTN_CHUNK * stride, stride); }
 
 /* sc[h*ATTN_CHUNK + j] = dot(tile[j], q[h]) for n records; 4 records share one reduction */
@@ -356,9 +353,10 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
     return 0;
 }
 
-/* sum over 4-byte lanes of u8 x s8 products of two register pairs, as 8 int32 (codes <= 15, so
- * the plain-AVX2 fallback of ek_dpbusd stays exact) */
-EK_INLINE __m256i dot_u8s8(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
+/* One unit's codes (x0, x1 from unpack_unit) dotted with the int8 query's two registers for that
+ * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 15, so the
+ * plain-AVX2 fallback of ek_dpbusd stays exact) */
+EK_INLINE __m256i unit_dot_query(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
 }
 
@@ -420,7 +418,7 @@ EK_INLINE void score_tile_q1_g(const qi8_query *qi, const uint8_t *base, size_t 
         for (int u = 0; u < units; u++) {
             __m256i x0, x1;
             unpack_unit(r, u, &x0, &x1, bits);
-            for (int h = 0; h < G; h++) acc[h] = _mm256_add_epi32(acc[h], dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u]));
+            for (int h = 0; h < G; h++) acc[h] = _mm256_add_epi32(acc[h], unit_dot_query(x0, qi->qa[h][u], x1, qi->qb[h][u]));
         }
         for (int h = 0; h < G; h++) _mm256_storeu_si256((__m256i *)(tmp + ((size_t)h * ATTN_CHUNK + j) * 8), acc[h]);
     }
@@ -472,7 +470,7 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
             /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 3-, 2-bit 0,1,4,5 / 2,3,6,7 */
             const __m256 dv = bits == 4 ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
             for (int h = 0; h < G; h++)
-                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot_query(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
         }
         for (int h = 0; h < G; h++) _mm256_storeu_ps(tmp + ((size_t)h * ATTN_CHUNK + j) * 8, acc[h]);
         for (int k = 0; k < ng; k++) {
@@ -738,24 +736,6 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 }
 
 int ek_attn_int_keys(int kp, int head_dim, int gs) { return int_keys_ok(kp, head_dim, gs); }
-
-int ek_attn_value_tile(int v_bits, int head_dim, int gs) {
-#if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ATTN_CHUNK : 0;
-#else
-    (void)v_bits, (void)head_dim, (void)gs;
-    return 0;
-#endif
-}
-
-int ek_attn_value_weight_max(int v_bits, int head_dim, int gs) {
-#if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ek_x512_weight_max(v_bits) : 0;
-#else
-    (void)v_bits, (void)head_dim, (void)gs;
-    return 0;
-#endif
-}
 
 void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch) {
     for (int p = 0; p < KV_NPOOLS; p++) {

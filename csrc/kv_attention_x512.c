@@ -7,11 +7,8 @@
 #include "kv_attention.h"
 #include "quant.h"
 
-#define EK_INLINE static inline __attribute__((always_inline))
-
-/* acc += products summed in pairs (int16 x int16) / in fours (u8 x s8). Inline asm because GCC 12
- * copies every accumulator around the intrinsics' tied operand inside loops (measured: two extra
- * register moves per instruction, about 10% of the attention time). */
+/* acc += products summed in pairs (int16 x int16) / in fours (u8 x s8). Inline asm: with the
+ * intrinsics GCC 12 copies every accumulator around each instruction in loops (docs/decisions.md). */
 EK_INLINE __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
     __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
     return acc;
@@ -30,7 +27,7 @@ EK_INLINE __m512i dpbusd_bcast(__m512i acc, __m512i u8, const int32_t *s8) {
  * ATTN_CHUNK * 255 * 32767 < 2^31 */
 _Static_assert(ATTN_CHUNK % 16 == 0 && ATTN_CHUNK <= 256, "ATTN_CHUNK: a multiple of 16, at most 256");
 #ifndef EK_PF_RECORDS
-#define EK_PF_RECORDS 64 /* records ahead (measured at 8,192 tokens: 64 beats 32 and 128) */
+#define EK_PF_RECORDS 64 /* records ahead (64 beat 32 and 128: docs/decisions.md) */
 #endif
 #define X512_MAX_GROUPS 8 /* head_dim / group: head_dim <= 256, group >= 32 */
 

@@ -1,7 +1,7 @@
 /* Mixed-precision KV store.
  *
  * Every token's keys and values (all layers, all KV heads) live in one pool,
- * chosen by the pair (key precision, value precision): 4 x 4 = 16 pools. A
+ * chosen by the pair (key precision, value precision): 5 x 5 = 25 pools. A
  * pool is a dense run of slots, so each attention kernel streams contiguous
  * records of one precision pair; a position map says where each token is.
  * Moving a token to another pool re-encodes its records and fills the hole it

@@ -3,8 +3,8 @@
  * Per row x (n_vocab logits), with m = max x, z = x - m, e = exp z, s = sum e:
  *   max_logit = m,  log_s = log s  (so log p_i = z_i - log_s and the max probability is 1 / s),
  *   entropy = log s - sum(e z) / s  (nats).
- * One pass of exp over the vocabulary after the max; the Python version of this took 0.4 ms per
- * decode step for a 49k vocabulary, 5% of a step. A row holding NaN or inf gets NaN statistics.
+ * One pass of exp over the vocabulary after the max (in C for speed: docs/decisions.md). A row
+ * holding NaN or inf gets NaN statistics.
  * Rows can be split into pieces (partials, merged by rescaling to the common max): a decode step
  * computes them per output-matrix chunk, right after each chunk is written (model.c).
  */

@@ -89,8 +89,8 @@ void ek_quantize_row_q8a_ref(const float *x, block_q8a *y, int n) {
 
 #if defined(EK_AVX2)
 /* The same blocks as the reference for finite inputs (max is exact in any order, cvtps2dq rounds
- * to nearest even as lrintf does); a batch forward quantizes every matmul input of every token,
- * and the reference's libm fmaxf/lrintf calls made that 8% of a 32-token pass of the 1.5B model. */
+ * to nearest even as lrintf does), without its libm calls: batches quantize every token's matmul
+ * inputs (docs/decisions.md). */
 static void quantize_row_q8a_avx2(const float *x, block_q8a *y, int n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -166,12 +166,10 @@ static void to_float_q8_0(const void *row, float *y, int n) {
 /* reference dot products: one weight row against nx activation rows          */
 /* ------------------------------------------------------------------------- */
 
-#define ACT_ROW(act, stride, r) ((const void *)((const char *)(act) + (size_t)(r) * (stride)))
-
 static void dot_f32_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         double s = 0.0;
         for (int i = 0; i < n; i++) s += (double)wr[i] * x[i];
         out[r] = (float)s;
@@ -181,7 +179,7 @@ static void dot_f32_ref(int n, const void *w, const void *act, size_t stride, in
 static void dot_f16_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         double s = 0.0;
         for (int i = 0; i < n; i++) s += (double)ek_fp16_to_fp32(wr[i]) * x[i];
         out[r] = (float)s;
@@ -199,7 +197,7 @@ static inline int nibble_dot(const uint8_t *qs, const int8_t *a) {
 static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q4_0 *wb = (const block_q4_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             const int isum = nibble_dot(wb[b].qs, a[b].qs);
@@ -213,7 +211,7 @@ static void dot_q4_0_ref(int n, const void *w, const void *act, size_t stride, i
 static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q4_1 *wb = (const block_q4_1 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             const int isum = nibble_dot(wb[b].qs, a[b].qs);
@@ -226,7 +224,7 @@ static void dot_q4_1_ref(int n, const void *w, const void *act, size_t stride, i
 static void dot_q8_0_ref(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float s = 0.0f;
         for (int b = 0; b < n / QK; b++) {
             int isum = 0;
@@ -249,12 +247,11 @@ static inline __m256i unpack_nibbles(const uint8_t *qs) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* u8 x s8 products summed in groups of 4, as 8 floats */
-static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+/* one weight block (u8: Q4 codes or |Q8 weights|) against one int8 activation block: products
+ * summed in groups of 4, as 8 floats */
+static inline __m256 block_dot_act(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(ek_dpbusd(_mm256_setzero_si256(), u, s));
 }
-
-#define EK_INLINE static inline __attribute__((always_inline))
 
 /* nx is a compile-time constant at each call site below, so the r-loops unroll. */
 EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, size_t stride, int nx,
@@ -263,7 +260,7 @@ EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, s
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float off[4] = {0, 0, 0, 0};
     const block_q8a *a[4];
-    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)EK_ACT_ROW(act, stride, r);
     for (int b = 0; b < nb; b++) {
         __m256i q;
         float dw, ow;
@@ -280,7 +277,7 @@ EK_INLINE void dot_q4_avx2(int n, const void *w, int has_min, const void *act, s
         }
         for (int r = 0; r < nx; r++) {
             __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(q, av), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), block_dot_act(q, av), acc[r]);
             off[r] += ow * a[r][b].s;
         }
     }
@@ -293,7 +290,7 @@ static void dot_q4_0_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q4_avx2(n, w, 0, act, stride, 3, out); break;
     case 2: dot_q4_avx2(n, w, 0, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 0, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 0, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
@@ -303,7 +300,7 @@ static void dot_q4_1_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q4_avx2(n, w, 1, act, stride, 3, out); break;
     case 2: dot_q4_avx2(n, w, 1, act, stride, 2, out); break;
     case 1: dot_q4_avx2(n, w, 1, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q4_avx2(n, w, 1, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
@@ -311,7 +308,7 @@ EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t str
     const int nb = n / QK;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const block_q8a *a[4];
-    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)ACT_ROW(act, stride, r);
+    for (int r = 0; r < nx; r++) a[r] = (const block_q8a *)EK_ACT_ROW(act, stride, r);
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int b = 0; b < nb; b++) {
         __m256i wq = _mm256_loadu_si256((const __m256i *)wb[b].qs);
@@ -320,7 +317,7 @@ EK_INLINE void dot_q8_0_avx2_n(int n, const void *w, const void *act, size_t str
         for (int r = 0; r < nx; r++) {
             __m256i av = _mm256_loadu_si256((const __m256i *)a[r][b].qs);
             __m256i as = _mm256_sign_epi8(av, wq); /* move w's sign onto a */
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), dot_u8s8(wabs, as), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[r][b].d), block_dot_act(wabs, as), acc[r]);
         }
     }
     for (int r = 0; r < nx; r++) out[r] = ek_hsum256(acc[r]);
@@ -332,14 +329,14 @@ static void dot_q8_0_avx2(int n, const void *w, const void *act, size_t stride, 
     case 3: dot_q8_0_avx2_n(n, w, act, stride, 3, out); break;
     case 2: dot_q8_0_avx2_n(n, w, act, stride, 2, out); break;
     case 1: dot_q8_0_avx2_n(n, w, act, stride, 1, out); break;
-    default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, ACT_ROW(act, stride, r), stride, 1, out + r);
+    default: for (int r = 0; r < nx; r++) dot_q8_0_avx2_n(n, w, EK_ACT_ROW(act, stride, r), stride, 1, out + r);
     }
 }
 
 static void dot_f32_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         __m256 acc = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc);
@@ -352,7 +349,7 @@ static void dot_f32_avx2(int n, const void *w, const void *act, size_t stride, i
 static void dot_f16_avx2(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         __m256 acc = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= n; i += 8) {
@@ -386,7 +383,7 @@ static inline int32x4_t dot16_s8(int8x16_t x, int8x16_t y, int32x4_t acc) {
 static void dot_q4_neon(int n, const void *w, int has_min, const void *act, size_t stride, int nx, float *out) {
     const int nb = n / QK;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         float off = 0.0f;
         for (int b = 0; b < nb; b++) {
@@ -423,7 +420,7 @@ static void dot_q8_0_neon(int n, const void *w, const void *act, size_t stride, 
     const int nb = n / QK;
     const block_q8_0 *wb = (const block_q8_0 *)w;
     for (int r = 0; r < nx; r++) {
-        const block_q8a *a = (const block_q8a *)ACT_ROW(act, stride, r);
+        const block_q8a *a = (const block_q8a *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
             int32x4_t s = vdupq_n_s32(0);
@@ -438,7 +435,7 @@ static void dot_q8_0_neon(int n, const void *w, const void *act, size_t stride, 
 static void dot_f32_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const float *wr = (const float *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(wr + i), vld1q_f32(x + i));
@@ -451,7 +448,7 @@ static void dot_f32_neon(int n, const void *w, const void *act, size_t stride, i
 static void dot_f16_neon(int n, const void *w, const void *act, size_t stride, int nx, float *out) {
     const ek_fp16 *wr = (const ek_fp16 *)w;
     for (int r = 0; r < nx; r++) {
-        const float *x = (const float *)ACT_ROW(act, stride, r);
+        const float *x = (const float *)EK_ACT_ROW(act, stride, r);
         float32x4_t acc = vdupq_n_f32(0.0f);
         int i = 0;
         for (; i + 4 <= n; i += 4) {

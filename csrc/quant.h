@@ -15,9 +15,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define QK 32 /* values per block in every quantized weight format here */
+#include "common.h"
 
-typedef uint16_t ek_fp16;
+#define QK 32 /* values per block in every quantized weight format here */
 
 /* GGML type ids (only the ones that run natively). */
 enum {
@@ -58,12 +58,6 @@ typedef struct {
     int8_t qs[QK];
 } block_q8a;
 static_assert(sizeof(block_q8a) == 40, "block_q8a layout");
-
-/* ---- fp16 <-> fp32 (portable bit manipulation; SIMD paths convert in bulk) ---- */
-float ek_fp16_to_fp32(ek_fp16 h);
-ek_fp16 ek_fp32_to_fp16(float f);
-void ek_fp16_to_fp32_row(const ek_fp16 *x, float *y, int n);
-void ek_fp32_to_fp16_row(const float *x, ek_fp16 *y, int n);
 
 /* ---- the kernel table ---- */
 

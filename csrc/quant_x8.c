@@ -1,11 +1,8 @@
 /* Row-interleaved ("x8") weights: 8 rows of a Q4_0 / Q4_1 / Q8_0 matrix stored block by block.
  *
- * Why: a row-at-a-time dot product needs, per block of 32 weights, a horizontal reduction of the
- * integer sums and a broadcast of the block scale, about 15 instructions for 20 bytes of Q4_1:
- * one core then reads weights at ~20 GB/s, half its memory bandwidth. Interleaved, int32 lane r
- * of one 256-bit register holds 4 consecutive codes of row r, so one u8 x s8 dot (vpdpbusd)
- * against a broadcast group of 4 activations advances all 8 rows, the per-row sums stay in their
- * lanes, and the 8 scales of a block convert with one instruction.
+ * Why: one u8 x s8 dot (vpdpbusd) against a broadcast group of 4 activations advances all 8 rows,
+ * with no per-block horizontal sums (which held the row kernels to half the memory bandwidth;
+ * docs/decisions.md).
  *
  * Layout of block b of rows r = 0..7 (as many bytes as the 8 source blocks):
  *   Q4_0x8: d[8] fp16, qs[128];  Q4_1x8: d[8], m[8] fp16, qs[128];  Q8_0x8: d[8] fp16, qs[256].
@@ -13,12 +10,12 @@
  *       so a 32-byte load gives groups 2c (low nibbles) and 2c + 1 (high nibbles) for all rows.
  *   Q8: qs[32j + 4r + i] = w(r, 4j + i) + 128 as u8                    (j = 0..7, i = 0..3):
  *       vpdpbusd wants its unsigned operand in the register that is reused across tokens.
-
-The SIMD kernels take up to 8 tokens per call where the build has 32 vector registers (AVX-512VL):
-the weights of a block are loaded once for all of them, so a catch-up or prefill batch of 8
-tokens reads each group of 8 rows once. They also prefetch the next group of 8 rows (the matmul
-walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
-group's first pass stalls on memory the core could have been fetching meanwhile.
+ *
+ * The SIMD kernels take up to 8 tokens per call where the build has 32 vector registers (AVX-512VL):
+ * the weights of a block are loaded once for all of them, so a catch-up or prefill batch of 8
+ * tokens reads each group of 8 rows once. They also prefetch the next group of 8 rows (the matmul
+ * walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
+ * group's first pass stalls on memory the core could have been fetching meanwhile.
  *
  * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
  * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
@@ -133,7 +130,7 @@ static void row_q8_0_x8(const void *w8, int r, float *y, int n) {
 /* plain C reference: out[t * 8 + r] for tokens t < nx, rows r < 8             */
 /* ------------------------------------------------------------------------- */
 
-#define ACT(act, stride, t) ((const block_q8a *)((const char *)(act) + (size_t)(t) * (stride)))
+#define ACT(act, stride, t) ((const block_q8a *)EK_ACT_ROW(act, stride, t))
 
 static void dot_q4_x8_ref(int n, const uint8_t *w8, size_t bsz, int has_min, const void *act, size_t stride, int nx,
                           float *out) {
@@ -188,7 +185,6 @@ static void dot_q8_0_x8_ref(int n, const void *w8, const void *act, size_t strid
 /* AVX2 (vpdpbusd where the CPU has VNNI, else vpmaddubsw + vpmaddwd)          */
 /* ------------------------------------------------------------------------- */
 #if defined(EK_AVX2)
-#define EK_INLINE static inline __attribute__((always_inline))
 #if defined(__AVX512VL__)
 #define X8_NX 8 /* 32 vector registers: 8 tokens' sums and accumulators stay in registers */
 #else

@@ -2,7 +2,7 @@
 #ifndef EDGEKV_SIMD_H
 #define EDGEKV_SIMD_H
 
-#include "quant.h"
+#include "common.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define EK_AVX2 1

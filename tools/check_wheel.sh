@@ -21,7 +21,7 @@ echo "   $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KiB)"
 "$PY" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-need = ["edgekv/libedgekv.so", "edgekv/edgekv.h", "edgekv/registry.json", "edgekv/_native.py"]
+need = ["edgekv/libedgekv.so", "edgekv/edgekv.h", "edgekv/edgekv_testing.h", "edgekv/registry.json", "edgekv/_native.py"]
 missing = [n for n in need if n not in names]
 assert not missing, f"wheel lacks {missing}: {names}"
 assert not any(n.endswith((".c", "CMakeLists.txt")) for n in names), "sources in the wheel"

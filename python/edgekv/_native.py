@@ -45,13 +45,17 @@ def _find(candidates: list[Path], what: str) -> Path:
 
 
 def _header_decls() -> str:
+    # edgekv.h's block, then edgekv_testing.h's (test and benchmark entry points, using edgekv.h's
+    # types), both from the folder that has edgekv.h: the package's when installed, else csrc/.
     header = _find([_HERE / "edgekv.h", _REPO / "csrc" / "edgekv.h"], "header edgekv.h")
-    text = header.read_text()
-    m = re.search(r"/\* cffi-begin[^\n]*\*/\n(.*?)/\* cffi-end \*/", text, re.S)
-    if not m:
-        raise EdgekvError(f"{header} has no cffi-begin/cffi-end block")
-    # cffi's parser takes plain declarations: drop comments.
-    return re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    blocks = []
+    for h in (header, _find([header.parent / "edgekv_testing.h"], "header edgekv_testing.h")):
+        m = re.search(r"/\* cffi-begin[^\n]*\*/\n(.*?)/\* cffi-end \*/", h.read_text(), re.S)
+        if not m:
+            raise EdgekvError(f"{h} has no cffi-begin/cffi-end block")
+        # cffi's parser takes plain declarations: drop comments.
+        blocks.append(re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S))
+    return "\n".join(blocks)
 
 
 def _library_path() -> Path:

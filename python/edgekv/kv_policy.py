@@ -86,14 +86,8 @@ class KVPolicy:
         return f"<KVPolicy {self.name} W={self.window}>"
 
 
-# The first token of a context is the attention sink: most heads park their spare attention
-# there, at every later position, so an error in its key reaches every later score. The oracle
-# sums damage over the next oracle.HORIZON = 16 positions only and cannot see that reach (it
-# labels the sink's key 2-bit safe); measured on WikiText-2 (benchmarks/controller_eval.py
-# windows), k4v2 with position 0's key at 2 bits instead of 4 costs +19% perplexity. The learned
-# policy never stores it below this many bits (one token: no visible cost in average bits), and
-# "sink:P" gives a static policy P the same guard (int3: +10.2% -> +7.7% WikiText-2 perplexity,
-# benchmarks/results/controller_pareto.md).
+# Position 0, the attention sink, reaches every later score (beyond the oracle's horizon): the
+# learned policy and "sink:P" never store its key below this many bits (docs/decisions.md).
 SINK_MIN_KEY_BITS = 8
 
 

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "edgekv.h"
+#include "edgekv_testing.h"
 
 static int failures = 0, checks = 0;
 

@@ -7,6 +7,7 @@
 
 #include "kv_attention.h"
 #include "edgekv.h"
+#include "edgekv_testing.h"
 #include "quant.h"
 
 static int failures = 0;
