@@ -15,10 +15,9 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, subprocess_env
 from edgekv import cli, registry
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 STATS_RE = re.compile(r"prompt \d+ tok \| prefill .* tok/s \| decode .* ms/tok \(\d+ tok\) \| KV .* KiB")
 
 
@@ -335,8 +334,7 @@ def _then_eof(script):
 # --------------------------------------------------------------------------------------------
 
 def test_python_m_edgekv_help():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    env = subprocess_env()  # the edgekv under test, installed or the checkout's
     for argv in ([], ["generate"], ["chat"], ["pull"], ["info"]):
         proc = subprocess.run([sys.executable, "-m", "edgekv", *argv, "--help"], capture_output=True,
                               text=True, env=env, timeout=120)
