@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -157,6 +158,12 @@ def machine(command: Optional[str] = None) -> dict:
     else:
         info["llama_cpp_python"] = llama_cpp.__version__
         info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+        # how the reference was built: tools/test.sh installs its build record next to the package
+        record = Path(llama_cpp.__file__).parent / "edgekv_reference_build.json"
+        try:
+            info["llama_cpp_build"] = json.loads(record.read_text())
+        except (OSError, ValueError):
+            info["llama_cpp_build"] = "not recorded (not installed by tools/test.sh)"
     try:
         from importlib.metadata import PackageNotFoundError, version
     except ImportError:
@@ -174,4 +181,9 @@ def machine_line(info: dict) -> str:
     commit = (info.get("git_commit") or "unknown")[:12] + (" (csrc/python modified)" if info.get("git_dirty_csrc_or_python") else "")
     line = (f"{info.get('cpu_model')} ({info.get('cpu_count')} CPUs; flags {' '.join(info.get('cpu_flags') or []) or 'none listed'}), "
             f"edgekv SIMD `{info.get('edgekv_simd')}`, commit {commit}")
+    build = info.get("llama_cpp_build")
+    if isinstance(build, dict):
+        line += f", reference llama-cpp-python {info.get('llama_cpp_python')} built with CFLAGS `{build.get('CFLAGS') or 'none'}`"
+    elif build:
+        line += f", reference llama-cpp-python {info.get('llama_cpp_python')} ({build})"
     return line + (f", command `{info['command']}`" if info.get("command") else "")

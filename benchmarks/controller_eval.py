@@ -71,7 +71,7 @@ for _p in (REPO / "python", REPO):
 from edgekv.controller import LearnedPolicy, RulePolicy, average_bits, protect_sink  # noqa: E402
 from edgekv.kv_policy import CallablePolicy, KVPolicy, RandomPolicy, parse_policy  # noqa: E402
 
-from common import bootstrap, ci95, read_hellaswag  # noqa: E402  (benchmarks/, the script's own folder)
+from common import bootstrap, ci95, machine, machine_line, read_hellaswag  # noqa: E402  (benchmarks/, the script's own folder)
 
 RESULTS = REPO / "benchmarks" / "results"
 OUT = RESULTS / "controller_eval"
@@ -311,6 +311,10 @@ def _run_items(task: str, model, spec: str, items: list, progress: bool, score, 
     from tqdm import tqdm
 
     todo = [i for i in range(len(items)) if i not in done]
+    if todo:  # where and how these records were made: the report names it
+        with (out.parent / "runs.jsonl").open("a") as fh:
+            fh.write(json.dumps({"policy": spec, "items": len(todo),
+                                 **machine(" ".join(["python", "benchmarks/controller_eval.py"] + sys.argv[1:]))}) + "\n")
     with out.open("a") as fh:
         for i in tqdm(todo, desc=f"{task} {spec}", disable=not progress, file=sys.stderr, mininterval=5):
             if spec.startswith("oracle@"):
@@ -425,6 +429,22 @@ def _default_pairs(pols: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _provenance(summary: dict) -> list:
+    """Where the report and the runs behind its records were made (runs log themselves in runs.jsonl)."""
+    if "provenance" in summary:
+        return summary["provenance"]
+    out = [f"This report: {machine_line(machine('python benchmarks/controller_eval.py report'))}"]
+    for task, t in summary["tasks"].items():
+        runs_file = _task_dir(task) / "runs.jsonl"
+        runs = [json.loads(x) for x in runs_file.read_text().splitlines() if x.strip()] if runs_file.exists() else []
+        out += [f"{task} {r['policy']} ({r['items']} items, {r['date_utc']}): {machine_line(r)}" for r in runs]
+        made = sum(p.get("items_run", 0) for p in t["policies"].values())
+        if made > sum(r["items"] for r in runs):
+            out.append(f"{task}: {made - sum(r['items'] for r in runs)} records come from runs before runs were logged "
+                       "(2026-12-05): their command, commit and machine were not recorded")
+    return out
+
+
 def cmd_report(args) -> None:
     summary: dict = {"protocol": __doc__.split("Policies")[0].strip(), "tasks": {}}
     pairs = [p.split("~vs~") for p in args.compare.split(",") if p] if args.compare else None
@@ -461,6 +481,7 @@ def cmd_report(args) -> None:
                 pb = [r for r in pols[b] if keep(r)]
                 cmp[f"{a} vs {b}"] = paired(pa, pb)  # on the items both have
         summary["tasks"][task] = {"common_items": len(common), "policies": res, "paired": cmp}
+    summary["provenance"] = _provenance(summary)
     (RESULTS / "controller_pareto.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(summary, RESULTS / "controller_pareto.png")
     lines = ["# KV policies: quality vs average KV bits (W=0)", "",
@@ -489,6 +510,8 @@ def cmd_report(args) -> None:
                 dd = v.get("diff", v.get("diff_pct"))
                 lines.append(f"| {k} | {dd:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {v['p_le_0']:.3f} |")
         lines.append("")
+    lines += ["## Provenance", ""] + [f"- {x}" for x in _provenance(summary)]
+    lines.append("")
     (RESULTS / "controller_pareto.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
