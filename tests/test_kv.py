@@ -730,10 +730,10 @@ def test_integer_value_sum_adds_little_to_quantization_error(vbits, group):
     assert np.mean(rounding) < 0.05 * np.mean(quantization), (np.mean(rounding), np.mean(quantization))
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("do_rotate", [False, True])
 def test_integer_key_scoring_query_rule(bits, do_rotate):
-    """4- and 2-bit keys are scored against an int8 query (every build: AVX2 with integer dot
+    """4-, 3- and 2-bit keys are scored against an int8 query (every build: AVX2 with integer dot
     products, others in float): per head, s = max|q| / 127 and q8 = rint(q / s) in the basis the
     keys are stored in."""
     r = np.random.default_rng(11)
