@@ -28,13 +28,13 @@ KW = dict(max_tokens=N, temperature=0, tau=2.0, window=1, d_min=1,
           entropy_fn=lambda role, logits, pos: 3.0 if (pos // 3) % 2 == 0 else 0.0)
 # Quantized KV: a cache rebuilt any other way than the stream built it (say, its sequence run
 # again in one batch, which sees its keys at 16 bits) changes these tiny models' greedy text.
-KV = "int4"
+KV = "int3"
 MODES = {"plain": {}, "verify": dict(verify=True, max_draft=4)}
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_path):
-    """A fresh pair of tiny qwen2 models (KV int4) sharing a tokenizer (end tokens biased away: never end)."""
+    """A fresh pair of tiny qwen2 models (KV int3) sharing a tokenizer (end tokens biased away: never end)."""
     kw = dict(tie_embeddings=False, special_logit_bias=-8.0)
     p = edgekv.load_pair(tiny_path("qwen2", "Q8_0", size="small", seed=1, **kw),
                          tiny_path("qwen2", "Q8_0", size="large", seed=11, **kw),
