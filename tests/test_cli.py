@@ -130,24 +130,29 @@ def test_not_a_gguf_file_is_a_clean_error(capsys, tmp_path):
 
 def test_negative_temperature_exits_2(capsys, tiny_model):
     rc, out, err = run_cli(capsys, "generate", "hi", "--model", tiny_model, "--temperature", "-1")
-    assert_clean_error(rc, err, "temperature")
+    assert_clean_error(rc, err, "--temperature: ")
     assert out == ""
 
 
-@pytest.mark.parametrize("flag, value, names", [
-    # names: how the error line spells the option (argparse: the flag; the API's checks: its keyword)
-    ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"), ("--max-tokens", "-3", "--max-tokens"),
-    ("--threads", "0", "--threads"), ("--ctx", "zero", "--ctx"), ("--top-k", "-1", "--top-k"),
-    ("--temperature", "nan", "--temperature"), ("--seed", "x", "--seed"), ("--kv", "int5", "KV policy"),
-    ("--kv-window", "-1", "--kv-window"),
+@pytest.mark.parametrize("flag, value, extra", [
+    # checked by argparse (its error says "argument [-x/]--flag: ...")
+    ("--max-tokens", "-3", []), ("--threads", "0", []), ("--ctx", "zero", []), ("--top-k", "-1", []),
+    ("--temperature", "nan", []), ("--seed", "x", []), ("--kv-window", "-1", []),
+    # checked by the library, which names its keyword (top_p, threads, ...): the CLI names the flag
+    ("--top-p", "0", []), ("--top-p", "1.5", []), ("--temperature", "-1", []), ("--kv", "int5", []),
+    ("--kv", "k5v2", []), ("--kv", "sink:adaptive", []), ("--kv", "adaptive@20", []),
+    ("--max-tokens", "2000000000", []), ("--threads", "300", []), ("--ctx", "5000000", []),
+    ("--tau-low", "2", ["--draft", "TINY"]),  # above the default --tau
 ])
-def test_bad_flag_values_exit_2(capsys, tiny_model, flag, value, names):
-    rc, out, err = run_cli(capsys, "generate", "hi", "--model", tiny_model, flag, value)
+def test_bad_flag_values_exit_2(capsys, tiny_model, flag, value, extra):
+    extra = [str(tiny_model) if a == "TINY" else a for a in extra]
+    rc, out, err = run_cli(capsys, "generate", "hi", "--model", tiny_model, *extra, flag, value)
     assert rc == 2, err
     assert "Traceback" not in err
-    # the last line is the error (argparse prints its usage, which lists every flag, above it)
+    # the last line is the error (argparse prints its usage, which lists every flag, above it);
+    # it names the option as typed, then what is wrong with the value
     last = err.strip().splitlines()[-1]
-    assert "error:" in last and names in last and value in last, err
+    assert "error:" in last and f"{flag}: " in last and value in last.split(f"{flag}: ", 1)[1], err
     assert out == ""
 
 
@@ -274,6 +279,18 @@ def test_chat_answers_and_exits(capsys, monkeypatch, tiny_model):
     # the second turn's prompt holds the first exchange; /reset starts over
     turns = [int(n) for n in re.findall(r"prompt (\d+) tok", err)]
     assert turns[1] > turns[0] and turns[2] < turns[1]
+
+
+@pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--threads", "300"), ("--kv", "int5"),
+                                         ("--max-tokens", "2000000000")])
+def test_chat_errors_name_the_flag(capsys, monkeypatch, tiny_model, flag, value):
+    """chat checks its options as generate does; --max-tokens is checked at the first turn."""
+    script = iter(["hello there"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(script))
+    rc, _, err = run_cli(capsys, "chat", "--model", tiny_model, flag, value)
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("edgekv: error: ") and f"{flag}: " in last and value in last, err
 
 
 def test_chat_reuses_the_cache_for_the_shared_prefix(capsys, monkeypatch, tiny_model):

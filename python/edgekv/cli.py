@@ -19,8 +19,10 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
+from contextlib import contextmanager
 from typing import Any, Iterable, List, Optional, Sequence
 
 from . import registry
@@ -300,7 +302,8 @@ def _ead_config(args: argparse.Namespace):
     for k in ("max_draft", "verify_window"):
         if k in given and not args.verify:
             raise ValueError(f"--{k.replace('_', '-')} needs --verify")
-    return EADConfig(verify=args.verify, **given)
+    with _naming_options(_EAD_OPTIONS):
+        return EADConfig(verify=args.verify, **given)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,12 +326,40 @@ def _show_progress() -> bool:
         return False
 
 
+# The options whose values the library checks, by the keyword its errors start with (per call:
+# "window" is --kv-window to load() and --window to EADConfig).
+_SAMPLING_OPTIONS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}
+_MODEL_OPTIONS = {"threads": "--threads", "ctx": "--ctx"}
+_EAD_OPTIONS = {"tau": "--tau", "tau_low": "--tau-low", "window": "--window", "d_min": "--d-min",
+                "max_draft": "--max-draft", "verify_window": "--verify-window"}
+_GENERATE_OPTIONS = {"max_tokens": "--max-tokens"}
+
+
+@contextmanager
+def _naming_options(options: dict, kv: bool = False):
+    """A ValueError the library raises about one of options' keywords names the option as typed
+    ("--top-p: top_p must be in (0, 1], got 0"); kv: one about the KV policy names --kv."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        word = re.match(r"\w*", msg).group()
+        flag = options.get(word)
+        if flag is None and kv and (word in ("kv", "bit", "controller") or "KV policy" in msg
+                                    or "KV controller" in msg):
+            flag = "--kv"
+        if flag is not None:
+            exc.args = (f"{flag}: {msg}",)
+        raise
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed)
     # Validate before loading anything: a bad value should fail in milliseconds, not after a
     # download or a model load. SamplingParams raises ValueError with the library's message.
-    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    with _naming_options(_SAMPLING_OPTIONS):
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return kwargs
 
 
@@ -336,8 +367,9 @@ def _load(args: argparse.Namespace, progress: Optional[bool] = None):
     from . import load
 
     log.info("loading %s", args.model)
-    return load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv, kv_window=args.kv_window,
-                kv_fit_grid=args.kv_fit_grid, progress=_show_progress() if progress is None else progress)
+    with _naming_options(dict(_MODEL_OPTIONS, window="--kv-window"), kv=True):
+        return load(args.model, threads=args.threads, ctx=args.ctx, kv=args.kv, kv_window=args.kv_window,
+                    kv_fit_grid=args.kv_fit_grid, progress=_show_progress() if progress is None else progress)
 
 
 def _json_safe(value: Any) -> Any:
@@ -392,7 +424,8 @@ def _load_pair(args: argparse.Namespace):
     from .ead import load_pair
 
     log.info("loading %s (draft) and %s", args.draft, args.model)
-    return load_pair(args.draft, args.model, threads=args.threads, ctx=args.ctx, progress=_show_progress())
+    with _naming_options(_MODEL_OPTIONS):
+        return load_pair(args.draft, args.model, threads=args.threads, ctx=args.ctx, progress=_show_progress())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -414,7 +447,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 return model.generate(prompt, stream=stream, **kwargs)
 
         if args.json:
-            text = run(stream=False)
+            with _naming_options(_GENERATE_OPTIONS, kv=True):
+                text = run(stream=False)
             if ead is None:
                 doc = {"model": model.name, "path": str(model.path), "chat": args.chat, "text": text,
                        "stats": model.last_stats.as_dict()}
@@ -429,9 +463,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         last = ""
         try:
-            for piece in run(stream=True):
-                _out(piece)
-                last = piece or last
+            with _naming_options(_GENERATE_OPTIONS, kv=True):  # also what a policy raises at a step
+                for piece in run(stream=True):
+                    _out(piece)
+                    last = piece or last
         finally:
             if last and not last.endswith("\n"):
                 _out("\n")  # end the line, so the shell prompt (or the stats line) starts afresh
@@ -480,9 +515,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.append({"role": "user", "content": text})
             reply: List[str] = []
             try:
-                for piece in model.chat(history, stream=True, **kwargs):
-                    reply.append(piece)
-                    _out(piece)
+                with _naming_options(_GENERATE_OPTIONS, kv=True):
+                    for piece in model.chat(history, stream=True, **kwargs):
+                        reply.append(piece)
+                        _out(piece)
             except KeyboardInterrupt:
                 # Stop this reply, keep the session: the unfinished turn is dropped.
                 _out("\n")

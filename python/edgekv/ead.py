@@ -408,6 +408,14 @@ class ModelPair:
         entropy_fn(role, logits, position) -> bits: the entropy source (default: the entropy of
         softmax(logits)); position counts generated tokens from 0. Statistics of the run are in
         ``pair.last_stats`` (an EADStats) afterwards.
+
+        A stream shares the models as Model.generate's stream does: it holds both only while it
+        computes a token, so calls on either model (close() included) run in between. A model
+        whose cache another call used meanwhile is brought back on the stream's next token by
+        re-running what the stream ran on it (the cached prefix it started from, in one batch,
+        then its own batches and truncations in order), so the text is the one it would have
+        produced undisturbed (exactly so when that prefix was empty); after close() of either
+        model its next token raises ModelClosedError.
         """
         cfg = config or EADConfig(tau=tau, window=window, d_min=d_min, tau_low=tau_low, verify=verify,
                                   max_draft=max_draft, verify_window=verify_window)
@@ -461,6 +469,10 @@ class _EADRun:
         self.step_s = {SMALL: [0.0, 0], LARGE: [0.0, 0]}  # one-token evaluations: seconds, count
         self.catchups: List[tuple] = []    # (role, seconds, prompt tokens, tokens) of catch-up batches
         self.eot = pair.tokenizer.eot_ids
+        # per role: the tokens its cache held when the run began (None until then) and what the run
+        # did to that cache since (an int: truncate to it; (ids, mode): run ids), for _restore
+        self.start: dict = {SMALL: None, LARGE: None}
+        self.ops: dict = {SMALL: [], LARGE: []}
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -480,17 +492,17 @@ class _EADRun:
         while common < n and cached[common] == self.seq[common]:
             common += 1
         if common < len(cached):
-            m._truncate(common)
+            self._truncate(role, common)
         new = np.asarray(self.seq[common:], dtype=np.int32)
         k_prompt = max(0, self.n_prompt - common)
         k_gen = new.size - k_prompt
         t0 = time.perf_counter()
         if all_from is not None:
             out = np.empty((new.size, m.vocab_size), dtype=np.float32)
-            m._eval(new, lib.EK_LOGITS_ALL, out)
+            self._run(role, new, lib.EK_LOGITS_ALL, out)
             result = out[all_from - 1 - common:]
         else:
-            m._eval(new, lib.EK_LOGITS_LAST, m._logits)
+            self._run(role, new, lib.EK_LOGITS_LAST, m._logits)
             result = m._logits
         dt = time.perf_counter() - t0
         st = self.stats
@@ -509,6 +521,52 @@ class _EADRun:
             st.catchup_batches += 1
             self.catchups.append((role, dt, k_prompt, int(new.size)))
         return result
+
+    def _truncate(self, role: str, n: int) -> None:
+        self.pair.model(role)._truncate(n)
+        self.ops[role].append(n)
+
+    def _run(self, role: str, ids: np.ndarray, mode: int, out: np.ndarray) -> None:
+        self.pair.model(role)._eval(ids, mode, out)
+        self.ops[role].append((ids.copy(), mode))
+
+    def _restore(self, role: str) -> None:
+        """Bring role's cache back to what this run left in it, after another call used it: the
+        same operations from an empty cache (the same operations on the same state give the same
+        bits; the prefix the run started from is re-run as one batch)."""
+        m = self.pair.model(role)
+        m._truncate(0)
+        if self.start[role]:
+            m._eval(np.asarray(self.start[role], np.int32), lib.EK_LOGITS_LAST, m._logits)
+        for op in self.ops[role]:
+            if isinstance(op, int):
+                m._truncate(op)
+            else:
+                ids, mode = op
+                out = np.empty((ids.size, m.vocab_size), np.float32) if mode == lib.EK_LOGITS_ALL else m._logits
+                m._eval(ids, mode, out)
+
+    def _step(self, gen: Iterator[int]):
+        """next(gen) holding both models (None at its end). A model another call used since the
+        last step is restored first; both are held for this stream for a while afterwards
+        (Model's stream lock: see Model.generate)."""
+        pair = self.pair
+        same = {SMALL: pair.small._lock.acquire(self)}
+        try:
+            same[LARGE] = pair.large._lock.acquire(self)
+            try:
+                pair.small._check_open()  # a stream may resume after close(): never pass C a freed handle
+                pair.large._check_open()
+                for role in (SMALL, LARGE):
+                    if self.start[role] is None:
+                        self.start[role] = list(pair.model(role)._tokens)
+                    elif not same[role]:
+                        self._restore(role)
+                return next(gen, None)
+            finally:
+                pair.large._lock.release(keep_for=self)
+        finally:
+            pair.small._lock.release(keep_for=self)
 
     def _settle_catchup_time(self) -> None:
         """Time of catch-up beyond the ideal (a model always up to date runs one token per step)."""
@@ -618,7 +676,7 @@ class _EADRun:
             self.role = self.rule.active
             large = self.pair.large
             if len(large._tokens) > p:
-                large._truncate(p)
+                self._truncate(LARGE, p)
             self._write(corr, LARGE)
             self.final = len(self.seq)
             return True, rows[i]
@@ -696,32 +754,31 @@ class _EADRun:
         stop = self.stop
         hold = max((len(s) for s in stop), default=1) - 1
         pending = ""
-        with pair.small._lock, pair.large._lock:
-            pair.small._check_open()
-            pair.large._check_open()
-            gen = self.tokens()
-            try:
-                for tok in gen:
-                    if tok in self.eot:
+        gen = self.tokens()
+        try:
+            while (tok := self._step(gen)) is not None:
+                if tok in self.eot:
+                    break
+                pending += decoder.push(tok)
+                if stop:
+                    hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+                    if hit >= 0:
+                        pending = pending[:hit]
+                        decoder.reset()
+                        gen.close()
+                        self.stats.finish_reason = "stop"
                         break
-                    pending += decoder.push(tok)
-                    if stop:
-                        hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-                        if hit >= 0:
-                            pending = pending[:hit]
-                            decoder.reset()
-                            gen.close()
-                            self.stats.finish_reason = "stop"
-                            break
-                        if len(pending) > hold:
-                            cut = len(pending) - hold
-                            yield pending[:cut]
-                            pending = pending[cut:]
-                    elif pending:
-                        yield pending
-                        pending = ""
-            finally:
-                gen.close()
+                    if len(pending) > hold:
+                        cut = len(pending) - hold
+                        yield pending[:cut]
+                        pending = pending[cut:]
+                elif pending:
+                    yield pending
+                    pending = ""
+        finally:
+            gen.close()
+            pair.small._lock.drop(self)
+            pair.large._lock.drop(self)
         pending += decoder.flush()
         if pending:
             yield pending
