@@ -413,3 +413,23 @@ def test_cli_pair_errors_are_clean(capsys, offline_cache, pair_paths, tiny_path,
     rc, _, err = run_cli(capsys, "generate", "hi", "--draft", pair_paths[0],
                          "--model", tiny_path("llama", "Q8_0", size="large"))
     assert rc == 2 and "tokenizers differ" in err and "Traceback" not in err, err
+
+
+def test_cli_draft_takes_the_kv_policy(capsys, offline_cache, pair_paths, monkeypatch):
+    from edgekv import ead
+
+    seen = []
+    real = ead.load_pair
+
+    def spy(*args, **kw):
+        seen.append(kw.get("kv"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ead, "load_pair", spy)
+    small, large = pair_paths
+    rc, out, err = run_cli(capsys, "generate", "hi", "--draft", small, "--model", large, "--kv", "int4",
+                           "--max-tokens", "4", "--temperature", "0", "--threads", "1")
+    assert rc == 0, err
+    assert seen == ["int4"]  # --kv was once dropped silently with --draft
+    rc, _, err = run_cli(capsys, "generate", "hi", "--draft", small, "--model", large, "--kv-window", "4")
+    assert rc == 2 and "--kv-window and --kv-fit-grid do not apply with --draft" in err, err

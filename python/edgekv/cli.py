@@ -424,8 +424,11 @@ def _load_pair(args: argparse.Namespace):
     from .ead import load_pair
 
     log.info("loading %s (draft) and %s", args.draft, args.model)
-    with _naming_options(_MODEL_OPTIONS):
-        return load_pair(args.draft, args.model, threads=args.threads, ctx=args.ctx, progress=_show_progress())
+    if args.kv_window or args.kv_fit_grid:
+        raise ValueError("--kv-window and --kv-fit-grid do not apply with --draft (EAD takes --kv only)")
+    with _naming_options(_MODEL_OPTIONS, kv=True):
+        return load_pair(args.draft, args.model, threads=args.threads, ctx=args.ctx, kv=args.kv,
+                         progress=_show_progress())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
