@@ -225,13 +225,20 @@ def pytest_collection_finish(session):
         pytest.exit(problem, returncode=3)
 
 
-def pytest_report_header(config):
-    """Which edgekv and which native library this run tests (tools/ci_native_checks.sh reads it)."""
+def pytest_configure(config):
     from edgekv import _native
 
     named = os.environ.get("EDGEKV_LIB")
-    if named:  # _native refuses a missing EDGEKV_LIB; this catches a loader that picked another file
-        assert Path(_native.LIB_PATH).resolve() == Path(named).resolve(), (_native.LIB_PATH, named)
+    if named and Path(_native.LIB_PATH).resolve() != Path(named).resolve():
+        # _native refuses a missing EDGEKV_LIB; this catches a loader that picked another file
+        raise pytest.UsageError(f"EDGEKV_LIB={named}, but edgekv loaded {_native.LIB_PATH}")
+
+
+def pytest_report_header(config):
+    """Which edgekv and which native library this run tests (tools/ci_native_checks.sh reads it;
+    shown unless -q)."""
+    from edgekv import _native
+
     return [f"edgekv: {Path(edgekv.__file__).parent}", f"edgekv library: {_native.LIB_PATH} (simd: {_native.SIMD})"]
 
 

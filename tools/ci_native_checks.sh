@@ -160,12 +160,12 @@ if want scalar; then
     t=$SECONDS
     if configure_build "$SCALAR" -DEDGEKV_ARCH=none -DCMAKE_BUILD_TYPE=Release; then
         r=$(run_ctest "$SCALAR" "$LOG/ctest-scalar.log"); s1=$?
-        EDGEKV_LIB="$SCALAR/libedgekv.so" "$PY" -m pytest -q -p no:cacheprovider tests/test_kv.py \
+        EDGEKV_LIB="$SCALAR/libedgekv.so" "$PY" -m pytest -p no:cacheprovider tests/test_kv.py \
             tests/test_forward.py >"$LOG/pytest-scalar.log" 2>&1; s2=$?
         # the run must have loaded the plain-C library (conftest's report header names it)
         grep -qF "edgekv library: $SCALAR/libedgekv.so (simd: scalar)" "$LOG/pytest-scalar.log" \
             || { s2=1; echo "pytest-scalar did not load $SCALAR/libedgekv.so:"; grep "edgekv library" "$LOG/pytest-scalar.log"; }
-        p=$(grep -E "passed|failed" "$LOG/pytest-scalar.log" | tail -1)
+        p=$(grep -E "passed|failed" "$LOG/pytest-scalar.log" | tail -1 | tr -d "=" | xargs)
         [ $s2 -ne 0 ] && grep -E "^FAILED" "$LOG/pytest-scalar.log" | head -20
         [ $s1 -eq 0 ] && [ $s2 -eq 0 ] && s=ok || s=FAIL
         result scalar $s $((SECONDS - t)) "EDGEKV_ARCH=none, ctest: $r; pytest kv+forward: $p"
@@ -303,12 +303,12 @@ if want asan512; then
         simd=$(ASAN_OPTIONS=detect_leaks=0 "$ASAN512/test_kernels" 2>&1 | grep -oE "simd: [a-z0-9+]+" | head -1)
         # the attention and forward-pass tests (every KV precision, shape and mixture) on the sanitized library
         LD_PRELOAD="$LIBASAN" EDGEKV_LIB="$ASAN512/libedgekv.so" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-            "$PY" -m pytest -q -p no:cacheprovider tests/test_kv.py tests/test_forward.py >"$LOG/asan512-pytest.log" 2>&1
+            "$PY" -m pytest -p no:cacheprovider tests/test_kv.py tests/test_forward.py >"$LOG/asan512-pytest.log" 2>&1
         s2=$?
         grep -qF "edgekv library: $ASAN512/libedgekv.so (simd: avx" "$LOG/asan512-pytest.log" \
             || { s2=1; echo "asan512 pytest did not load $ASAN512/libedgekv.so:"; grep "edgekv library" "$LOG/asan512-pytest.log"; }
         [ $s2 -ne 0 ] && tail -30 "$LOG/asan512-pytest.log"
-        p=$(grep -E "passed|failed" "$LOG/asan512-pytest.log" | tail -1)
+        p=$(grep -E "passed|failed" "$LOG/asan512-pytest.log" | tail -1 | tr -d "=" | xargs)
         n_rep=$(count_reports "$LOG/ctest-asan512.log" "$LOG/asan512-pytest.log")
         [ $s1 -eq 0 ] && [ $s2 -eq 0 ] && [ "$n_rep" -eq 0 ] && [[ "$simd" == *avx512* ]] && s=ok || s=FAIL
         result asan512 $s $((SECONDS - t)) "ASan+UBSan, EDGEKV_ARCH=native ($simd): ctest $r; pytest kv+forward: $p; sanitizer reports: $n_rep"
