@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 6 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT */
+#define EK_ABI_VERSION 7 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps */
 
 typedef struct {
     int n_vocab;
@@ -119,10 +119,18 @@ int ek_kv_rotating(const ek_model *m);
 int ek_kv_centering(const ek_model *m);
 int ek_kv_fitting(const ek_model *m);
 /* Re-encode n cached positions at the given bit-widths (16, 8, 4, 3 or 2; 3-bit records use the
- * 4-bit group size). */
+ * 4-bit group size), in every layer. */
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
-/* Bit-widths of every cached position (n_past entries each). */
+/* The same in one layer (0..n_layer-1), or in all (-1). The first call that gives a layer bits
+ * other than the rest gives every layer its own position map (ek_kv_layer_maps), until the context
+ * is emptied: map bytes (ek_kv_bytes_used) grow from n_past * 5 to n_layer * n_past * 5. */
+int ek_kv_set_layer_bits(ek_model *m, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
+                         int n);
+/* Bit-widths of every cached position (n_past entries each) in layer 0 / in one layer. */
 int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits);
+int ek_kv_get_layer_bits(const ek_model *m, int layer, int32_t *k_bits, int32_t *v_bits);
+/* Position maps the store holds: 1 (shared by all layers) or n_layer. */
+int ek_kv_layer_maps(const ek_model *m);
 /* Bytes of quantized records only (no map): average bits = 8 * this / (n_past * per-token elements). */
 size_t ek_kv_data_bytes(const ek_model *m);
 /* Dequantized keys and values of one cached position in one layer, (n_head_kv * head_dim) each. */

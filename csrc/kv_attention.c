@@ -738,8 +738,9 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 int ek_attn_int_keys(int kp, int head_dim, int gs) { return int_keys_ok(kp, head_dim, gs); }
 
 void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch) {
+    const ek_kv_map *mp = ek_kv_map_of(a->s, a->layer); /* layer l reads only its own map */
     for (int p = 0; p < KV_NPOOLS; p++) {
-        const ek_kv_pool *pool = &a->s->pools[p];
+        const ek_kv_pool *pool = &mp->pools[p];
         if (pool->n) ek_attend_range(a, pool, 0, pool->n, part, scratch);
     }
 }

@@ -39,9 +39,18 @@ typedef struct {
     size_t v_bytes;
     size_t rec_bytes;     /* k_bytes + v_bytes */
     int n;                /* live slots */
-    uint8_t *data;        /* (layer, kv_head, n_ctx, rec_bytes): [key record | value record] */
+    int layer0;           /* first layer whose records data holds */
+    uint8_t *data;        /* (layer - layer0, kv_head, n_ctx, rec_bytes): [key record | value record] */
     int32_t *pos;         /* (n_ctx) position held by each slot */
 } ek_kv_pool;
+
+/* A precision map: the 25 pools and where each position sits, for layers layer0..layer0+n_layers-1. */
+typedef struct {
+    ek_kv_pool pools[KV_NPOOLS];
+    uint8_t *pool_of;     /* (n_ctx) pool id of each position */
+    int32_t *slot_of;     /* (n_ctx) slot of each position in its pool */
+    int layer0, n_layers;
+} ek_kv_map;
 
 typedef struct {
     int n_layer, n_kv_head, head_dim, n_ctx;
@@ -53,9 +62,14 @@ typedef struct {
     int fit;              /* fit each group's grid to its values (kv_quant.c) instead of min/max */
     float *k_center;      /* (n_layer, n_kv_head, head_dim) */
     int n;                /* tokens stored: positions 0..n-1 */
-    ek_kv_pool pools[KV_NPOOLS];
-    uint8_t *pool_of;     /* (n_ctx) pool id of each position */
-    int32_t *slot_of;     /* (n_ctx) slot of each position in its pool */
+    /* Precision per (layer, position). While every layer has the same bits, one shared map holds
+     * all layers (the map costs what it did before maps went per layer). The first call that gives
+     * one layer other bits splits the store: each layer gets its own map, a copy of the shared one
+     * (same slot order, so layers that keep their bits attend bit-identically), and keeps it until
+     * the context is emptied. The attention of layer l reads only ek_kv_map_of(s, l). */
+    ek_kv_map shared;
+    ek_kv_map *per_layer; /* (n_layer), allocated at the first split and kept for reuse */
+    int split;            /* per_layer is in use */
     /* last-layer attention statistics per position, over heads and queries */
     double *att_sum, *att_sumsq; /* (n_ctx) */
     int32_t *att_count;          /* (n_ctx) */
@@ -72,20 +86,35 @@ static inline const float *ek_kv_center(const ek_kv_store *s, int layer, int hea
     return s->center_ready ? s->k_center + ((size_t)layer * s->n_kv_head + head) * s->head_dim : NULL;
 }
 
+static inline const ek_kv_map *ek_kv_map_of(const ek_kv_store *s, int layer) {
+    return s->split ? &s->per_layer[layer] : &s->shared;
+}
+
+/* Give every layer its own map (no-op when split). 0 = ok, -1 = out of memory (nothing changed). */
+int ek_kv_store_split(ek_kv_store *s);
+
 /* Append positions n..n+count-1 as FP16/FP16 slots (records filled by ek_kv_store_put). */
 void ek_kv_store_append(ek_kv_store *s, int count);
 /* Write one token's keys and values for one layer: (n_kv_head, head_dim) floats each. */
 void ek_kv_store_put(ek_kv_store *s, int layer, int pos, const float *k, const float *v);
-/* Re-encode one position at new precisions (ids). */
-void ek_kv_store_set_prec(ek_kv_store *s, int pos, int kp, int vp);
+/* Re-encode one position at new precisions (ids) in one layer, or in all layers (layer -1).
+ * A single layer needs a split store (ek_kv_store_split). */
+void ek_kv_store_set_prec(ek_kv_store *s, int layer, int pos, int kp, int vp);
+/* Precision ids of one position in one layer. */
+static inline void ek_kv_store_prec(const ek_kv_store *s, int layer, int pos, int *kp, int *vp) {
+    const ek_kv_map *mp = ek_kv_map_of(s, layer);
+    const ek_kv_pool *p = &mp->pools[mp->pool_of[pos]];
+    *kp = p->kp;
+    *vp = p->vp;
+}
 /* Drop positions >= n. */
 void ek_kv_store_truncate(ek_kv_store *s, int n);
 
 static inline uint8_t *ek_kv_rec(const ek_kv_store *s, const ek_kv_pool *p, int layer, int head, int slot) {
-    return p->data + (((size_t)layer * s->n_kv_head + head) * s->n_ctx + slot) * p->rec_bytes;
+    return p->data + (((size_t)(layer - p->layer0) * s->n_kv_head + head) * s->n_ctx + slot) * p->rec_bytes;
 }
 
-/* Exact memory: record bytes of all live slots plus the position map. */
+/* Exact memory: record bytes of all live slots plus the position maps (one, or one per layer when split). */
 size_t ek_kv_store_bytes(const ek_kv_store *s);
 /* Record bytes only (for average bits per element). */
 size_t ek_kv_store_data_bytes(const ek_kv_store *s);

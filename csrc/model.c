@@ -48,7 +48,7 @@ const char *ek_model_error(const ek_model *m) { return m->err; }
 int ek_n_past(const ek_model *m) { return m->n_past; }
 int ek_n_ctx(const ek_model *m) { return m->cfg.n_ctx; }
 size_t ek_kv_bytes_per_token(const ek_model *m) {
-    return m->kv.pools[0].rec_bytes * m->cfg.n_layer * m->cfg.n_head_kv + sizeof(uint8_t) + sizeof(int32_t);
+    return m->kv.shared.pools[0].rec_bytes * m->cfg.n_layer * m->cfg.n_head_kv + sizeof(uint8_t) + sizeof(int32_t);
 }
 size_t ek_kv_bytes_used(const ek_model *m) { return ek_kv_store_bytes(&m->kv); }
 
@@ -542,7 +542,7 @@ static void attn_decode_task(void *p, int ith, int nth) {
         ek_attn_args a = attn_args(&d->c, 0, t->g, d->c.stats ? m->raw + (size_t)t->g * gs * m->cfg.n_ctx : NULL);
         ek_attn_partial part;
         ek_attn_partial_init(&part, m->parts + (size_t)i * pf, gs, hd);
-        ek_attend_range(&a, &m->kv.pools[t->pool], t->j0, t->j1, &part, scratch);
+        ek_attend_range(&a, &ek_kv_map_of(&m->kv, d->c.layer)->pools[t->pool], t->j0, t->j1, &part, scratch);
     }
 }
 
@@ -577,11 +577,12 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
         return;
     }
     decode_task *tl = (decode_task *)m->tasks;
+    const ek_kv_map *kmap = ek_kv_map_of(&m->kv, layer);
     int nt = 0;
     for (int k = 0; k < DECODE_NPIECES; k++)
         for (int g = 0; g < cf->n_head_kv; g++)
             for (int p = 0; p < KV_NPOOLS; p++) {
-                const int n = m->kv.pools[p].n, j0 = decode_piece_start(n, k), j1 = decode_piece_start(n, k + 1);
+                const int n = kmap->pools[p].n, j0 = decode_piece_start(n, k), j1 = decode_piece_start(n, k + 1);
                 if (j1 > j0) tl[nt++] = (decode_task){g, p, j0, j1};
             }
     decode_ctx d = {.tasks = tl, .n_tasks = nt};
@@ -809,8 +810,13 @@ int ek_kv_rotating(const ek_model *m) { return m->kv.rotate; }
 int ek_kv_centering(const ek_model *m) { return m->kv.center; }
 int ek_kv_fitting(const ek_model *m) { return m->kv.fit; }
 
-int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
+int ek_kv_set_layer_bits(ek_model *m, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
+                         int n) {
+    if (layer < -1 || layer >= m->cfg.n_layer)
+        return fail(m, EK_ERR_INVALID, "layer %d is not in the model (0..%d, or -1 for all layers)", layer,
+                    m->cfg.n_layer - 1);
     /* validate everything first: a rejected call changes nothing */
+    int differs = 0;
     for (int i = 0; i < n; i++) {
         if (pos[i] < 0 || pos[i] >= m->n_past)
             return fail(m, EK_ERR_INVALID, "position %d is not in the context (0..%d)", pos[i], m->n_past - 1);
@@ -821,20 +827,42 @@ int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const
         if ((kp != KVP_F16 || vp != KVP_F16) && m->cfg.head_dim % 32)
             return fail(m, EK_ERR_INVALID, "quantized KV needs head_dim to be a multiple of 32 (it is %d)",
                         m->cfg.head_dim);
+        if (layer >= 0 && !m->kv.split) {
+            int ck, cv;
+            ek_kv_store_prec(&m->kv, layer, pos[i], &ck, &cv);
+            differs |= ck != kp || cv != vp;
+        }
+    }
+    /* one layer's bits leave the shared map only when they change something */
+    if (layer >= 0 && !m->kv.split) {
+        if (!differs) return EK_OK;
+        if (ek_kv_store_split(&m->kv)) return fail(m, EK_ERR_NOMEM, "out of memory for per-layer KV maps");
     }
     for (int i = 0; i < n; i++)
-        ek_kv_store_set_prec(&m->kv, pos[i], ek_kv_prec_from_bits(k_bits[i]), ek_kv_prec_from_bits(v_bits[i]));
+        ek_kv_store_set_prec(&m->kv, layer, pos[i], ek_kv_prec_from_bits(k_bits[i]), ek_kv_prec_from_bits(v_bits[i]));
+    return EK_OK;
+}
+
+int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
+    return ek_kv_set_layer_bits(m, -1, pos, k_bits, v_bits, n);
+}
+
+int ek_kv_get_layer_bits(const ek_model *m, int layer, int32_t *k_bits, int32_t *v_bits) {
+    if (layer < 0 || layer >= m->cfg.n_layer) return EK_ERR_INVALID;
+    for (int j = 0; j < m->n_past; j++) {
+        int kp, vp;
+        ek_kv_store_prec(&m->kv, layer, j, &kp, &vp);
+        k_bits[j] = ek_kv_prec(kp)->bits;
+        v_bits[j] = ek_kv_prec(vp)->bits;
+    }
     return EK_OK;
 }
 
 int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits) {
-    for (int j = 0; j < m->n_past; j++) {
-        const ek_kv_pool *p = &m->kv.pools[m->kv.pool_of[j]];
-        k_bits[j] = ek_kv_prec(p->kp)->bits;
-        v_bits[j] = ek_kv_prec(p->vp)->bits;
-    }
-    return EK_OK;
+    return ek_kv_get_layer_bits(m, 0, k_bits, v_bits);
 }
+
+int ek_kv_layer_maps(const ek_model *m) { return m->kv.split ? m->cfg.n_layer : 1; }
 
 size_t ek_kv_data_bytes(const ek_model *m) { return ek_kv_store_data_bytes(&m->kv); }
 

@@ -101,7 +101,7 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     ek_kv_store_append(&s, n_pos);
     for (int j = 0; j < n_pos; j++) ek_kv_store_put(&s, 0, j, k + (size_t)j * head_dim, v + (size_t)j * head_dim);
     for (int j = 0; j < n_pos; j++)
-        ek_kv_store_set_prec(&s, j, ek_kv_prec_from_bits(k_bits[j]), ek_kv_prec_from_bits(v_bits[j]));
+        ek_kv_store_set_prec(&s, -1, j, ek_kv_prec_from_bits(k_bits[j]), ek_kv_prec_from_bits(v_bits[j]));
     rc = EK_ERR_NOMEM;
     buf = (float *)malloc(sizeof(float) * (ek_attn_scratch_floats(gs, head_dim) + ek_attn_partial_floats(gs, head_dim)));
     qs = (float *)malloc(sizeof(float) * 2 * (size_t)gs * head_dim);
@@ -189,7 +189,7 @@ int ek_bench_fill_kv(ek_model *m, int n, int k_bits, int v_bits, uint32_t seed) 
             for (int i = 0; i < m->kv_dim; i++) { k[i] = gauss(&st); v[i] = gauss(&st); }
             ek_kv_store_put(&m->kv, l, pos, k, v);
         }
-        ek_kv_store_set_prec(&m->kv, pos, kp, vp);
+        ek_kv_store_set_prec(&m->kv, -1, pos, kp, vp);
     }
     m->n_past = n;
     return EK_OK;

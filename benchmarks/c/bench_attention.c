@@ -23,7 +23,7 @@ int main(int argc, char **argv) {
             r = r * 1664525u + 1013904223u; v[i] = (float)(r >> 8) / 16777216.0f - 0.5f;
         }
         ek_kv_store_put(&s, 0, j, k, v);
-        ek_kv_store_set_prec(&s, j, ek_kv_prec_from_bits(kb), ek_kv_prec_from_bits(vb));
+        ek_kv_store_set_prec(&s, -1, j, ek_kv_prec_from_bits(kb), ek_kv_prec_from_bits(vb));
     }
     for (int i = 0; i < gs * hd; i++) q[i] = qr[i] = 0.1f * (float)((i * 7) % 13 - 6);
     for (int h = 0; h < gs; h++) ek_rotate(qr + h * hd, s.signs, hd);

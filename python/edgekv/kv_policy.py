@@ -122,6 +122,51 @@ class StaticPolicy(KVPolicy):
         return k, np.full(n, self.v_bits, np.int32)
 
 
+class LayerPolicy(KVPolicy):
+    """Static bits per (layer, token): a static base for every layer, overridden for listed layers
+    (spelled "layers:int4,0=k8v4,22-23=int8"). The base's sink guard applies in every layer.
+    ``decide_layers(features, n_layer)`` gives (n_layer, n) key and value bits; ``decide`` is
+    not defined (the bits differ by layer)."""
+
+    def __init__(self, base: StaticPolicy, overrides: Mapping[int, tuple[int, int]], window: int = 0):
+        if not isinstance(base, StaticPolicy):
+            raise ValueError(f"LayerPolicy needs a static base policy, got {base!r}")
+        self.base = base
+        self.overrides = {}
+        for layer, (k, v) in sorted(overrides.items()):
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
+                raise ValueError(f"layer must be an integer >= 0, got {layer!r}")
+            self.overrides[int(layer)] = (int(StaticPolicy(k, v).k_bits), int(StaticPolicy(k, v).v_bits))
+        self.window = _check_window(window)
+        self.name = "layers:" + ",".join(
+            [base.name] + [f"{layer}={_static_name(k, v)}" for layer, (k, v) in self.overrides.items()])
+
+    @property
+    def is_fp16(self) -> bool:
+        return self.base.is_fp16 and all(kv == (16, 16) for kv in self.overrides.values())
+
+    def check_layers(self, n_layer: int) -> None:
+        bad = [layer for layer in self.overrides if layer >= n_layer]
+        if bad:
+            raise ValueError(f"KV policy {self.name!r}: layer {bad[0]} is out of range; the model has layers "
+                             f"0..{n_layer - 1}")
+
+    def decide(self, features):
+        raise TypeError(f"KV policy {self.name!r} decides per layer: use decide_layers(features, n_layer)")
+
+    def decide_layers(self, features, n_layer: int) -> tuple[np.ndarray, np.ndarray]:
+        self.check_layers(n_layer)
+        k0, v0 = self.base.decide(features)
+        k = np.repeat(k0[None, :], n_layer, axis=0)
+        v = np.repeat(v0[None, :], n_layer, axis=0)
+        for layer, (kb, vb) in self.overrides.items():
+            k[layer] = kb
+            v[layer] = vb
+            if self.base.sink:
+                protect_sink(features.positions, k[layer])
+        return k, v
+
+
 class RandomPolicy(KVPolicy):
     """Bit-widths drawn at random with given proportions: the control a learned policy must beat."""
 
@@ -165,12 +210,15 @@ def _static_name(k: int, v: int) -> str:
 
 def parse_policy(spec, window: int = 0) -> KVPolicy:
     """A policy from a name ("fp16", "int8", "int4", "int3", "int2", "k4v2", "k4v3", ..., "sink:int3"
-    (a static policy with the attention-sink guard), "adaptive", "adaptive@3.5"),
+    (a static policy with the attention-sink guard), "adaptive", "adaptive@3.5", "layers:int4,0=k8v4"
+    (static bits per layer: the base for every layer, L=P or A-B=P for listed layers)),
     a policy object or a callable."""
     if isinstance(spec, KVPolicy):
         return spec
     if isinstance(spec, str):
         s = spec.strip().lower()
+        if s.startswith("layers:"):
+            return _parse_layers(spec, s[7:], window)
         if s.startswith("sink:"):
             base = parse_policy(s[5:], window)
             if not isinstance(base, StaticPolicy) or base.sink:
@@ -189,11 +237,35 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
             return LearnedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         raise ValueError(
             f"unknown KV policy {spec!r}: use fp16, int8, int4, int3, int2, a split form such as k4v2, sink:int3, adaptive, "
+            "layers:int4,0=k8v4, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )
     if callable(spec):
         return CallablePolicy(spec, window=window)
     raise ValueError(f"kv must be a policy name, a KVPolicy or a callable, got {type(spec).__name__}")
+
+
+def _parse_layers(spec: str, body: str, window: int) -> LayerPolicy:
+    parts = [p.strip() for p in body.split(",")]
+    base = parse_policy(parts[0], window) if parts[0] and "=" not in parts[0] else None
+    if not isinstance(base, StaticPolicy):
+        raise ValueError(f"unknown KV policy {spec!r}: layers: starts with a static policy for every layer "
+                         "(int4, k4v3, sink:int4, ...), e.g. layers:int4,0=k8v4")
+    overrides: dict[int, tuple[int, int]] = {}
+    for part in parts[1:]:
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?=(.+)", part)
+        p = parse_policy(m.group(3), window) if m and not m.group(3).startswith(("layers:", "sink:")) else None
+        if not isinstance(p, StaticPolicy):
+            raise ValueError(f"unknown KV policy {spec!r}: {part!r} must be LAYER=P or FIRST-LAST=P with P static "
+                             "(int8, k8v4, ...)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"unknown KV policy {spec!r}: layer range {part!r} is empty")
+        for layer in range(lo, hi + 1):
+            if layer in overrides:
+                raise ValueError(f"unknown KV policy {spec!r}: layer {layer} is given twice")
+            overrides[layer] = (p.k_bits, p.v_bits)
+    return LayerPolicy(base, overrides, window=window)
 
 
 def _check_window(w) -> int:

@@ -539,10 +539,18 @@ class Model:
         pos = np.concatenate([d[0] for d in due])
         frozen = tuple(np.concatenate([d[i] for d in due]) for i in range(1, 5)) if len(due[0]) == 5 else None
         self._bind_policy(policy, self)
-        k_bits, v_bits = policy.decide(self._features(pos, frozen))
+        n_layer = self.hparams["n_layer"]
+        per_layer = hasattr(policy, "decide_layers")
+        if per_layer:  # (n_layer, n) bits; one call for all layers where every layer agrees
+            k_bits, v_bits = policy.decide_layers(self._features(pos, frozen), n_layer)
+        else:
+            k_bits, v_bits = policy.decide(self._features(pos, frozen))
         k_bits = np.ascontiguousarray(k_bits, dtype=np.int32)
         v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
-        if k_bits.shape != pos.shape or v_bits.shape != pos.shape:
+        want = (n_layer, pos.size) if per_layer else pos.shape
+        if per_layer and k_bits.shape == v_bits.shape == want and (k_bits == k_bits[0]).all() and (v_bits == v_bits[0]).all():
+            k_bits, v_bits, per_layer, want = k_bits[0].copy(), v_bits[0].copy(), False, pos.shape
+        if k_bits.shape != want or v_bits.shape != want:
             raise ValueError(f"policy {policy.name} returned {k_bits.shape}/{v_bits.shape} bit-widths for {pos.size} tokens")
         first_key = not self._keys_quantized and bool((k_bits < 16).any())
         self._keys_quantized |= first_key
@@ -551,12 +559,14 @@ class Model:
             # a token of the prefill changes precision, or the first quantized key fixes the key
             # centers (from the keys cached now, which a fresh run would not have)
             self._prefill = None
-        rc = lib.ek_kv_set_bits(
-            self._handle, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", k_bits.ctypes.data),
-            ffi.cast("int32_t *", v_bits.ctypes.data), pos.size,
-        )
-        if rc != 0:
-            raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
+        for layer in range(n_layer) if per_layer else (-1,):
+            kb, vb = (k_bits[layer], v_bits[layer]) if per_layer else (k_bits, v_bits)
+            rc = lib.ek_kv_set_layer_bits(
+                self._handle, layer, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", kb.ctypes.data),
+                ffi.cast("int32_t *", vb.ctypes.data), pos.size,
+            )
+            if rc != 0:
+                raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
 
     def _check_policy(self, policy: KVPolicy) -> KVPolicy:
         """Refuse, before any work, a static quantized policy this model's head_dim cannot store."""
@@ -565,6 +575,9 @@ class Model:
                 f"KV policy {policy.name!r} needs head_dim to be a multiple of 32; this model's head_dim is "
                 f"{self.hparams['head_dim']}, so its cache can only be fp16"
             )
+        check_layers = getattr(policy, "check_layers", None)
+        if check_layers is not None:
+            check_layers(self.hparams["n_layer"])
         target = getattr(policy, "target_bits", None)
         if target is not None and self.kv_groups is not None:
             # every token at 2 bits (group scales included) to every token at 16: nothing reaches beyond
@@ -603,16 +616,22 @@ class Model:
         self.kv_center_keys = bool(lib.ek_kv_centering(self._handle))
         self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
 
-    def kv_bits(self) -> tuple[np.ndarray, np.ndarray]:
-        """(key bits, value bits) of every cached position."""
+    def kv_bits(self, per_layer: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(key bits, value bits) of every cached position: (n_past,) arrays, or (n_layer, n_past)
+        with per_layer=True. Without per_layer, a cache whose layers differ raises ValueError."""
         with self._lock.reading():
             self._check_open()
-            n = len(self._tokens)
-            k = np.empty(n, np.int32)
-            v = np.empty(n, np.int32)
-            if n:
-                lib.ek_kv_get_bits(self._handle, ffi.cast("int32_t *", k.ctypes.data), ffi.cast("int32_t *", v.ctypes.data))
-            return k, v
+            n, n_layer = len(self._tokens), self.hparams["n_layer"]
+            k = np.empty((n_layer, n), np.int32)
+            v = np.empty((n_layer, n), np.int32)
+            for layer in range(n_layer if n else 0):
+                lib.ek_kv_get_layer_bits(self._handle, layer, ffi.cast("int32_t *", k[layer].ctypes.data),
+                                         ffi.cast("int32_t *", v[layer].ctypes.data))
+            if per_layer:
+                return k, v
+            if n and not ((k == k[0]).all() and (v == v[0]).all()):
+                raise ValueError("the KV cache's bits differ by layer: use kv_bits(per_layer=True)")
+            return k[0].copy(), v[0].copy()
 
     @property
     def kv_layout(self) -> dict:
@@ -623,7 +642,8 @@ class Model:
 
     @property
     def kv_avg_bits(self) -> float:
-        """Average bits per cached key/value element, scales and minimums included (maps excluded)."""
+        """Average bits per cached key/value element over every layer, scales and minimums included
+        (maps excluded)."""
         self._check_open()
         n = len(self._tokens)
         hp = self.hparams
