@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     from edgekv.kv_policy import parse_policy
 
     path = Path(args.model) if args.model.endswith(".gguf") else Path(edgekv.registry.resolve(args.model))
-    info = machine(command_line("benchmarks/kv_layers.py", argv))
+    info = machine(command_line("kv_layers.py", argv))
     rows = []
     with edgekv.load(path, threads=args.threads, ctx=N_CTX, progress=False) as m:
         ids = m.tokenize(Path(args.text).read_text(encoding="utf-8"), special=False)
