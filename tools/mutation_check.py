@@ -483,6 +483,8 @@ def main(argv=None) -> int:
                     help="skip running each selection on the unmutated copy first")
     ap.add_argument("--workdir", help="where to put the copy (default: a new temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the copy and logs")
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"),
+                    help="reference data the tests read as ../shared (linked next to the copy when it exists)")
     a = ap.parse_args(argv)
 
     names = [n for x in a.only for n in x.split(",") if n]
@@ -506,6 +508,9 @@ def main(argv=None) -> int:
         shutil.rmtree(copy)
     print(f"copy of {REPO} ({commit[:12]}{', dirty' if dirty else ''}) in {copy}", flush=True)
     copy_tree(REPO, copy)
+    link = work / "shared"  # the tests read <checkout>/../shared/data
+    if Path(a.shared).is_dir() and not link.exists():
+        link.symlink_to(Path(a.shared).resolve())
     (work / "guard").mkdir(exist_ok=True)
     (work / "guard" / "mutation_guard.py").write_text(GUARD)
 
@@ -603,7 +608,7 @@ def main(argv=None) -> int:
     judged = killed + survived
     guards = [r["pytest"]["guard"] for r in rows if r.get("pytest") and r["pytest"].get("guard")]
     doc = {
-        "command": "bash tools/mutation_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["bash tools/mutation_check.sh", *(argv if argv is not None else sys.argv[1:])]),
         "commit": commit, "dirty": dirty, "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "simd": guards[0]["simd"] if guards else "?",
