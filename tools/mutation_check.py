@@ -500,7 +500,10 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     commit = run(["git", "rev-parse", "HEAD"], cwd=REPO).stdout.strip()
-    dirty = bool(run(["git", "status", "--porcelain"], cwd=REPO).stdout.strip())  # untracked files are copied too
+    # untracked files are copied too, so they count; the report this run writes does not
+    outs = {str(Path(a.out).resolve()), str(Path(a.out).resolve().with_suffix(".json"))}
+    dirty = any(str((REPO / ln[3:].strip('"')).resolve()) not in outs
+                for ln in run(["git", "status", "--porcelain"], cwd=REPO).stdout.splitlines() if ln.strip())
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="edgekv-mutation-"))
     work.mkdir(parents=True, exist_ok=True)
     copy = work / "tree"
