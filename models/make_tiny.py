@@ -420,6 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--heads", type=int, help="override the preset's n_head")
     ap.add_argument("--heads-kv", type=int, help="override the preset's n_head_kv")
     ap.add_argument("--ff", type=int, help="override the preset's n_ff")
+    ap.add_argument("--head-dim", type=int, help="head size apart from embd / heads (attention.key_length)")
     ap.add_argument("--ctx", type=int, default=256, help="context_length metadata")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--untied", action="store_true", help="write a separate output.weight")
@@ -428,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p = write_tiny_model(
             args.output, arch=args.arch, weight_type=args.weight_type, n_layer=args.layers, n_embd=args.embd,
             n_head=args.heads, n_head_kv=args.heads_kv, n_ff=args.ff, size=args.size, context_length=args.ctx,
-            seed=args.seed,
+            seed=args.seed, head_dim=args.head_dim,
             tie_embeddings=not args.untied,
         )
     except ValueError as e:
