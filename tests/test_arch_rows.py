@@ -167,3 +167,38 @@ def test_rope_freqs_of_the_wrong_length_is_refused(write_tiny):
     path = write_tiny("llama", "F32", rope_freqs=ROPE_FREQS, extra_metadata={"llama.rope.dimension_count": 16})
     with pytest.raises(edgekv.ModelLoadError, match=r"rope_freqs\.weight' has 16 values, expected rope_dim / 2 = 8"):
         edgekv.Model(path, threads=THREADS)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qwen3_head_dim_128_with_quantized_kv(bits, write_tiny, open_model):
+    """Qwen3 0.6B's head size in the KV store: after a 30-token prefill, every cached key and value
+    is re-encoded at ``bits`` (groups of 64/32 of a 128-wide head); the next 24 tokens' logits stay
+    close to those over the FP16 cache (int8: within the int8-activation bounds; int4: argmax kept
+    at 90% and RMS below 4x those), and differ from them (the records really changed)."""
+    from edgekv._native import ffi, lib
+
+    path = row_path(write_tiny, "qwen3-hd128", "F32")
+    fp16 = open_model(path)
+    ids = fp16.tokenize(PROMPT)[:54]
+    want = fp16.logits(ids)[30:].astype(np.float64)
+    m = open_model(path, kv="int8")
+    assert m.hparams["head_dim"] == 128
+    m.logits(ids[:30])
+    pos = np.arange(30, dtype=np.int32)
+    b = np.full(30, bits, dtype=np.int32)
+    rc = lib.ek_kv_set_bits(m._handle, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", b.ctypes.data),
+                            ffi.cast("int32_t *", b.ctypes.data), 30)
+    assert rc == 0, m._c_error()
+    assert list(m.kv_bits()[0]) == [bits] * 30
+    got = np.empty((24, want.shape[1]), np.float32)
+    assert lib.ek_forward(m._handle, ffi.cast("int32_t *", np.asarray(ids[30:], np.int32).ctypes.data), 24, 2,
+                          ffi.cast("float *", got.ctypes.data)) == 0
+    diff = np.abs(got.astype(np.float64) - want)
+    rms, mx = np.sqrt(np.mean(diff ** 2)) / want.std(), diff.max() / want.std()
+    rms_bound, max_bound = bounds_for("Q8_0")
+    assert rms > 0, "re-encoding the cache changed nothing"
+    if bits == 8:
+        assert rms < rms_bound and mx < max_bound, f"int8 KV: RMS {rms:.2e}, max {mx:.2e} of the logits' std"
+    else:
+        assert rms < 4 * rms_bound, f"int4 KV: RMS {rms:.2e} of the logits' std"
+        assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
