@@ -202,3 +202,53 @@ def test_qwen3_head_dim_128_with_quantized_kv(bits, write_tiny, open_model):
     else:
         assert rms < 4 * rms_bound, f"int4 KV: RMS {rms:.2e} of the logits' std"
         assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
+
+
+def _c_model(path, skip_kind=None, qk_norm=None):
+    """A C model built from a tiny file's tensors, as model.py builds it, minus one tensor kind."""
+    from edgekv._native import ffi, lib
+    from edgekv.gguf_loader import load_gguf
+
+    g = load_gguf(path)
+    cfg = ffi.new("ek_config *")
+    for k in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff", "rope_dim"):
+        setattr(cfg, k, g.hparams[k])
+    cfg.n_ctx, cfg.n_threads, cfg.n_batch = 64, 1, 16
+    cfg.rope_neox, cfg.rope_base, cfg.norm_eps = int(g.spec.rope_neox), g.hparams["rope_base"], g.hparams["norm_eps"]
+    cfg.has_qk_norm = int(g.spec.qk_norm if qk_norm is None else qk_norm)
+    h = ffi.gc(lib.ek_model_create(cfg, ffi.NULL, 0), lib.ek_model_free)
+    arrays = []
+    for w in g.weights:
+        if w.kind != skip_kind:
+            arrays.append(w.materialize())
+            assert lib.ek_model_set_tensor(h, w.kind, w.layer, w.type, ffi.from_buffer(arrays[-1]), w.n_in, w.n_out,
+                                           arrays[-1].nbytes) == 0, ffi.string(lib.ek_model_error(h)).decode()
+    return h, arrays
+
+
+@pytest.mark.parametrize(
+    "skip_kind, qk_norm, match",
+    [
+        ("EK_T_ATTN_K_NORM", None, "Q/K norms must be both present"),
+        (None, 0, "Q/K norms must be both present"),  # norms given to a model without QK-norm
+    ],
+    ids=["k-norm-missing", "norms-without-flag"],
+)
+def test_c_core_checks_qk_norm_tensors(skip_kind, qk_norm, match, write_tiny):
+    from edgekv._native import ffi, lib
+
+    kind = getattr(lib, skip_kind) if skip_kind else None
+    h, _ = _c_model(row_path(write_tiny, "qwen3", "F32"), kind, qk_norm)
+    assert lib.ek_model_finalize(h) == lib.EK_ERR_INVALID
+    assert match in ffi.string(lib.ek_model_error(h)).decode()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_c_core_refuses_bad_rope_factors(bad, write_tiny):
+    from edgekv._native import ffi, lib
+
+    h, _ = _c_model(row_path(write_tiny, "llama-rope_freqs", "F32"))
+    f = np.array(ROPE_FREQS, dtype=np.float32)
+    f[3] = bad
+    assert lib.ek_model_set_tensor(h, lib.EK_T_ROPE_FREQS, -1, 0, ffi.from_buffer(f), 16, 1, f.nbytes) == lib.EK_ERR_INVALID
+    assert "rope_freqs[3]" in ffi.string(lib.ek_model_error(h)).decode()
