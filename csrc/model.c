@@ -4,7 +4,8 @@
  *
  * forward() reads top to bottom, layer by layer:
  *   x = embed(tokens)
- *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); (rmsnorm each head of q,k); rope(q,k); cache(k,v)
+ *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); (qwen3: rmsnorm each head of q,k)
+ *              rope(q,k); cache(k,v)
  *              att = attention(q, cache); x += att @ Wo
  *              xb = rmsnorm(x); h = silu(xb @ Wgate) * (xb @ Wup); x += h @ Wdown
  *   logits = rmsnorm(x) @ Woutput
@@ -82,7 +83,8 @@ static int check_config(const ek_config *c, char *err, size_t err_len) {
 static void set_inv_freq(ek_model *m, const float *factors) {
     const ek_config *c = &m->cfg;
     for (int i = 0; i < c->rope_dim / 2; i++)
-        m->inv_freq[i] = (float)(pow((double)c->rope_base, -2.0 * i / (double)c->rope_dim) / (factors ? factors[i] : 1.0));
+        m->inv_freq[i] =
+            (float)(pow((double)c->rope_base, -2.0 * i / (double)c->rope_dim) / (factors ? factors[i] : 1.0));
 }
 
 ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
@@ -474,8 +476,9 @@ static void qkv_post_task(void *p, int ith, int nth) {
             for (int i = 0; i < m->kv_dim; i++) v[i] += c->L->bv[i];
         }
         if (c->L->q_norm) { /* QK-norm (qwen3): each head on its own, before RoPE */
-            for (int h = 0; h < cf->n_head; h++) rmsnorm(q + h * cf->head_dim, q + h * cf->head_dim, c->L->q_norm, cf->head_dim, cf->norm_eps);
-            for (int h = 0; h < cf->n_head_kv; h++) rmsnorm(k + h * cf->head_dim, k + h * cf->head_dim, c->L->k_norm, cf->head_dim, cf->norm_eps);
+            const int hd = cf->head_dim;
+            for (int h = 0; h < cf->n_head; h++) rmsnorm(q + h * hd, q + h * hd, c->L->q_norm, hd, cf->norm_eps);
+            for (int h = 0; h < cf->n_head_kv; h++) rmsnorm(k + h * hd, k + h * hd, c->L->k_norm, hd, cf->norm_eps);
         }
         const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
         for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);

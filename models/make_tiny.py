@@ -268,7 +268,8 @@ def write_tiny_model(
     if embd_type is not None and embd_type not in WEIGHT_TYPES:
         raise ValueError(f"embd_type must be one of {WEIGHT_TYPES}, got {embd_type!r}")
     if (head_dim is None and n_embd % n_head) or n_head % n_head_kv:
-        raise ValueError("n_embd must be a multiple of n_head (unless head_dim is given), and n_head a multiple of n_head_kv")
+        raise ValueError("n_embd must be a multiple of n_head (unless head_dim is given), "
+                         "and n_head a multiple of n_head_kv")
     explicit_head_dim = head_dim is not None and head_dim != n_embd // n_head
     head_dim = n_embd // n_head if head_dim is None else head_dim
     if head_dim % 8:

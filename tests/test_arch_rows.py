@@ -151,7 +151,8 @@ def test_qwen3_without_qk_norm_tensors_is_refused(write_tiny):
     "kw, match",
     [
         (dict(extra_metadata={"llama.rope.scaling.type": "yarn"}), r"rope\.scaling\.type = 'yarn' is not supported"),
-        (dict(extra_metadata={"llama.rope.scaling.factor": -2.0}), r"rope\.scaling\.factor = -2\.0 must be positive"),
+        (dict(extra_metadata={"llama.rope.scaling.factor": -2.0}),
+         r"rope\.scaling\.factor \(or rope\.scale_linear\) = -2\.0 must be positive"),
         (dict(rope_freqs=(1.0,) * 15 + (0.0,)), r"rope_freqs\.weight.*not positive and finite"),
         (dict(extra_metadata={"llama.attention.value_length": 16}), r"value_length \(16\) differs from the key length"),
     ],
@@ -250,5 +251,6 @@ def test_c_core_refuses_bad_rope_factors(bad, write_tiny):
     h, _ = _c_model(row_path(write_tiny, "llama-rope_freqs", "F32"))
     f = np.array(ROPE_FREQS, dtype=np.float32)
     f[3] = bad
-    assert lib.ek_model_set_tensor(h, lib.EK_T_ROPE_FREQS, -1, 0, ffi.from_buffer(f), 16, 1, f.nbytes) == lib.EK_ERR_INVALID
+    rc = lib.ek_model_set_tensor(h, lib.EK_T_ROPE_FREQS, -1, 0, ffi.from_buffer(f), 16, 1, f.nbytes)
+    assert rc == lib.EK_ERR_INVALID
     assert "rope_freqs[3]" in ffi.string(lib.ek_model_error(h)).decode()

@@ -203,7 +203,7 @@ def _rope_scale(fields: dict, a: str) -> float:
     if factor == 0.0:
         return 1.0
     if not 0.0 < factor < float("inf"):
-        raise ModelLoadError(f"metadata: {a}.rope.scaling.factor = {factor} must be positive")
+        raise ModelLoadError(f"metadata: {a}.rope.scaling.factor (or rope.scale_linear) = {factor} must be positive")
     return factor
 
 
@@ -298,13 +298,16 @@ def _add_rope_factors(out: LoadedGGUF, t, path: Path) -> None:
     if t is None:
         f = np.ones(half, dtype=np.float32)
     else:
+        if len(t.shape) == 0:
+            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has no dimensions")
         try:
             _, f, _ = _as_native(t, "rope_freqs.weight", True)
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: {e}") from None
         f = np.asarray(f, dtype=np.float32).reshape(-1)
         if f.size != half:
-            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has {f.size} values, expected rope_dim / 2 = {half}")
+            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has {f.size} values, "
+                                 f"expected rope_dim / 2 = {half}")
         if not np.all(np.isfinite(f) & (f > 0)):
             raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' holds a factor that is not positive and finite")
     f = np.ascontiguousarray(f * np.float32(scale), dtype=np.float32)
