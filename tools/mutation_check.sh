@@ -7,13 +7,13 @@
 #   bash tools/mutation_check.sh --list               # the mutant table: site, change, tests
 #   bash tools/mutation_check.sh --out /tmp/m.md --no-baseline --keep
 #
-# PYTHON picks the interpreter (it needs the test extras: pip install ".[test]"); default: the CI
-# venv when present, else python3. The mutant table lives in tools/mutation_check.py.
+# PYTHON picks the interpreter (it needs the test extras: bash tools/test.sh installs them); default:
+# the active virtual environment, else the checkout's CI venv (.venv-ci), else python3. The mutant table lives in tools/mutation_check.py.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x /tmp/ci-base/.venv-ci/bin/python ]]; then PYTHON=/tmp/ci-base/.venv-ci/bin/python
-  elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+  if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+  elif [[ -x "$here/../.venv-ci/bin/python" ]]; then PYTHON="$here/../.venv-ci/bin/python"
   else PYTHON=python3; fi
 fi
 export PYTHON
