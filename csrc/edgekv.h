@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 7 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps */
+#define EK_ABI_VERSION 8 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps */
 
 typedef struct {
     int n_vocab;
@@ -34,6 +34,7 @@ typedef struct {
     float rope_base;
     float norm_eps;
     int has_qkv_bias;
+    int has_qk_norm; /* 1: RMS-norm each head of q and k before RoPE (qwen3) */
     int n_threads;
     int n_batch;     /* max tokens per internal forward chunk */
 } ek_config;
@@ -55,6 +56,9 @@ enum {
     EK_T_FFN_GATE,
     EK_T_FFN_UP,
     EK_T_FFN_DOWN,
+    EK_T_ATTN_Q_NORM, /* (head_dim), with has_qk_norm */
+    EK_T_ATTN_K_NORM,
+    EK_T_ROPE_FREQS, /* optional, global (rope_dim/2): angle divisors per dimension (Llama 3) */
     EK_T_COUNT
 };
 

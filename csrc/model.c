@@ -4,7 +4,8 @@
  *
  * forward() reads top to bottom, layer by layer:
  *   x = embed(tokens)
- *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); rope(q,k); cache(k,v)
+ *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); (qwen3: rmsnorm each head of q,k)
+ *              rope(q,k); cache(k,v)
  *              att = attention(q, cache); x += att @ Wo
  *              xb = rmsnorm(x); h = silu(xb @ Wgate) * (xb @ Wup); x += h @ Wdown
  *   logits = rmsnorm(x) @ Woutput
@@ -78,6 +79,14 @@ static int check_config(const ek_config *c, char *err, size_t err_len) {
     return 0;
 }
 
+/* theta_i = pos * base^(-2i / rope_dim) / factor_i; factors: rope_freqs (Llama 3 scaling) or NULL. */
+static void set_inv_freq(ek_model *m, const float *factors) {
+    const ek_config *c = &m->cfg;
+    for (int i = 0; i < c->rope_dim / 2; i++)
+        m->inv_freq[i] =
+            (float)(pow((double)c->rope_base, -2.0 * i / (double)c->rope_dim) / (factors ? factors[i] : 1.0));
+}
+
 ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     if (check_config(cfg, err, err_len)) return NULL;
     ek_model *m = (ek_model *)calloc(1, sizeof(ek_model));
@@ -122,8 +131,7 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
         !m->rope_sin || !m->inv_freq || !m->q_rot || !m->logit_parts || !m->raw || !m->th_raw || !m->th_stats || !m->th_scratch ||
         !m->parts || !m->tasks)
         goto oom;
-    for (int i = 0; i < cfg->rope_dim / 2; i++)
-        m->inv_freq[i] = (float)pow((double)cfg->rope_base, -2.0 * i / (double)cfg->rope_dim);
+    set_inv_freq(m, NULL);
     m->pool = ek_pool_create(cfg->n_threads);
     if (!m->pool) goto oom;
     return m;
@@ -206,6 +214,8 @@ static int expected_shape(const ek_model *m, int kind, int64_t *n_in, int64_t *n
     case EK_T_ATTN_K_BIAS: case EK_T_ATTN_V_BIAS: *n_in = m->kv_dim; *f32_only = 1; break;
     case EK_T_FFN_GATE: case EK_T_FFN_UP: *n_in = c->n_embd; *n_out = c->n_ff; break;
     case EK_T_FFN_DOWN: *n_in = c->n_ff; *n_out = c->n_embd; break;
+    case EK_T_ATTN_Q_NORM: case EK_T_ATTN_K_NORM: *n_in = c->head_dim; *f32_only = 1; break;
+    case EK_T_ROPE_FREQS: *n_in = c->rope_dim / 2; *f32_only = 1; *per_layer = 0; break;
     default: return -1;
     }
     return 0;
@@ -252,6 +262,17 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     case EK_T_ATTN_K_BIAS: L->bk = (const float *)data; break;
     case EK_T_ATTN_V_BIAS: L->bv = (const float *)data; break;
     case EK_T_FFN_NORM: L->ffn_norm = (const float *)data; break;
+    case EK_T_ATTN_Q_NORM: L->q_norm = (const float *)data; break;
+    case EK_T_ATTN_K_NORM: L->k_norm = (const float *)data; break;
+    case EK_T_ROPE_FREQS: {
+        const float *f = (const float *)data;
+        for (int64_t i = 0; i < n_in; i++)
+            if (!(f[i] > 0.0f && f[i] < INFINITY))
+                return fail(m, EK_ERR_INVALID, "rope_freqs[%lld] = %g: factors must be positive and finite", (long long)i,
+                            (double)f[i]);
+        set_inv_freq(m, f); /* read once: the bytes are not kept */
+        break;
+    }
     }
     return EK_OK;
 }
@@ -276,6 +297,9 @@ int ek_model_finalize(ek_model *m) {
         int nb = (L->bq != NULL) + (L->bk != NULL) + (L->bv != NULL);
         if (m->cfg.has_qkv_bias ? nb != 3 : nb != 0)
             return fail(m, EK_ERR_INVALID, "layer %d: Q/K/V biases must be all present (qwen2) or all absent (llama)", l);
+        const int nn = (L->q_norm != NULL) + (L->k_norm != NULL);
+        if (m->cfg.has_qk_norm ? nn != 2 : nn != 0)
+            return fail(m, EK_ERR_INVALID, "layer %d: Q/K norms must be both present (has_qk_norm) or both absent", l);
     }
     if (mat_pack(&m->output) != EK_OK) return fail(m, EK_ERR_NOMEM, "out of memory repacking the output matrix");
     m->finalized = 1;
@@ -430,7 +454,7 @@ static void rope_head(float *v, const float *cs, const float *sn, int rope_dim, 
     }
 }
 
-/* Per-token work between the QKV matmul and attention: bias, rope, cache write. */
+/* Per-token work between the QKV matmul and attention: bias, QK-norm, rope, cache write. */
 typedef struct {
     ek_model *m;
     int layer, n_tok;
@@ -450,6 +474,11 @@ static void qkv_post_task(void *p, int ith, int nth) {
             for (int i = 0; i < m->q_dim; i++) q[i] += c->L->bq[i];
             for (int i = 0; i < m->kv_dim; i++) k[i] += c->L->bk[i];
             for (int i = 0; i < m->kv_dim; i++) v[i] += c->L->bv[i];
+        }
+        if (c->L->q_norm) { /* QK-norm (qwen3): each head on its own, before RoPE */
+            const int hd = cf->head_dim;
+            for (int h = 0; h < cf->n_head; h++) rmsnorm(q + h * hd, q + h * hd, c->L->q_norm, hd, cf->norm_eps);
+            for (int h = 0; h < cf->n_head_kv; h++) rmsnorm(k + h * hd, k + h * hd, c->L->k_norm, hd, cf->norm_eps);
         }
         const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
         for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);

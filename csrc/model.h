@@ -21,6 +21,7 @@ typedef struct {
     const float *attn_norm;     /* (n_embd) */
     ek_mat wq, wk, wv, wo;
     const float *bq, *bk, *bv;  /* (q_dim), (kv_dim), (kv_dim) or NULL */
+    const float *q_norm, *k_norm; /* (head_dim) or NULL (has_qk_norm) */
     const float *ffn_norm;      /* (n_embd) */
     ek_mat w_gate, w_up, w_down;
 } ek_layer;
@@ -52,7 +53,7 @@ struct ek_model {
     void *act;         /* (n_batch, act row bytes) quantized activations */
     size_t act_stride;
     float *rope_cos, *rope_sin; /* (n_batch, rope_dim/2) */
-    float *inv_freq;   /* (rope_dim/2) */
+    float *inv_freq;   /* (rope_dim/2), divided by the rope_freqs factors when given */
     float *q_rot;      /* (n_batch, q_dim) scaled query, rotated for quantized keys */
     float *raw;        /* (n_head, n_ctx) decode: last-layer raw scores by position */
     float *th_raw;     /* (n_threads, group, n_ctx) prefill: the same per thread */

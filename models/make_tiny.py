@@ -23,7 +23,14 @@ Architectures:
   qwen2  NEOX (half-split) RoPE, Q/K/V biases, ``tokenizer.ggml.pre = "qwen2"``, control tokens
          after the merges (Qwen2's layout), no ``qwen2.vocab_size`` (the loader falls back to the
          token list's length).
+  qwen3  qwen2's tokenizer and RoPE, no biases, QK-norm (``blk.N.attn_q_norm`` / ``attn_k_norm``,
+         head_dim values each, spread widely so that skipping them shows), ``attention.key_length``
+         and ``value_length`` written.
   any other name is written like llama (for tests of unsupported architectures).
+
+``head_dim`` may differ from n_embd / n_head (written as ``attention.key_length`` and
+``value_length``); ``rope_freqs`` writes ``rope_freqs.weight`` (Llama 3 RoPE scaling: per
+rotated pair, the divisor of its angle).
 
 Weight types: F32, F16, Q8_0, Q4_0, Q4_1 (run natively by edgekv), Q5_0, Q5_1 and BF16 (edgekv
 converts them to Q8_0 at load time). Norms and biases are always F32.
@@ -173,13 +180,13 @@ def make_vocab(arch: str = "llama", n_merges: int = 120) -> TinyVocab:
 
     llama (and unknown architectures): specials first (SmolLM2: ``<|endoftext|>`` 0,
     ``<|im_start|>`` 1 = BOS, ``<|im_end|>`` 2 = EOS = PAD), pre-tokenizer ``smollm``.
-    qwen2: specials last (Qwen2: BOS = PAD = ``<|endoftext|>``, EOS = ``<|im_end|>``),
+    qwen2, qwen3: specials last (Qwen2: BOS = PAD = ``<|endoftext|>``, EOS = ``<|im_end|>``),
     pre-tokenizer ``qwen2``."""
     merges = learn_merges(CORPUS, n_merges)
     normal = byte_symbols() + [a + b for a, b in merges]
     assert len(set(normal)) == len(normal), "a merge produced a token twice"
     merge_strs = tuple(f"{a} {b}" for a, b in merges)
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         tokens = tuple(normal) + SPECIAL_TOKENS
         types = (1,) * len(normal) + (3,) * len(SPECIAL_TOKENS)
         eot = tokens.index("<|endoftext|>")
@@ -224,6 +231,8 @@ def write_tiny_model(
     omit_metadata: Iterable[str] = (),
     extra_metadata: Optional[dict] = None,
     embd_type: Optional[str] = None,
+    head_dim: Optional[int] = None,
+    rope_freqs: Optional[Sequence[float]] = None,
 ) -> Path:
     """Write a tiny random model to ``path`` (a .gguf file) and return the path.
 
@@ -258,9 +267,11 @@ def write_tiny_model(
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
     if embd_type is not None and embd_type not in WEIGHT_TYPES:
         raise ValueError(f"embd_type must be one of {WEIGHT_TYPES}, got {embd_type!r}")
-    if n_embd % n_head or n_head % n_head_kv:
-        raise ValueError("n_embd must be a multiple of n_head, and n_head a multiple of n_head_kv")
-    head_dim = n_embd // n_head
+    if (head_dim is None and n_embd % n_head) or n_head % n_head_kv:
+        raise ValueError("n_embd must be a multiple of n_head (unless head_dim is given), "
+                         "and n_head a multiple of n_head_kv")
+    explicit_head_dim = head_dim is not None and head_dim != n_embd // n_head
+    head_dim = n_embd // n_head if head_dim is None else head_dim
     if head_dim % 8:
         raise ValueError(f"head_dim = n_embd / n_head = {head_dim} must be a multiple of 8")
     for name, n in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head * head_dim", n_head * head_dim)):
@@ -269,12 +280,17 @@ def write_tiny_model(
     rope_dim = head_dim if rope_dim is None else rope_dim
     if rope_dim % 2 or not 0 < rope_dim <= head_dim:
         raise ValueError(f"rope_dim must be even and in (0, head_dim={head_dim}], got {rope_dim}")
+    if rope_freqs is not None and len(rope_freqs) != rope_dim // 2:
+        raise ValueError(f"rope_freqs needs rope_dim / 2 = {rope_dim // 2} values, got {len(rope_freqs)}")
     if special_logit_bias and tie_embeddings:
         raise ValueError("special_logit_bias needs tie_embeddings=False (a separate output.weight)")
     vocab = vocab or make_vocab(arch)
     n_vocab = vocab.size
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     qwen2 = arch == "qwen2"
+    qwen3 = arch == "qwen3"
+    # qwen3: larger q/k projections, so the per-head norms (not the projection scale) set q and k
+    qk_std = (3.0 if qwen3 else 1.0) * n_embd ** -0.5
     omit = set(omit_tensors)
     rng = np.random.default_rng(seed)
 
@@ -301,18 +317,23 @@ def write_tiny_model(
     for l in range(n_layer):
         p = f"blk.{l}."
         tensors.append((p + "attn_norm.weight", norm_weight(), "F32"))
-        tensors.append((p + "attn_q.weight", normal((q_dim, n_embd), n_embd ** -0.5), weight_type))
-        tensors.append((p + "attn_k.weight", normal((kv_dim, n_embd), n_embd ** -0.5), weight_type))
+        tensors.append((p + "attn_q.weight", normal((q_dim, n_embd), qk_std), weight_type))
+        tensors.append((p + "attn_k.weight", normal((kv_dim, n_embd), qk_std), weight_type))
         tensors.append((p + "attn_v.weight", normal((kv_dim, n_embd), n_embd ** -0.5), weight_type))
         if qwen2:
             tensors.append((p + "attn_q.bias", normal(q_dim, 0.2), "F32"))
             tensors.append((p + "attn_k.bias", normal(kv_dim, 0.2), "F32"))
             tensors.append((p + "attn_v.bias", normal(kv_dim, 0.2), "F32"))
+        if qwen3:  # spread out (0.4 .. 2.6): skipping a norm, or using the wrong one, shows in the logits
+            tensors.append((p + "attn_q_norm.weight", rng.uniform(0.4, 2.6, head_dim).astype(np.float32), "F32"))
+            tensors.append((p + "attn_k_norm.weight", rng.uniform(0.4, 2.6, head_dim).astype(np.float32), "F32"))
         tensors.append((p + "attn_output.weight", normal((n_embd, q_dim), 0.5 * q_dim ** -0.5), weight_type))
         tensors.append((p + "ffn_norm.weight", norm_weight(), "F32"))
         tensors.append((p + "ffn_gate.weight", normal((n_ff, n_embd), n_embd ** -0.5), weight_type))
         tensors.append((p + "ffn_up.weight", normal((n_ff, n_embd), n_embd ** -0.5), weight_type))
         tensors.append((p + "ffn_down.weight", normal((n_embd, n_ff), 0.5 * n_ff ** -0.5), weight_type))
+    if rope_freqs is not None:
+        tensors.append(("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32), "F32"))
     unknown = omit - {name for name, _, _ in tensors}
     if unknown:
         raise ValueError(f"omit_tensors names tensors this model does not have: {sorted(unknown)}")
@@ -336,7 +357,10 @@ def write_tiny_model(
         f"{a}.attention.layer_norm_rms_epsilon": float(norm_eps),
         f"{a}.rope.dimension_count": rope_dim,
     }
-    if not qwen2:
+    if qwen3 or explicit_head_dim:
+        meta[f"{a}.attention.key_length"] = head_dim
+        meta[f"{a}.attention.value_length"] = head_dim
+    if not (qwen2 or qwen3):
         meta[f"{a}.vocab_size"] = n_vocab
     meta["general.file_type"] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
                                  "BF16": 32}[weight_type]
@@ -389,7 +413,7 @@ def _add_value(w, key: str, value) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Write a tiny random GGUF model for tests.")
     ap.add_argument("output", help="the .gguf file to write")
-    ap.add_argument("--arch", default="llama", help="llama or qwen2 (default: llama)")
+    ap.add_argument("--arch", default="llama", help="llama, qwen2 or qwen3 (default: llama)")
     ap.add_argument("--type", dest="weight_type", default="Q8_0", choices=WEIGHT_TYPES)
     ap.add_argument("--size", default="small", choices=sorted(SIZES), help="shape preset (default: small)")
     ap.add_argument("--layers", type=int, help="override the preset's n_layer")
@@ -397,6 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--heads", type=int, help="override the preset's n_head")
     ap.add_argument("--heads-kv", type=int, help="override the preset's n_head_kv")
     ap.add_argument("--ff", type=int, help="override the preset's n_ff")
+    ap.add_argument("--head-dim", type=int, help="head size apart from embd / heads (attention.key_length)")
     ap.add_argument("--ctx", type=int, default=256, help="context_length metadata")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--untied", action="store_true", help="write a separate output.weight")
@@ -405,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p = write_tiny_model(
             args.output, arch=args.arch, weight_type=args.weight_type, n_layer=args.layers, n_embd=args.embd,
             n_head=args.heads, n_head_kv=args.heads_kv, n_ff=args.ff, size=args.size, context_length=args.ctx,
-            seed=args.seed,
+            seed=args.seed, head_dim=args.head_dim,
             tie_embeddings=not args.untied,
         )
     except ValueError as e:

@@ -1,4 +1,4 @@
-"""A float64 NumPy reference forward pass for the models edgekv runs (llama, qwen2).
+"""A float64 NumPy reference forward pass for the models edgekv runs (llama, qwen2, qwen3).
 
 It reads the GGUF file on its own, with ``gguf.GGUFReader`` and ``gguf.quants.dequantize``
 (nothing from edgekv), and computes the next-token logits at every position of a token
@@ -7,8 +7,10 @@ sequence in one causal pass:
     x = token_embd[tokens]
     per layer:  h = rmsnorm(x) * attn_norm
                 q, k, v = h @ Wq.T (+ bq), h @ Wk.T (+ bk), h @ Wv.T (+ bv)
-                rotate q, k (RoPE; theta_i = pos * base^(-2i / rope_dim), i < rope_dim / 2)
-                   llama: pairs (2i, 2i+1) of each head;  qwen2 (NEOX): pairs (i, i + rope_dim/2)
+                qwen3: q, k = rmsnorm(each head of q) * q_norm, rmsnorm(each head of k) * k_norm
+                rotate q, k (RoPE; theta_i = pos * base^(-2i / rope_dim) / f_i, i < rope_dim / 2,
+                   f_i = rope_freqs[i] (1 without it) * rope.scaling.factor (1 without it))
+                   llama: pairs (2i, 2i+1) of each head;  qwen2, qwen3 (NEOX): pairs (i, i + rope_dim/2)
                 o = softmax(q k^T / sqrt(head_dim) + causal mask) v   (query head h reads KV head
                     h // (n_head / n_head_kv))
                 x += o @ Wo.T
@@ -28,7 +30,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-NEOX_ARCHS = {"qwen2"}
+NEOX_ARCHS = {"qwen2", "qwen3"}
 
 
 def _field(reader, key: str, default=None):
@@ -60,6 +62,7 @@ class Hparams:
     rope_dim: int
     rope_base: float
     norm_eps: float
+    rope_factors: np.ndarray  # (rope_dim / 2,) angle divisors
 
     @property
     def neox(self) -> bool:
@@ -93,7 +96,11 @@ class ReferenceModel:
             rope_dim=int(_field(reader, f"{a}.rope.dimension_count", head_dim)),
             rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
             norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_factors=np.ones(1),
         )
+        factors = self.w.get("rope_freqs.weight", np.ones(self.hp.rope_dim // 2))
+        scale = float(_field(reader, f"{a}.rope.scaling.factor", 0.0) or 1.0)
+        self.hp.rope_factors = np.asarray(factors, dtype=np.float64) * scale
 
     # ---- pieces ---------------------------------------------------------------------------
 
@@ -104,7 +111,7 @@ class ReferenceModel:
         """Rotate x (n_tok, n_heads, head_dim) at the given positions."""
         hp = self.hp
         half = hp.rope_dim // 2
-        inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim)
+        inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim) / hp.rope_factors
         theta = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tok, half)
         cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
         out = x.copy()
@@ -154,8 +161,13 @@ class ReferenceModel:
                 q = q + w[p + "attn_q.bias"]
                 k = k + w[p + "attn_k.bias"]
                 v = v + w[p + "attn_v.bias"]
-            q = self.rope(q.reshape(n, hp.n_head, hp.head_dim), pos)
-            k = self.rope(k.reshape(n, hp.n_head_kv, hp.head_dim), pos)
+            q = q.reshape(n, hp.n_head, hp.head_dim)
+            k = k.reshape(n, hp.n_head_kv, hp.head_dim)
+            if p + "attn_q_norm.weight" in w:  # qwen3: every head normed on its own
+                q = self.rmsnorm(q, w[p + "attn_q_norm.weight"])
+                k = self.rmsnorm(k, w[p + "attn_k_norm.weight"])
+            q = self.rope(q, pos)
+            k = self.rope(k, pos)
             v = v.reshape(n, hp.n_head_kv, hp.head_dim)
             x = x + self.attention(q, k, v) @ w[p + "attn_output.weight"].T
             h = self.rmsnorm(x, w[p + "ffn_norm.weight"])

@@ -39,11 +39,14 @@ F32 = 0
 class ArchSpec:
     rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
     qkv_bias: bool   # Q/K/V projections carry biases
+    qk_norm: bool = False  # each head of q and k is RMS-normed before RoPE (attn_q_norm, attn_k_norm)
 
 
+# Any of them may carry rope_freqs.weight (Llama 3 RoPE scaling) and {arch}.rope.scaling.factor (linear).
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(rope_neox=False, qkv_bias=False),
     "qwen2": ArchSpec(rope_neox=True, qkv_bias=True),
+    "qwen3": ArchSpec(rope_neox=True, qkv_bias=False, qk_norm=True),
 }
 
 # (C tensor kind, GGUF name, required, is a per-layer tensor)
@@ -63,9 +66,12 @@ TENSORS = [
     (L.EK_T_FFN_GATE, "blk.{}.ffn_gate.weight", True, True),
     (L.EK_T_FFN_UP, "blk.{}.ffn_up.weight", True, True),
     (L.EK_T_FFN_DOWN, "blk.{}.ffn_down.weight", True, True),
+    (L.EK_T_ATTN_Q_NORM, "blk.{}.attn_q_norm.weight", False, True),
+    (L.EK_T_ATTN_K_NORM, "blk.{}.attn_k_norm.weight", False, True),
 ]
 _BIAS_KINDS = {L.EK_T_ATTN_Q_BIAS, L.EK_T_ATTN_K_BIAS, L.EK_T_ATTN_V_BIAS}
-_VECTOR_KINDS = _BIAS_KINDS | {L.EK_T_OUTPUT_NORM, L.EK_T_ATTN_NORM, L.EK_T_FFN_NORM}
+_QK_NORM_KINDS = {L.EK_T_ATTN_Q_NORM, L.EK_T_ATTN_K_NORM}
+_VECTOR_KINDS = _BIAS_KINDS | _QK_NORM_KINDS | {L.EK_T_OUTPUT_NORM, L.EK_T_ATTN_NORM, L.EK_T_FFN_NORM}
 
 
 @dataclass
@@ -185,6 +191,22 @@ def _get(fields: dict, key: str, typ, default=None, required: bool = True):
         raise ModelLoadError(f"metadata field {key!r} has an unusable value {v!r}") from None
 
 
+def _rope_scale(fields: dict, a: str) -> float:
+    """Linear RoPE scaling as llama.cpp reads it: angles times 1 / {a}.rope.scaling.factor (or
+    {a}.rope.scale_linear); 1.0 when absent or 0. YaRN and LongRoPE also need other terms: refused."""
+    kind = _get(fields, f"{a}.rope.scaling.type", str, default="none")
+    if kind not in ("none", "linear"):
+        raise ModelLoadError(f"metadata: {a}.rope.scaling.type = {kind!r} is not supported (edgekv runs none, linear)")
+    factor = _get(fields, f"{a}.rope.scaling.factor", float, required=False)
+    if factor is None:
+        factor = _get(fields, f"{a}.rope.scale_linear", float, default=0.0)
+    if factor == 0.0:
+        return 1.0
+    if not 0.0 < factor < float("inf"):
+        raise ModelLoadError(f"metadata: {a}.rope.scaling.factor (or rope.scale_linear) = {factor} must be positive")
+    return factor
+
+
 def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
     a = arch
     n_embd = _get(fields, f"{a}.embedding_length", int)
@@ -192,6 +214,11 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
     if n_head <= 0 or n_embd <= 0:
         raise ModelLoadError(f"metadata: embedding_length ({n_embd}) and head_count ({n_head}) must be positive")
     head_dim = _get(fields, f"{a}.attention.key_length", int, default=n_embd // n_head)
+    # one head size for keys and values is what the KV cache holds (llama.cpp reads them apart)
+    v_dim = _get(fields, f"{a}.attention.value_length", int, default=head_dim)
+    if v_dim != head_dim:
+        raise ModelLoadError(f"metadata: {a}.attention.value_length ({v_dim}) differs from the key length "
+                             f"({head_dim}); edgekv needs one head size for keys and values")
     tokens = fields.get("tokenizer.ggml.tokens")
     n_vocab = _get(fields, f"{a}.vocab_size", int, default=len(tokens) if isinstance(tokens, list) else None)
     hp = dict(
@@ -206,6 +233,7 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
         rope_dim=_get(fields, f"{a}.rope.dimension_count", int, default=head_dim),
         rope_base=_get(fields, f"{a}.rope.freq_base", float, default=10000.0),
         norm_eps=_get(fields, f"{a}.attention.layer_norm_rms_epsilon", float, default=1e-5),
+        rope_scale=_rope_scale(fields, a),
     )
     # n_embd and n_head too: every value must fit the C config's int fields (a larger one made
     # cffi raise OverflowError; found by tools/fuzz_gguf.py).
@@ -260,6 +288,33 @@ def _as_native(t, name: str, want_f32: bool, defer: bool = False) -> tuple[int, 
     return CONVERT_TO, np.ascontiguousarray(quants.quantize(f32, GGMLQuantizationType.Q8_0)), src
 
 
+def _add_rope_factors(out: LoadedGGUF, t, path: Path) -> None:
+    """The RoPE angle divisors per rotated dimension pair: rope_freqs.weight (Llama 3 scaling, as
+    llama.cpp applies it: theta_i / factor_i) times the linear scaling factor; nothing when both
+    are absent (the C core then divides by nothing, as before)."""
+    scale, half = out.hparams["rope_scale"], out.hparams["rope_dim"] // 2
+    if t is None and scale == 1.0:
+        return
+    if t is None:
+        f = np.ones(half, dtype=np.float32)
+    else:
+        if len(t.shape) == 0:
+            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has no dimensions")
+        try:
+            _, f, _ = _as_native(t, "rope_freqs.weight", True)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        f = np.asarray(f, dtype=np.float32).reshape(-1)
+        if f.size != half:
+            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' has {f.size} values, "
+                                 f"expected rope_dim / 2 = {half}")
+        if not np.all(np.isfinite(f) & (f > 0)):
+            raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' holds a factor that is not positive and finite")
+    f = np.ascontiguousarray(f * np.float32(scale), dtype=np.float32)
+    src = t.tensor_type.name if t is not None else "F32"
+    out.weights.append(Weight("rope_freqs.weight", L.EK_T_ROPE_FREQS, -1, F32, half, 1, f, src))
+
+
 def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     path = Path(path)
     if not path.exists():
@@ -296,13 +351,16 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
             f"{path}: tensor {beyond[0]!r} belongs to no layer: {arch}.block_count = {hp['n_layer']}, "
             f"but the file has tensors for more layers ({len(beyond)} tensors past the last)"
         )
+    _add_rope_factors(out, by_name.get("rope_freqs.weight"), path)
     for kind, pattern, required, per_layer in TENSORS:
+        if kind in _QK_NORM_KINDS and not ARCHS[arch].qk_norm:
+            continue  # llama.cpp reads them for QK-norm architectures only
         layers = range(hp["n_layer"]) if per_layer else [-1]
         for layer in layers:
             name = pattern.format(layer) if per_layer else pattern
             t = by_name.get(name)
             if t is None:
-                if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias):
+                if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias) or kind in _QK_NORM_KINDS:
                     raise ModelLoadError(f"{path}: tensor {name!r} is missing")
                 continue
             if len(t.shape) == 0:  # n_dims = 0 in the file: no row length (was an IndexError; tools/fuzz_gguf.py)

@@ -261,6 +261,7 @@ class Model:
         cfg.rope_base = hp["rope_base"]
         cfg.norm_eps = hp["norm_eps"]
         cfg.has_qkv_bias = int(g.spec.qkv_bias)
+        cfg.has_qk_norm = int(g.spec.qk_norm)
         cfg.n_threads = threads
         cfg.n_batch = n_batch
         err = ffi.new("char[512]")
