@@ -67,7 +67,7 @@ MUTANTS: tuple[Mutant, ...] = (
       "for (int pos = s->n - 1; pos > n; pos--) pool_remove(",
       "KV truncate to n keeps the record at position n in its pool",
       ("tests/test_kv.py", "-k", "truncation_after_mixed_moves or random_walk",
-       "tests/test_forward.py", "-k", "reuses_context")),
+       "tests/test_forward.py", "-k", "fresh_model")),
     M("kv_int4_scale", "csrc/kv_quant.c",
       "dh = ek_fp32_to_fp16((hi - ek_fp16_to_fp32(mh)) / (float)qmax);",
       "dh = ek_fp32_to_fp16((hi - ek_fp16_to_fp32(mh)) / (float)(bits == 4 ? 16 : qmax));",
