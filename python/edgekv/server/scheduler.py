@@ -1,0 +1,307 @@
+"""The server's scheduler: one thread that owns the model and runs every request.
+
+Between steps it admits waiting requests (up to the engine's max_batch), drops cancelled
+ones and frees their sessions. Each step carries, per running sequence, a chunk of its prompt
+(prefill) or its last sampled token (decode); the engine returns each sequence's last logits,
+which an optional logits mask (structured output) narrows before edgekv's sampler draws.
+Stop strings, end-of-turn tokens, max_tokens and a full context end a sequence; its session
+then stays warm in the pool (LRU under max_sessions and kv_budget_bytes) so that the next
+turn of the conversation, or any prompt sharing a prefix with it, reuses that prefix's KV.
+
+Requests report back through ``Request.emit`` (called on the scheduler thread) with events:
+``{"type": "delta", "text", "tokens": [info...]}``, ``{"type": "done", "finish_reason",
+"prompt_tokens", "completion_tokens", "cached_tokens"}`` or ``{"type": "error", "error"}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..sampling import Sampler, SamplingParams
+
+log = logging.getLogger("edgekv.server")
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[dict], None]
+    stop: list[str] = field(default_factory=list)
+    logprobs: Optional[int] = None  # None: off; k: the chosen token's logprob and the k most likely
+    mask: Optional[object] = None   # .allowed(logits) -> bool mask or None, .accept(tok), .done
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Seq:
+    """A running request: its session, how far its prompt is in, its sampling state."""
+
+    def __init__(self, req: Request, session, reused: int, tokenizer):
+        self.req = req
+        self.session = session
+        self.pos = reused  # prompt tokens in the session's KV
+        self.cached = reused
+        self.sampler = Sampler(req.params)
+        self.decoder = tokenizer.stream_decoder()
+        self.pending = ""  # text held back while it could still start a stop string
+        self.hold = max((len(s) for s in req.stop), default=1) - 1
+        self.generated = 0
+        self.last: Optional[int] = None  # sampled, not yet run
+        self.infos: list[dict] = []  # logprob records of tokens whose text is held back
+
+
+class SessionPool:
+    """Sessions not running a request, most recently used last; the longest shared prefix wins."""
+
+    def __init__(self, engine, max_sessions: int, kv_budget_bytes: Optional[int]):
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self.kv_budget_bytes = kv_budget_bytes
+        self.idle: "collections.OrderedDict[int, object]" = collections.OrderedDict()
+        self.busy = 0
+        self.evicted = 0
+
+    def acquire(self, ids: list[int]):
+        """(session, tokens reused): the idle session sharing the longest prefix with ids,
+        truncated to it (at least one token is left to run, for its logits), else a new one."""
+        self.trim()
+        best, best_n = None, 0
+        for key, s in self.idle.items():
+            n = _common_prefix(s.tokens, ids)
+            if n > best_n:
+                best, best_n = key, n
+        if best is not None:
+            s = self.idle.pop(best)
+            n = min(best_n, len(ids) - 1)
+            s.truncate(n)
+        else:
+            while self.idle and len(self.idle) + self.busy >= self.max_sessions:
+                self._evict()
+            s, n = self.engine.new_session(), 0
+        self.busy += 1
+        return s, n
+
+    def release(self, session, keep: bool) -> None:
+        self.busy -= 1
+        if keep:
+            self.idle[id(session)] = session
+            self.trim()
+        else:
+            session.close()
+
+    def trim(self) -> None:
+        for key in [k for k, s in self.idle.items() if s.n_past == 0]:
+            self.idle.pop(key).close()  # it holds no KV (SingleContextEngine: another session took the context)
+        while self.idle and len(self.idle) + self.busy > self.max_sessions:
+            self._evict()
+        if self.kv_budget_bytes is not None:
+            while self.idle and self.kv_bytes() > self.kv_budget_bytes:
+                self._evict()
+
+    def kv_bytes(self) -> int:
+        return sum(s.kv_bytes() for s in self.idle.values())
+
+    def _evict(self) -> None:
+        _, s = self.idle.popitem(last=False)
+        s.close()
+        self.evicted += 1
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.popitem()[1].close()
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, engine, tokenizer, n_ctx: int, max_sessions: int = 4,
+                 kv_budget_bytes: Optional[int] = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.eot = tokenizer.eot_ids
+        self.pool = SessionPool(engine, max_sessions, kv_budget_bytes)
+        self.max_batch = min(engine.max_batch, max_sessions)
+        self._waiting: "collections.deque[Request]" = collections.deque()
+        self._running: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="edgekv-scheduler", daemon=True)
+        self.completed = 0
+        self.cancelled = 0
+
+    # ---- the request side (any thread) ----------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the scheduler is shut down")
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._running),
+                    "idle_sessions": len(self.pool.idle), "busy_sessions": self.pool.busy,
+                    "idle_kv_bytes": self.pool.kv_bytes(), "evicted_sessions": self.pool.evicted,
+                    "completed": self.completed, "cancelled": self.cancelled}
+
+    # ---- the loop (the scheduler thread) ----------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._admit()
+            self._drop_cancelled()
+            if self._running:
+                try:
+                    self._step()
+                except Exception as e:  # a failed step ends its sequences, never the server
+                    log.exception("step failed")
+                    for s in self._running:
+                        self._finish(s, error=e)
+        with self._cv:
+            for s in list(self._running):
+                self._finish(s, error=RuntimeError("the server is shutting down"))
+            while self._waiting:
+                self._waiting.popleft().emit({"type": "error", "error": RuntimeError("the server is shutting down")})
+            self.pool.close()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            req = self._waiting.popleft()
+            if req.cancelled.is_set():
+                self.cancelled += 1
+                continue
+            session, reused = self.pool.acquire(req.prompt_ids)
+            self._running.append(_Seq(req, session, reused, self.tokenizer))
+
+    def _drop_cancelled(self) -> None:
+        for s in [s for s in self._running if s.req.cancelled.is_set()]:
+            self._running.remove(s)
+            self.pool.release(s.session, keep=False)  # a cancelled sequence's KV is freed at once
+            with self._cv:
+                self.cancelled += 1
+
+    def _step(self) -> None:
+        chunk = self.engine.prefill_chunk
+        batch = []
+        for s in self._running:
+            ids = s.req.prompt_ids
+            if s.pos < len(ids):
+                end = len(ids) if chunk is None else min(len(ids), s.pos + chunk)
+                batch.append(np.asarray(ids[s.pos:end], np.int32))
+            else:
+                batch.append(np.asarray([s.last], np.int32))
+        logits = self.engine.step([s.session for s in self._running], batch)
+        for s, x, row in zip(list(self._running), batch, logits):
+            if s.pos < len(s.req.prompt_ids):
+                s.pos += x.size
+                if s.pos < len(s.req.prompt_ids):
+                    continue  # more prompt to prefill
+                if s.req.max_tokens == 0:
+                    self._finish(s, "length")
+                    continue
+            self._sample(s, row)
+
+    def _sample(self, s: _Seq, logits: np.ndarray) -> None:
+        req = s.req
+        mask = req.mask
+        if mask is not None:
+            allowed = mask.allowed(logits)
+            if allowed is not None:
+                logits = np.where(allowed, logits, -np.inf).astype(np.float32)
+        tok = s.sampler(logits)
+        s.generated += 1
+        if req.logprobs is not None:
+            s.infos.append(self._logprob_info(logits, tok, req.logprobs))
+        if mask is not None:
+            mask.accept(tok)
+        if tok in self.eot:
+            if req.logprobs is not None:
+                s.infos.pop()  # the end-of-turn token has no text
+            return self._finish(s, "stop")
+        s.pending += s.decoder.push(tok)
+        if req.stop:
+            hit = min((s.pending.find(x) for x in req.stop if x in s.pending), default=-1)
+            if hit >= 0:
+                s.pending = s.pending[:hit]
+                s.decoder.reset()
+                return self._finish(s, "stop")
+            if len(s.pending) > s.hold:
+                cut = len(s.pending) - s.hold
+                self._emit_text(s, s.pending[:cut])
+                s.pending = s.pending[cut:]
+        elif s.pending:
+            self._emit_text(s, s.pending)
+            s.pending = ""
+        if mask is not None and mask.done:
+            return self._finish(s, "stop")
+        if s.generated >= req.max_tokens:
+            return self._finish(s, "length")
+        if s.session.n_past >= self.n_ctx:
+            return self._finish(s, "length")  # the context is full
+        s.last = tok
+
+    def _emit_text(self, s: _Seq, text: str) -> None:
+        s.req.emit({"type": "delta", "text": text, "tokens": s.infos})
+        s.infos = []
+
+    def _finish(self, s: _Seq, reason: str = "stop", error: Optional[Exception] = None) -> None:
+        if s in self._running:
+            self._running.remove(s)
+        if error is not None:
+            self.pool.release(s.session, keep=False)
+            s.req.emit({"type": "error", "error": error})
+            return
+        tail = s.pending + s.decoder.flush()
+        if tail or s.infos:
+            self._emit_text(s, tail)
+        self.pool.release(s.session, keep=True)
+        with self._cv:
+            self.completed += 1
+        s.req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(s.req.prompt_ids),
+                    "completion_tokens": s.generated, "cached_tokens": s.cached})
+
+    def _logprob_info(self, logits: np.ndarray, tok: int, k: int) -> dict:
+        z = logits.astype(np.float64)
+        finite = np.isfinite(z)
+        m = z[finite].max()
+        lp = z - m - np.log(np.exp(z[finite] - m).sum())
+        info = {"id": int(tok), "logprob": float(lp[tok]), "top": []}
+        if k:
+            top = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+            top = top[np.argsort(-lp[top], kind="stable")]
+            info["top"] = [(int(t), float(lp[t])) for t in top]
+        return info
