@@ -1,4 +1,4 @@
-"""The ``edgekv`` command line: generate, chat, pull, info.
+"""The ``edgekv`` command line: generate, chat, pull, info, serve.
 
     edgekv generate "Why is the sky blue?" --max-tokens 64
     echo "Write a haiku about caches" | edgekv generate - --chat
@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
             '  echo "Name three primes" | edgekv generate - --chat --temperature 0\n'
             "  edgekv chat --system \"You are a helpful assistant.\"\n"
             "  edgekv pull --list\n"
-            "  edgekv info --model ./model.gguf --json\n\n"
+            "  edgekv info --model ./model.gguf --json\n"
+            "  edgekv serve --model qwen2.5-coder-0.5b --port 8000\n\n"
             "Run `edgekv COMMAND --help` for the options of one command."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -254,6 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--json", action="store_true", help="print the description as one JSON object")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models)",
+        description=(
+            "Serve the model over HTTP with OpenAI's API, streaming (SSE) or not, until Ctrl-C.\n"
+            "Finished conversations stay warm: a next turn reuses the longest cached prefix.\n"
+            "Needs the serve extra: pip install 'edgekv[serve]'. See docs/server.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  edgekv serve --model qwen2.5-coder-0.5b --port 8000\n"
+            "  edgekv serve --kv int8 --max-sessions 8 --kv-budget-mb 256 --api-key secret"
+        ),
+        formatter_class=_Formatter,
+        parents=[verbose, model],
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: %(default)s)")
+    s.add_argument("--max-sessions", type=_int_at_least(1), default=4, metavar="N",
+                   help="sessions (running or kept warm) at most; the least recently used warm one "
+                        "goes first (default: %(default)s)")
+    s.add_argument("--kv-budget-mb", type=_float, default=None, metavar="MB",
+                   help="evict warm sessions, least recently used first, while their KV exceeds MB "
+                        "(default: no limit but --max-sessions)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (default: $EDGEKV_API_KEY, else no key)")
+    s.add_argument("--served-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the --model argument)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -625,6 +656,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         for line in _info_lines(info):
             _out(line + "\n")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise ValueError(f"edgekv serve needs the serve extra (pip install 'edgekv[serve]'): {exc}") from None
+    if args.kv_budget_mb is not None and args.kv_budget_mb < 0:
+        raise ValueError(f"--kv-budget-mb must be >= 0, got {args.kv_budget_mb}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EDGEKV_API_KEY") or None
+    with _load(args) as model:
+        serve(model, host=args.host, port=args.port, model_id=args.served_name or args.model, api_key=api_key,
+              max_sessions=args.max_sessions, kv_budget_mb=args.kv_budget_mb,
+              log_level="info" if args.verbose else "warning")
     return EXIT_OK
 
 

@@ -1,0 +1,371 @@
+"""edgekv serve: the real openai client against a server started here on 127.0.0.1 (SmolLM2,
+threads=1, short replies), plus the scheduler and session pool on a fake engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+import edgekv
+from edgekv.sampling import SamplingParams
+from edgekv.server import create_app
+from edgekv.server.scheduler import Request, Scheduler, SessionPool
+
+from conftest import THREADS
+
+KEY = "test-key"
+NAME = "smollm2-135m"
+CTX = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, model, **kw):
+        self.app = create_app(model, model_id=NAME, **kw)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def scheduler(self):
+        return self.app.state.edgekv.scheduler
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def ref(smollm2_path):
+    """A second model: what Model.generate gives for the same prompt."""
+    m = edgekv.Model(smollm2_path, threads=THREADS, ctx=CTX)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    m = edgekv.Model(smollm2_path, threads=THREADS, ctx=CTX)
+    s = _Server(m, api_key=KEY, max_sessions=3)
+    yield s
+    s.stop()
+    m.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _idle(server, timeout=30.0) -> dict:
+    """The scheduler's counters once nothing runs or waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.scheduler.stats()
+        if st["running"] == 0 and st["waiting"] == 0 and st["busy_sessions"] == 0:
+            return st
+        assert time.monotonic() < deadline, f"the scheduler did not go idle: {st}"
+        time.sleep(0.02)
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a primary color."}],
+]
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_chat_greedy_equals_generate(client, ref, messages):
+    want = ref.chat(messages, max_tokens=12, temperature=0)
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].message.role == "assistant"
+    assert r.object == "chat.completion" and r.model == NAME
+    prompt_ids = ref.tokenize(ref.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == ref.last_stats.generated_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if ref.last_stats.finish_reason == "length" else "stop")
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completion_greedy_equals_generate_with_logprobs(client, ref):
+    prompt = "The three largest cities in Japan are"
+    want = ref.generate(prompt, max_tokens=10, temperature=0)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=3)
+    c = r.choices[0]
+    assert c.text == want and r.object == "text_completion"
+    assert r.usage.completion_tokens == 10 and c.finish_reason == "length"
+    lp = c.logprobs
+    assert "".join(lp.tokens) == want and len(lp.token_logprobs) == 10
+    # greedy: each token is its position's most likely one, its logprob the model's log-softmax
+    for i, top in enumerate(lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(lp.token_logprobs[i], abs=1e-9)
+        assert all(v <= 0 for v in top.values())
+    z = ref.logits(ref.tokenize(prompt))[-1].astype(np.float64)
+    assert lp.token_logprobs[0] == pytest.approx(-np.log(np.exp(z - z.max()).sum()), abs=1e-3)
+    assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
+
+    pieces = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == want
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_chat_logprobs(client, ref):
+    prompt = "1, 2, 3, 4,"
+    full = ref.generate(prompt, max_tokens=12, temperature=0)
+    stop = full.strip().split()[2]  # a piece that occurs after the start of the reply
+    want = ref.generate(prompt, max_tokens=12, temperature=0, stop=[stop])
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop" and stop not in want
+    r = client.chat.completions.create(model=NAME, messages=CHATS[0], max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
+        assert bytes(t.bytes).decode() == t.token
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    assert client.completions.create(seed=7, **kw).choices[0].text == a
+    others = {client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)}
+    assert others != {a}
+
+
+def test_models_and_next_turn_reuses_prefix(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    msgs = [{"role": "user", "content": "Say something about the sea."}]
+    r1 = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "And the sky?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+    # the second turn's prompt starts with the first's: its KV is reused, not run again
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+
+
+def _status_and_error(server, body, headers=None, raw=None) -> tuple[int, dict]:
+    h = {"Authorization": f"Bearer {KEY}"} if headers is None else headers
+    r = httpx.post(server.url + "/v1/chat/completions", headers=h, timeout=60,
+                   **({"content": raw} if raw is not None else {"json": body}))
+    return r.status_code, r.json()["error"]
+
+
+def test_error_cases(server, client):
+    ok = {"model": NAME, "messages": CHATS[0], "max_tokens": 2}
+    cases = [
+        (dict(ok, model="gpt-4"), 404, "model", "model_not_found"),
+        (dict(ok, temperature=3), 400, "temperature", "invalid_value"),
+        (dict(ok, top_p=0), 400, "top_p", "invalid_value"),
+        (dict(ok, max_tokens=-1), 400, "max_tokens", "invalid_value"),
+        (dict(ok, n=2), 400, "n", "invalid_value"),
+        (dict(ok, seed="x"), 400, "seed", "invalid_value"),
+        (dict(ok, stop=5), 400, "stop", "invalid_value"),
+        (dict(ok, messages=[]), 400, "messages", "invalid_value"),
+        (dict(ok, messages=[{"role": "user", "content": "hi " * 600}]), 400, "messages", "context_length_exceeded"),
+        (dict(ok, max_tokens=CTX), 400, "max_tokens", "context_length_exceeded"),
+        (dict(ok, top_logprobs=2), 400, "top_logprobs", "invalid_value"),
+    ]
+    for body, status, param, code in cases:
+        got, err = _status_and_error(server, body)
+        assert (got, err["param"], err["code"]) == (status, param, code), (body, err)
+        assert err["type"] == "invalid_request_error" and err["message"]
+    got, err = _status_and_error(server, None, raw=b'{"model": ')
+    assert got == 400 and err["code"] == "invalid_json"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        got, err = _status_and_error(server, ok, headers=headers)
+        assert got == 401 and err["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    # the openai client maps them to its exceptions
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHATS[0])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=NAME, prompt="word " * 600, max_tokens=2)
+    assert _idle(server)["busy_sessions"] == 0
+
+
+def test_disconnect_mid_stream_cancels_and_frees(server):
+    st0 = _idle(server)
+    body = {"model": NAME, "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = []
+        for x in lines:
+            if x.startswith("data: "):
+                got.append(json.loads(x[6:]))
+                if len(got) == 3:
+                    break
+    assert all(g["choices"][0]["finish_reason"] is None for g in got)
+    st = _idle(server)
+    assert st["cancelled"] == st0["cancelled"] + 1 and st["completed"] == st0["completed"]
+    engine = server.scheduler.engine
+    assert engine.model.n_past == 0  # the cancelled sequence's KV is gone, not kept warm
+
+
+def test_concurrent_requests_all_complete_with_their_greedy_text(server, ref):
+    prompts = ["The sun is", "My favourite food is", "Python is a", "In the year 2000,", "Cats and dogs"]
+    want = [ref.generate(p, max_tokens=10, temperature=0) for p in prompts]
+
+    def one(p):
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        if len(p) % 2:
+            return "".join(x.choices[0].text for x in c.completions.create(
+                model=NAME, prompt=p, max_tokens=10, temperature=0, stream=True))
+        return c.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(one, prompts))
+    assert got == want
+    st = _idle(server)
+    assert st["idle_sessions"] <= 3
+
+
+# ---- the scheduler and pool on a fake engine (the seam a batched Model.step plugs into) ----
+
+class _FakeSession:
+    def __init__(self, log):
+        self.tokens, self.closed, self.log = [], False, log
+
+    @property
+    def n_past(self):
+        return len(self.tokens)
+
+    def truncate(self, n):
+        del self.tokens[n:]
+
+    def kv_bytes(self):
+        return 100 * len(self.tokens)
+
+    def close(self):
+        self.closed = True
+        self.log.append(("close", self))
+
+
+class _FakeEngine:
+    """Next token = last token + 1 (mod V): every step's batch is recorded."""
+
+    max_batch, prefill_chunk, V = 4, 3, 50
+
+    def __init__(self):
+        self.steps, self.log = [], []
+
+    def new_session(self):
+        return _FakeSession(self.log)
+
+    def step(self, sessions, ids):
+        self.steps.append([len(x) for x in ids])
+        out = []
+        for s, x in zip(sessions, ids):
+            s.tokens.extend(int(t) for t in x)
+            row = np.full(self.V, -10.0, np.float32)
+            row[(s.tokens[-1] + 1) % self.V] = 0.0
+            out.append(row)
+        return out
+
+
+class _Tok:
+    eot_ids = frozenset({49})
+
+    def stream_decoder(self):
+        class D:
+            def push(self, t):
+                return f"<{t}>"
+
+            def flush(self):
+                return ""
+
+            def reset(self):
+                pass
+        return D()
+
+
+def _collect(sched, ids, **kw):
+    done, events = threading.Event(), []
+
+    def emit(ev):
+        events.append(ev)
+        if ev["type"] != "delta":
+            done.set()
+    req = Request(prompt_ids=ids, params=SamplingParams(temperature=0), emit=emit, **kw)
+    sched.submit(req)
+    return req, done, events
+
+
+def test_scheduler_batches_chunks_and_stops_on_fake_engine():
+    eng = _FakeEngine()
+    sched = Scheduler(eng, _Tok(), n_ctx=64, max_sessions=4).start()
+    try:
+        a = _collect(sched, list(range(7)), max_tokens=3)            # 7 prompt tokens: chunks 3, 3, 1
+        b = _collect(sched, [40, 41], max_tokens=20)                 # runs into end-of-turn 49
+        c = _collect(sched, [10, 11], max_tokens=20, stop=["<15>"])  # a stop string
+        for _, done, _ in (a, b, c):
+            assert done.wait(10)
+    finally:
+        sched.shutdown()
+    text = lambda ev: "".join(e["text"] for e in ev if e["type"] == "delta")
+    assert text(a[2]) == "<7><8><9>" and a[2][-1]["finish_reason"] == "length"
+    assert a[2][-1]["completion_tokens"] == 3 and a[2][-1]["prompt_tokens"] == 7
+    assert text(b[2]) == "<42><43><44><45><46><47><48>" and b[2][-1]["finish_reason"] == "stop"
+    assert text(c[2]) == "<12><13><14>" and c[2][-1]["finish_reason"] == "stop"
+    assert max(max(s) for s in eng.steps) == 3  # prefill is chunked
+    assert max(len(s) for s in eng.steps) >= 2  # sequences share steps
+
+
+def test_pool_reuses_longest_prefix_and_evicts_lru_under_budget():
+    eng = _FakeEngine()
+    pool = SessionPool(eng, max_sessions=3, kv_budget_bytes=1000)
+    s1, n = pool.acquire([1, 2, 3, 4])
+    assert n == 0
+    s1.tokens[:] = [1, 2, 3, 4, 5]
+    pool.release(s1, keep=True)
+    s2, n = pool.acquire([9, 9])
+    s2.tokens[:] = [9, 9, 9]
+    pool.release(s2, keep=True)
+    s, n = pool.acquire([1, 2, 3, 7])  # shares 3 tokens with s1
+    assert s is s1 and n == 3 and s1.tokens == [1, 2, 3]
+    s.tokens[:] = [1, 2, 3, 7]
+    pool.release(s, keep=True)
+    s, n = pool.acquire([1, 2, 3, 7])  # a whole cached prompt: its last token runs again for logits
+    assert s is s1 and n == 3
+    pool.release(s, keep=True)
+    # 8 + 3 tokens = 1100 bytes > 1000: the least recently used (s2) goes
+    s1.tokens[:] = list(range(8))
+    pool.trim()
+    assert s2.closed and not s1.closed and pool.evicted == 1
+    # a cancelled sequence's session is closed, not kept
+    s3, _ = pool.acquire([30])
+    pool.release(s3, keep=False)
+    assert s3.closed and len(pool.idle) == 1 and pool.busy == 0
