@@ -369,3 +369,48 @@ def test_pool_reuses_longest_prefix_and_evicts_lru_under_budget():
     s3, _ = pool.acquire([30])
     pool.release(s3, keep=False)
     assert s3.closed and len(pool.idle) == 1 and pool.busy == 0
+
+
+# ---- structured output ------------------------------------------------------------------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0}}}
+SCHEMAS = [
+    (PERSON, "Give me a person as JSON with name and age."),
+    ({"type": "object", "required": ["colors"], "additionalProperties": False, "properties": {
+        "colors": {"type": "array", "minItems": 1, "maxItems": 3,
+                   "items": {"enum": ["red", "green", "blue", "yellow"]}}}}, "List some colors as JSON."),
+    ({"type": "object", "required": ["answer", "sure"], "additionalProperties": False, "properties": {
+        "answer": {"type": "number"}, "sure": {"type": "boolean"}}}, "What is 2 + 2? Answer as JSON."),
+]
+
+
+@pytest.mark.parametrize("schema, question", SCHEMAS)
+def test_json_schema_generate_and_server_validate(client, ref, schema, question):
+    import jsonschema
+    msgs = [{"role": "user", "content": question}]
+    want = ref.chat(msgs, max_tokens=80, temperature=0, json_schema=schema)
+    assert ref.last_stats.finish_reason == "stop"  # the JSON closed before max_tokens
+    jsonschema.validate(json.loads(want), schema)
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80, temperature=0, response_format=rf)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    sampled = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=80, temperature=1.0, seed=5,
+                                             response_format=rf, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in sampled)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_and_bad_response_formats(server, client):
+    q = [{"role": "user", "content": 'Give a JSON object with the key "ok" set to true.'}]
+    r = client.chat.completions.create(model=NAME, messages=q, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    ok = {"model": NAME, "messages": CHATS[0], "max_tokens": 2}
+    for rf in ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}},
+               {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}):
+        got, err = _status_and_error(server, dict(ok, response_format=rf))
+        assert (got, err["param"]) == (400, "response_format"), (rf, err)
+    with pytest.raises(ValueError, match="json_schema"):
+        server.app.state.edgekv.model.generate("x", json_schema=[1, 2])

@@ -813,13 +813,15 @@ class Model:
         stream: bool = False,
         stop: Sequence[str] | None = None,
         kv=None,
+        json_schema: dict | None = None,
     ) -> str | Iterator[str]:
         """Continue prompt (text or token ids). Greedy when temperature == 0.
 
         Returns the text, or with stream=True an iterator of text pieces. Stops at an
         end-of-turn token, a stop string, max_tokens, or a full context. Statistics
         of the run are in ``model.last_stats`` afterwards. kv: this call's KV policy
-        (default: the one given at load).
+        (default: the one given at load). json_schema: the reply is JSON valid under this schema
+        (a logits mask, edgekv.structured; ``{"type": "object"}`` for any JSON object).
 
         The result depends on the arguments alone, not on earlier calls (a stateful policy
         object such as RandomPolicy aside). Arguments are checked here, also when streaming.
@@ -842,10 +844,14 @@ class Model:
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
         policy = self.kv_policy if kv is None else self._check_policy(parse_policy(kv))
-        it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy)
+        mask = None
+        if json_schema is not None:
+            from .structured import JSONSchemaMask
+            mask = JSONSchemaMask(self.tokenizer, json_schema)
+        it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy, mask)
         return it if stream else "".join(it)
 
-    def _generate_iter(self, ids, max_tokens, params, stop, policy) -> Iterator[str]:
+    def _generate_iter(self, ids, max_tokens, params, stop, policy, mask=None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=int(ids.size))
         self.last_stats = stats
         sampler = Sampler(params)
@@ -870,8 +876,12 @@ class Model:
             t_dec = time.perf_counter()
             stats.finish_reason = "length"
             for i in range(max_tokens):
+                if mask is not None:
+                    mask.apply(logits)
                 tok = sampler(logits)
                 stats.generated_tokens += 1
+                if mask is not None:
+                    mask.accept(tok)
                 if tok in eot:
                     stats.finish_reason = "stop"
                     break
@@ -890,6 +900,9 @@ class Model:
                 elif pending:
                     yield pending
                     pending = ""
+                if mask is not None and mask.done:
+                    stats.finish_reason = "stop"
+                    break
                 if i + 1 == max_tokens:
                     break
                 if len(context) >= self.n_ctx:

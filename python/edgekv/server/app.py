@@ -110,7 +110,7 @@ class _Context:
                            param="model", code="model_not_found")
 
     def request_from(self, body: dict, ids: list[int], max_tokens_name: str, logprobs: Optional[int],
-                     emit) -> Request:
+                     emit, mask=None) -> Request:
         n = body.get("n", 1)
         if n != 1:
             raise _bad("n", "n must be 1: this server returns one choice per request")
@@ -134,11 +134,47 @@ class _Context:
                                 f"for {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)",
                            param="max_tokens", code="context_length_exceeded")
         return Request(prompt_ids=ids, max_tokens=max_tokens, params=params, emit=emit, stop=_stop(body),
-                       logprobs=logprobs)
+                       logprobs=logprobs, mask=mask)
 
     def token_text(self, tok: int) -> tuple[str, list[int]]:
         piece = self.model.tokenizer.token_to_piece(tok)
         return piece.decode("utf-8", errors="replace"), list(piece)
+
+
+def _response_schema(body: dict) -> Optional[dict]:
+    """The JSON schema response_format asks for: None for text, {"type": "object"} for json_object."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if isinstance(js, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format", 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+        return schema
+    raise _bad("response_format", 'response_format type must be "text", "json_object" or "json_schema"')
+
+
+async def _mask_for(ctx: "_Context", body: dict):
+    schema = _response_schema(body)
+    if schema is None:
+        return None
+    from ..structured import JSONSchemaMask
+
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        raise APIError(400, "structured output needs llguidance on the server (pip install 'edgekv[serve]')",
+                       param="response_format", code="unsupported") from None
+    try:  # the first one builds llguidance's tokenizer (a second on a large vocabulary): off the event loop
+        return await asyncio.to_thread(JSONSchemaMask, ctx.model.tokenizer, schema)
+    except ValueError as e:
+        raise _bad("response_format", str(e)) from None
 
 
 def _messages_prompt(ctx: _Context, body: dict) -> list[int]:
@@ -284,7 +320,7 @@ async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], 
         except RuntimeError:  # the loop is gone (shutdown)
             pass
 
-    req = ctx.request_from(body, ids, max_name, logprobs, emit)
+    req = ctx.request_from(body, ids, max_name, logprobs, emit, await _mask_for(ctx, body))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "stream must be a boolean")

@@ -36,7 +36,7 @@ class Request:
     emit: Callable[[dict], None]
     stop: list[str] = field(default_factory=list)
     logprobs: Optional[int] = None  # None: off; k: the chosen token's logprob and the k most likely
-    mask: Optional[object] = None   # .allowed(logits) -> bool mask or None, .accept(tok), .done
+    mask: Optional[object] = None   # edgekv.structured.JSONSchemaMask: .apply(logits), .accept(tok), .done
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -239,9 +239,8 @@ class Scheduler:
         req = s.req
         mask = req.mask
         if mask is not None:
-            allowed = mask.allowed(logits)
-            if allowed is not None:
-                logits = np.where(allowed, logits, -np.inf).astype(np.float32)
+            logits = np.array(logits, np.float32)  # the engine's row stays as it is
+            mask.apply(logits)
         tok = s.sampler(logits)
         s.generated += 1
         if req.logprobs is not None:
