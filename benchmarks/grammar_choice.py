@@ -6,7 +6,11 @@ then a valid instance of the schema (its Qwen tokens, then end-of-turn) is walke
 at each step the library computes the next-token mask into a bool array over the vocabulary
 (what the sampler needs), the instance's token must be allowed, and the library consumes it.
 Reported: tokenizer build time, compile time per schema, and the mask time per token (median, p95)
-on Qwen2.5-Coder-0.5B's 151,936-token vocabulary; also whether every instance token was allowed.
+on Qwen2.5-Coder-0.5B's 151,936-token vocabulary (masking the logits included); whether every
+instance token was allowed; whether an aarch64 wheel of that version is on the package index
+(`pip download --platform ... --only-binary=:all:`); what the package requires. Then, for the
+chosen library (llguidance, through Model.generate's json_schema=), decode time per token with
+and without the mask on the same model and prompts, in the same run.
 
     python benchmarks/grammar_choice.py                 # needs llguidance, xgrammar, outlines-core
     python benchmarks/grammar_choice.py --model qwen2.5-coder-0.5b --repeats 5
@@ -15,8 +19,11 @@ on Qwen2.5-Coder-0.5B's 151,936-token vocabulary; also whether every instance to
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,6 +185,44 @@ class OutlinesCore:
         return md.version("outlines-core")
 
 
+def aarch64_wheel(dist: str, version: str):
+    """The aarch64 Linux wheel pip finds for dist==version (CPython 3.11), or None."""
+    plats = ["manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_31_aarch64", "manylinux_2_34_aarch64"]
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", "311", "-d", d, f"{dist}=={version}"]
+        for p in plats:
+            cmd += ["--platform", p]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        names = [p.name for p in Path(d).iterdir()]
+        return names[0] if r.returncode == 0 and names else None
+
+
+def decode_cost(model_name: str, prompts: int, tokens: int) -> dict:
+    """Decode ms per token, Model.chat with and without json_schema= (llguidance), same prompts; each
+    the fastest of 3 runs, alternating, so that other load on the machine counts less."""
+    from edgekv import load
+
+    m = load(model_name, progress=False)
+    rows = []
+    for schema, instance in CASES[:prompts]:
+        msgs = [{"role": "user", "content": "Reply with JSON like this one, with other values: "
+                 + json.dumps(instance)}]
+        row = {"free": np.inf, "json_schema": np.inf}
+        for _ in range(3):
+            for label, kw in (("free", {}), ("json_schema", {"json_schema": schema})):
+                m.chat(msgs, max_tokens=tokens, temperature=0, **kw)
+                st = m.last_stats
+                row[label] = min(row[label], st.decode_s * 1e3 / max(1, st.generated_tokens - 1))
+        rows.append(row)
+    free = float(np.median([r["free"] for r in rows]))
+    masked = float(np.median([r["json_schema"] for r in rows]))
+    m.close()
+    return {"model": model_name, "threads": m.threads, "prompts": prompts, "max_tokens": tokens,
+            "decode_ms_per_token_free": round(free, 2), "decode_ms_per_token_json_schema": round(masked, 2),
+            "overhead_pct": round(100 * (masked / free - 1), 1)}
+
+
 LIBS = {"llguidance": LLGuidance, "xgrammar": XGrammar, "outlines-core": OutlinesCore}
 
 
@@ -187,6 +232,7 @@ def run(lib_cls, tok: Tokenizer, pieces, special, eot, repeats: int) -> dict:
     lib = lib_cls(pieces, special, eot, n, lambda s: tok.encode(s, add_bos=False, parse_special=False))
     build_s = time.perf_counter() - t0
     compile_ms, mask_ms, all_allowed, steps = [], [], True, 0
+    logits = np.zeros(n, np.float32)
     for schema, instance in CASES:
         ids = tok.encode(json.dumps(instance), add_bos=False, parse_special=False) + [eot[0]]
         for r in range(repeats):
@@ -198,6 +244,7 @@ def run(lib_cls, tok: Tokenizer, pieces, special, eot, repeats: int) -> dict:
             for t in ids:
                 t0 = time.perf_counter()
                 allowed = lib.mask(m)
+                np.putmask(logits, ~allowed, -np.inf)  # what the sampler gets
                 mask_ms.append(1e3 * (time.perf_counter() - t0))
                 ok = bool(allowed[t]) and lib.accept(m, t)
                 all_allowed &= ok
@@ -205,7 +252,10 @@ def run(lib_cls, tok: Tokenizer, pieces, special, eot, repeats: int) -> dict:
                 if not ok:
                     break
     mm = np.array(mask_ms)
-    return {"library": lib.name, "version": lib.version(), "tokenizer_build_s": round(build_s, 3),
+    dist = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines-core": "outlines-core"}[lib.name]
+    needs = [r.split(";")[0].strip() for r in md.requires(dist) or [] if "extra ==" not in r]
+    return {"library": lib.name, "version": lib.version(), "requires": needs,
+            "aarch64_wheel": aarch64_wheel(dist, lib.version()), "tokenizer_build_s": round(build_s, 3),
             "compile_ms_per_schema": [round(x, 1) for x in compile_ms],
             "mask_ms_median": round(float(np.median(mm)), 4), "mask_ms_p95": round(float(np.percentile(mm, 95)), 4),
             "mask_ms_max": round(float(mm.max()), 3), "steps": steps, "every_instance_token_allowed": all_allowed}
@@ -216,13 +266,15 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b", help="a registry name or .gguf (its vocabulary)")
     ap.add_argument("--repeats", type=int, default=3, help="walks of each instance (default: %(default)s)")
     ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated (default: all three)")
+    ap.add_argument("--decode-tokens", type=int, default=48, help="tokens per reply in the decode comparison")
     args = ap.parse_args(argv)
     tok = Tokenizer.from_gguf(registry.resolve(args.model, progress=False))
     pieces, special, eot = vocab(tok)
     rows = [run(LIBS[name], tok, pieces, special, eot, args.repeats) for name in args.libs.split(",")]
+    dec = decode_cost(args.model, len(CASES), args.decode_tokens)
     info = machine(command_line("grammar_choice.py", argv))
     result = {"model": args.model, "vocab_size": tok.vocab_size, "schemas": len(CASES), "repeats": args.repeats,
-              "results": rows, "machine": info}
+              "results": rows, "decode": dec, "machine": info}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "grammar_choice.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -232,14 +284,20 @@ def main(argv=None) -> None:
         f"{args.repeats}x token by token (mask into a bool array over the vocabulary, check the token, consume).",
         "",
         "| library | version | tokenizer build (s) | compile per schema (ms) | mask per token median (ms) "
-        "| p95 (ms) | max (ms) | every instance token allowed |",
-        "|---|---|---:|---|---:|---:|---:|---|",
+        "| p95 (ms) | max (ms) | every instance token allowed | aarch64 wheel | requires |",
+        "|---|---|---:|---|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['library']} | {r['version']} | {r['tokenizer_build_s']} | "
                      f"{', '.join(str(x) for x in r['compile_ms_per_schema'])} | {r['mask_ms_median']} | "
-                     f"{r['mask_ms_p95']} | {r['mask_ms_max']} | {r['every_instance_token_allowed']} |")
-    lines += ["", f"Machine: {machine_line(info)}", ""]
+                     f"{r['mask_ms_p95']} | {r['mask_ms_max']} | {r['every_instance_token_allowed']} | "
+                     f"{r['aarch64_wheel'] or 'none found'} | "
+                     f"{', '.join(r['requires']) or 'nothing'} |")
+    lines += ["", f"Decode with the chosen mask (llguidance via `Model.chat(json_schema=...)`), {dec['model']}, "
+              f"{dec['threads']} threads, {dec['prompts']} prompts, greedy, up to {dec['max_tokens']} tokens, "
+              f"median over prompts of the fastest of 3 runs, ms per token: {dec['decode_ms_per_token_free']} free, "
+              f"{dec['decode_ms_per_token_json_schema']} with json_schema ({dec['overhead_pct']:+}%).",
+              "", f"Machine: {machine_line(info)}", ""]
     (OUT / "grammar_choice.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,7 +23,7 @@ from edgekv.sampling import SamplingParams
 from edgekv.server import create_app
 from edgekv.server.scheduler import Request, Scheduler, SessionPool
 
-from conftest import THREADS
+from conftest import THREADS, subprocess_env
 
 KEY = "test-key"
 NAME = "smollm2-135m"
@@ -233,6 +236,13 @@ def test_disconnect_mid_stream_cancels_and_frees(server):
     assert st["cancelled"] == st0["cancelled"] + 1 and st["completed"] == st0["completed"]
     engine = server.scheduler.engine
     assert engine.model.n_past == 0  # the cancelled sequence's KV is gone, not kept warm
+    # a client of a non-streamed request that gives up (its read times out) cancels it too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=dict(body, stream=False), timeout=httpx.Timeout(60, read=0.5),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    st2 = _idle(server)
+    assert st2["cancelled"] == st["cancelled"] + 1 and st2["completed"] == st["completed"]
+    assert engine.model.n_past == 0
 
 
 def test_concurrent_requests_all_complete_with_their_greedy_text(server, ref):
@@ -414,3 +424,34 @@ def test_json_object_and_bad_response_formats(server, client):
         assert (got, err["param"]) == (400, "response_format"), (rf, err)
     with pytest.raises(ValueError, match="json_schema"):
         server.app.state.edgekv.model.generate("x", json_schema=[1, 2])
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def test_cli_serve_prints_url_answers_and_stops_on_ctrl_c(smollm2_path):
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "edgekv", "serve", "--model", str(smollm2_path), "-t", "1",
+                          "--port", str(port), "--served-name", "tiny", "--api-key", KEY],
+                         stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        line = p.stderr.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, line
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # the line comes just before uvicorn binds the port
+            try:
+                assert [m.id for m in c.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and p.poll() is None
+                time.sleep(0.1)
+        r = c.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(30)
+        err = p.stderr.read()
+        assert rc == 130 and "Traceback" not in err, err  # 130: the CLI's status after Ctrl-C
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -354,16 +354,24 @@ async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], 
             finally:
                 req.cancel()  # a no-op once done; on a disconnect, the scheduler frees the sequence
 
-        return EventSourceResponse(events(), ping=15)
+        async def on_close(message):
+            req.cancel()
+
+        return EventSourceResponse(events(), ping=15, client_close_handler_callable=on_close)
 
     text, tokens = [], []
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                ev = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
             except asyncio.TimeoutError:
+                ev = None
+            if loop.time() >= next_check:  # events may flow without a pause: check on a clock
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if ev is None:
                 continue
             if ev["type"] == "delta":
                 text.append(ev["text"])

@@ -15,7 +15,8 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, model_id: Optiona
 
     app = create_app(model, model_id=model_id, api_key=api_key, max_sessions=max_sessions,
                      kv_budget_mb=kv_budget_mb)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    # open streams get 5 s to finish on Ctrl-C; then they are cut and the scheduler stops
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"edgekv: serving {app.state.edgekv.model_id!r} at http://{shown}:{port}/v1 "

@@ -189,7 +189,7 @@ class Scheduler:
                     self._step()
                 except Exception as e:  # a failed step ends its sequences, never the server
                     log.exception("step failed")
-                    for s in self._running:
+                    for s in list(self._running):
                         self._finish(s, error=e)
         with self._cv:
             for s in list(self._running):
@@ -209,9 +209,9 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self._running if s.req.cancelled.is_set()]:
-            self._running.remove(s)
-            self.pool.release(s.session, keep=False)  # a cancelled sequence's KV is freed at once
-            with self._cv:
+            with self._cv:  # stats() reads the pool from other threads
+                self._running.remove(s)
+                self.pool.release(s.session, keep=False)  # a cancelled sequence's KV is freed at once
                 self.cancelled += 1
 
     def _step(self) -> None:
@@ -278,18 +278,19 @@ class Scheduler:
         s.infos = []
 
     def _finish(self, s: _Seq, reason: str = "stop", error: Optional[Exception] = None) -> None:
-        if s in self._running:
-            self._running.remove(s)
+        if error is None:
+            tail = s.pending + s.decoder.flush()
+            if tail or s.infos:
+                self._emit_text(s, tail)
+        with self._cv:  # stats() reads the pool from other threads
+            if s in self._running:
+                self._running.remove(s)
+            self.pool.release(s.session, keep=error is None)
+            if error is None:
+                self.completed += 1
         if error is not None:
-            self.pool.release(s.session, keep=False)
             s.req.emit({"type": "error", "error": error})
             return
-        tail = s.pending + s.decoder.flush()
-        if tail or s.infos:
-            self._emit_text(s, tail)
-        self.pool.release(s.session, keep=True)
-        with self._cv:
-            self.completed += 1
         s.req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(s.req.prompt_ids),
                     "completion_tokens": s.generated, "cached_tokens": s.cached})
 
