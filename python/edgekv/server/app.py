@@ -123,7 +123,8 @@ class _Context:
         room = self.model.n_ctx - len(ids)
         if room <= 0:
             raise APIError(400, f"this model's maximum context length is {self.model.n_ctx} tokens; the prompt "
-                                f"has {len(ids)}", param="messages", code="context_length_exceeded")
+                                f"has {len(ids)}", param="messages" if max_tokens_name == "max_completion_tokens"
+                           else "prompt", code="context_length_exceeded")
         max_tokens = _opt_int(body, max_tokens_name, 0, 1 << 30)
         if max_tokens is None and max_tokens_name == "max_completion_tokens":
             max_tokens = _opt_int(body, "max_tokens", 0, 1 << 30)

@@ -42,7 +42,8 @@ class BatchedEngine:
         return self.model.new_session()
 
     def step(self, sessions: Sequence, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.model.step(list(sessions), list(ids))
+        # a step of single tokens is a generation step (defer: as Model.generate's decode steps)
+        return self.model.step(list(sessions), list(ids), defer=all(len(x) == 1 for x in ids))
 
 
 class _ContextSession:
