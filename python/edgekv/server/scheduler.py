@@ -70,6 +70,7 @@ class SessionPool:
         self.idle: "collections.OrderedDict[int, object]" = collections.OrderedDict()
         self.busy = 0
         self.evicted = 0
+        self.freed = 0  # sessions closed: evicted or cancelled
 
     def acquire(self, ids: list[int]):
         """(session, tokens reused): the idle session sharing the longest prefix with ids,
@@ -98,6 +99,7 @@ class SessionPool:
             self.trim()
         else:
             session.close()
+            self.freed += 1
 
     def trim(self) -> None:
         for key in [k for k, s in self.idle.items() if s.n_past == 0]:
@@ -115,6 +117,7 @@ class SessionPool:
         _, s = self.idle.popitem(last=False)
         s.close()
         self.evicted += 1
+        self.freed += 1
 
     def close(self) -> None:
         while self.idle:
@@ -170,7 +173,7 @@ class Scheduler:
         with self._cv:
             return {"waiting": len(self._waiting), "running": len(self._running),
                     "idle_sessions": len(self.pool.idle), "busy_sessions": self.pool.busy,
-                    "idle_kv_bytes": self.pool.kv_bytes(), "evicted_sessions": self.pool.evicted,
+                    "idle_kv_bytes": self.pool.kv_bytes(), "evicted_sessions": self.pool.evicted, "freed_sessions": self.pool.freed,
                     "completed": self.completed, "cancelled": self.cancelled}
 
     # ---- the loop (the scheduler thread) ----------------------------------------------
