@@ -268,6 +268,30 @@ def test_concurrent_requests_all_complete_with_their_greedy_text(server, ref):
     assert st["idle_sessions"] <= 3
 
 
+def test_bounded_load_no_errors_no_leaked_sessions(server):
+    """24 short requests from 8 clients at once, streamed and not, some given up mid-stream."""
+    st0 = _idle(server)
+
+    def one(i):
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        kw = dict(model=NAME, prompt=f"Item {i}:", max_tokens=4 + i % 5, temperature=0.7, seed=i)
+        if i % 6 == 5:  # a client that reads one chunk and goes away
+            with c.completions.create(stream=True, **dict(kw, max_tokens=200)) as st:
+                next(iter(st))
+            return "gone"
+        if i % 2:
+            return "".join(x.choices[0].text for x in c.completions.create(stream=True, **kw)) is not None
+        return c.completions.create(**kw).usage.completion_tokens == kw["max_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(one, range(24)))
+    assert got.count("gone") == 4 and all(g is True for g in got if g != "gone")
+    st = _idle(server)
+    assert st["completed"] + st["cancelled"] == st0["completed"] + st0["cancelled"] + 24
+    assert st["completed"] >= st0["completed"] + 20
+    assert st["busy_sessions"] == 0 and st["idle_sessions"] <= 3
+
+
 # ---- the scheduler and pool on a fake engine (the seam a batched Model.step plugs into) ----
 
 class _FakeSession:
