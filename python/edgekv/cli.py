@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[verbose, model],
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    s.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: %(default)s)")
+    s.add_argument("--port", type=_int_at_least(1), default=8000, help="port (default: %(default)s)")
     s.add_argument("--max-sessions", type=_int_at_least(1), default=4, metavar="N",
                    help="sessions (running or kept warm) at most; the least recently used warm one "
                         "goes first (default: %(default)s)")
