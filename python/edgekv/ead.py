@@ -50,6 +50,7 @@ from ._native import ffi
 from .errors import ContextOverflowError, ModelLoadError, TokenizerError
 from .model import Model
 from .sampling import SamplingParams, distribution
+from .stop import StopText, check_stop
 
 lib = _native.lib
 
@@ -422,8 +423,7 @@ class ModelPair:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-            raise ValueError("stop must be a list of non-empty strings")
+        stop = check_stop(stop)
         self.small._check_open()
         self.large._check_open()
         ids = self.small._as_ids(self.small.tokenize(prompt) if isinstance(prompt, str) else prompt)
@@ -431,7 +431,7 @@ class ModelPair:
             raise ContextOverflowError(
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
-        it = _EADRun(self, ids.tolist(), max_tokens, params, cfg, list(stop or []),
+        it = _EADRun(self, ids.tolist(), max_tokens, params, cfg, stop,
                      entropy_fn or default_entropy).text()
         return it if stream else "".join(it)
 
@@ -750,38 +750,28 @@ class _EADRun:
     def text(self) -> Iterator[str]:
         pair = self.pair
         pair.last_stats = self.stats
-        decoder = pair.tokenizer.stream_decoder()
-        stop = self.stop
-        hold = max((len(s) for s in stop), default=1) - 1
-        pending = ""
+        text = StopText(pair.tokenizer.stream_decoder(), self.stop)
+        tail = ""
         gen = self.tokens()
         try:
             while (tok := self._step(gen)) is not None:
                 if tok in self.eot:
                     break
-                pending += decoder.push(tok)
-                if stop:
-                    hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-                    if hit >= 0:
-                        pending = pending[:hit]
-                        decoder.reset()
-                        gen.close()
-                        self.stats.finish_reason = "stop"
-                        break
-                    if len(pending) > hold:
-                        cut = len(pending) - hold
-                        yield pending[:cut]
-                        pending = pending[cut:]
-                elif pending:
-                    yield pending
-                    pending = ""
+                piece = text.push(tok)
+                if text.stopped:
+                    tail = piece
+                    gen.close()
+                    self.stats.finish_reason = "stop"
+                    break
+                if piece:
+                    yield piece
         finally:
             gen.close()
             pair.small._lock.drop(self)
             pair.large._lock.drop(self)
-        pending += decoder.flush()
-        if pending:
-            yield pending
+        rest = tail + text.flush()
+        if rest:
+            yield rest
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .errors import ContextOverflowError, EdgekvError, ModelClosedError, ModelLo
 from .gguf_loader import LoadedGGUF, load_gguf, release_weight, trim_heap
 from .kv_policy import KVPolicy, TokenFeatures, parse_policy
 from .sampling import Sampler, SamplingParams
+from .stop import StopText, check_stop
 from .tokenizer import Tokenizer
 
 ffi, lib = _native.ffi, _native.lib
@@ -50,19 +51,15 @@ KV_DECIDE_BATCH = 16
 STREAM_HOLD_S = 0.2
 
 
-def default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    return max(1, min(available_cpus(), 8))
 
 
 class _ModelLock:
@@ -214,11 +211,11 @@ class Model:
         self._lock = _ModelLock()
         threads = default_threads() if threads is None else threads
         _check_int("threads", threads, 1, 256)
-        if threads > available_cpus():
+        if threads > (cpus := available_cpus()):
             # allowed (a container may under-report its CPUs), but threads that share a core
             # spin-wait on each other: decoding gets many times slower, not faster
             warnings.warn(
-                f"threads={threads} exceeds the {available_cpus()} CPUs this process may run on; "
+                f"threads={threads} exceeds the {cpus} CPUs this process may run on; "
                 "decoding will be slower than with threads <= CPUs",
                 stacklevel=2,
             )
@@ -833,8 +830,7 @@ class Model:
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         _check_int("max_tokens", max_tokens, 0, 1 << 30)
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-            raise ValueError("stop must be a list of non-empty strings")
+        stop = check_stop(stop)
         self._check_open()
         ids = self._text_or_ids("prompt", prompt, special=True)
         if ids.size >= self.n_ctx:
@@ -842,17 +838,16 @@ class Model:
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
         policy = self.kv_policy if kv is None else self._check_policy(parse_policy(kv))
-        it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy)
+        it = self._generate_iter(ids, max_tokens, params, stop, policy)
         return it if stream else "".join(it)
 
     def _generate_iter(self, ids, max_tokens, params, stop, policy) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=int(ids.size))
         self.last_stats = stats
         sampler = Sampler(params)
-        decoder = self.tokenizer.stream_decoder()
+        text = StopText(self.tokenizer.stream_decoder(), stop)
+        tail = ""
         eot = self.tokenizer.eot_ids
-        pending = ""  # text held back while it could still be the start of a stop string
-        hold = max((len(s) for s in stop), default=1) - 1
         lock, me = self._lock, object()  # me: this stream, as the lock knows it
         logits = np.empty(self.vocab_size, np.float32)  # own copy: other calls reuse self._logits
         context = [int(t) for t in ids]  # what the C context holds for this stream
@@ -875,21 +870,13 @@ class Model:
                 if tok in eot:
                     stats.finish_reason = "stop"
                     break
-                pending += decoder.push(tok)
-                if stop:
-                    hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-                    if hit >= 0:
-                        pending = pending[:hit]
-                        decoder.reset()  # bytes held back belong to the cut-off text
-                        stats.finish_reason = "stop"
-                        break
-                    if len(pending) > hold:
-                        cut = len(pending) - hold
-                        yield pending[:cut]
-                        pending = pending[cut:]
-                elif pending:
-                    yield pending
-                    pending = ""
+                piece = text.push(tok)
+                if text.stopped:
+                    stats.finish_reason = "stop"
+                    tail = piece  # yielded after the statistics are final
+                    break
+                if piece:
+                    yield piece
                 if i + 1 == max_tokens:
                     break
                 if len(context) >= self.n_ctx:
@@ -909,9 +896,9 @@ class Model:
             stats.decode_s = time.perf_counter() - t_dec
         finally:
             lock.drop(me)
-        pending += decoder.flush()
-        if pending:
-            yield pending
+        rest = tail + text.flush()
+        if rest:
+            yield rest
 
     def _replay(self, ids: np.ndarray, context: list, policy: KVPolicy) -> None:
         """Bring the cache back to what a stream left in it: its prompt's prefill, then each
