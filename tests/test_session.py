@@ -224,3 +224,57 @@ def test_set_kv_sets_the_policy_of_one_session(smol):
     assert s.n_past == len(ids)
     s.close()
     other.close()
+
+
+def test_eval_logits_modes_kv_and_set_bits(smol):
+    ids = smol.tokenize(PROMPTS[1])
+    n, vocab = len(ids), smol.vocab_size
+    ref = smol.logits(ids)  # the default session, fresh
+    s = smol.new_session()
+    rows = s.eval(ids, logits="all")
+    assert rows.shape == (n, vocab) and np.array_equal(rows, ref) and np.array_equal(s.logits(), ref[-1])
+    s.truncate(0)
+    assert s.eval(ids, logits="none") is None and s.n_past == n
+    out = np.empty((2, vocab), np.float32)
+    assert s.eval([5, 6], logits="all", out=out) is out and s.n_past == n + 2
+    with pytest.raises(ValueError, match="shape"):
+        s.eval([5, 6], logits="all", out=np.empty((3, vocab), np.float32))
+    with pytest.raises(ValueError, match="logits must be one of"):
+        s.eval([5], logits="first")
+    with pytest.raises(ValueError, match="out="):
+        s.eval([5], out=out)
+    assert s.n_past == n + 2  # refused calls ran nothing
+    s.set_bits([0, 1], [4, 4], [2, 2])
+    k, v = s.kv_bits()
+    assert k[:2].tolist() == [4, 4] and v[:2].tolist() == [2, 2] and (k[2:] == 16).all() and (v[2:] == 16).all()
+    with pytest.raises(ValueError, match="not in the context"):
+        s.set_bits([n + 2], [4], [4])
+    with pytest.raises(ValueError, match="bit-widths"):
+        s.set_bits([0], [5], [4])
+    t = smol.new_session()
+    t.eval(ids, kv="int8")  # one call's policy; the session's own stays
+    assert (t.kv_bits()[0] == 8).all() and t.kv_policy.name == "fp16"
+    s.close()
+    t.close()
+
+
+def test_other_sessions_leave_a_generation_stream_undisturbed(smol, monkeypatch):
+    """A stream on the default session re-runs its context only when another call used that
+    session's cache in between, not when other sessions ran."""
+    replays = []
+    real = type(smol)._replay
+    monkeypatch.setattr(type(smol), "_replay", lambda self, *a: (replays.append(1), real(self, *a)))
+    want = smol.generate(PROMPTS[0], max_tokens=6, temperature=0)
+    s = smol.new_session()
+    it = smol.generate(PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+    got = next(it)
+    s.eval(smol.tokenize(PROMPTS[2]))
+    smol.step([s], [[5]])
+    got += "".join(it)
+    assert got == want and replays == []
+    it = smol.generate(PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+    got = next(it)
+    smol.session.eval(smol.tokenize(PROMPTS[2]))  # the default session's cache: the stream re-runs
+    got += "".join(it)
+    assert got == want and len(replays) == 1
+    s.close()

@@ -35,7 +35,7 @@ from .errors import ContextOverflowError, EdgekvError, ModelClosedError, ModelLo
 from .gguf_loader import LoadedGGUF, load_gguf, release_weight, trim_heap
 from .kv_policy import KVPolicy, TokenFeatures, parse_policy
 from .sampling import Sampler, SamplingParams
-from .session import KV_DECIDE_BATCH, Session, _Prefill  # noqa: F401 (KV_DECIDE_BATCH: its old home)
+from .session import KV_DECIDE_BATCH, Session  # noqa: F401 (KV_DECIDE_BATCH: its old home, tests import it)
 from .session import step as _step
 from .tokenizer import Tokenizer
 
@@ -91,12 +91,9 @@ class _ModelLock:
         the call leaves the cache as it is."""
         me = threading.get_ident()
         with self._cv:
-            if self._thread == me:
+            if self._thread == me:  # a call inside a call: the outer one says who used the cache
                 self._depth += 1
-                same = stream is not None and self._owner is stream
-                if touch:
-                    self._owner = stream
-                return same
+                return stream is not None and self._owner is stream
             while True:
                 h = self._held
                 if self._thread is None:
@@ -364,6 +361,12 @@ class Model:
         return np.ascontiguousarray(arr, dtype=np.int32)
 
     # ---- the default session (the per-sequence state and calls live in edgekv.session) -------
+
+    @property
+    def c_handle(self):
+        """The C ek_model * (cffi), for the test and benchmark entry points of edgekv_testing.h."""
+        self._check_open()
+        return self._handle
 
     @property
     def session(self) -> Session:

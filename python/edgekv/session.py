@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 ffi, lib = _native.ffi, _native.lib
 
+_LOGITS_MODES = {"last": lib.EK_LOGITS_LAST, "all": lib.EK_LOGITS_ALL, "none": lib.EK_LOGITS_NONE}
+
 # Generation: a KV policy that reads token features (the learned controller, the rule baseline)
 # runs once per this many due tokens instead of at every step (see Session._apply_policy).
 KV_DECIDE_BATCH = 16
@@ -86,8 +88,13 @@ class Session:
         """Free this session's KV cache (idempotent; later calls raise ModelClosedError)."""
         if self._default:
             raise ValueError("the default session closes with its model: use Model.close()")
-        with self.model._lock:
+        with self._hold():
             self._free()
+
+    def _hold(self):
+        """The model's lock for a call on this session. The lock also records which stream used
+        the default session's cache last (Model.generate); a call on another session leaves that."""
+        return self.model._lock if self._default else self.model._lock.reading()
 
     def _free(self) -> None:
         if self._seq != ffi.NULL:
@@ -138,7 +145,7 @@ class Session:
         """This session's KV policy (any spec Model accepts; for the default session, the model's).
         Cached tokens were stored under the old policy: a session holding any is cleared now."""
         policy = self.model._check_policy(parse_policy(kv))
-        with self.model._lock:
+        with self._hold():
             self._check_open()
             if self.tokens and policy is not self._ctx_policy:
                 self._truncate(0)
@@ -147,20 +154,62 @@ class Session:
             else:
                 self._kv = policy
 
-    def eval(self, ids, *, defer: bool = False) -> np.ndarray:
+    def eval(self, ids, *, logits: str = "last", out: np.ndarray | None = None, kv=None,
+             defer: bool = False) -> np.ndarray | None:
         """Append ids to the cache and run them; the last position's logits (float32, vocab).
-        defer: a generation step (precision decisions of feature-reading policies batched, see
-        _apply_policy). A cache stored under another policy than the session's (the default
-        session after a Model call with another kv=) is cleared first."""
+
+        logits: "last" (a copy of the last position's row), "all" (every position's rows,
+        (len(ids), vocab); into out when given) or "none" (returns None, computes no logits).
+        kv: a KV policy for this call instead of the session's. defer: a generation step
+        (precision decisions of feature-reading policies batched, see _apply_policy). A cache
+        stored under another policy than the call's is cleared first.
+        """
+        mode = _LOGITS_MODES.get(logits)
+        if mode is None:
+            raise ValueError(f"logits must be one of {sorted(_LOGITS_MODES)}, got {logits!r}")
         arr = self.model._as_ids(ids)
-        with self.model._lock:
+        policy = None if kv is None else self.model._check_policy(parse_policy(kv))
+        if mode == lib.EK_LOGITS_ALL:
+            shape = (arr.size, self.model.vocab_size)
+            if out is None:
+                out = np.empty(shape, np.float32)
+            elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        elif out is not None:
+            raise ValueError('out= takes the rows of logits="all"')
+        with self._hold():
             self._check_open()
-            self._eval(arr, lib.EK_LOGITS_LAST, self._logits, defer=defer)
-            return self._logits.copy()
+            if mode == lib.EK_LOGITS_LAST:
+                self._eval(arr, mode, self._logits, policy, defer)
+                return self._logits.copy()
+            self._eval(arr, mode, out, policy, defer)
+            if mode == lib.EK_LOGITS_ALL:
+                self._logits[...] = out[-1]
+            return out
+
+    def set_bits(self, positions, k_bits, v_bits, layer: int = -1) -> None:
+        """Re-encode cached positions at these key/value bit-widths (16, 8, 4, 3 or 2), in every
+        layer (-1) or one; outside of the session's KV policy."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32).reshape(-1)
+        kb = np.ascontiguousarray(k_bits, dtype=np.int32).reshape(-1)
+        vb = np.ascontiguousarray(v_bits, dtype=np.int32).reshape(-1)
+        if not pos.size == kb.size == vb.size:
+            raise ValueError(f"{pos.size} positions, {kb.size} key and {vb.size} value bit-widths")
+        with self._hold():
+            self._check_open()
+            rc = lib.ek_seq_kv_set_layer_bits(self._seq, int(layer), ffi.cast("int32_t *", pos.ctypes.data),
+                                              ffi.cast("int32_t *", kb.ctypes.data), ffi.cast("int32_t *", vb.ctypes.data),
+                                              pos.size)
+            if rc != 0:
+                raise ValueError(self._c_error())
+            if (kb < 16).any():
+                self._keys_quantized = True
+            if pos.size and self._prefill is not None and int(pos.min()) < len(self._prefill.ids):
+                self._prefill = None
 
     def truncate(self, n: int) -> None:
         """Keep the first n cached tokens."""
-        with self.model._lock:
+        with self._hold():
             self._check_open()
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(self.tokens):
                 raise ValueError(f"cannot truncate to {n!r}: the session holds {len(self.tokens)} tokens")
@@ -488,7 +537,7 @@ def step(model: "Model", sessions, ids, *, defer: bool = False) -> list[np.ndarr
         except ValueError as e:
             raise ValueError(f"ids[{i}]: {e}") from None
     vocab = model.vocab_size
-    with model._lock:
+    with model._lock if any(s._default for s in sessions) else model._lock.reading():
         model._check_open()
         for i, (s, a) in enumerate(zip(sessions, arrs)):
             s._check_open()
