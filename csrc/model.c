@@ -1,6 +1,6 @@
-/* The model: borrowed weights, the KV cache, scratch buffers and the forward
- * pass (batched prefill and single-token decode share one code path; a decode
- * step is a batch of one).
+/* The model: borrowed weights, scratch buffers and the forward pass; the sequences (ek_seq: a
+ * KV cache each) it runs (batched prefill and single-token decode share one code path; a decode
+ * step is a batch of one, and a step of several sequences one batch of all their rows).
  *
  * forward() reads top to bottom, layer by layer:
  *   x = embed(tokens)
