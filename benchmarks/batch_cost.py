@@ -38,14 +38,12 @@ def batch_times(m, ids, context: int, k: int, runs: int) -> list:
 
     import numpy as np
 
-    from edgekv._native import lib
-
     batch = np.asarray(ids[context:context + k], np.int32)
     ts = []
     for _ in range(runs):
-        m._truncate(context)
+        m.session.truncate(context)
         t0 = time.perf_counter()
-        m._eval(batch, lib.EK_LOGITS_LAST, m._logits)
+        m.session.eval(batch)
         ts.append(time.perf_counter() - t0)
     return ts
 
@@ -55,11 +53,10 @@ def measure(model: str, context: int, reps: int, threads: int) -> dict:
     import numpy as np
 
     import edgekv
-    from edgekv._native import lib
 
     with edgekv.load(model, threads=threads, ctx=context + max(KS) + 8, progress=False) as m:
         ids = np.asarray(m.tokenize(DATA.read_text()[:20000])[: context + max(KS)], np.int32)
-        m._eval(ids[:context], lib.EK_LOGITS_LAST, m._logits)
+        m.session.eval(ids[:context])
         return {str(k): batch_times(m, ids, context, k, reps + 1)[1:] for k in KS}  # the first is a warm-up
 
 

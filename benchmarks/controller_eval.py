@@ -564,7 +564,6 @@ def cmd_cost(args) -> None:
     The controller is timed twice: deciding every token at its step (as score() and the
     quality runs do) and as generation runs it (decisions batched KV_DECIDE_BATCH tokens at a
     time on features frozen when each token became due; see Model._apply_policy)."""
-    import edgekv.model as em
     from controller.common import load_model as _load
 
     model = _load(args.model, threads=args.threads, ctx=args.ctx + args.steps + 8)
@@ -573,7 +572,9 @@ def cmd_cost(args) -> None:
     _, heldout = wikitext_split()
     ids = model.tokenize("".join(heldout), special=False)[:args.ctx + args.steps]
     timers = {"features": 0.0, "decide": 0.0, "logit_stats": 0.0}
-    orig_features, orig_stats = em.Model._features, em.Model._record_logit_features
+    from edgekv.session import Session
+
+    orig_features, orig_stats = Session._features, Session._record_logit_features
 
     def t_features(self, pos, frozen=None):
         t = time.perf_counter()
@@ -602,22 +603,21 @@ def cmd_cost(args) -> None:
                 return r
 
             pol.decide = t_decide
-        em.Model._features, em.Model._record_logit_features = t_features, t_stats
+        Session._features, Session._record_logit_features = t_features, t_stats
         best = None
         for rep in range(args.reps):
             model.reset()
-            model._ctx_policy = None
             model.score(ids[:args.ctx], ids[args.ctx:args.ctx + 1], kv=pol)  # prefill under the policy
             for k in timers:
                 timers[k] = 0.0
             t0 = time.perf_counter()
             for j in range(args.ctx, args.ctx + args.steps):
-                model._eval(np.array([ids[j]], np.int32), em.lib.EK_LOGITS_LAST, model._logits, pol, defer=defer)
+                model.session.eval([ids[j]], kv=pol, defer=defer)
             dt = time.perf_counter() - t0
             row = {"ms_per_token": 1000 * dt / args.steps, **{f"{k}_ms": 1000 * v / args.steps for k, v in timers.items()}}
             if best is None or row["ms_per_token"] < best["ms_per_token"]:
                 best = row
-        em.Model._features, em.Model._record_logit_features = orig_features, orig_stats
+        Session._features, Session._record_logit_features = orig_features, orig_stats
         result["policies"][label] = best
         print(label, json.dumps(best), file=sys.stderr)
     # the same components in isolation (best of many calls: robust to a busy machine), at the
@@ -626,17 +626,16 @@ def cmd_cost(args) -> None:
 
     pol = make_policy("adaptive@3.5", "cost", model)
     pol.bind(model)
-    row = model._logits.reshape(1, -1).copy()
-    last = np.array([model.n_past - 1])
-    model._ctx_policy = pol
+    row = model.session.logits().reshape(1, -1)
+    last = np.array([model.n_past - 1])  # cached under the last run's policy, which reads features too
 
     def best_us(fn, number=200):
         return 1e6 * min(timeit.repeat(fn, number=number, repeat=7)) / number
 
     feats = model.features(last)
-    iso = {"logit_stats_us": best_us(lambda: orig_stats(model, model.n_past - 1, row)),
-           "features_us": best_us(lambda: orig_features(model, last, None)),
-           "rarity_us": best_us(lambda: model._controller_rarity(last)),
+    iso = {"logit_stats_us": best_us(lambda: orig_stats(model.session, model.n_past - 1, row)),
+           "features_us": best_us(lambda: orig_features(model.session, last, None)),
+           "rarity_us": best_us(lambda: model.session._controller_rarity(last)),
            "decide_us": best_us(lambda: pol.decide(feats))}
     result["isolated"] = iso
     iso_ctrl_ms = (iso["logit_stats_us"] + iso["features_us"] + iso["decide_us"]) / 1000

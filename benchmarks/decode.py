@@ -31,8 +31,8 @@ prefills), which cancels slow load drifts.
 
 How each engine is driven (no Python-side overhead beyond one foreign call per step):
 
-* edgekv: ``Model._eval(ids, EK_LOGITS_LAST, Model._logits)`` (one ``ek_forward`` call), and
-  ``Model._truncate(0)`` to reset.
+* edgekv: ``Model.session.eval(ids)`` (one ``ek_forward_seq`` call, plus checking the ids and
+  copying the logits out), and ``Model.session.truncate(0)`` to reset.
 * llama.cpp: the low-level API on the context of a ``llama_cpp.Llama`` object:
   ``llama_decode(ctx, llama_batch_get_one(tokens, n))`` per chunk/step,
   ``llama_get_logits_ith(ctx, -1)`` for the logits and ``llama_memory_clear`` to reset.
@@ -152,7 +152,6 @@ class EdgekvEngine:
     def __init__(self, path: str, n_ctx: int, threads: int, n_batch: int, **kw):
         import edgekv
 
-        self._lib = edgekv._native.lib
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ctx beyond the training context at 8192
             self.m = edgekv.load(path, threads=threads, ctx=n_ctx, n_batch=n_batch, progress=False, **kw)
@@ -160,20 +159,20 @@ class EdgekvEngine:
         self._ids = None
 
     def reset(self) -> None:
-        self.m._truncate(0)
+        self.m.session.truncate(0)
 
     def set_prompt(self, ids: np.ndarray) -> None:
         self._ids = np.ascontiguousarray(ids, dtype=np.int32)
 
     def prefill(self) -> None:
-        self.m._eval(self._ids, self._lib.EK_LOGITS_LAST, self.m._logits)
+        self._logits = self.m.session.eval(self._ids)
 
     def step(self, tok: int) -> None:
         self._one[0] = tok  # a generation step (a feature-reading KV policy decides in batches)
-        self.m._eval(self._one, self._lib.EK_LOGITS_LAST, self.m._logits, defer=True)
+        self._logits = self.m.session.eval(self._one, defer=True)
 
     def argmax(self) -> int:
-        return int(self.m._logits.argmax())
+        return int(self._logits.argmax())
 
     def n_past(self) -> int:
         return self.m.n_past
@@ -717,7 +716,7 @@ def write_md(res: dict, path: Path) -> None:
              f"blocks of {a['block']} alternating between engines; at least {a['reps']} reps per context, more (up "
              f"to {a['max_reps']}, or {a['budget_s']:.0f} s) while clean rounds are too few. Prefill: median over "
              "the prefills used; decode: median (p10-p90) over the steps used (see Contention below). "
-             "Both engines in one process, interleaved. edgekv via `Model._eval`; llama.cpp via the low-level "
+             "Both engines in one process, interleaved. edgekv via `Session.eval`; llama.cpp via the low-level "
              "`llama_decode` + `llama_batch_get_one` (no `Llama.eval` overhead).\n")
     L.append("Configs: " + "; ".join(f"`{n}`: {CONFIGS[n].description}" for n in res["config_engines"]) + "\n")
     L.append("| context | config | engine | prefill tok/s | decode ms/token median (p10-p90) | "

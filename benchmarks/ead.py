@@ -63,7 +63,6 @@ if str(REPO / "benchmarks") not in sys.path:  # sibling scripts, when imported r
 import edgekv  # noqa: E402
 from batch_cost import batch_times  # noqa: E402
 from common import bootstrap, ci95, command_line, machine, machine_line, target_log_probs  # noqa: E402
-from edgekv._native import lib  # noqa: E402
 from edgekv.ead import (  # noqa: E402
     DEFAULT_D_MIN, DEFAULT_TAU, DEFAULT_WINDOW, LARGE, SMALL, EADConfig, entropy_bits_rows, simulate_switching,
 )
@@ -107,8 +106,7 @@ def score_positions(model, ids: list, sub: int = 128) -> dict:
     with model._lock:
         for a in range(0, n - 1, sub):
             b = min(a + sub, n - 1)
-            out = np.empty((b - a, model.vocab_size), np.float32)
-            model._eval(arr[a:b], lib.EK_LOGITS_ALL, out)
+            out = model.session.eval(arr[a:b], logits="all")
             nll[a:b] = -target_log_probs(out, arr[a + 1:b + 1])
             ent[a:b] = entropy_bits_rows(out)
             top[a:b] = out.argmax(axis=1)
@@ -478,7 +476,7 @@ def run_one(pair, setting: dict, prompt: str, max_tokens: int, seed: int, keep: 
     shares (system message and worked example), so every run pays for its own question."""
     for m in (pair.small, pair.large):
         if m.n_past > keep:
-            m._truncate(keep)
+            m.session.truncate(keep)
     n_prompt = len(pair.tokenize(prompt))
     t0 = time.perf_counter()
     if setting["kind"] in ("small", "large"):
@@ -553,7 +551,7 @@ def cmd_gsm8k(args) -> int:
     keep = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
     log(f"prompts share their first {keep} tokens (system message + worked example): kept cached")
     for m in (pair.small, pair.large):  # cache them once, so that no run pays for them
-        m._eval(np.asarray(a[:keep], np.int32), lib.EK_LOGITS_LAST, m._logits)
+        m.session.eval(a[:keep])
 
     def run(name, setting, i):
         if (name, i) in done:
@@ -713,7 +711,7 @@ def cmd_timing(args) -> int:
     a, b = pair.tokenize(prompts[0]), pair.tokenize(prompts[1])
     keep = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
     for m in (pair.small, pair.large):
-        m._eval(np.asarray(a[:keep], np.int32), lib.EK_LOGITS_LAST, m._logits)
+        m.session.eval(a[:keep])
     settings = [("large", None)] + ead_specs(args.taus)
     rows = []
     for rep in range(args.reps):
@@ -722,7 +720,7 @@ def cmd_timing(args) -> int:
             for name, setting in order:
                 for m in (pair.small, pair.large):
                     if m.n_past > keep:
-                        m._truncate(keep)
+                        m.session.truncate(keep)
                 t0 = time.perf_counter()
                 if setting is None:
                     pair.large.generate(p, max_tokens=args.max_tokens, temperature=0)
@@ -747,7 +745,7 @@ def cmd_timing(args) -> int:
     curve = {}
     for role, m in ((SMALL, pair.small), (LARGE, pair.large)):
         m.reset()
-        m._eval(ctx_ids[:300], lib.EK_LOGITS_LAST, m._logits)
+        m.session.eval(ctx_ids[:300])
         pts = []
         for k in (1, 2, 4, 8, 16, 32, 64):
             ts = batch_times(m, ctx_ids, 300, k, args.reps + 1)

@@ -53,14 +53,14 @@ def main() -> None:
     for n in args.ctx:
         with edgekv.load(args.model, threads=args.threads, ctx=n, progress=False) as m:
             for name, kb, vb in POLICIES:
-                if lib.ek_bench_fill_kv(m._handle, n, kb, vb, 7) != 0:
+                if lib.ek_bench_fill_kv(m.c_handle, n, kb, vb, 7) != 0:
                     raise RuntimeError(m._c_error())
                 times = []
                 for _ in range(args.rounds):
                     sample_bandwidth()
-                    times.append(lib.ek_bench_attention(m._handle, args.iters))
+                    times.append(lib.ek_bench_attention(m.c_handle, args.iters))
                 t = statistics.median(times)
-                nbytes = lib.ek_kv_data_bytes(m._handle)
+                nbytes = lib.ek_kv_data_bytes(m.c_handle)
                 hp = m.hparams
                 elems = 2 * n * hp["n_layer"] * hp["n_head_kv"] * hp["head_dim"]  # K and V values cached
                 records = n * hp["n_layer"] * hp["n_head_kv"]  # (token, layer, KV head) records read per step

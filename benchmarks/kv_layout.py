@@ -69,8 +69,6 @@ def decode_cost(path, text: str, threads: int, pol: str = "int3", ctx: int = 102
     """Decode ms/token under `pol` with min/max vs fitted grids: both models in this process, one
     prefill of ctx/2 tokens each, then single-token steps in blocks alternating between them (each
     new token is encoded once per layer and head at W=0, so the fit's cost is in every step)."""
-    from edgekv._native import lib
-
     models = {fit: edgekv.load(path, threads=threads, ctx=ctx, kv=pol, kv_fit_grid=fit, progress=False)
               for fit in (False, True)}
     try:
@@ -78,7 +76,6 @@ def decode_cost(path, text: str, threads: int, pol: str = "int3", ctx: int = 102
         times = {False: [], True: []}
         for fit, m in models.items():
             m.logits(ids[:ctx // 2])
-        out = np.empty(models[False].vocab_size, np.float32)
         pos = ctx // 2
         for b in range(blocks):
             for fit in ((False, True) if b % 2 == 0 else (True, False)):
@@ -87,7 +84,7 @@ def decode_cost(path, text: str, threads: int, pol: str = "int3", ctx: int = 102
                     for t in range(per_block):
                         tok = np.array([ids[pos + t]], np.int32)
                         t0 = time.perf_counter()
-                        m._eval(tok, lib.EK_LOGITS_LAST, out)
+                        m.session.eval(tok)
                         times[fit].append(time.perf_counter() - t0)
             pos += per_block
             if pos + per_block >= ctx:

@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from controller import corpus, oracle
-from edgekv import _native
 from edgekv.kv_policy import CallablePolicy, TokenFeatures
 
-lib = _native.lib
 CONTEXTS = (32, 96, 256, 448)   # P, cycled over windows
 N_LABELED = 12                   # labeled positions per window (0, 1, 2 + uniform draws)
 STREAM_MAX = 48                  # at most this many tokens of a window are decoded one at a time
@@ -90,20 +88,18 @@ def window_features(model, ids: np.ndarray, P: int, positions: np.ndarray) -> di
     out = {}
     store: list = []
     pol = _capture_policy(store)
-    model._ctx_policy = None
-    model._truncate(0)
-    model._eval(ids[:P], lib.EK_LOGITS_LAST, model._logits, pol)
+    s = model.session
+    s.truncate(0)
+    s.eval(ids[:P], kv=pol)
     out["prefill"] = _gather(store, positions)
     store.clear()
-    model._ctx_policy = None
-    model._truncate(0)
+    s.truncate(0)
     P0 = max(1, P - min(P // 2, STREAM_MAX))
-    model._eval(ids[:P0], lib.EK_LOGITS_LAST, model._logits, pol)
+    s.eval(ids[:P0], kv=pol)
     for j in range(P0, P):
-        model._eval(ids[j:j + 1], lib.EK_LOGITS_LAST, model._logits, pol)
+        s.eval(ids[j:j + 1], kv=pol)
     out["stream"] = _gather(store, positions)
-    model._ctx_policy = None
-    model._truncate(0)
+    s.truncate(0)
     return out
 
 

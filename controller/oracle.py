@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv import _native
+from edgekv.kv_policy import parse_policy
 
-ffi, lib = _native.ffi, _native.lib
+# the window runs at 16 bits but for the bits the oracle sets itself (Session.set_bits)
+FP16 = parse_policy("fp16")
 
 HORIZON = 16              # T: following positions over which KL is summed (controller.train --horizon)
 NULL_SPLIT = 5            # the null run feeds j+1..j+5, then the rest
@@ -55,11 +56,7 @@ def kl_rows(logp_ref: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def set_bits(model, pos: int, kb: int, vb: int) -> None:
-    p, k, v = (np.array([x], np.int32) for x in (pos, kb, vb))
-    rc = lib.ek_kv_set_bits(model._handle, ffi.cast("int32_t *", p.ctypes.data), ffi.cast("int32_t *", k.ctypes.data),
-                            ffi.cast("int32_t *", v.ctypes.data), 1)
-    if rc != 0:
-        raise RuntimeError(model._c_error())
+    model.session.set_bits([pos], [kb], [vb])
 
 
 class WindowOracle:
@@ -75,27 +72,26 @@ class WindowOracle:
         self.model = model
         self.ids = np.ascontiguousarray(ids, dtype=np.int32)
         self.T = int(HORIZON if horizon is None else horizon)
-        model._ctx_policy = None
-        model._truncate(0)
+        model.session.truncate(0)
         self._base = None  # (j, log-softmax of the baseline rows)
         self.runs = 0
 
     def _run(self, j: int, kb: int = 16, vb: int = 16, split: int = 0) -> np.ndarray:
-        m = self.model
+        m, s = self.model, self.model.session
         end = min(j + 1 + self.T, self.ids.size)
         if m.n_past > j:
-            m._truncate(j)
+            s.truncate(j)
         elif m.n_past < j:
-            m._eval_raw(self.ids[m.n_past:j], lib.EK_LOGITS_NONE, None)
-        m._eval_raw(self.ids[j:j + 1], lib.EK_LOGITS_NONE, None)
+            s.eval(self.ids[m.n_past:j], logits="none", kv=FP16)
+        s.eval(self.ids[j:j + 1], logits="none", kv=FP16)
         if kb != 16 or vb != 16:
             set_bits(m, j, kb, vb)
         out = np.empty((end - j - 1, m.vocab_size), np.float32)
         if 0 < split < end - j - 1:
-            m._eval_raw(self.ids[j + 1:j + 1 + split], lib.EK_LOGITS_ALL, out[:split])
-            m._eval_raw(self.ids[j + 1 + split:end], lib.EK_LOGITS_ALL, out[split:])
+            s.eval(self.ids[j + 1:j + 1 + split], logits="all", out=out[:split], kv=FP16)
+            s.eval(self.ids[j + 1 + split:end], logits="all", out=out[split:], kv=FP16)
         else:
-            m._eval_raw(self.ids[j + 1:end], lib.EK_LOGITS_ALL, out)
+            s.eval(self.ids[j + 1:end], logits="all", out=out, kv=FP16)
         self.runs += 1
         return out
 
@@ -185,14 +181,14 @@ def window_damages(model, ids: np.ndarray, progress=None) -> np.ndarray:
 
     measure(0)
     if model.kv_center_keys and n > 2:
-        model._truncate(0)
-        model._eval_raw(wo.ids, lib.EK_LOGITS_NONE, None)
+        model.session.truncate(0)
+        model.session.eval(wo.ids, logits="none", kv=FP16)
         set_bits(model, n - 1, 8, 16)  # the first quantized key: centers from keys 1..n-1
-        model._truncate(n - 1)
+        model.session.truncate(n - 1)
         wo._base = None
     for j in range(1, n - 1):
         measure(j)
-    model._truncate(0)
+    model.session.truncate(0)
     return t
 
 

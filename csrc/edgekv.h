@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 8 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps */
+#define EK_ABI_VERSION 9 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch) */
 
 typedef struct {
     int n_vocab;
@@ -74,6 +74,7 @@ enum {
 enum { EK_LOGITS_NONE = 0, EK_LOGITS_LAST = 1, EK_LOGITS_ALL = 2 };
 
 typedef struct ek_model ek_model;
+typedef struct ek_seq ek_seq;
 
 int ek_abi_version(void);
 const char *ek_simd(void); /* "avx2", "neon", "neon+dotprod" or "scalar" */
@@ -156,6 +157,49 @@ int ek_logit_stats(const float *logits, int n_rows, int n_vocab, float *max_logi
  * also computes that row's statistics, as ek_logit_stats would, chunk by chunk inside the output
  * matmul: out[3] = max logit, log s, entropy. 0 if the last forward call computed them, else -1. */
 int ek_last_logit_stats(const ek_model *m, float *out);
+
+/* ---- sequences ----
+ * A model's weights serve any number of sequences; each ek_seq holds its own KV store (layout,
+ * precisions, attention statistics) and position. Every ek_* call above that takes no seq acts
+ * on the model's default sequence (ek_model_seq); the ek_seq_* calls below are the same calls on
+ * a given sequence, with errors left in ek_model_error() of its model. Calls on one model and its
+ * sequences must not overlap (they share the model's scratch and threads): callers on several
+ * threads hold one lock per model. Free every sequence (other than the default) before its model.
+ * ek_seq_create: a new empty sequence with the default KV layout (configure it while empty);
+ * NULL on failure (message in ek_model_error). */
+ek_seq *ek_seq_create(ek_model *m);
+void ek_seq_free(ek_seq *s);
+ek_seq *ek_model_seq(ek_model *m);
+int ek_forward_seq(ek_seq *s, const int32_t *tokens, int n, int logits_mode, float *logits);
+int ek_truncate_seq(ek_seq *s, int n_past);
+int ek_seq_n_past(const ek_seq *s);
+size_t ek_seq_kv_bytes_used(const ek_seq *s);
+int ek_seq_kv_configure(ek_seq *s, int group_bits8, int group_bits4, int group_bits2, int flags);
+int ek_seq_kv_rotating(const ek_seq *s);
+int ek_seq_kv_centering(const ek_seq *s);
+int ek_seq_kv_fitting(const ek_seq *s);
+int ek_seq_kv_set_layer_bits(ek_seq *s, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
+                             int n);
+int ek_seq_kv_get_layer_bits(const ek_seq *s, int layer, int32_t *k_bits, int32_t *v_bits);
+int ek_seq_kv_layer_maps(const ek_seq *s);
+size_t ek_seq_kv_data_bytes(const ek_seq *s);
+int ek_seq_kv_read(const ek_seq *s, int layer, int pos, float *k, float *v);
+void ek_seq_set_collect_stats(ek_seq *s, int on);
+const double *ek_seq_attn_stat_sum(const ek_seq *s);
+const double *ek_seq_attn_stat_sumsq(const ek_seq *s);
+const int32_t *ek_seq_attn_stat_count(const ek_seq *s);
+int ek_seq_last_logit_stats(const ek_seq *s, float *out);
+
+/* One step of n_seqs distinct sequences of this model in one pass over the weights: sequence i
+ * appends counts[i] >= 1 tokens (taken in order from tokens: sequence 0's, then 1's, ...; a
+ * decode step is 1, a prompt chunk more) and, when logits is not NULL, gets the logits of its last
+ * token in row i of logits (n_seqs, n_vocab). The matmuls run once over all rows (at most n_batch
+ * per pass; more go in several passes); attention runs per sequence over its own store at its own
+ * position and precisions. Each sequence's result is what ek_forward_seq gives it alone up to float
+ * summation order (docs/architecture.md). A refused call (bad sequence, token, count or context
+ * overflow of any sequence) changes no sequence. */
+int ek_forward_batch(ek_model *m, ek_seq *const *seqs, int n_seqs, const int32_t *tokens, const int32_t *counts,
+                     float *logits);
 
 /* ---- weight conversion at load (weight_convert.c) ----
  * GGUF types the kernels do not run: Q4_K -> Q4_1 (codes kept, scales rounded to fp16),

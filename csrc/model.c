@@ -1,6 +1,6 @@
-/* The model: borrowed weights, the KV cache, scratch buffers and the forward
- * pass (batched prefill and single-token decode share one code path; a decode
- * step is a batch of one).
+/* The model: borrowed weights, scratch buffers and the forward pass; the sequences (ek_seq: a
+ * KV cache each) it runs (batched prefill and single-token decode share one code path; a decode
+ * step is a batch of one, and a step of several sequences one batch of all their rows).
  *
  * forward() reads top to bottom, layer by layer:
  *   x = embed(tokens)
@@ -46,12 +46,15 @@ int ek_abi_version(void) { return EK_ABI_VERSION; }
 const char *ek_simd(void) { return ek_simd_name(); }
 size_t ek_type_row_bytes(int type, int64_t n) { return ek_row_bytes(type, n); }
 const char *ek_model_error(const ek_model *m) { return m->err; }
-int ek_n_past(const ek_model *m) { return m->n_past; }
+int ek_n_past(const ek_model *m) { return m->seq->n_past; }
 int ek_n_ctx(const ek_model *m) { return m->cfg.n_ctx; }
 size_t ek_kv_bytes_per_token(const ek_model *m) {
-    return m->kv.shared.pools[0].rec_bytes * m->cfg.n_layer * m->cfg.n_head_kv + sizeof(uint8_t) + sizeof(int32_t);
+    return m->seq->kv.shared.pools[0].rec_bytes * m->cfg.n_layer * m->cfg.n_head_kv + sizeof(uint8_t) + sizeof(int32_t);
 }
-size_t ek_kv_bytes_used(const ek_model *m) { return ek_kv_store_bytes(&m->kv); }
+size_t ek_kv_bytes_used(const ek_model *m) { return ek_seq_kv_bytes_used(m->seq); }
+ek_seq *ek_model_seq(ek_model *m) { return m->seq; }
+int ek_seq_n_past(const ek_seq *s) { return s->n_past; }
+size_t ek_seq_kv_bytes_used(const ek_seq *s) { return ek_kv_store_bytes(&s->kv); }
 
 /* ------------------------------------------------------------------------- */
 /* construction                                                               */
@@ -97,13 +100,13 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->group = cfg->n_head / cfg->n_head_kv;
     m->layers = (ek_layer *)calloc((size_t)cfg->n_layer, sizeof(ek_layer));
     if (!m->layers) goto oom;
-    if (ek_kv_store_init(&m->kv, cfg->n_layer, cfg->n_head_kv, cfg->head_dim, cfg->n_ctx)) goto oom;
-    m->collect_stats = 1;
 
     const size_t B = (size_t)cfg->n_batch;
     const int wide = cfg->n_embd > m->q_dim ? cfg->n_embd : m->q_dim;
     int widest = wide > cfg->n_ff ? wide : cfg->n_ff;
     m->act_stride = (size_t)widest * sizeof(float); /* >= any activation row format */
+    m->row_seq = (ek_seq **)malloc(B * sizeof(ek_seq *));
+    m->row_pos = (int *)malloc(B * sizeof(int));
     m->x = (float *)malloc(B * cfg->n_embd * sizeof(float));
     m->xb = (float *)malloc(B * wide * sizeof(float));
     m->q = (float *)malloc(B * m->q_dim * sizeof(float));
@@ -127,13 +130,16 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->max_tasks = cfg->n_head_kv * KV_NPOOLS * DECODE_NPIECES;
     m->parts = (float *)malloc((size_t)m->max_tasks * ek_attn_partial_floats(m->group, cfg->head_dim) * sizeof(float));
     m->tasks = malloc((size_t)m->max_tasks * 4 * sizeof(int));
-    if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
+    if (!m->row_seq || !m->row_pos ||
+        !m->x || !m->xb || !m->q || !m->k || !m->v || !m->gate || !m->up || !m->proj || !m->act || !m->rope_cos ||
         !m->rope_sin || !m->inv_freq || !m->q_rot || !m->logit_parts || !m->raw || !m->th_raw || !m->th_stats || !m->th_scratch ||
         !m->parts || !m->tasks)
         goto oom;
     set_inv_freq(m, NULL);
     m->pool = ek_pool_create(cfg->n_threads);
     if (!m->pool) goto oom;
+    m->seq = ek_seq_create(m);
+    if (!m->seq) goto oom;
     return m;
 oom:
     if (err) snprintf(err, err_len, "out of memory allocating the model state (n_ctx=%d, n_batch=%d)", cfg->n_ctx,
@@ -157,12 +163,38 @@ void ek_model_free(ek_model *m) {
         for (size_t k = 0; k < sizeof LAYER_MATRICES / sizeof *LAYER_MATRICES; k++) mat_unpack(mat_of(m, LAYER_MATRICES[k], l));
     mat_unpack(&m->output);
     if (m->pool) ek_pool_free(m->pool);
-    ek_kv_store_free(&m->kv);
+    ek_seq_free(m->seq);
     free(m->layers);
+    free(m->row_seq); free(m->row_pos);
     free(m->x); free(m->xb); free(m->q); free(m->k); free(m->v); free(m->gate); free(m->up); free(m->proj);
     free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq);
     free(m->q_rot); free(m->logit_parts); free(m->raw); free(m->th_raw); free(m->th_stats); free(m->th_scratch); free(m->parts); free(m->tasks);
     free(m);
+}
+
+/* A new empty sequence; it takes the KV layout (groups, rotation, centering, fitting) of the
+ * default sequence, so every sequence of a model stores records alike. */
+ek_seq *ek_seq_create(ek_model *m) {
+    const ek_config *c = &m->cfg;
+    ek_seq *s = (ek_seq *)calloc(1, sizeof(ek_seq));
+    if (!s || ek_kv_store_init(&s->kv, c->n_layer, c->n_head_kv, c->head_dim, c->n_ctx)) {
+        free(s);
+        fail(m, EK_ERR_NOMEM, "out of memory allocating a sequence (n_ctx=%d)", c->n_ctx);
+        return NULL;
+    }
+    s->m = m;
+    s->collect_stats = 1;
+    if (m->seq) {
+        const ek_kv_store *d = &m->seq->kv;
+        ek_kv_store_configure(&s->kv, d->group, d->rotate, d->center, d->fit); /* valid: d holds it */
+    }
+    return s;
+}
+
+void ek_seq_free(ek_seq *s) {
+    if (!s) return;
+    ek_kv_store_free(&s->kv);
+    free(s);
 }
 
 /* Interleave a matrix's rows 8 by 8 when this build has an x8 kernel for its type. */
@@ -483,14 +515,15 @@ static void qkv_post_task(void *p, int ith, int nth) {
         const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
         for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
         for (int h = 0; h < cf->n_head_kv; h++) rope_head(k + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
-        ek_kv_store_put(&m->kv, c->layer, m->n_past + t, k, v);
+        ek_kv_store *kv = &m->row_seq[t]->kv;
+        ek_kv_store_put(kv, c->layer, m->row_pos[t], k, v);
         /* attention wants the query scaled, and rotated for quantized keys */
         const float scale = 1.0f / sqrtf((float)cf->head_dim);
         float *qr = m->q_rot + (size_t)t * m->q_dim;
         for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
         memcpy(qr, q, sizeof(float) * m->q_dim);
-        if (m->kv.rotate)
-            for (int h = 0; h < cf->n_head; h++) ek_rotate(qr + h * cf->head_dim, m->kv.signs, cf->head_dim);
+        if (kv->rotate)
+            for (int h = 0; h < cf->n_head; h++) ek_rotate(qr + h * cf->head_dim, kv->signs, cf->head_dim);
     }
 }
 
@@ -501,15 +534,16 @@ static void qkv_post_task(void *p, int ith, int nth) {
  * by log-sum-exp afterwards. The last layer also yields per-token statistics. */
 typedef struct {
     ek_model *m;
-    int layer, n_tok, stats;
+    ek_seq *s;
+    int layer, row0, n_tok, stats; /* the sequence's queries are rows row0..row0+n_tok-1 */
     float *out; /* (n_tok, q_dim) */
     atomic_int next;
 } attn_ctx;
 
 static ek_attn_args attn_args(const attn_ctx *c, int t, int g, float *raw) {
     const ek_model *m = c->m;
-    const size_t off = (size_t)t * m->q_dim + (size_t)g * m->group * m->cfg.head_dim;
-    ek_attn_args a = {&m->kv, c->layer, g, m->group, m->q + off, m->q_rot + off, m->n_past + t, raw};
+    const size_t off = (size_t)(c->row0 + t) * m->q_dim + (size_t)g * m->group * m->cfg.head_dim;
+    ek_attn_args a = {&c->s->kv, c->layer, g, m->group, m->q + off, m->q_rot + off, c->s->n_past + t, raw};
     return a;
 }
 
@@ -544,7 +578,7 @@ static void attn_prefill_task(void *p, int ith, int nth) {
         ek_attn_partial part;
         ek_attn_partial_init(&part, pbuf, gs, hd);
         ek_attend_all(&a, &part, scratch);
-        ek_attn_finish(&part, &m->kv, gs, c->out + (size_t)t * m->q_dim + (size_t)g * gs * hd);
+        ek_attn_finish(&part, &c->s->kv, gs, c->out + (size_t)t * m->q_dim + (size_t)g * gs * hd);
         if (raw) stats_fold(raw, C, &part, gs, a.max_pos + 1, st, st + C, st + 2 * C);
     }
 }
@@ -571,7 +605,7 @@ static void attn_decode_task(void *p, int ith, int nth) {
         ek_attn_args a = attn_args(&d->c, 0, t->g, d->c.stats ? m->raw + (size_t)t->g * gs * m->cfg.n_ctx : NULL);
         ek_attn_partial part;
         ek_attn_partial_init(&part, m->parts + (size_t)i * pf, gs, hd);
-        ek_attend_range(&a, &ek_kv_map_of(&m->kv, d->c.layer)->pools[t->pool], t->j0, t->j1, &part, scratch);
+        ek_attend_range(&a, &ek_kv_map_of(&d->c.s->kv, d->c.layer)->pools[t->pool], t->j0, t->j1, &part, scratch);
     }
 }
 
@@ -583,30 +617,30 @@ static int decode_piece_start(int n, int k) {
     return (int)((long long)n * cum / 16) / ATTN_CHUNK * ATTN_CHUNK;
 }
 
-static void attention(ek_model *m, int layer, int n_tok, float *out) {
+static void attention(ek_model *m, ek_seq *s, int layer, int row0, int n_tok, float *out) {
     const ek_config *cf = &m->cfg;
     const int gs = m->group, hd = cf->head_dim, C = cf->n_ctx;
-    const int stats = m->collect_stats && layer == cf->n_layer - 1;
-    attn_ctx c = {.m = m, .layer = layer, .n_tok = n_tok, .stats = stats, .out = out};
+    const int stats = s->collect_stats && layer == cf->n_layer - 1;
+    attn_ctx c = {.m = m, .s = s, .layer = layer, .row0 = row0, .n_tok = n_tok, .stats = stats, .out = out};
     atomic_init(&c.next, 0);
     if (n_tok > 1) {
         if (stats) memset(m->th_stats, 0, sizeof(double) * 3 * (size_t)C * ek_pool_size(m->pool));
         ek_pool_run(m->pool, attn_prefill_task, &c);
         if (stats) {
-            const int n_pos = m->n_past + n_tok;
+            const int n_pos = s->n_past + n_tok;
             for (int th = 0; th < ek_pool_size(m->pool); th++) {
                 const double *st = m->th_stats + (size_t)th * 3 * C;
                 for (int j = 0; j < n_pos; j++) {
-                    m->kv.att_sum[j] += st[j];
-                    m->kv.att_sumsq[j] += st[C + j];
-                    m->kv.att_count[j] += (int32_t)st[2 * C + j];
+                    s->kv.att_sum[j] += st[j];
+                    s->kv.att_sumsq[j] += st[C + j];
+                    s->kv.att_count[j] += (int32_t)st[2 * C + j];
                 }
             }
         }
         return;
     }
     decode_task *tl = (decode_task *)m->tasks;
-    const ek_kv_map *kmap = ek_kv_map_of(&m->kv, layer);
+    const ek_kv_map *kmap = ek_kv_map_of(&s->kv, layer);
     int nt = 0;
     for (int k = 0; k < DECODE_NPIECES; k++)
         for (int g = 0; g < cf->n_head_kv; g++)
@@ -615,7 +649,7 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
                 if (j1 > j0) tl[nt++] = (decode_task){g, p, j0, j1};
             }
     decode_ctx d = {.tasks = tl, .n_tasks = nt};
-    d.c.m = m; d.c.layer = layer; d.c.n_tok = n_tok; d.c.stats = stats; d.c.out = out;
+    d.c.m = m; d.c.s = s; d.c.layer = layer; d.c.row0 = row0; d.c.n_tok = n_tok; d.c.stats = stats; d.c.out = out;
     atomic_init(&d.c.next, 0);
     ek_pool_run(m->pool, attn_decode_task, &d);
     const size_t pf = ek_attn_partial_floats(gs, hd);
@@ -631,16 +665,16 @@ static void attention(ek_model *m, int layer, int n_tok, float *out) {
                 part.o_rot = part.o_plain + (size_t)gs * hd;
                 ek_attn_merge(&total, &part, gs, hd);
             }
-        ek_attn_finish(&total, &m->kv, gs, out + (size_t)g * gs * hd);
+        ek_attn_finish(&total, &s->kv, gs, out + (size_t)g * gs * hd);
         if (stats) {
-            const int n_pos = m->n_past + 1;
+            const int n_pos = s->n_past + 1;
             double *st = m->th_stats; /* reuse as a (3, n_pos) accumulator */
             memset(st, 0, sizeof(double) * 3 * (size_t)n_pos);
             stats_fold(m->raw + (size_t)g * gs * C, C, &total, gs, n_pos, st, st + n_pos, st + 2 * n_pos);
             for (int j = 0; j < n_pos; j++) {
-                m->kv.att_sum[j] += st[j];
-                m->kv.att_sumsq[j] += st[n_pos + j];
-                m->kv.att_count[j] += (int32_t)st[2 * n_pos + j];
+                s->kv.att_sum[j] += st[j];
+                s->kv.att_sumsq[j] += st[n_pos + j];
+                s->kv.att_count[j] += (int32_t)st[2 * n_pos + j];
             }
         }
     }
@@ -717,14 +751,32 @@ static void embed_row(const ek_model *m, int token, float *y) {
     ek_type_get(w->type)->to_float((const char *)w->data + (size_t)token * w->row_bytes, y, (int)w->n_in);
 }
 
-static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
+/* The rows of one sequence in a forward chunk. */
+typedef struct {
+    ek_seq *s;
+    const int32_t *tokens;
+    int n;
+    int logits_mode; /* its logits: none, its last row's, or every row's */
+} ek_span;
+
+/* Append each span's tokens to its sequence and run all rows through the weights as one batch;
+ * attention runs span by span over each sequence's own cache. The logit rows the spans ask for go
+ * to logits one after another, in span order. */
+static void forward_chunk(ek_model *m, const ek_span *sp, int n_spans, float *logits) {
     const ek_config *cf = &m->cfg;
     const int E = cf->n_embd, half = cf->rope_dim / 2;
 
-    ek_kv_store_append(&m->kv, n);
-    for (int t = 0; t < n; t++) embed_row(m, tokens[t], m->x + (size_t)t * E);
+    int n = 0;
+    for (int i = 0; i < n_spans; i++) {
+        ek_kv_store_append(&sp[i].s->kv, sp[i].n);
+        for (int t = 0; t < sp[i].n; t++, n++) {
+            m->row_seq[n] = sp[i].s;
+            m->row_pos[n] = sp[i].s->n_past + t;
+            embed_row(m, sp[i].tokens[t], m->x + (size_t)n * E);
+        }
+    }
     for (int t = 0; t < n; t++) {
-        const double pos = (double)(m->n_past + t);
+        const double pos = (double)m->row_pos[t];
         for (int i = 0; i < half; i++) {
             const double theta = pos * m->inv_freq[i];
             m->rope_cos[(size_t)t * half + i] = (float)cos(theta);
@@ -740,7 +792,8 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         matmul(m, m->xb, n, E, qkv, 3);
         qkv_post_ctx pc = {.m = m, .layer = l, .n_tok = n, .L = L};
         run_rows(m, qkv_post_task, &pc, &pc.next, n);
-        attention(m, l, n, m->xb);
+        for (int i = 0, r = 0; i < n_spans; r += sp[i++].n)
+            attention(m, sp[i].s, l, r, sp[i].n, m->xb + (size_t)r * m->q_dim);
         mm_job o = {&L->wo, m->proj, E, NULL};
         matmul(m, m->xb, n, m->q_dim, &o, 1);
         add_into(m->x, m->proj, (size_t)n * E);
@@ -755,79 +808,162 @@ static void forward_chunk(ek_model *m, const int32_t *tokens, int n, int logits_
         add_into(m->x, m->proj, (size_t)n * E);
     }
 
-    if (logits_mode != EK_LOGITS_NONE) {
-        const int first = logits_mode == EK_LOGITS_ALL ? 0 : n - 1;
-        const int n_out = n - first;
-        for (int t = first; t < n; t++)
-            rmsnorm(m->xb + (size_t)(t - first) * E, m->x + (size_t)t * E, m->output_norm, E, cf->norm_eps);
+    int n_out = 0;
+    for (int i = 0, r = 0; i < n_spans; r += sp[i++].n) {
+        const int mode = sp[i].logits_mode;
+        const int first = mode == EK_LOGITS_ALL ? 0 : mode == EK_LOGITS_LAST ? sp[i].n - 1 : sp[i].n;
+        for (int t = first; t < sp[i].n; t++, n_out++)
+            rmsnorm(m->xb + (size_t)n_out * E, m->x + (size_t)(r + t) * E, m->output_norm, E, cf->norm_eps);
+    }
+    if (n_out) {
+        const int n_chunks = (cf->n_vocab + MM_ROWS_CHUNK - 1) / MM_ROWS_CHUNK;
         /* one row with statistics on (a feature-reading KV policy): its next-token statistics
          * come with the matmul, chunk by chunk (ek_last_logit_stats) */
-        const int fused = m->collect_stats && n_out == 1;
+        ek_seq *one = NULL;
+        for (int i = 0; n_out == 1 && i < n_spans; i++)
+            if (sp[i].logits_mode != EK_LOGITS_NONE) one = sp[i].s;
+        const int fused = one && one->collect_stats;
         mm_job oj = {&m->output, logits, cf->n_vocab, fused ? m->logit_parts : NULL};
         matmul(m, m->xb, n_out, E, &oj, 1);
         if (fused) {
-            ek_logit_merge(m->logit_parts, (cf->n_vocab + MM_ROWS_CHUNK - 1) / MM_ROWS_CHUNK, &m->last_stats[0],
-                           &m->last_stats[1], &m->last_stats[2]);
-            m->last_stats_valid = 1;
+            ek_logit_merge(m->logit_parts, n_chunks, &one->last_stats[0], &one->last_stats[1], &one->last_stats[2]);
+            one->last_stats_valid = 1;
+        } else if (n_out > 1) { /* a batch step: the same statistics of each one-row span, after the matmul */
+            for (int i = 0, row = 0; i < n_spans; i++) {
+                const int rows = sp[i].logits_mode == EK_LOGITS_ALL ? sp[i].n : sp[i].logits_mode == EK_LOGITS_LAST;
+                ek_seq *s = sp[i].s;
+                if (rows == 1 && s->collect_stats) {
+                    const float *x = logits + (size_t)row * cf->n_vocab;
+                    for (int c = 0; c < n_chunks; c++) {
+                        const int r0 = c * MM_ROWS_CHUNK;
+                        ek_logit_partial(x + r0, cf->n_vocab - r0 < MM_ROWS_CHUNK ? cf->n_vocab - r0 : MM_ROWS_CHUNK,
+                                         m->logit_parts + 3 * c);
+                    }
+                    ek_logit_merge(m->logit_parts, n_chunks, &s->last_stats[0], &s->last_stats[1], &s->last_stats[2]);
+                    s->last_stats_valid = 1;
+                }
+                row += rows;
+            }
         }
     }
-    m->n_past += n;
+    for (int i = 0; i < n_spans; i++) sp[i].s->n_past += sp[i].n;
 }
 
-int ek_last_logit_stats(const ek_model *m, float *out) {
-    if (!m || !out || !m->last_stats_valid) return -1;
-    memcpy(out, m->last_stats, sizeof(m->last_stats));
+int ek_seq_last_logit_stats(const ek_seq *s, float *out) {
+    if (!s || !out || !s->last_stats_valid) return -1;
+    memcpy(out, s->last_stats, sizeof(s->last_stats));
     return 0;
 }
+int ek_last_logit_stats(const ek_model *m, float *out) { return m ? ek_seq_last_logit_stats(m->seq, out) : -1; }
 
-int ek_forward(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
+static int check_tokens(ek_model *m, const int32_t *tokens, int n) {
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.n_vocab)
+            return fail(m, EK_ERR_TOKEN, "token id %d at index %d is out of range [0, %d)", tokens[i], i, m->cfg.n_vocab);
+    return EK_OK;
+}
+
+int ek_forward_seq(ek_seq *s, const int32_t *tokens, int n, int logits_mode, float *logits) {
+    ek_model *m = s->m;
     if (!m->finalized) return fail(m, EK_ERR_INVALID, "model is not finalized");
-    m->last_stats_valid = 0;
+    s->last_stats_valid = 0;
     if (n <= 0 || !tokens) return fail(m, EK_ERR_INVALID, "forward needs at least one token");
     if (logits_mode < EK_LOGITS_NONE || logits_mode > EK_LOGITS_ALL)
         return fail(m, EK_ERR_INVALID, "invalid logits mode %d", logits_mode);
     if (logits_mode != EK_LOGITS_NONE && !logits) return fail(m, EK_ERR_INVALID, "logits buffer is NULL");
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.n_vocab)
-            return fail(m, EK_ERR_TOKEN, "token id %d at index %d is out of range [0, %d)", tokens[i], i, m->cfg.n_vocab);
-    if ((int64_t)m->n_past + n > m->cfg.n_ctx)
-        return fail(m, EK_ERR_CONTEXT, "context overflow: %d tokens in context + %d new > n_ctx %d", m->n_past, n,
+    if (check_tokens(m, tokens, n)) return EK_ERR_TOKEN;
+    if ((int64_t)s->n_past + n > m->cfg.n_ctx)
+        return fail(m, EK_ERR_CONTEXT, "context overflow: %d tokens in context + %d new > n_ctx %d", s->n_past, n,
                     m->cfg.n_ctx);
     for (int i = 0; i < n; i += m->cfg.n_batch) {
         const int nb = n - i < m->cfg.n_batch ? n - i : m->cfg.n_batch;
         const int last = i + nb == n;
-        int mode = EK_LOGITS_NONE;
+        ek_span sp = {s, tokens + i, nb, EK_LOGITS_NONE};
         float *out = NULL;
         if (logits_mode == EK_LOGITS_ALL) {
-            mode = EK_LOGITS_ALL;
+            sp.logits_mode = EK_LOGITS_ALL;
             out = logits + (size_t)i * m->cfg.n_vocab;
         } else if (logits_mode == EK_LOGITS_LAST && last) {
-            mode = EK_LOGITS_LAST;
+            sp.logits_mode = EK_LOGITS_LAST;
             out = logits;
         }
-        forward_chunk(m, tokens + i, nb, mode, out);
+        forward_chunk(m, &sp, 1, out);
     }
     return EK_OK;
 }
 
-int ek_truncate(ek_model *m, int n_past) {
-    if (n_past < 0 || n_past > m->n_past)
-        return fail(m, EK_ERR_INVALID, "cannot truncate to %d: context holds %d tokens", n_past, m->n_past);
-    m->n_past = n_past;
-    ek_kv_store_truncate(&m->kv, n_past);
+int ek_forward(ek_model *m, const int32_t *tokens, int n, int logits_mode, float *logits) {
+    return ek_forward_seq(m->seq, tokens, n, logits_mode, logits);
+}
+
+int ek_forward_batch(ek_model *m, ek_seq *const *seqs, int n_seqs, const int32_t *tokens, const int32_t *counts,
+                     float *logits) {
+    if (!m->finalized) return fail(m, EK_ERR_INVALID, "model is not finalized");
+    if (n_seqs <= 0 || !seqs || !tokens || !counts)
+        return fail(m, EK_ERR_INVALID, "a batch needs at least one sequence, its tokens and counts");
+    /* validate everything first: a refused call changes no sequence */
+    int64_t total = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const ek_seq *s = seqs[i];
+        if (!s || s->m != m) return fail(m, EK_ERR_INVALID, "batch sequence %d is not a sequence of this model", i);
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == s) return fail(m, EK_ERR_INVALID, "batch sequences %d and %d are the same sequence", j, i);
+        if (counts[i] <= 0)
+            return fail(m, EK_ERR_INVALID, "batch sequence %d: token count %d, at least 1 needed", i, counts[i]);
+        if ((int64_t)s->n_past + counts[i] > m->cfg.n_ctx)
+            return fail(m, EK_ERR_CONTEXT,
+                        "batch sequence %d: context overflow: %d tokens in context + %d new > n_ctx %d", i, s->n_past,
+                        counts[i], m->cfg.n_ctx);
+        total += counts[i];
+    }
+    if (total > INT32_MAX) return fail(m, EK_ERR_INVALID, "batch of %lld tokens is too large", (long long)total);
+    if (check_tokens(m, tokens, (int)total)) return EK_ERR_TOKEN;
+    for (int i = 0; i < n_seqs; i++) seqs[i]->last_stats_valid = 0;
+    /* passes of at most n_batch rows, sequences in order; a sequence that does not fit whole ends
+     * a pass and goes on in the next, so the sequences finishing in one pass are consecutive and
+     * their logit rows land in consecutive rows of logits */
+    ek_span sp[64];
+    const int B = m->cfg.n_batch;
+    const int32_t *tp = tokens;
+    int i = 0, used = 0; /* the first sequence not finished, and how many of its tokens ran */
+    while (i < n_seqs) {
+        int rows = 0, ns = 0, first_out = -1;
+        while (i < n_seqs && rows < B && ns < (int)(sizeof sp / sizeof *sp)) {
+            const int take = counts[i] - used < B - rows ? counts[i] - used : B - rows;
+            const int finishes = used + take == counts[i];
+            sp[ns++] = (ek_span){seqs[i], tp, take, finishes && logits ? EK_LOGITS_LAST : EK_LOGITS_NONE};
+            if (finishes && first_out < 0) first_out = i;
+            tp += take;
+            rows += take;
+            if (finishes) i++, used = 0;
+            else used += take;
+        }
+        forward_chunk(m, sp, ns, first_out >= 0 && logits ? logits + (size_t)first_out * m->cfg.n_vocab : NULL);
+    }
     return EK_OK;
 }
+
+int ek_truncate_seq(ek_seq *s, int n_past) {
+    if (n_past < 0 || n_past > s->n_past)
+        return fail(s->m, EK_ERR_INVALID, "cannot truncate to %d: context holds %d tokens", n_past, s->n_past);
+    s->n_past = n_past;
+    ek_kv_store_truncate(&s->kv, n_past);
+    return EK_OK;
+}
+
+int ek_truncate(ek_model *m, int n_past) { return ek_truncate_seq(m->seq, n_past); }
 
 /* ------------------------------------------------------------------------- */
 /* mixed-precision KV                                                          */
 /* ------------------------------------------------------------------------- */
 
-int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags) {
-    if (m->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
+int ek_seq_kv_configure(ek_seq *s, int group_bits8, int group_bits4, int group_bits2, int flags) {
+    ek_model *m = s->m;
+    if (s->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
     if (flags & ~EK_KV_FLAGS) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
     const int g[KVP_COUNT] = {[KVP_F16] = m->cfg.head_dim, [KVP_Q8] = group_bits8, [KVP_Q4] = group_bits4,
                               [KVP_Q2] = group_bits2, [KVP_Q3] = group_bits4}; /* 3-bit: the 4-bit group */
-    if (ek_kv_store_configure(&m->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID))
+    if (ek_kv_store_configure(&s->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID))
         return fail(m, EK_ERR_INVALID,
                     "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "
                     "rotation needs a power-of-two head_dim",
@@ -835,20 +971,21 @@ int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bit
     return EK_OK;
 }
 
-int ek_kv_rotating(const ek_model *m) { return m->kv.rotate; }
-int ek_kv_centering(const ek_model *m) { return m->kv.center; }
-int ek_kv_fitting(const ek_model *m) { return m->kv.fit; }
+int ek_seq_kv_rotating(const ek_seq *s) { return s->kv.rotate; }
+int ek_seq_kv_centering(const ek_seq *s) { return s->kv.center; }
+int ek_seq_kv_fitting(const ek_seq *s) { return s->kv.fit; }
 
-int ek_kv_set_layer_bits(ek_model *m, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
-                         int n) {
+int ek_seq_kv_set_layer_bits(ek_seq *s, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
+                             int n) {
+    ek_model *m = s->m;
     if (layer < -1 || layer >= m->cfg.n_layer)
         return fail(m, EK_ERR_INVALID, "layer %d is not in the model (0..%d, or -1 for all layers)", layer,
                     m->cfg.n_layer - 1);
     /* validate everything first: a rejected call changes nothing */
     int differs = 0;
     for (int i = 0; i < n; i++) {
-        if (pos[i] < 0 || pos[i] >= m->n_past)
-            return fail(m, EK_ERR_INVALID, "position %d is not in the context (0..%d)", pos[i], m->n_past - 1);
+        if (pos[i] < 0 || pos[i] >= s->n_past)
+            return fail(m, EK_ERR_INVALID, "position %d is not in the context (0..%d)", pos[i], s->n_past - 1);
         const int kp = ek_kv_prec_from_bits(k_bits[i]), vp = ek_kv_prec_from_bits(v_bits[i]);
         if (kp < 0 || vp < 0)
             return fail(m, EK_ERR_INVALID, "bit-widths must be 16, 8, 4, 3 or 2 (got k=%d, v=%d at position %d)",
@@ -856,59 +993,82 @@ int ek_kv_set_layer_bits(ek_model *m, int layer, const int32_t *pos, const int32
         if ((kp != KVP_F16 || vp != KVP_F16) && m->cfg.head_dim % 32)
             return fail(m, EK_ERR_INVALID, "quantized KV needs head_dim to be a multiple of 32 (it is %d)",
                         m->cfg.head_dim);
-        if (layer >= 0 && !m->kv.split) {
+        if (layer >= 0 && !s->kv.split) {
             int ck, cv;
-            ek_kv_store_prec(&m->kv, layer, pos[i], &ck, &cv);
+            ek_kv_store_prec(&s->kv, layer, pos[i], &ck, &cv);
             differs |= ck != kp || cv != vp;
         }
     }
     /* one layer's bits leave the shared map only when they change something */
-    if (layer >= 0 && !m->kv.split) {
+    if (layer >= 0 && !s->kv.split) {
         if (!differs) return EK_OK;
-        if (ek_kv_store_split(&m->kv)) return fail(m, EK_ERR_NOMEM, "out of memory for per-layer KV maps");
+        if (ek_kv_store_split(&s->kv)) return fail(m, EK_ERR_NOMEM, "out of memory for per-layer KV maps");
     }
     for (int i = 0; i < n; i++)
-        ek_kv_store_set_prec(&m->kv, layer, pos[i], ek_kv_prec_from_bits(k_bits[i]), ek_kv_prec_from_bits(v_bits[i]));
+        ek_kv_store_set_prec(&s->kv, layer, pos[i], ek_kv_prec_from_bits(k_bits[i]), ek_kv_prec_from_bits(v_bits[i]));
     return EK_OK;
 }
 
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n) {
-    return ek_kv_set_layer_bits(m, -1, pos, k_bits, v_bits, n);
+    return ek_seq_kv_set_layer_bits(m->seq, -1, pos, k_bits, v_bits, n);
 }
 
-int ek_kv_get_layer_bits(const ek_model *m, int layer, int32_t *k_bits, int32_t *v_bits) {
-    if (layer < 0 || layer >= m->cfg.n_layer) return EK_ERR_INVALID;
-    for (int j = 0; j < m->n_past; j++) {
+int ek_seq_kv_get_layer_bits(const ek_seq *s, int layer, int32_t *k_bits, int32_t *v_bits) {
+    if (layer < 0 || layer >= s->m->cfg.n_layer) return EK_ERR_INVALID;
+    for (int j = 0; j < s->n_past; j++) {
         int kp, vp;
-        ek_kv_store_prec(&m->kv, layer, j, &kp, &vp);
+        ek_kv_store_prec(&s->kv, layer, j, &kp, &vp);
         k_bits[j] = ek_kv_prec(kp)->bits;
         v_bits[j] = ek_kv_prec(vp)->bits;
     }
     return EK_OK;
 }
 
-int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits) {
-    return ek_kv_get_layer_bits(m, 0, k_bits, v_bits);
-}
+int ek_seq_kv_layer_maps(const ek_seq *s) { return s->kv.split ? s->m->cfg.n_layer : 1; }
 
-int ek_kv_layer_maps(const ek_model *m) { return m->kv.split ? m->cfg.n_layer : 1; }
+size_t ek_seq_kv_data_bytes(const ek_seq *s) { return ek_kv_store_data_bytes(&s->kv); }
 
-size_t ek_kv_data_bytes(const ek_model *m) { return ek_kv_store_data_bytes(&m->kv); }
-
-int ek_kv_read(const ek_model *m, int layer, int pos, float *k, float *v) {
-    if (layer < 0 || layer >= m->cfg.n_layer || pos < 0 || pos >= m->n_past) return EK_ERR_INVALID;
-    ek_kv_store_get(&m->kv, layer, pos, k, v);
+int ek_seq_kv_read(const ek_seq *s, int layer, int pos, float *k, float *v) {
+    if (layer < 0 || layer >= s->m->cfg.n_layer || pos < 0 || pos >= s->n_past) return EK_ERR_INVALID;
+    ek_kv_store_get(&s->kv, layer, pos, k, v);
     return EK_OK;
 }
 
-void ek_set_collect_stats(ek_model *m, int on) { m->collect_stats = on != 0; }
-const double *ek_attn_stat_sum(const ek_model *m) { return m->kv.att_sum; }
-const double *ek_attn_stat_sumsq(const ek_model *m) { return m->kv.att_sumsq; }
-const int32_t *ek_attn_stat_count(const ek_model *m) { return m->kv.att_count; }
+void ek_seq_set_collect_stats(ek_seq *s, int on) { s->collect_stats = on != 0; }
+const double *ek_seq_attn_stat_sum(const ek_seq *s) { return s->kv.att_sum; }
+const double *ek_seq_attn_stat_sumsq(const ek_seq *s) { return s->kv.att_sumsq; }
+const int32_t *ek_seq_attn_stat_count(const ek_seq *s) { return s->kv.att_count; }
+
+/* the same calls on the default sequence */
+int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags) {
+    return ek_seq_kv_configure(m->seq, group_bits8, group_bits4, group_bits2, flags);
+}
+int ek_kv_rotating(const ek_model *m) { return ek_seq_kv_rotating(m->seq); }
+int ek_kv_centering(const ek_model *m) { return ek_seq_kv_centering(m->seq); }
+int ek_kv_fitting(const ek_model *m) { return ek_seq_kv_fitting(m->seq); }
+int ek_kv_set_layer_bits(ek_model *m, int layer, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits,
+                         int n) {
+    return ek_seq_kv_set_layer_bits(m->seq, layer, pos, k_bits, v_bits, n);
+}
+int ek_kv_get_layer_bits(const ek_model *m, int layer, int32_t *k_bits, int32_t *v_bits) {
+    return ek_seq_kv_get_layer_bits(m->seq, layer, k_bits, v_bits);
+}
+int ek_kv_get_bits(const ek_model *m, int32_t *k_bits, int32_t *v_bits) {
+    return ek_seq_kv_get_layer_bits(m->seq, 0, k_bits, v_bits);
+}
+int ek_kv_layer_maps(const ek_model *m) { return ek_seq_kv_layer_maps(m->seq); }
+size_t ek_kv_data_bytes(const ek_model *m) { return ek_seq_kv_data_bytes(m->seq); }
+int ek_kv_read(const ek_model *m, int layer, int pos, float *k, float *v) {
+    return ek_seq_kv_read(m->seq, layer, pos, k, v);
+}
+void ek_set_collect_stats(ek_model *m, int on) { ek_seq_set_collect_stats(m->seq, on); }
+const double *ek_attn_stat_sum(const ek_model *m) { return ek_seq_attn_stat_sum(m->seq); }
+const double *ek_attn_stat_sumsq(const ek_model *m) { return ek_seq_attn_stat_sumsq(m->seq); }
+const int32_t *ek_attn_stat_count(const ek_model *m) { return ek_seq_attn_stat_count(m->seq); }
 
 /* One layer's attention over the cache, for ek_bench_attention (testing.c). flatten inlines
  * attention() here, so GCC still inlines it into forward_chunk too, as before the benchmarks
  * moved out (without it, forward_chunk called an out-of-line copy). */
 __attribute__((flatten)) void ek_model_attention(ek_model *m, int layer, int n_tok, float *out) {
-    attention(m, layer, n_tok, out);
+    attention(m, m->seq, layer, 0, n_tok, out);
 }

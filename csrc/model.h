@@ -1,5 +1,10 @@
 /* The model's state, shared by model.c and the test and benchmark entries (testing.c); nothing
- * outside the library sees it (edgekv.h declares ek_model as an opaque struct). */
+ * outside the library sees it (edgekv.h declares ek_model and ek_seq as opaque structs).
+ *
+ * ek_model: the weights and config (read-only after finalize) and the scratch of one forward pass
+ * (activations, attention partials): forward calls on one model run one at a time.
+ * ek_seq: one sequence over those weights: its KV store (with its attention statistics), n_past
+ * and the statistics of its last logits. */
 #ifndef EDGEKV_MODEL_H
 #define EDGEKV_MODEL_H
 
@@ -26,6 +31,15 @@ typedef struct {
     ek_mat w_gate, w_up, w_down;
 } ek_layer;
 
+struct ek_seq {
+    ek_model *m;
+    ek_kv_store kv;
+    int n_past;
+    int collect_stats;   /* accumulate last-layer attention statistics per cached token */
+    float last_stats[3]; /* max logit, log s, entropy of the last call's logits, when valid */
+    int last_stats_valid;
+};
+
 struct ek_model {
     ek_config cfg;
     int q_dim, kv_dim, group;   /* n_head*head_dim, n_head_kv*head_dim, n_head/n_head_kv */
@@ -35,15 +49,13 @@ struct ek_model {
     const float *output_norm;
     ek_layer *layers;
 
-    ek_kv_store kv;
+    ek_seq *seq;         /* the default sequence: what the ek_* calls without a seq act on */
     ek_pool *pool;
-    int n_past;
-    int collect_stats;   /* accumulate last-layer attention statistics per cached token */
-    float *logit_parts;  /* (n_vocab / MM_ROWS_CHUNK + 1, 3) partials of a decode step's logits */
-    float last_stats[3]; /* max logit, log s, entropy of the last call's logits, when valid */
-    int last_stats_valid;
+    float *logit_parts;  /* (n_vocab / MM_ROWS_CHUNK + 1, 3) partials of one row of logits */
 
     /* scratch, sized for n_batch tokens */
+    ek_seq **row_seq;  /* (n_batch) the sequence of each row of a forward chunk */
+    int *row_pos;      /* (n_batch) its position in that sequence */
     float *x;          /* (n_batch, n_embd) residual stream */
     float *xb;         /* (n_batch, max(n_embd, q_dim)) normed input / attention output */
     float *q;          /* (n_batch, q_dim) */
@@ -67,7 +79,8 @@ struct ek_model {
     char err[512];
 };
 
-/* One layer's attention of the n_tok queries in m->q / m->q_rot over the cache into out (model.c). */
+/* One layer's attention of the n_tok queries in m->q / m->q_rot over the default sequence's cache
+ * into out (model.c). */
 void ek_model_attention(ek_model *m, int layer, int n_tok, float *out);
 
 #endif

@@ -181,30 +181,31 @@ int ek_bench_fill_kv(ek_model *m, int n, int k_bits, int v_bits, uint32_t seed) 
         return EK_ERR_INVALID;
     }
     ek_truncate(m, 0);
-    ek_kv_store_append(&m->kv, n);
+    ek_kv_store_append(&m->seq->kv, n);
     uint32_t st = seed | 1u;
     float *k = m->k, *v = m->v;
     for (int pos = 0; pos < n; pos++) {
         for (int l = 0; l < m->cfg.n_layer; l++) {
             for (int i = 0; i < m->kv_dim; i++) { k[i] = gauss(&st); v[i] = gauss(&st); }
-            ek_kv_store_put(&m->kv, l, pos, k, v);
+            ek_kv_store_put(&m->seq->kv, l, pos, k, v);
         }
-        ek_kv_store_set_prec(&m->kv, -1, pos, kp, vp);
+        ek_kv_store_set_prec(&m->seq->kv, -1, pos, kp, vp);
     }
-    m->n_past = n;
+    m->seq->n_past = n;
     return EK_OK;
 }
 
 double ek_bench_attention(ek_model *m, int iters) {
-    if (m->n_past < 1 || iters < 1) return -1.0;
+    if (m->seq->n_past < 1 || iters < 1) return -1.0;
     uint32_t st = 12345u;
     for (int i = 0; i < m->q_dim; i++) m->q[i] = gauss(&st) / sqrtf((float)m->cfg.head_dim);
     memcpy(m->q_rot, m->q, sizeof(float) * m->q_dim);
-    if (m->kv.rotate)
-        for (int h = 0; h < m->cfg.n_head; h++) ek_rotate(m->q_rot + h * m->cfg.head_dim, m->kv.signs, m->cfg.head_dim);
-    const int saved = m->n_past, saved_stats = m->collect_stats;
-    m->n_past = saved - 1; /* the query sits at the last position */
-    m->collect_stats = 0;  /* the kernels alone (statistics are measured in decode) */
+    ek_seq *s = m->seq;
+    if (s->kv.rotate)
+        for (int h = 0; h < m->cfg.n_head; h++) ek_rotate(m->q_rot + h * m->cfg.head_dim, s->kv.signs, m->cfg.head_dim);
+    const int saved = s->n_past, saved_stats = s->collect_stats;
+    s->n_past = saved - 1; /* the query sits at the last position */
+    s->collect_stats = 0;  /* the kernels alone (statistics are measured in decode) */
     double best[64];
     const int n_it = iters < 64 ? iters : 64;
     for (int it = 0; it < n_it; it++) {
@@ -212,8 +213,8 @@ double ek_bench_attention(ek_model *m, int iters) {
         for (int l = 0; l < m->cfg.n_layer; l++) ek_model_attention(m, l, 1, m->xb);
         best[it] = now_s() - t0;
     }
-    m->n_past = saved;
-    m->collect_stats = saved_stats;
+    s->n_past = saved;
+    s->collect_stats = saved_stats;
     /* median */
     for (int i = 1; i < n_it; i++)
         for (int j = i; j > 0 && best[j - 1] > best[j]; j--) { double t = best[j]; best[j] = best[j - 1]; best[j - 1] = t; }

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,19 @@ __all__ = [
     "subprocess_env",
     "write_tiny_model",
 ]
+
+
+def in_thread(fn, timeout=30.0):
+    """fn() in a daemon thread: (finished, result or exception)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the test, which asserts on it
+            box["value"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive(), box.get("value")

@@ -9,7 +9,6 @@ regression fails instead of hanging the suite.
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
@@ -17,7 +16,7 @@ import edgekv
 from edgekv import ModelClosedError
 from edgekv.ead import LARGE, SMALL
 
-from conftest import THREADS
+from conftest import THREADS, in_thread
 
 PROMPT = "Once upon a time there was"
 OTHER = "Hello there"
@@ -41,22 +40,6 @@ def pair(tiny_path):
                          threads=THREADS, progress=False, kv=KV)
     yield p
     p.close()
-
-
-def _in_thread(fn, timeout=20.0):
-    """fn() in a daemon thread: (finished, result or exception)."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed back to the test, which asserts on it
-            box["value"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    return not t.is_alive(), box.get("value")
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -85,7 +68,7 @@ def test_a_suspended_ead_stream_does_not_block_other_threads(pair, mode):
         got = ""
         for name, call, expected in calls:
             got += next(it)  # the stream is suspended here, never resumed by the other thread
-            done, value = _in_thread(call)
+            done, value = in_thread(call, timeout=20.0)
             assert done, f"{name}() from another thread hung behind a suspended EAD stream"
             if expected is None:
                 assert value is None, value
@@ -108,7 +91,7 @@ def test_another_ead_stream_runs_between_tokens(pair):
     it = pair.generate(PROMPT, stream=True, **KW)
     try:
         got = next(it)
-        done, other = _in_thread(lambda: pair.generate(OTHER, **KW))
+        done, other = in_thread(lambda: pair.generate(OTHER, **KW))
         assert done, "an EAD generate() from another thread hung behind a suspended EAD stream"
         assert isinstance(other, str) and other
         got += "".join(it)
@@ -127,14 +110,14 @@ def test_closing_either_model_under_a_suspended_ead_stream(tiny_path, role):
     try:
         assert next(it)
         m = p.model(role)
-        done, value = _in_thread(m.close)
+        done, value = in_thread(m.close)
         assert done, f"close() of the {role} model hung behind a suspended EAD stream"
         assert value is None and m.closed
         with pytest.raises(ModelClosedError):
             next(it)
         # the other model is free again: the ended stream holds nothing
         other = p.model(LARGE if role == SMALL else SMALL)
-        done, value = _in_thread(lambda: other.generate(OTHER, max_tokens=4, temperature=0))
+        done, value = in_thread(lambda: other.generate(OTHER, max_tokens=4, temperature=0))
         assert done and isinstance(value, str), value
     finally:
         it.close()

@@ -14,14 +14,13 @@ import os
 import struct
 import subprocess
 import sys
-import threading
 import warnings
 
 import numpy as np
 import pytest
 
 import edgekv
-from conftest import THREADS, subprocess_env
+from conftest import THREADS, in_thread, subprocess_env
 from edgekv import ModelClosedError, ModelLoadError, TokenizerError
 from edgekv.kv_policy import parse_policy
 
@@ -109,22 +108,6 @@ def test_prefix_of_a_longer_prompt_is_not_reused_inexactly(smollm2):
 # ---------------------------------------------------------------------------------------------
 
 
-def _in_thread(fn, timeout=30.0):
-    """fn() in a daemon thread: (finished, result or exception)."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed back to the test, which asserts on it
-            box["value"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    return not t.is_alive(), box.get("value")
-
-
 def test_a_suspended_stream_does_not_block_other_threads(tiny_path):
     m = edgekv.Model(tiny_path("llama", "Q8_0"), threads=THREADS, kv="int4")
     kw = dict(max_tokens=12, temperature=0)
@@ -133,17 +116,17 @@ def test_a_suspended_stream_does_not_block_other_threads(tiny_path):
     it = m.generate("Once upon a time", stream=True, **kw)
     try:
         head = next(it)  # suspended, held by this thread, never resumed by the others
-        done, got = _in_thread(lambda: m.generate("Hello there", **kw))
+        done, got = in_thread(lambda: m.generate("Hello there", **kw))
         assert done, "generate() from another thread hung behind a suspended stream"
         assert got == want_other
-        done, got = _in_thread(lambda: m.logits([1, 2, 3]).shape)
+        done, got = in_thread(lambda: m.logits([1, 2, 3]).shape)
         assert done, "logits() from another thread hung behind a suspended stream"
         assert got == (3, m.vocab_size)
         # the stream goes on with its own text: it re-runs its context
         assert head + "".join(it) == want
         it = m.generate("Once upon a time", stream=True, **kw)
         next(it)
-        done, got = _in_thread(m.close)
+        done, got = in_thread(m.close)
         assert done, "close() from another thread hung behind a suspended stream"
         assert m.closed
         with pytest.raises(ModelClosedError):

@@ -50,6 +50,7 @@ from ._native import ffi
 from .errors import ContextOverflowError, ModelLoadError, TokenizerError
 from .model import Model
 from .sampling import SamplingParams, distribution
+from .stop import StopText, check_stop
 
 lib = _native.lib
 
@@ -422,8 +423,7 @@ class ModelPair:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-            raise ValueError("stop must be a list of non-empty strings")
+        stop = check_stop(stop)
         self.small._check_open()
         self.large._check_open()
         ids = self.small._as_ids(self.small.tokenize(prompt) if isinstance(prompt, str) else prompt)
@@ -431,7 +431,7 @@ class ModelPair:
             raise ContextOverflowError(
                 f"prompt of {ids.size} tokens does not fit in ctx {self.n_ctx} (with room to generate)"
             )
-        it = _EADRun(self, ids.tolist(), max_tokens, params, cfg, list(stop or []),
+        it = _EADRun(self, ids.tolist(), max_tokens, params, cfg, stop,
                      entropy_fn or default_entropy).text()
         return it if stream else "".join(it)
 
@@ -483,7 +483,7 @@ class _EADRun:
         its cache of the common prefix. all_from: return instead the rows for positions all_from
         .. len(seq) (the row for position p predicts seq[p]), the last being the next position."""
         m = self.pair.model(role)
-        cached = m._tokens
+        cached = m.session.tokens
         limit = len(self.seq) - 1
         if all_from is not None:
             limit = min(limit, all_from - 1)
@@ -492,18 +492,15 @@ class _EADRun:
         while common < n and cached[common] == self.seq[common]:
             common += 1
         if common < len(cached):
-            self._truncate(role, common)
+            self._cut(role, common)
         new = np.asarray(self.seq[common:], dtype=np.int32)
         k_prompt = max(0, self.n_prompt - common)
         k_gen = new.size - k_prompt
         t0 = time.perf_counter()
         if all_from is not None:
-            out = np.empty((new.size, m.vocab_size), dtype=np.float32)
-            self._run(role, new, lib.EK_LOGITS_ALL, out)
-            result = out[all_from - 1 - common:]
+            result = self._run(role, new, "all")[all_from - 1 - common:]
         else:
-            self._run(role, new, lib.EK_LOGITS_LAST, m._logits)
-            result = m._logits
+            result = self._run(role, new, "last")
         dt = time.perf_counter() - t0
         st = self.stats
         if role == SMALL:
@@ -522,29 +519,29 @@ class _EADRun:
             self.catchups.append((role, dt, k_prompt, int(new.size)))
         return result
 
-    def _truncate(self, role: str, n: int) -> None:
-        self.pair.model(role)._truncate(n)
+    def _cut(self, role: str, n: int) -> None:
+        self.pair.model(role).session.truncate(n)
         self.ops[role].append(n)
 
-    def _run(self, role: str, ids: np.ndarray, mode: int, out: np.ndarray) -> None:
-        self.pair.model(role)._eval(ids, mode, out)
-        self.ops[role].append((ids.copy(), mode))
+    def _run(self, role: str, ids: np.ndarray, logits: str) -> np.ndarray:
+        out = self.pair.model(role).session.eval(ids, logits=logits)
+        self.ops[role].append((ids.copy(), logits))
+        return out
 
     def _restore(self, role: str) -> None:
         """Bring role's cache back to what this run left in it, after another call used it: the
         same operations from an empty cache (the same operations on the same state give the same
         bits; the prefix the run started from is re-run as one batch)."""
-        m = self.pair.model(role)
-        m._truncate(0)
+        s = self.pair.model(role).session
+        s.truncate(0)
         if self.start[role]:
-            m._eval(np.asarray(self.start[role], np.int32), lib.EK_LOGITS_LAST, m._logits)
+            s.eval(self.start[role])
         for op in self.ops[role]:
             if isinstance(op, int):
-                m._truncate(op)
+                s.truncate(op)
             else:
-                ids, mode = op
-                out = np.empty((ids.size, m.vocab_size), np.float32) if mode == lib.EK_LOGITS_ALL else m._logits
-                m._eval(ids, mode, out)
+                ids, logits = op
+                s.eval(ids, logits=logits)
 
     def _step(self, gen: Iterator[int]):
         """next(gen) holding both models (None at its end). A model another call used since the
@@ -559,7 +556,7 @@ class _EADRun:
                 pair.large._check_open()
                 for role in (SMALL, LARGE):
                     if self.start[role] is None:
-                        self.start[role] = list(pair.model(role)._tokens)
+                        self.start[role] = list(pair.model(role).session.tokens)
                     elif not same[role]:
                         self._restore(role)
                 return next(gen, None)
@@ -675,8 +672,8 @@ class _EADRun:
                 self.rule.decide(h_small)
             self.role = self.rule.active
             large = self.pair.large
-            if len(large._tokens) > p:
-                self._truncate(LARGE, p)
+            if len(large.session.tokens) > p:
+                self._cut(LARGE, p)
             self._write(corr, LARGE)
             self.final = len(self.seq)
             return True, rows[i]
@@ -691,7 +688,7 @@ class _EADRun:
         t_start = time.perf_counter()
         emitted = self.n_prompt
         # what the large model alone would run: the prompt past its cached prefix, then the text
-        cached, n = self.pair.large._tokens, 0
+        cached, n = self.pair.large.session.tokens, 0
         while n < min(len(cached), self.n_prompt - 1) and cached[n] == self.seq[n]:
             n += 1
         large_only_prompt = self.n_prompt - n
@@ -750,38 +747,28 @@ class _EADRun:
     def text(self) -> Iterator[str]:
         pair = self.pair
         pair.last_stats = self.stats
-        decoder = pair.tokenizer.stream_decoder()
-        stop = self.stop
-        hold = max((len(s) for s in stop), default=1) - 1
-        pending = ""
+        text = StopText(pair.tokenizer.stream_decoder(), self.stop)
+        tail = ""
         gen = self.tokens()
         try:
             while (tok := self._step(gen)) is not None:
                 if tok in self.eot:
                     break
-                pending += decoder.push(tok)
-                if stop:
-                    hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-                    if hit >= 0:
-                        pending = pending[:hit]
-                        decoder.reset()
-                        gen.close()
-                        self.stats.finish_reason = "stop"
-                        break
-                    if len(pending) > hold:
-                        cut = len(pending) - hold
-                        yield pending[:cut]
-                        pending = pending[cut:]
-                elif pending:
-                    yield pending
-                    pending = ""
+                piece = text.push(tok)
+                if text.stopped:
+                    tail = piece
+                    gen.close()
+                    self.stats.finish_reason = "stop"
+                    break
+                if piece:
+                    yield piece
         finally:
             gen.close()
             pair.small._lock.drop(self)
             pair.large._lock.drop(self)
-        pending += decoder.flush()
-        if pending:
-            yield pending
+        rest = tail + text.flush()
+        if rest:
+            yield rest
 
 
 # --------------------------------------------------------------------------------------------

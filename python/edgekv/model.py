@@ -1,4 +1,8 @@
-"""Model: one loaded GGUF model, its C state (weights, KV cache, threads) and tokenizer.
+"""Model: one loaded GGUF model, its C state (weights, threads) and tokenizer, and its sessions.
+
+The KV cache of a sequence lives in a Session (edgekv.session); the Model keeps a default session
+that generate/chat/score/logits use, gives more (``new_session``) and steps several at once in one
+pass over the weights (``step``).
 
 A Model owns exactly one C handle and frees it deterministically: ``close()``,
 or use it as a context manager. Calls into C are serialized by a lock, so one
@@ -17,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,6 +35,9 @@ from .errors import ContextOverflowError, EdgekvError, ModelClosedError, ModelLo
 from .gguf_loader import LoadedGGUF, load_gguf, release_weight, trim_heap
 from .kv_policy import KVPolicy, TokenFeatures, parse_policy
 from .sampling import Sampler, SamplingParams
+from .stop import StopText, check_stop
+from .session import KV_DECIDE_BATCH, Session  # noqa: F401 (KV_DECIDE_BATCH: its old home, tests import it)
+from .session import step as _step
 from .tokenizer import Tokenizer
 
 ffi, lib = _native.ffi, _native.lib
@@ -40,9 +48,6 @@ DEFAULT_BATCH = 256
 # Quantization group size for 8-, 4- and 2-bit records (values of one head that share
 # an fp16 scale and minimum); see benchmarks/results/kv_groups.md for the measurement.
 DEFAULT_KV_GROUPS = (64, 64, 32)
-# Generation: a KV policy that reads token features (the learned controller, the rule baseline)
-# runs once per this many due tokens instead of at every step (see _apply_policy).
-KV_DECIDE_BATCH = 16
 # A stream being consumed keeps the model this long after each token it yields, so that
 # threads streaming from one model take turns stream by stream instead of token by token
 # (each switch re-runs the other stream's context). A stream left suspended longer than
@@ -50,19 +55,15 @@ KV_DECIDE_BATCH = 16
 STREAM_HOLD_S = 0.2
 
 
-def default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    return max(1, min(available_cpus(), 8))
 
 
 class _ModelLock:
@@ -87,12 +88,9 @@ class _ModelLock:
         the call leaves the cache as it is."""
         me = threading.get_ident()
         with self._cv:
-            if self._thread == me:
+            if self._thread == me:  # a call inside a call: the outer one says who used the cache
                 self._depth += 1
-                same = stream is not None and self._owner is stream
-                if touch:
-                    self._owner = stream
-                return same
+                return stream is not None and self._owner is stream
             while True:
                 h = self._held
                 if self._thread is None:
@@ -143,19 +141,6 @@ class _ModelLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-@dataclass
-class _Prefill:
-    """What a fresh prefill of ids under policy left behind: its last logits, and (for policies
-    that read features) the row that gives the next token its log-prob. Valid while the cached
-    positions below len(ids) stay exactly as that prefill left them (see _prefill_prompt)."""
-
-    ids: tuple
-    policy: KVPolicy
-    logits: np.ndarray
-    logp_row: tuple | None
-    keys_quantized: bool
 
 
 @dataclass
@@ -214,11 +199,11 @@ class Model:
         self._lock = _ModelLock()
         threads = default_threads() if threads is None else threads
         _check_int("threads", threads, 1, 256)
-        if threads > available_cpus():
+        if threads > (cpus := available_cpus()):
             # allowed (a container may under-report its CPUs), but threads that share a core
             # spin-wait on each other: decoding gets many times slower, not faster
             warnings.warn(
-                f"threads={threads} exceeds the {available_cpus()} CPUs this process may run on; "
+                f"threads={threads} exceeds the {cpus} CPUs this process may run on; "
                 "decoding will be slower than with threads <= CPUs",
                 stacklevel=2,
             )
@@ -299,33 +284,20 @@ class Model:
             raise
         self.n_ctx = ctx
         self.threads = threads
-        self._tokens: list[int] = []  # what the C context holds, position by position
-        self._logits = np.empty(hp["n_vocab"], dtype=np.float32)
         self.last_stats: GenerationStats | None = None
+        self._sessions = weakref.WeakSet()  # open sessions but the default: closed with the model
         self._configure_kv(kv_groups, kv_rotate, kv_center_keys, kv_fit_grid)
         self.kv_policy: KVPolicy = self._check_policy(parse_policy(kv, window=kv_window))
-        self._ctx_policy: KVPolicy | None = None  # the policy the cached tokens were stored under
-        self._kv_decided = 0  # positions below this have had their precision decided or queued
-        self._keys_quantized = False  # a key below 16 bits was stored since the cache was last empty
-        self._prefill: _Prefill | None = None  # the last fresh prefill, while it can be reused exactly
-        self._stats_buf = np.empty((3, 1), np.float32)  # a decode step's logit statistics (from C)
-        self._stats_ptr = ffi.cast("float *", self._stats_buf.ctypes.data)
-        # generation steps' due tokens waiting for a batched decision, with their frozen features:
-        # (positions, attention sum, sum of squares, count, age)
-        self._pending: list[tuple] = []
-        # per-position next-token statistics (NaN where logits were not computed)
-        self._entropy = np.full(ctx, np.nan, np.float32)
-        self._max_prob = np.full(ctx, np.nan, np.float32)
-        self._logprob = np.full(ctx, np.nan, np.float32)
-        # zero-copy views of the C store's attention statistics
-        self._att_sum = np.frombuffer(ffi.buffer(lib.ek_attn_stat_sum(self._handle), 8 * ctx), np.float64)
-        self._att_sumsq = np.frombuffer(ffi.buffer(lib.ek_attn_stat_sumsq(self._handle), 8 * ctx), np.float64)
-        self._att_count = np.frombuffer(ffi.buffer(lib.ek_attn_stat_count(self._handle), 4 * ctx), np.int32)
+        self._session = Session(self, _default=True)
 
     # ---- lifetime ----------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
+            for sess in list(getattr(self, "_sessions", ())):
+                sess._free()  # before the model: a sequence refers to it
+            if getattr(self, "_session", None) is not None:
+                self._session._free()
             if self._handle != ffi.NULL:
                 lib.ek_model_free(self._handle)
                 self._handle = ffi.NULL
@@ -385,122 +357,108 @@ class Model:
             raise ValueError(f"token id {int(arr[i])} at index {i} is out of range [0, {self.vocab_size})")
         return np.ascontiguousarray(arr, dtype=np.int32)
 
+    # ---- the default session (the per-sequence state and calls live in edgekv.session) -------
+
+    @property
+    def c_handle(self):
+        """The C ek_model * (cffi), for the test and benchmark entry points of edgekv_testing.h."""
+        self._check_open()
+        return self._handle
+
+    @property
+    def session(self) -> Session:
+        """The default session: what generate/chat/score/logits run on."""
+        return self._session
+
+    def new_session(self, kv=None) -> Session:
+        """A new empty sequence over this model's weights, with its own KV cache and policy
+        (kv: any spec the model accepts; default: the model's). Close it to free its cache."""
+        with self._lock:
+            self._check_open()
+            sess = Session(self, kv)
+            self._sessions.add(sess)
+            return sess
+
+    def step(self, sessions: Sequence[Session], ids: Sequence[Sequence[int]], *, defer: bool = False) -> list[np.ndarray]:
+        """One pass over the weights for several sessions: session i appends ids[i] (1 token when
+        decoding, a chunk when prefilling); returns each session's last logits (float32, vocab).
+
+        The matmuls run once over every session's rows (at most n_batch per pass); attention runs
+        per session over its own cache at its own position and KV policy. Each session's logits are
+        what ``session.eval(ids[i])`` alone gives (float summation order aside: see
+        docs/architecture.md), and the KV decisions after the step are the same. A chunk (more
+        than one token) under a policy that reads token features needs logits at every position
+        and runs on its own, in the same call. defer: as in Session.eval.
+        """
+        return _step(self, sessions, ids, defer=defer)
+
+    def _raise_for(self, rc: int) -> None:
+        if rc == lib.EK_ERR_CONTEXT:
+            raise ContextOverflowError(self._c_error())
+        if rc == lib.EK_ERR_TOKEN:
+            raise ValueError(self._c_error())
+        if rc != 0:
+            raise EdgekvError(self._c_error())
+
+    # thin delegates to the default session, for callers written before sessions
     def _eval(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None, policy: KVPolicy | None = None,
               defer: bool = False) -> None:
-        """Append ids to the context, run them, then let the KV policy decide the tokens that are due.
+        self._session._eval(ids, logits_mode, out, policy, defer)
 
-        The caller holds the lock and has validated ids. policy: the call's KV policy
-        (default: the model's); logits are widened to every position when it needs features.
-        defer: a generation step (see _apply_policy).
-        """
-        policy = policy or self.kv_policy
-        if self._ctx_policy is not policy:
-            if self._tokens:
-                self._truncate(0)  # cached tokens were stored under another policy
-            self._ctx_policy = policy
-            # attention statistics cost a little per step: gather them only for policies that read them
-            lib.ek_set_collect_stats(self._handle, int(bool(policy.needs_features)))
-        if self._prefill is not None and policy.needs_features and self._kv_decided < len(self._prefill.ids):
-            self._prefill = None  # new queries change the attention features of its undecided tokens
-        first = len(self._tokens)
-        if policy.needs_features:
-            self._take_prev_logprob(first, int(ids[0]))
-        own = None
-        if policy.needs_features and logits_mode != lib.EK_LOGITS_ALL and ids.size > 1:
-            own = np.empty((ids.size, self.vocab_size), np.float32)
-            self._eval_raw(ids, lib.EK_LOGITS_ALL, own)
-            if out is not None:
-                out[...] = own[-1]
-            self._record_logit_features(first, own)
-        else:
-            self._eval_raw(ids, logits_mode, out)
-            if out is not None:
-                rows = out.reshape(-1, self.vocab_size)
-                self._record_logit_features(first + ids.size - rows.shape[0], rows)
-        self._apply_policy(policy, defer=defer)
+    def _eval_raw(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None) -> None:
+        self._session._eval_raw(ids, logits_mode, out)
+
+    def _truncate(self, n: int) -> None:
+        self._session._truncate(n)
 
     def _record_logit_features(self, first_pos: int, logits: np.ndarray) -> None:
-        """Entropy / max-prob at positions first_pos.., and the log-prob each next token got.
-
-        logits: the rows the last forward call produced. The statistics come from C (for one
-        row, computed inside that call's output matmul; else ek_logit_stats: one pass of a
-        vectorized exp over each row;
-        with m = max, s = sum exp(x - m): entropy = log s - sum(e z) / s, max-prob = 1 / s,
-        log-prob of token i = x_i - m - log s). This runs at every decode step of a policy that
-        needs features, so it is part of the controller's cost.
-        """
-        if not self._ctx_policy or not self._ctx_policy.needs_features:
-            return
-        logits = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1, self.vocab_size)
-        n = logits.shape[0]
-        stats = self._stats_buf if n == 1 else np.empty((3, n), np.float32)  # max logit, log s, entropy
-        # a one-row call (a decode step) had them computed inside its output matmul
-        if n > 1 or lib.ek_last_logit_stats(self._handle, self._stats_ptr) != 0:
-            rc = lib.ek_logit_stats(ffi.cast("float *", logits.ctypes.data), n, self.vocab_size,
-                                    *(ffi.cast("float *", stats[i].ctypes.data) for i in range(3)))
-            assert rc == 0
-        mx, log_s, ent = stats
-        self._entropy[first_pos:first_pos + n] = ent
-        self._max_prob[first_pos:first_pos + n] = np.exp(-log_s)
-        lse = mx + log_s  # log of the full partition sum
-        nxt = np.arange(first_pos + 1, min(first_pos + n, len(self._tokens)))
-        if nxt.size:
-            ids = np.asarray([self._tokens[j] for j in nxt])
-            rows = nxt - 1 - first_pos
-            self._logprob[nxt] = logits[rows, ids] - lse[rows]
-        # -- the last row predicts the first token of the next call (_take_prev_logprob); kept as
-        # a view: copying 49k floats per step cost more than the statistics themselves
-        self._last_logp_row = (first_pos + n - 1, logits[-1], float(lse[-1]))
-
-    def _take_prev_logprob(self, pos: int, token: int) -> None:
-        """Log-prob of the token at pos from the previous call's last row (before a forward pass
-        can overwrite that row)."""
-        prev, self._last_logp_row = getattr(self, "_last_logp_row", None), None
-        if prev is not None and prev[0] == pos - 1:
-            self._logprob[pos] = prev[1][token] - prev[2]
-
-    def features(self, positions) -> TokenFeatures:
-        """Token features (see edgekv.kv_policy) of cached positions."""
-        return self._features(positions)
-
-    def _changing_features(self, pos: np.ndarray) -> tuple:
-        """The inputs of a position's features that keep changing as tokens are added: the
-        attention it received (sum, sum of squares, count: copies, as fancy indexing makes) and its age."""
-        return self._att_sum[pos], self._att_sumsq[pos], self._att_count[pos], len(self._tokens) - 1 - pos
+        self._session._record_logit_features(first_pos, logits)
 
     def _features(self, positions, frozen: tuple | None = None) -> TokenFeatures:
-        """features(), with the attention statistics and age taken from frozen = (sum, sum of
-        squares, count, age) when given (copies made when the positions became due)."""
-        self._check_open()  # the statistics views point into C memory that close() frees
-        pos = np.asarray(positions, dtype=np.int64)
-        att_sum, att_sumsq, att_count, age = frozen or self._changing_features(pos)
-        cnt = att_count.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = att_sum / cnt
-            var = np.maximum(att_sumsq / cnt - mean * mean, 0.0)
-        return TokenFeatures(
-            positions=pos.astype(np.int32),
-            token_ids=np.asarray([self._tokens[j] for j in pos], dtype=np.int32),
-            entropy=self._entropy[pos].copy(),
-            max_prob=self._max_prob[pos].copy(),
-            logprob=self._logprob[pos].copy(),
-            attn_mean=mean.astype(np.float32),
-            attn_var=var.astype(np.float32),
-            age=np.asarray(age).astype(np.int32),
-            rarity=self._controller_rarity(pos),
-        )
-
-    # ---- learned-controller support (edgekv.controller) --------------------------------------
-    # The rarity feature and the policy hook live in this block; definitions in edgekv.kv_policy.
+        return self._session._features(positions, frozen)
 
     def _controller_rarity(self, pos: np.ndarray) -> np.ndarray:
-        """Rarity of the tokens at pos: prior table of this tokenizer + counts in the context."""
-        prior = getattr(self, "_rarity_prior", None)
-        if prior is None:
-            from .controller import RarityPrior
+        return self._session._controller_rarity(pos)
 
-            prior = self._rarity_prior = RarityPrior.for_tokenizer(self.tokenizer)
-        return prior.rarity(self._tokens, pos)
+    def _apply_policy(self, policy: KVPolicy, flush: bool = False, defer: bool = False) -> None:
+        self._session._apply_policy(policy, flush, defer)
+
+    def _prefill_prompt(self, ids: np.ndarray, policy: KVPolicy) -> tuple[np.ndarray, int]:
+        return self._session._prefill_prompt(ids, policy)
+
+    @property
+    def _tokens(self) -> list[int]:
+        return self._session.tokens
+
+    @property
+    def _logits(self) -> np.ndarray:
+        return self._session._logits
+
+    @property
+    def _ctx_policy(self) -> KVPolicy | None:
+        return self._session._ctx_policy
+
+    @_ctx_policy.setter
+    def _ctx_policy(self, policy: KVPolicy | None) -> None:
+        self._session._ctx_policy = policy
+
+    @property
+    def _att_sum(self) -> np.ndarray:
+        return self._session._att_sum
+
+    @property
+    def _att_sumsq(self) -> np.ndarray:
+        return self._session._att_sumsq
+
+    @property
+    def _att_count(self) -> np.ndarray:
+        return self._session._att_count
+
+    def features(self, positions) -> TokenFeatures:
+        """Token features (see edgekv.kv_policy) of cached positions of the default session."""
+        return self._session.features(positions)
+
+    # ---- learned-controller support (edgekv.controller) --------------------------------------
 
     @staticmethod
     def _bind_policy(policy: KVPolicy, model: "Model") -> None:
@@ -508,66 +466,6 @@ class Model:
         bind = getattr(policy, "bind", None)
         if bind is not None:
             bind(model)
-
-    def _apply_policy(self, policy: KVPolicy, flush: bool = False, defer: bool = False) -> None:
-        """Decide the precision of every token at least W steps old (all of them when flush).
-
-        defer (generation steps): a policy that reads features decides once KV_DECIDE_BATCH
-        tokens are due, in one call, instead of one token per step (its fixed cost per call,
-        onnxruntime's included, was ~10% of a decode step). Each token's features are frozen
-        when it becomes due: its attention statistics and age are copied then, and the other
-        features (logit statistics, rarity) never change afterwards; so deferring changes when
-        a decision takes effect (up to KV_DECIDE_BATCH - 1 steps later; the token is kept at
-        16 bits until then), not what is decided. Any call that is not deferred (a prefill,
-        score()) decides everything queued first.
-        """
-        upto = len(self._tokens) - (0 if flush else policy.window)
-        if policy.is_fp16:
-            self._kv_decided = max(self._kv_decided, upto)
-            self._pending.clear()
-            return
-        if upto > self._kv_decided:
-            new = np.arange(self._kv_decided, upto, dtype=np.int32)
-            self._kv_decided = upto
-            if policy.needs_features:
-                self._pending.append((new, *self._changing_features(new)))
-            else:
-                self._pending.append((new,))
-        n_due = sum(p[0].size for p in self._pending)
-        if n_due == 0 or (defer and policy.needs_features and n_due < KV_DECIDE_BATCH):
-            return
-        due, self._pending = self._pending, []
-        pos = np.concatenate([d[0] for d in due])
-        frozen = tuple(np.concatenate([d[i] for d in due]) for i in range(1, 5)) if len(due[0]) == 5 else None
-        self._bind_policy(policy, self)
-        n_layer = self.hparams["n_layer"]
-        per_layer = hasattr(policy, "decide_layers")
-        if per_layer:  # (n_layer, n) bits; one call for all layers where every layer agrees
-            k_bits, v_bits = policy.decide_layers(self._features(pos, frozen), n_layer)
-        else:
-            k_bits, v_bits = policy.decide(self._features(pos, frozen))
-        k_bits = np.ascontiguousarray(k_bits, dtype=np.int32)
-        v_bits = np.ascontiguousarray(v_bits, dtype=np.int32)
-        want = (n_layer, pos.size) if per_layer else pos.shape
-        if per_layer and k_bits.shape == v_bits.shape == want and (k_bits == k_bits[0]).all() and (v_bits == v_bits[0]).all():
-            k_bits, v_bits, per_layer, want = k_bits[0].copy(), v_bits[0].copy(), False, pos.shape
-        if k_bits.shape != want or v_bits.shape != want:
-            raise ValueError(f"policy {policy.name} returned {k_bits.shape}/{v_bits.shape} bit-widths for {pos.size} tokens")
-        first_key = not self._keys_quantized and bool((k_bits < 16).any())
-        self._keys_quantized |= first_key
-        snap = self._prefill
-        if snap is not None and (int(pos.min()) < len(snap.ids) or (first_key and not snap.keys_quantized)):
-            # a token of the prefill changes precision, or the first quantized key fixes the key
-            # centers (from the keys cached now, which a fresh run would not have)
-            self._prefill = None
-        for layer in range(n_layer) if per_layer else (-1,):
-            kb, vb = (k_bits[layer], v_bits[layer]) if per_layer else (k_bits, v_bits)
-            rc = lib.ek_kv_set_layer_bits(
-                self._handle, layer, ffi.cast("int32_t *", pos.ctypes.data), ffi.cast("int32_t *", kb.ctypes.data),
-                ffi.cast("int32_t *", vb.ctypes.data), pos.size,
-            )
-            if rc != 0:
-                raise ValueError(f"KV policy {policy.name}: {self._c_error()}")
 
     def _check_policy(self, policy: KVPolicy) -> KVPolicy:
         """Refuse, before any work, a static quantized policy this model's head_dim cannot store."""
@@ -618,21 +516,10 @@ class Model:
         self.kv_fit_grid = bool(lib.ek_kv_fitting(self._handle))
 
     def kv_bits(self, per_layer: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(key bits, value bits) of every cached position: (n_past,) arrays, or (n_layer, n_past)
-        with per_layer=True. Without per_layer, a cache whose layers differ raises ValueError."""
-        with self._lock.reading():
-            self._check_open()
-            n, n_layer = len(self._tokens), self.hparams["n_layer"]
-            k = np.empty((n_layer, n), np.int32)
-            v = np.empty((n_layer, n), np.int32)
-            for layer in range(n_layer if n else 0):
-                lib.ek_kv_get_layer_bits(self._handle, layer, ffi.cast("int32_t *", k[layer].ctypes.data),
-                                         ffi.cast("int32_t *", v[layer].ctypes.data))
-            if per_layer:
-                return k, v
-            if n and not ((k == k[0]).all() and (v == v[0]).all()):
-                raise ValueError("the KV cache's bits differ by layer: use kv_bits(per_layer=True)")
-            return k[0].copy(), v[0].copy()
+        """(key bits, value bits) of every cached position of the default session: (n_past,) arrays,
+        or (n_layer, n_past) with per_layer=True. Without per_layer, a cache whose layers differ
+        raises ValueError."""
+        return self._session.kv_bits(per_layer)
 
     @property
     def kv_layout(self) -> dict:
@@ -646,44 +533,7 @@ class Model:
         """Average bits per cached key/value element over every layer, scales and minimums included
         (maps excluded)."""
         self._check_open()
-        n = len(self._tokens)
-        hp = self.hparams
-        elems = n * hp["n_layer"] * hp["n_head_kv"] * hp["head_dim"] * 2
-        return 8.0 * lib.ek_kv_data_bytes(self._handle) / elems if elems else float("nan")
-
-    def _eval_raw(self, ids: np.ndarray, logits_mode: int, out: np.ndarray | None) -> None:
-        self._check_open()  # a suspended stream may resume after close(): never pass C a freed handle
-        if len(self._tokens) + ids.size > self.n_ctx:
-            raise ContextOverflowError(
-                f"context overflow: {len(self._tokens)} tokens in context + {ids.size} new > ctx {self.n_ctx}"
-            )
-        optr = ffi.NULL if out is None else ffi.cast("float *", out.ctypes.data)
-        prev = getattr(self, "_last_logp_row", None)
-        if prev is not None and out is not None and np.shares_memory(prev[1], out):
-            self._last_logp_row = (prev[0], prev[1].copy(), prev[2])  # still needed, about to be overwritten
-        rc = lib.ek_forward(self._handle, ffi.cast("int32_t *", ids.ctypes.data), ids.size, logits_mode, optr)
-        if rc == lib.EK_ERR_CONTEXT:
-            raise ContextOverflowError(self._c_error())
-        if rc == lib.EK_ERR_TOKEN:
-            raise ValueError(self._c_error())
-        if rc != 0:
-            raise EdgekvError(self._c_error())
-        self._tokens.extend(int(t) for t in ids)
-
-    def _truncate(self, n: int) -> None:
-        if lib.ek_truncate(self._handle, n) != 0:
-            raise EdgekvError(self._c_error())
-        del self._tokens[n:]
-        self._kv_decided = min(self._kv_decided, n)
-        if n == 0:
-            self._keys_quantized = False  # the C store sets new key centers for a new context
-        if self._prefill is not None and n < len(self._prefill.ids):
-            self._prefill = None
-        self._pending = [tuple(a[d[0] < n] for a in d) for d in self._pending]
-        self._pending = [d for d in self._pending if d[0].size]
-        self._entropy[n:] = np.nan
-        self._max_prob[n:] = np.nan
-        self._logprob[n:] = np.nan
+        return self._session.kv_avg_bits
 
     def reset(self) -> None:
         """Forget the context (the next call starts from an empty KV cache)."""
@@ -697,7 +547,7 @@ class Model:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes the KV cache holds for the tokens now in context."""
+        """Bytes the KV cache of the default session holds for the tokens now in context."""
         self._check_open()
         return int(lib.ek_kv_bytes_used(self._handle))
 
@@ -767,41 +617,6 @@ class Model:
 
     # ---- generation ------------------------------------------------------------
 
-    def _prefill_prompt(self, ids: np.ndarray, policy: KVPolicy) -> tuple[np.ndarray, int]:
-        """Make the context hold exactly ids under policy; return (last logits, tokens run).
-
-        The result is what a fresh model computes. A cached prefix is reused only in the one
-        case where that is exact by construction: ids are the prompt of the last fresh
-        prefill (self._prefill) and every cached position below len(ids) is still as that
-        prefill left it; the cache is then truncated back to it and its logits returned.
-        Any other cached prefix is run again, as reusing it would not be exact: a fresh
-        run's later prompt tokens see the prefix at 16 bits, not quantized, and even an fp16
-        prefix computed in another pass differs from a fresh one in float rounding (the
-        attention kernels group keys by how many the cache holds), enough to change greedy
-        replies of SmolLM2 in chats.
-        """
-        snap = self._prefill
-        if (snap is not None and snap.policy is policy and self._ctx_policy is policy
-                and len(self._tokens) >= ids.size and snap.ids == tuple(ids.tolist())):
-            self._truncate(ids.size)
-            self._logits[...] = snap.logits
-            if snap.logp_row is not None:
-                p, row, lse = snap.logp_row
-                self._last_logp_row = (p, row.copy(), lse)
-            else:
-                self._last_logp_row = None
-            return self._logits, 0
-        self._truncate(0)
-        self._last_logp_row = None
-        self._eval(ids, lib.EK_LOGITS_LAST, self._logits, policy)
-        row = getattr(self, "_last_logp_row", None)
-        self._prefill = _Prefill(
-            ids=tuple(ids.tolist()), policy=policy, logits=self._logits.copy(),
-            logp_row=None if row is None else (row[0], np.array(row[1], copy=True), row[2]),
-            keys_quantized=self._keys_quantized,
-        )
-        return self._logits, ids.size
-
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -835,8 +650,7 @@ class Model:
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         _check_int("max_tokens", max_tokens, 0, 1 << 30)
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-            raise ValueError("stop must be a list of non-empty strings")
+        stop = check_stop(stop)
         self._check_open()
         ids = self._text_or_ids("prompt", prompt, special=True)
         if ids.size >= self.n_ctx:
@@ -848,17 +662,16 @@ class Model:
         if json_schema is not None:
             from .structured import JSONSchemaMask
             mask = JSONSchemaMask(self.tokenizer, json_schema)
-        it = self._generate_iter(ids, max_tokens, params, list(stop or []), policy, mask)
+        it = self._generate_iter(ids, max_tokens, params, stop, policy, mask)
         return it if stream else "".join(it)
 
     def _generate_iter(self, ids, max_tokens, params, stop, policy, mask=None) -> Iterator[str]:
         stats = GenerationStats(prompt_tokens=int(ids.size))
         self.last_stats = stats
         sampler = Sampler(params)
-        decoder = self.tokenizer.stream_decoder()
+        text = StopText(self.tokenizer.stream_decoder(), stop)
+        tail = ""
         eot = self.tokenizer.eot_ids
-        pending = ""  # text held back while it could still be the start of a stop string
-        hold = max((len(s) for s in stop), default=1) - 1
         lock, me = self._lock, object()  # me: this stream, as the lock knows it
         logits = np.empty(self.vocab_size, np.float32)  # own copy: other calls reuse self._logits
         context = [int(t) for t in ids]  # what the C context holds for this stream
@@ -885,21 +698,13 @@ class Model:
                 if tok in eot:
                     stats.finish_reason = "stop"
                     break
-                pending += decoder.push(tok)
-                if stop:
-                    hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-                    if hit >= 0:
-                        pending = pending[:hit]
-                        decoder.reset()  # bytes held back belong to the cut-off text
-                        stats.finish_reason = "stop"
-                        break
-                    if len(pending) > hold:
-                        cut = len(pending) - hold
-                        yield pending[:cut]
-                        pending = pending[cut:]
-                elif pending:
-                    yield pending
-                    pending = ""
+                piece = text.push(tok)
+                if text.stopped:
+                    stats.finish_reason = "stop"
+                    tail = piece  # yielded after the statistics are final
+                    break
+                if piece:
+                    yield piece
                 if mask is not None and mask.done:
                     stats.finish_reason = "stop"
                     break
@@ -922,9 +727,9 @@ class Model:
             stats.decode_s = time.perf_counter() - t_dec
         finally:
             lock.drop(me)
-        pending += decoder.flush()
-        if pending:
-            yield pending
+        rest = tail + text.flush()
+        if rest:
+            yield rest
 
     def _replay(self, ids: np.ndarray, context: list, policy: KVPolicy) -> None:
         """Bring the cache back to what a stream left in it: its prompt's prefill, then each

@@ -221,6 +221,82 @@ static void test_tensors_and_forward(void) {
     for (int i = 0; i < nt; i++) free(t[i].data);
 }
 
+/* Sequences: each has its own cache; a batch step gives each what it gets alone, and refuses bad
+ * input without touching any sequence. */
+static void test_sequences(void) {
+    ek_config c = base_config();
+    char err[256] = "";
+    ek_model *m = ek_model_create(&c, err, sizeof err);
+    CHECK(m != NULL, "create: %s", err);
+    if (!m) return;
+    tensor t[64];
+    const int nt = make_tensors(&c, t);
+    for (int i = 0; i < nt; i++) set(m, &t[i]);
+    CHECK(ek_model_finalize(m) == EK_OK, "finalize: %s", ek_model_error(m));
+    CHECK(ek_model_seq(m) != NULL && ek_seq_n_past(ek_model_seq(m)) == 0, "default sequence");
+    const int V = c.n_vocab;
+    int32_t prompt[3][7] = {{1, 2, 3, 4, 5, 6, 7}, {9, 8}, {4}}; /* 7 + 2 + 1 rows: two passes of n_batch 5 */
+    const int plen[3] = {7, 2, 1};
+    float *alone = (float *)malloc(sizeof(float) * (size_t)V * 6), *got = (float *)malloc(sizeof(float) * (size_t)V * 3);
+    /* alone: prompt then token 11, on the default sequence */
+    for (int i = 0; i < 3; i++) {
+        ek_truncate(m, 0);
+        CHECK(ek_forward(m, prompt[i], plen[i], EK_LOGITS_LAST, alone + (size_t)(2 * i) * V) == EK_OK, "alone %d", i);
+        int32_t x = 11;
+        CHECK(ek_forward(m, &x, 1, EK_LOGITS_LAST, alone + (size_t)(2 * i + 1) * V) == EK_OK, "alone decode %d", i);
+    }
+    ek_seq *s[3];
+    for (int i = 0; i < 3; i++) s[i] = ek_seq_create(m);
+    CHECK(s[0] && s[1] && s[2] && s[0] != ek_model_seq(m), "ek_seq_create");
+    int32_t toks[10], counts[3] = {7, 2, 1};
+    for (int i = 0, k = 0; i < 3; i++)
+        for (int j = 0; j < plen[i]; j++) toks[k++] = prompt[i][j];
+    CHECK(ek_forward_batch(m, s, 3, toks, counts, got) == EK_OK, "batch prefill: %s", ek_model_error(m));
+    double max_diff = 0;
+    for (int i = 0; i < 3; i++)
+        for (int v = 0; v < V; v++) max_diff = fmax(max_diff, fabs((double)got[i * V + v] - alone[(2 * i) * V + v]));
+    int32_t dec[3] = {11, 11, 11}, ones[3] = {1, 1, 1};
+    CHECK(ek_forward_batch(m, s, 3, dec, ones, got) == EK_OK, "batch decode: %s", ek_model_error(m));
+    for (int i = 0; i < 3; i++)
+        for (int v = 0; v < V; v++) max_diff = fmax(max_diff, fabs((double)got[i * V + v] - alone[(2 * i + 1) * V + v]));
+    CHECK(max_diff < 1e-4, "batch vs alone logits differ by %g", max_diff);
+    CHECK(ek_seq_n_past(s[0]) == 8 && ek_seq_n_past(s[1]) == 3 && ek_seq_n_past(s[2]) == 2, "n_past after the batch");
+    CHECK(ek_seq_kv_bytes_used(s[0]) == 8 * ek_kv_bytes_per_token(m), "kv bytes of a sequence");
+
+    /* refused batches change nothing */
+    ek_seq *dup[2] = {s[0], s[0]}, *with_null[2] = {s[0], NULL};
+    int32_t bad_counts[3] = {1, 0, 1}, bad_tok[3] = {1, 50, 1}, big[3] = {1, 1, 30};
+    CHECK(ek_forward_batch(m, dup, 2, dec, ones, got) == EK_ERR_INVALID, "the same sequence twice");
+    CHECK(ek_forward_batch(m, with_null, 2, dec, ones, got) == EK_ERR_INVALID, "a NULL sequence");
+    CHECK(ek_forward_batch(m, s, 0, dec, ones, got) == EK_ERR_INVALID, "no sequences");
+    CHECK(ek_forward_batch(m, s, 3, dec, bad_counts, got) == EK_ERR_INVALID, "count 0");
+    CHECK(ek_forward_batch(m, s, 3, bad_tok, ones, got) == EK_ERR_TOKEN, "token = n_vocab");
+    int32_t many[32] = {0};
+    CHECK(ek_forward_batch(m, s, 3, many, big, got) == EK_ERR_CONTEXT, "2 + 30 > n_ctx");
+    CHECK(strlen(ek_model_error(m)) > 0, "no error message");
+    ek_config c2 = base_config();
+    ek_model *m2 = ek_model_create(&c2, err, sizeof err);
+    ek_seq *foreign[1] = {m2 ? ek_model_seq(m2) : NULL};
+    CHECK(ek_forward_batch(m, foreign, 1, dec, ones, got) == EK_ERR_INVALID, "a sequence of another model");
+    ek_model_free(m2);
+    CHECK(ek_seq_n_past(s[0]) == 8 && ek_seq_n_past(s[1]) == 3 && ek_seq_n_past(s[2]) == 2, "a refused batch moved n_past");
+
+    /* per-sequence KV calls */
+    int32_t pos[1] = {0}, kb[1] = {4}, vb[1] = {2}, gk[24], gv[24];
+    CHECK(ek_seq_kv_set_layer_bits(s[1], -1, pos, kb, vb, 1) == EK_OK, "seq set bits: %s", ek_model_error(m));
+    CHECK(ek_seq_kv_get_layer_bits(s[1], 0, gk, gv) == EK_OK && gk[0] == 4 && gv[0] == 2, "seq bits read back");
+    CHECK(ek_seq_kv_get_layer_bits(s[0], 0, gk, gv) == EK_OK && gk[0] == 16, "another sequence's bits changed");
+    CHECK(ek_seq_kv_configure(s[2], 32, 32, 32, 0) == EK_ERR_INVALID, "configure a non-empty sequence");
+    CHECK(ek_truncate_seq(s[2], 3) == EK_ERR_INVALID && ek_truncate_seq(s[2], 0) == EK_OK, "truncate a sequence");
+    CHECK(ek_seq_kv_bytes_used(s[2]) == 0 && ek_seq_n_past(s[0]) == 8, "truncate one sequence");
+    for (int i = 0; i < 3; i++) ek_seq_free(s[i]);
+    ek_seq_free(NULL); /* a no-op */
+    free(alone);
+    free(got);
+    ek_model_free(m);
+    for (int i = 0; i < nt; i++) free(t[i].data);
+}
+
 static void test_kernel_entries(void) {
     float x[64] = {0}, y[64], out[64];
     unsigned char w[4096] = {0};
@@ -247,6 +323,7 @@ int main(void) {
     printf("edgekv C API tests (simd: %s, ABI %d)\n", ek_simd(), ek_abi_version());
     test_create();
     test_tensors_and_forward();
+    test_sequences();
     test_kernel_entries();
     if (failures) {
         printf("%d of %d API checks FAILED\n", failures, checks);

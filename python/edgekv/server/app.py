@@ -22,7 +22,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
-from .engine import make_engine
+from .engine import ModelEngine
 from .scheduler import Request, Scheduler
 
 DISCONNECT_POLL_S = 0.25
@@ -89,7 +89,7 @@ class _Context:
         self.model_id = model_id
         self.api_key = api_key
         self.created = int(time.time())
-        self.scheduler = Scheduler(make_engine(model, max_sessions), model.tokenizer, model.n_ctx,
+        self.scheduler = Scheduler(ModelEngine(model, max_sessions), model.tokenizer, model.n_ctx,
                                    max_sessions=max_sessions, kv_budget_bytes=kv_budget_bytes)
 
     def check_key(self, request: HTTPRequest) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..sampling import Sampler, SamplingParams
+from ..stop import StopText
 
 log = logging.getLogger("edgekv.server")
 
@@ -52,9 +53,7 @@ class _Seq:
         self.pos = reused  # prompt tokens in the session's KV
         self.cached = reused
         self.sampler = Sampler(req.params)
-        self.decoder = tokenizer.stream_decoder()
-        self.pending = ""  # text held back while it could still start a stop string
-        self.hold = max((len(s) for s in req.stop), default=1) - 1
+        self.text = StopText(tokenizer.stream_decoder(), req.stop)  # holds back a possible stop string's start
         self.generated = 0
         self.last: Optional[int] = None  # sampled, not yet run
         self.infos: list[dict] = []  # logprob records of tokens whose text is held back
@@ -103,7 +102,7 @@ class SessionPool:
 
     def trim(self) -> None:
         for key in [k for k, s in self.idle.items() if s.n_past == 0]:
-            self.idle.pop(key).close()  # it holds no KV (SingleContextEngine: another session took the context)
+            self.idle.pop(key).close()  # it holds no KV: nothing to reuse
         while self.idle and len(self.idle) + self.busy > self.max_sessions:
             self._evict()
         if self.kv_budget_bytes is not None:
@@ -254,20 +253,11 @@ class Scheduler:
             if req.logprobs is not None:
                 s.infos.pop()  # the end-of-turn token has no text
             return self._finish(s, "stop")
-        s.pending += s.decoder.push(tok)
-        if req.stop:
-            hit = min((s.pending.find(x) for x in req.stop if x in s.pending), default=-1)
-            if hit >= 0:
-                s.pending = s.pending[:hit]
-                s.decoder.reset()
-                return self._finish(s, "stop")
-            if len(s.pending) > s.hold:
-                cut = len(s.pending) - s.hold
-                self._emit_text(s, s.pending[:cut])
-                s.pending = s.pending[cut:]
-        elif s.pending:
-            self._emit_text(s, s.pending)
-            s.pending = ""
+        piece = s.text.push(tok)
+        if piece or (s.text.stopped and s.infos):
+            self._emit_text(s, piece)
+        if s.text.stopped:
+            return self._finish(s, "stop")
         if mask is not None and mask.done:
             return self._finish(s, "stop")
         if s.generated >= req.max_tokens:
@@ -282,7 +272,7 @@ class Scheduler:
 
     def _finish(self, s: _Seq, reason: str = "stop", error: Optional[Exception] = None) -> None:
         if error is None:
-            tail = s.pending + s.decoder.flush()
+            tail = s.text.flush()
             if tail or s.infos:
                 self._emit_text(s, tail)
         with self._cv:  # stats() reads the pool from other threads
