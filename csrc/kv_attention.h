@@ -81,6 +81,8 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
  * unspecified) when any head is non-finite or hd > 256, and then every head uses the plain query. */
 int ek_attn_query_rounded(const float *q, int gs, int hd, float *out);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
+/* 1 if values of precision id vp, head_dim and gs query heads take the AVX-512 integer value sum. */
+int ek_attn_values_x512(int vp, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */
 float ek_exp_shift(float *x, int n, float m);

@@ -33,25 +33,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_types.h"
 #include "quant.h"
 #include "simd.h"
-
-/* Precision ids: index into the trait table and into pool ids. */
-enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_Q3 = 4, KVP_COUNT = 5 };
-
-typedef struct {
-    int bits;
-    /* bytes of one record of n values with groups of g */
-    size_t (*record_bytes)(int n, int g);
-    /* float -> record; x is already rotated where the store rotates */
-    void (*quantize)(const float *x, uint8_t *rec, int n, int g, int fit);
-    /* record -> float (compiled SIMD path) and its plain-C reference */
-    void (*dequant)(const uint8_t *rec, float *y, int n, int g);
-    void (*dequant_ref)(const uint8_t *rec, float *y, int n, int g);
-} ek_kv_prec_traits;
-
-const ek_kv_prec_traits *ek_kv_prec(int prec);
-int ek_kv_prec_from_bits(int bits); /* -1 if not 16/8/4/3/2 */
 
 #if defined(EK_AVX2)
 /* Codes of chunk c (values 32c .. 32c+31) of a quantized record at `bits`, as 4 x 8 floats in

@@ -38,19 +38,28 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import THREADS
-from edgekv._native import ffi, lib
+from edgekv._native import ffi, kv_precisions, lib
 from edgekv.kv_policy import CallablePolicy, RandomPolicy, StaticPolicy, TokenFeatures, parse_policy
 
 FP16_MAX = np.float32(65504.0)
-QBITS = (8, 4, 3, 2)
-ALL_BITS = (16, 8, 4, 3, 2)
-KVP_BITS = (16, 8, 4, 2, 3)  # the C precision ids' order (ek_kv_attention_test's q_key rows)
+# the library's table of KV precisions (csrc/kv_types.c): every test here covers each row
+KVP_BITS = tuple(b for b, _ in kv_precisions())  # the C precision ids' order (ek_kv_attention_test's q_key rows)
+ALL_BITS = tuple(sorted(KVP_BITS, reverse=True))
+QBITS = tuple(b for b in ALL_BITS if b != 16)
+
+
+def test_the_table_has_the_precisions_the_format_documents():
+    # the rows every build has; a new row adds to them (the other tests then cover it)
+    assert set(ALL_BITS) >= {16, 8, 4, 3, 2} and len(set(KVP_BITS)) == len(KVP_BITS) and KVP_BITS[0] == 16
+    assert dict(kv_precisions())[3] == 4  # 3-bit records use the 4-bit group size
 
 
 def model_groups(m) -> dict:
-    """Group size of each quantized bit-width in a Model's store (3-bit records use the 4-bit group)."""
+    """Group size of each quantized bit-width in a Model's store (each row names its group: 3-bit
+    records use the 4-bit one)."""
     g8, g4, g2 = m.kv_groups
-    return {8: g8, 4: g4, 3: g4, 2: g2}
+    size = {8: g8, 4: g4, 2: g2}
+    return {b: size[gb] for b, gb in kv_precisions() if b != 16}
 
 # ---------------------------------------------------------------------------------------------
 # NumPy reference of the record formats
