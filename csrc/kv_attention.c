@@ -355,7 +355,7 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int qorder
 }
 
 /* One unit's codes (x0, x1 from unpack_unit) dotted with the int8 query's two registers for that
- * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 15, so the
+ * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 63, so the
  * plain-AVX2 fallback of ek_dpbusd stays exact) */
 EK_INLINE __m256i unit_dot_query(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
@@ -368,6 +368,21 @@ EK_INLINE void unpack_unit(const uint8_t *r, int u, __m256i *x0, __m256i *x1, co
         const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
         *x0 = _mm256_and_si256(t, k);
         *x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
+        return;
+    }
+    if (bits == 6) { /* chunks of 24 bytes: 16 of low nibbles (the 4-bit order), 8 of bits 4-5 (2-bit layout) */
+        const uint8_t *c0 = r + 48 * u, *c1 = c0 + 24;
+        const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)c1), _mm_loadu_si128((const __m128i *)c0));
+        const __m256i k = _mm256_set1_epi8(0x0f);
+        /* x0 byte p of lane L (chunk L) is value p of the chunk: crumb p / 8 of high byte p % 8; x1: crumb 2 + p / 8 */
+        const __m128i h = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(c0 + 16)), _mm_loadl_epi64((const __m128i *)(c1 + 16)));
+        const __m128i k3 = _mm_set1_epi8(3);
+        const __m128i s0 = _mm_and_si128(h, k3), s1 = _mm_and_si128(_mm_srli_epi16(h, 2), k3);
+        const __m128i s2 = _mm_and_si128(_mm_srli_epi16(h, 4), k3), s3 = _mm_and_si128(_mm_srli_epi16(h, 6), k3);
+        const __m256i h0 = _mm256_set_m128i(_mm_unpackhi_epi64(s0, s1), _mm_unpacklo_epi64(s0, s1));
+        const __m256i h1 = _mm256_set_m128i(_mm_unpackhi_epi64(s2, s3), _mm_unpacklo_epi64(s2, s3));
+        *x0 = _mm256_or_si256(_mm256_and_si256(t, k), _mm256_slli_epi16(h0, 4));
+        *x1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(t, 4), k), _mm256_slli_epi16(h1, 4));
         return;
     }
     __m128i t;
@@ -507,6 +522,7 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
 SCORE_KERNEL(ek_kv_score_q4_avx2, 4, EK_QORDER_NIBBLE)
 SCORE_KERNEL(ek_kv_score_q3_avx2, 3, EK_QORDER_CRUMB)
 SCORE_KERNEL(ek_kv_score_q2_avx2, 2, EK_QORDER_CRUMB)
+SCORE_KERNEL(ek_kv_score_q6_avx2, 6, EK_QORDER_NIBBLE)
 #undef SCORE_KERNEL
 #undef SCORE_Q
 
@@ -579,6 +595,7 @@ VALUES_KERNEL(ek_kv_values_q8_avx2, 8)
 VALUES_KERNEL(ek_kv_values_q4_avx2, 4)
 VALUES_KERNEL(ek_kv_values_q3_avx2, 3)
 VALUES_KERNEL(ek_kv_values_q2_avx2, 2)
+VALUES_KERNEL(ek_kv_values_q6_avx2, 6)
 #undef VALUES_KERNEL
 #undef ACC_Q
 

@@ -17,6 +17,7 @@ size_t ek_kv_bytes_q8(int n, int g) { return rec_bytes_q(n, g, 8); }
 size_t ek_kv_bytes_q4(int n, int g) { return rec_bytes_q(n, g, 4); }
 size_t ek_kv_bytes_q2(int n, int g) { return rec_bytes_q(n, g, 2); }
 size_t ek_kv_bytes_q3(int n, int g) { return rec_bytes_q(n, g, 3); }
+size_t ek_kv_bytes_q6(int n, int g) { return rec_bytes_q(n, g, 6); }
 
 /* ------------------------------------------------------------------------- */
 /* quantize (scalar: runs once per token, off the hot path)                   */
@@ -174,6 +175,20 @@ static int code_q3(const uint8_t *rec, int c, int j) {
     return ((r[j & 7] >> (2 * (j >> 3))) & 3) | ((r[8 + (j >> 3)] >> (j & 7)) & 1) << 2;
 }
 
+static void pack_q6(const uint8_t *cc, uint8_t *p) { /* the low nibbles as the 4-bit layout, then bits 4-5 as the 2-bit one */
+    uint8_t lo[CH], hi[CH];
+    for (int j = 0; j < CH; j++) {
+        lo[j] = cc[j] & 15;
+        hi[j] = cc[j] >> 4;
+    }
+    pack_q4(lo, p);
+    pack_q2(hi, p + 16);
+}
+static int code_q6(const uint8_t *rec, int c, int j) {
+    const uint8_t *r = rec + c * 24;
+    return code_q4(r, 0, j) | code_q2(r + 16, 0, j) << 4;
+}
+
 static void quantize_q(const float *x, uint8_t *rec, int n, int g, int fit, int bits, pack_fn pack) {
     uint8_t codes[1024];
     ek_fp16 *dm = (ek_fp16 *)(rec + (size_t)n * bits / 8);
@@ -186,6 +201,7 @@ void ek_kv_encode_q8(const float *x, uint8_t *rec, int n, int g, int fit) { quan
 void ek_kv_encode_q4(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 4, pack_q4); }
 void ek_kv_encode_q2(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 2, pack_q2); }
 void ek_kv_encode_q3(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 3, pack_q3); }
+void ek_kv_encode_q6(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 6, pack_q6); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: reference                                                      */
@@ -205,6 +221,7 @@ void ek_kv_decode_q8_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q
 void ek_kv_decode_q4_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 4, code_q4); }
 void ek_kv_decode_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 2, code_q2); }
 void ek_kv_decode_q3_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3, code_q3); }
+void ek_kv_decode_q6_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 6, code_q6); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: SIMD (the attention inner loop calls these once per record)    */
@@ -225,6 +242,7 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
 }
 
 void ek_kv_decode_q3(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 3); }
+void ek_kv_decode_q6(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 6); }
 
 #elif defined(EK_NEON) && defined(__aarch64__)
 
@@ -280,6 +298,7 @@ void ek_kv_decode_q2(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_
 #endif
 #if !defined(EK_AVX2) /* NEON and plain C: the reference */
 void ek_kv_decode_q3(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q3_ref(rec, y, n, g); }
+void ek_kv_decode_q6(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q6_ref(rec, y, n, g); }
 #endif
 
 /* ------------------------------------------------------------------------- */

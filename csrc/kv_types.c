@@ -28,6 +28,10 @@ static const ek_kv_type TYPES[KVP_COUNT] = {
     /* 3-bit: the 4-bit group; AVX-512 has no 3-bit kernel (the AVX2 ones run) */
     [KVP_Q3] = {3, EK_KVG_4, ek_kv_bytes_q3, ek_kv_encode_q3, ek_kv_decode_q3, ek_kv_decode_q3_ref,
                 EK_QORDER_CRUMB AVX2(ek_kv_score_q3_avx2, ek_kv_values_q3_avx2) X512(NULL, NULL)},
+    /* 6-bit: the 4-bit group; codes unpack in the 4-bit order (low nibbles) plus 2 high bits, so
+     * keys take the integer scoring; AVX-512 has no 6-bit kernel (the AVX2 ones run) */
+    [KVP_Q6] = {6, EK_KVG_4, ek_kv_bytes_q6, ek_kv_encode_q6, ek_kv_decode_q6, ek_kv_decode_q6_ref,
+                EK_QORDER_NIBBLE AVX2(ek_kv_score_q6_avx2, ek_kv_values_q6_avx2) X512(NULL, NULL)},
 };
 
 const ek_kv_type *ek_kv_prec(int p) { return p >= 0 && p < KVP_COUNT ? &TYPES[p] : NULL; }

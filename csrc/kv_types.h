@@ -24,7 +24,7 @@
 
 /* Precision ids: index into the table and into pool ids (KV_POOL). FP16 (id 0) is where tokens
  * enter: stored unrotated and uncentered, so an all-FP16 cache is plain attention. */
-enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_Q3 = 4, KVP_COUNT = 5 };
+enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_Q3 = 4, KVP_Q6 = 5, KVP_COUNT = 6 };
 
 /* Which of ek_kv_configure's group sizes a precision uses (FP16: the whole head). */
 enum { EK_KVG_HEAD = 0, EK_KVG_8 = 1, EK_KVG_4 = 2, EK_KVG_2 = 3, EK_KVG_COUNT = 4 };
@@ -80,26 +80,30 @@ void ek_kv_group_sizes(int head_dim, int g8, int g4, int g2, int group[KVP_COUNT
 /* kv_quant.c */
 size_t ek_kv_bytes_f16(int n, int g);
 size_t ek_kv_bytes_q8(int n, int g), ek_kv_bytes_q4(int n, int g), ek_kv_bytes_q3(int n, int g),
-    ek_kv_bytes_q2(int n, int g);
+    ek_kv_bytes_q2(int n, int g), ek_kv_bytes_q6(int n, int g);
 void ek_kv_encode_f16(const float *x, uint8_t *rec, int n, int g, int fit);
 void ek_kv_encode_q8(const float *x, uint8_t *rec, int n, int g, int fit);
 void ek_kv_encode_q4(const float *x, uint8_t *rec, int n, int g, int fit);
 void ek_kv_encode_q3(const float *x, uint8_t *rec, int n, int g, int fit);
 void ek_kv_encode_q2(const float *x, uint8_t *rec, int n, int g, int fit);
+void ek_kv_encode_q6(const float *x, uint8_t *rec, int n, int g, int fit);
 void ek_kv_decode_f16(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_f16_ref(const uint8_t *rec, float *y, int n, int g);
 void ek_kv_decode_q8(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_q8_ref(const uint8_t *rec, float *y, int n, int g);
 void ek_kv_decode_q4(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_q4_ref(const uint8_t *rec, float *y, int n, int g);
 void ek_kv_decode_q3(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_q3_ref(const uint8_t *rec, float *y, int n, int g);
 void ek_kv_decode_q2(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_q2_ref(const uint8_t *rec, float *y, int n, int g);
+void ek_kv_decode_q6(const uint8_t *rec, float *y, int n, int g), ek_kv_decode_q6_ref(const uint8_t *rec, float *y, int n, int g);
 #if defined(EK_AVX2)
 /* kv_attention.c */
 void ek_kv_score_q4_avx2(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs, float *sc, float *tmp);
 void ek_kv_score_q3_avx2(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs, float *sc, float *tmp);
 void ek_kv_score_q2_avx2(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs, float *sc, float *tmp);
+void ek_kv_score_q6_avx2(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs, float *sc, float *tmp);
 void ek_kv_values_q8_avx2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o);
 void ek_kv_values_q4_avx2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o);
 void ek_kv_values_q3_avx2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o);
 void ek_kv_values_q2_avx2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o);
+void ek_kv_values_q6_avx2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o);
 #endif
 #if defined(EK_AVX512)
 /* kv_attention_x512.c */
