@@ -34,7 +34,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
  * c the mean of the fp16 keys at positions 1..n_pos-1).
  * q_key (optional, n_prec * gs * head_dim, n_prec = ek_kv_precisions(NULL, NULL, 0)): for each key
  * precision (in ek_kv_precisions order), the query its keys were scored with, scaled by
- * 1/sqrt(head_dim), plain basis: the float query, or, for keys scored with integers (4-, 3- and 2-bit,
+ * 1/sqrt(head_dim), plain basis: the float query, or, for keys scored with integers (6-, 4-, 3-, 2-bit,
  * head_dim a multiple of 64; kv_types.c), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,

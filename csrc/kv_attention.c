@@ -297,7 +297,7 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
         for (int j = 0; j < n; j++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
 }
 
-/* ---- integer key scoring: int8 query x 4-, 3- or 2-bit key codes ------------------------------
+/* ---- integer key scoring: int8 query x 6-, 4-, 3- or 2-bit key codes ---------------------------
  * score = s_q * (sum_c d_c * (q8 . u)_c + sum_g m_g * sum_{i in g} q8_i) for a record with codes u,
  * group scales d and minimums m: exactly the dot product of the dequantized key with the
  * int8-rounded query s_q * q8. The integer part runs on vpdpbusd (AVX-VNNI) or vpmaddubsw. */
@@ -309,7 +309,8 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
  * give values 0-15 | 32-47, high nibbles 16-31 | 48-63. 2-bit: a unit is 16 bytes (two 8-byte
  * chunks of codes j, j+8, j+16, j+24); shifts 0|2 give values 0-7, 32-39 | 8-15, 40-47 and
  * shifts 4|6 give 16-23, 48-55 | 24-31, 56-63. 3-bit units (two 12-byte chunks: the 2-bit layout, then
- * a 32-bit mask of the codes' bit 2) unpack in the 2-bit order. The row's qorder names the order
+ * a 32-bit mask of the codes' bit 2) unpack in the 2-bit order, 6-bit units (two 24-byte chunks: the
+ * 4-bit layout, then bits 4-5 in the 2-bit layout) in the 4-bit order. The row's qorder names the order
  * (EK_QORDER_NIBBLE: the 4-bit one, EK_QORDER_CRUMB: the 2-bit one). Runs once per task: vector code, and the same
  * arithmetic as ek_attn_query_i8 (q * (127 / amax), rounded to nearest even). */
 static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int qorder, int g) {
@@ -361,7 +362,7 @@ EK_INLINE __m256i unit_dot_query(__m256i u0, __m256i q0, __m256i u1, __m256i q1)
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
 }
 
-/* Unit u (64 values) of a 4-, 3- or 2-bit record's codes as the two registers qi8_prepare ordered
+/* Unit u (64 values) of a 6-, 4-, 3- or 2-bit record's codes as the two registers qi8_prepare ordered
  * the query for. */
 EK_INLINE void unpack_unit(const uint8_t *r, int u, __m256i *x0, __m256i *x1, const int bits) {
     if (bits == 4) {
