@@ -658,9 +658,10 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     float *o_perm = v_perm ? tile + (size_t)ATTN_CHUNK * hd : o;
     if (v_perm) memset(o_perm, 0, sizeof(float) * gs * hd);
 #endif
+    int use_int = 0; /* keys scored by the row's integer kernel */
 #if defined(EK_AVX2)
     qi8_query qi;
-    const int use_int = int_keys_ok(kt, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->qorder, kg) == 0;
+    use_int = kt->score_avx2 && int_keys_ok(kt, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->qorder, kg) == 0;
 #if defined(EK_AVX512)
     query512 qz __attribute__((aligned(64)));
     const int k512 = use_int && kt->score_x512 && ek_x512_keys_shape_ok(hd, kg, gs);
@@ -669,10 +670,11 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         ek_x512_query(&qi, hd, gs, kt->qorder, &qz);
     }
 #endif
-#else /* the same scores from the float path: the query rounded to int8 and scaled back */
-    float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
-    if (int_keys_ok(kt, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
 #endif
+    /* no integer kernel here (another ISA, or a row without one): the same scores from the float path,
+     * the query rounded to int8 and scaled back (a non-finite query stays as it is in both) */
+    float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
+    if (!use_int && int_keys_ok(kt, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {
         const int n = j1 - c0 < ATTN_CHUNK ? j1 - c0 : ATTN_CHUNK;
