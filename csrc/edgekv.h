@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 9 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch) */
+#define EK_ABI_VERSION 10 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch); 10: ek_kv_precisions (the table of KV precisions) */
 
 typedef struct {
     int n_vocab;
@@ -110,8 +110,8 @@ size_t ek_kv_bytes_used(const ek_model *m);
 size_t ek_kv_bytes_per_token(const ek_model *m);
 
 /* ---- mixed-precision KV store ----
- * Tokens enter at 16 bits; a policy moves them to 8, 4, 3 or 2 bits (keys and values
- * separately). group_bits8/4/2: quantization group sizes (multiples of 32 dividing
+ * Tokens enter at 16 bits; a policy moves them to fewer (keys and values separately): the
+ * bit-widths ek_kv_precisions lists. group_bits8/4/2: quantization group sizes (multiples of 32 dividing
  * head_dim); flags: EK_KV_ROTATE, randomized Hadamard rotation of quantized records;
  * EK_KV_CENTER_KEYS, quantized keys stored minus a per-(layer, head) mean fixed at the
  * first key quantization, which attention adds back as a score offset (exact; see
@@ -120,11 +120,15 @@ size_t ek_kv_bytes_per_token(const ek_model *m);
  * encoding). Configure only while the context is empty. */
 enum { EK_KV_ROTATE = 1, EK_KV_CENTER_KEYS = 2, EK_KV_FIT_GRID = 4, EK_KV_FLAGS = 7 /* all of them */ };
 int ek_kv_configure(ek_model *m, int group_bits8, int group_bits4, int group_bits2, int flags);
+/* The KV precisions this library has (csrc/kv_types.c, one row each), in the store's id order:
+ * bits[i] its bit-width (16 first: where tokens enter) and group_bits[i] which of ek_kv_configure's
+ * group sizes it uses (8, 4 or 2; 16 = the whole head). Fills at most max entries (either array may
+ * be NULL) and returns how many precisions there are. */
+int ek_kv_precisions(int32_t *bits, int32_t *group_bits, int max);
 int ek_kv_rotating(const ek_model *m);
 int ek_kv_centering(const ek_model *m);
 int ek_kv_fitting(const ek_model *m);
-/* Re-encode n cached positions at the given bit-widths (16, 8, 4, 3 or 2; 3-bit records use the
- * 4-bit group size), in every layer. */
+/* Re-encode n cached positions at the given bit-widths (any of ek_kv_precisions), in every layer. */
 int ek_kv_set_bits(ek_model *m, const int32_t *pos, const int32_t *k_bits, const int32_t *v_bits, int n);
 /* The same in one layer (0..n_layer-1), or in all (-1). The first call that gives a layer bits
  * other than the rest gives every layer its own position map (ek_kv_layer_maps), until the context

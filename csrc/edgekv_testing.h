@@ -21,7 +21,7 @@ extern "C" {
  * kernel. Rows past the last multiple of 8 take the row kernels, as in the model. */
 int ek_matmul(int type, const void *w, int64_t n_in, int64_t n_out, const float *x, int n_tok, float *out,
               int impl);
-/* Quantize and dequantize one record of n values (tests): bits 16/8/4/3/2, group g; impl flags:
+/* Quantize and dequantize one record of n values (tests): bits any of ek_kv_precisions, group g; impl flags:
  * EK_RT_SIMD dequantizes with the compiled SIMD path (else the plain-C reference), EK_RT_FIT
  * encodes with the fitted grid (EK_KV_FIT_GRID). */
 enum { EK_RT_SIMD = 1, EK_RT_FIT = 2 };
@@ -32,9 +32,10 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
  * k_deq/v_deq (optional, n_pos * head_dim): the stored values read back, rotation undone (and the
  * key center added back: with EK_KV_CENTER_KEYS a quantized key j scores q_key . (k_deq_j - c) + q . c,
  * c the mean of the fp16 keys at positions 1..n_pos-1).
- * q_key (optional, 5 * gs * head_dim): for each key precision (16, 8, 4, 2, 3 bits in that order),
- * the query its keys were scored with, scaled by 1/sqrt(head_dim), plain basis: the float query,
- * or, for 4-, 3- and 2-bit keys (head_dim a multiple of 64), the int8-rounded query rotated back. */
+ * q_key (optional, n_prec * gs * head_dim, n_prec = ek_kv_precisions(NULL, NULL, 0)): for each key
+ * precision (in ek_kv_precisions order), the query its keys were scored with, scaled by
+ * 1/sqrt(head_dim), plain basis: the float query, or, for keys scored with integers (6-, 4-, 3-, 2-bit,
+ * head_dim a multiple of 64; kv_types.c), the int8-rounded query rotated back. */
 int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v, const int32_t *k_bits,
                          const int32_t *v_bits, int n_pos, int head_dim, int group, int flags, float *out,
                          float *k_deq, float *v_deq, float *q_key);

@@ -173,8 +173,8 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 /* Keys of this precision and shape are scored against the int8-rounded query, in every build
  * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
  * scores up to float rounding. */
-static int int_keys_ok(int kp, int hd, int gs) {
-    return (kp == KVP_Q4 || kp == KVP_Q3 || kp == KVP_Q2) && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
+static int int_keys_ok(const ek_kv_type *t, int hd, int gs) {
+    return t->qorder != EK_QORDER_NONE && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
 }
 
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale) {
@@ -297,7 +297,7 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
         for (int j = 0; j < n; j++) axpyf(o + (size_t)h * hd, w[(size_t)h * ATTN_CHUNK + j], tile + (size_t)j * hd, hd);
 }
 
-/* ---- integer key scoring: int8 query x 4-, 3- or 2-bit key codes ------------------------------
+/* ---- integer key scoring: int8 query x 6-, 4-, 3- or 2-bit key codes ---------------------------
  * score = s_q * (sum_c d_c * (q8 . u)_c + sum_g m_g * sum_{i in g} q8_i) for a record with codes u,
  * group scales d and minimums m: exactly the dot product of the dequantized key with the
  * int8-rounded query s_q * q8. The integer part runs on vpdpbusd (AVX-VNNI) or vpmaddubsw. */
@@ -309,9 +309,11 @@ static void accum_tile(const float *tile, int n, int hd, const float *w, int gs,
  * give values 0-15 | 32-47, high nibbles 16-31 | 48-63. 2-bit: a unit is 16 bytes (two 8-byte
  * chunks of codes j, j+8, j+16, j+24); shifts 0|2 give values 0-7, 32-39 | 8-15, 40-47 and
  * shifts 4|6 give 16-23, 48-55 | 24-31, 56-63. 3-bit units (two 12-byte chunks: the 2-bit layout, then
- * a 32-bit mask of the codes' bit 2) unpack in the 2-bit order. Runs once per task: vector code, and the same
+ * a 32-bit mask of the codes' bit 2) unpack in the 2-bit order, 6-bit units (two 24-byte chunks: the
+ * 4-bit layout, then bits 4-5 in the 2-bit layout) in the 4-bit order. The row's qorder names the order
+ * (EK_QORDER_NIBBLE: the 4-bit one, EK_QORDER_CRUMB: the 2-bit one). Runs once per task: vector code, and the same
  * arithmetic as ek_attn_query_i8 (q * (127 / amax), rounded to nearest even). */
-static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, int g) {
+static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int qorder, int g) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int h = 0; h < gs; h++) {
         const float *qh = q + (size_t)h * hd;
@@ -340,7 +342,7 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
                 q32[c] = _mm256_permutevar8x32_epi32(p, order);
                 _mm256_storeu_si256((__m256i *)&qi->q8[h][64 * u + 32 * c], q32[c]);
             }
-            if (bits == 4) {
+            if (qorder == EK_QORDER_NIBBLE) {
                 qi->qa[h][u] = _mm256_permute2x128_si256(q32[0], q32[1], 0x20);
                 qi->qb[h][u] = _mm256_permute2x128_si256(q32[0], q32[1], 0x31);
             } else {
@@ -354,19 +356,34 @@ static int qi8_prepare(qi8_query *qi, const float *q, int gs, int hd, int bits, 
 }
 
 /* One unit's codes (x0, x1 from unpack_unit) dotted with the int8 query's two registers for that
- * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 15, so the
+ * unit: u8 x s8 products summed per 4-byte lane over both pairs, as 8 int32 (codes <= 63, so the
  * plain-AVX2 fallback of ek_dpbusd stays exact) */
 EK_INLINE __m256i unit_dot_query(__m256i u0, __m256i q0, __m256i u1, __m256i q1) {
     return ek_dpbusd(ek_dpbusd(_mm256_setzero_si256(), u0, q0), u1, q1);
 }
 
-/* Unit u (64 values) of a 4-, 3- or 2-bit record's codes as the two registers qi8_prepare ordered
+/* Unit u (64 values) of a 6-, 4-, 3- or 2-bit record's codes as the two registers qi8_prepare ordered
  * the query for. */
 EK_INLINE void unpack_unit(const uint8_t *r, int u, __m256i *x0, __m256i *x1, const int bits) {
     if (bits == 4) {
         const __m256i t = _mm256_loadu_si256((const __m256i *)(r + 32 * u)), k = _mm256_set1_epi8(0x0f);
         *x0 = _mm256_and_si256(t, k);
         *x1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), k);
+        return;
+    }
+    if (bits == 6) { /* chunks of 24 bytes: 16 of low nibbles (the 4-bit order), 8 of bits 4-5 (2-bit layout) */
+        const uint8_t *c0 = r + 48 * u, *c1 = c0 + 24;
+        const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)c1), _mm_loadu_si128((const __m128i *)c0));
+        const __m256i k = _mm256_set1_epi8(0x0f);
+        /* x0 byte p of lane L (chunk L) is value p of the chunk: crumb p / 8 of high byte p % 8; x1: crumb 2 + p / 8 */
+        const __m128i h = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(c0 + 16)), _mm_loadl_epi64((const __m128i *)(c1 + 16)));
+        const __m128i k3 = _mm_set1_epi8(3);
+        const __m128i s0 = _mm_and_si128(h, k3), s1 = _mm_and_si128(_mm_srli_epi16(h, 2), k3);
+        const __m128i s2 = _mm_and_si128(_mm_srli_epi16(h, 4), k3), s3 = _mm_and_si128(_mm_srli_epi16(h, 6), k3);
+        const __m256i h0 = _mm256_set_m128i(_mm_unpackhi_epi64(s0, s1), _mm_unpacklo_epi64(s0, s1));
+        const __m256i h1 = _mm256_set_m128i(_mm_unpackhi_epi64(s2, s3), _mm_unpacklo_epi64(s2, s3));
+        *x0 = _mm256_or_si256(_mm256_and_si256(t, k), _mm256_slli_epi16(h0, 4));
+        *x1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(t, 4), k), _mm256_slli_epi16(h1, 4));
         return;
     }
     __m128i t;
@@ -445,7 +462,7 @@ EK_INLINE void score_tile_q1_g(const qi8_query *qi, const uint8_t *base, size_t 
 }
 
 EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g,
-                              float *sc, float *tmp, const int G, const int bits) {
+                              float *sc, float *tmp, const int G, const int bits, const int qorder) {
     const int units = hd / 64, ng = hd / g;
     if (ng == 1) {
         score_tile_q1_g(qi, base, stride, n, hd, sc, (int32_t *)tmp, G, bits);
@@ -467,8 +484,8 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
             __m256i x0, x1;
             unpack_unit(r, u, &x0, &x1, bits);
             const __m256 d0 = _mm256_set1_ps(ek_h2f(dm[g0[u]])), d1 = _mm256_set1_ps(ek_h2f(dm[g1[u]]));
-            /* int32 lane -> chunk: 4-bit lanes 0-3 first chunk, 4-7 second; 3-, 2-bit 0,1,4,5 / 2,3,6,7 */
-            const __m256 dv = bits == 4 ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
+            /* int32 lane -> chunk: nibble order lanes 0-3 first chunk, 4-7 second; crumb order 0,1,4,5 / 2,3,6,7 */
+            const __m256 dv = qorder == EK_QORDER_NIBBLE ? _mm256_blend_ps(d0, d1, 0xF0) : _mm256_blend_ps(d0, d1, 0xCC);
             for (int h = 0; h < G; h++)
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot_query(x0, qi->qa[h][u], x1, qi->qb[h][u])), dv, acc[h]);
         }
@@ -494,20 +511,21 @@ EK_INLINE void score_tile_q_g(const qi8_query *qi, const uint8_t *base, size_t s
     }
 }
 
-EK_INLINE void score_tile_q_bits(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g,
-                                 int gs, float *sc, float *tmp, const int bits) {
-#define SCORE_Q(G) score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, G, bits)
-    EK_DISPATCH_GS(gs, SCORE_Q)
+/* The AVX2 key-scoring kernels the table's rows name (kv_types.c): the template above at one
+ * precision's bits and int8-query order. */
+#define SCORE_Q(G) score_tile_q_g(qi, base, stride, n, hd, g, sc, tmp, G, BITS, QORDER)
+#define SCORE_KERNEL(NAME, B, Q)                                                                                   \
+    void NAME(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs, float *sc,     \
+              float *tmp) {                                                                                       \
+        enum { BITS = B, QORDER = Q };                                                                            \
+        EK_DISPATCH_GS(gs, SCORE_Q)                                                                               \
+    }
+SCORE_KERNEL(ek_kv_score_q4_avx2, 4, EK_QORDER_NIBBLE)
+SCORE_KERNEL(ek_kv_score_q3_avx2, 3, EK_QORDER_CRUMB)
+SCORE_KERNEL(ek_kv_score_q2_avx2, 2, EK_QORDER_CRUMB)
+SCORE_KERNEL(ek_kv_score_q6_avx2, 6, EK_QORDER_NIBBLE)
+#undef SCORE_KERNEL
 #undef SCORE_Q
-}
-
-static void score_tile_q(const qi8_query *qi, const uint8_t *base, size_t stride, int n, int hd, int g, int gs,
-                         float *sc, float *tmp, int bits) {
-    if (bits == 4) score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 4);
-    else if (bits == 3) score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 3);
-    else score_tile_q_bits(qi, base, stride, n, hd, g, gs, sc, tmp, 2);
-}
-
 
 /* ---- quantized values, dequantized in registers ---------------------------------------------
  * o[h] += sum_j w[h][j] * (d_j * u_j + m_j) computed as sum_j (w[h][j] * d_j) * u_j plus
@@ -567,24 +585,23 @@ EK_INLINE void accum_tile_q_g(const uint8_t *base, size_t stride, int n, int hd,
     }
 }
 
-EK_INLINE void accum_tile_q_bits(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
-                                 float *o, const int bits) {
-#define ACC_Q(G) accum_tile_q_g(base, stride, n, hd, g, w, o, G, EK_CB(G), bits)
-    EK_DISPATCH_GS(gs, ACC_Q)
+/* The AVX2 value-sum kernels the table's rows name (kv_types.c). */
+#define ACC_Q(G) accum_tile_q_g(base, stride, n, hd, g, w, o, G, EK_CB(G), BITS)
+#define VALUES_KERNEL(NAME, B)                                                                                    \
+    void NAME(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o) {        \
+        enum { BITS = B };                                                                                        \
+        EK_DISPATCH_GS(gs, ACC_Q)                                                                                 \
+    }
+VALUES_KERNEL(ek_kv_values_q8_avx2, 8)
+VALUES_KERNEL(ek_kv_values_q4_avx2, 4)
+VALUES_KERNEL(ek_kv_values_q3_avx2, 3)
+VALUES_KERNEL(ek_kv_values_q2_avx2, 2)
+VALUES_KERNEL(ek_kv_values_q6_avx2, 6)
+#undef VALUES_KERNEL
 #undef ACC_Q
-}
 
-/* 1 if quantized values at this precision take the fused path */
-static int fused_values_ok(int vp, int hd, int gs) {
-    return (vp == KVP_Q8 || vp == KVP_Q4 || vp == KVP_Q3 || vp == KVP_Q2) && hd <= 256 && gs <= QI_MAX_GS;
-}
-
-static void accum_tile_q(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o, int bits) {
-    if (bits == 8) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 8);
-    else if (bits == 4) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 4);
-    else if (bits == 3) accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 3);
-    else accum_tile_q_bits(base, stride, n, hd, g, w, gs, o, 2);
-}
+/* 1 if quantized values of this row and shape take the fused path */
+static int fused_values_ok(const ek_kv_type *t, int hd, int gs) { return t->values_avx2 && hd <= 256 && gs <= QI_MAX_GS; }
 #else
 static void score_tile(const float *tile, int n, int hd, const float *q, int gs, float *sc) {
     for (int h = 0; h < gs; h++)
@@ -610,11 +627,15 @@ static inline float row_max(const float *x, int n) {
     return cm;
 }
 
+#if defined(EK_AVX512)
+static int x512_values_ok(const ek_kv_type *t, int hd, int gs) { return t->values_x512 && ek_x512_values_shape_ok(hd, gs); }
+#endif
+
 void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int j1, ek_attn_partial *part,
                      float *scratch) {
     const ek_kv_store *s = a->s;
     const int hd = s->head_dim, gs = a->gs;
-    const ek_kv_prec_traits *kt = ek_kv_prec(pool->kp), *vt = ek_kv_prec(pool->vp);
+    const ek_kv_type *kt = ek_kv_prec(pool->kp), *vt = ek_kv_prec(pool->vp);
     const int kg = s->group[pool->kp], vg = s->group[pool->vp];
     const float *q = pool->kp == KVP_F16 ? a->q : a->q_rot;
     float *o = pool->vp == KVP_F16 ? part->o_plain : part->o_rot;
@@ -633,25 +654,27 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #if defined(EK_AVX512)
     /* integer value sums go to o directly where the kernel's value order is the natural one, else
      * to o_perm (added into o at the end) */
-    const int v512 = ek_x512_values_ok(vt->bits, hd, gs), v_perm = v512 && !ek_x512_values_in_order(vt->bits);
+    const int v512 = x512_values_ok(vt, hd, gs), v_perm = v512 && !ek_x512_values_in_order(vt->bits);
     float *o_perm = v_perm ? tile + (size_t)ATTN_CHUNK * hd : o;
     if (v_perm) memset(o_perm, 0, sizeof(float) * gs * hd);
 #endif
+    int use_int = 0; /* keys scored by the row's integer kernel */
 #if defined(EK_AVX2)
     qi8_query qi;
-    const int use_int = int_keys_ok(pool->kp, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->bits, kg) == 0;
+    use_int = kt->score_avx2 && int_keys_ok(kt, hd, gs) && qi8_prepare(&qi, q, gs, hd, kt->qorder, kg) == 0;
 #if defined(EK_AVX512)
     query512 qz __attribute__((aligned(64)));
-    const int k512 = use_int && ek_x512_keys_ok(kt->bits, hd, kg, gs);
+    const int k512 = use_int && kt->score_x512 && ek_x512_keys_shape_ok(hd, kg, gs);
     if (k512) {
         ek_x512_prefetch_start(ek_kv_rec(s, pool, a->layer, a->head, j0), pool->rec_bytes, j1 - j0);
-        ek_x512_query(&qi, hd, gs, kt->bits, &qz);
+        ek_x512_query(&qi, hd, gs, kt->qorder, &qz);
     }
 #endif
-#else /* the same scores from the float path: the query rounded to int8 and scaled back */
-    float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
-    if (int_keys_ok(pool->kp, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
 #endif
+    /* no integer kernel here (another ISA, or a row without one): the same scores from the float path,
+     * the query rounded to int8 and scaled back (a non-finite query stays as it is in both) */
+    float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
+    if (!use_int && int_keys_ok(kt, hd, gs) && ek_attn_query_rounded(q, gs, hd, q_i8) == 0) q = q_i8;
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {
         const int n = j1 - c0 < ATTN_CHUNK ? j1 - c0 : ATTN_CHUNK;
@@ -663,11 +686,11 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
             const uint8_t *base = ek_kv_rec(s, pool, a->layer, a->head, c0);
 #if defined(EK_AVX512)
             if (k512) {
-                ek_x512_score_tile(&qi, &qz, base, pool->rec_bytes, n, hd, gs, sc, tmax, kt->bits);
+                kt->score_x512(&qi, &qz, base, pool->rec_bytes, n, hd, gs, sc, tmax);
                 have_tmax = 1;
             } else
 #endif
-                score_tile_q(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile, kt->bits);
+                kt->score_avx2(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile);
         } else
 #endif
         {
@@ -715,14 +738,14 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         }
         /* weighted values */
 #if defined(EK_AVX512)
-        if (v512 && ek_x512_values_accum(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n,
-                                         hd, vg, sc, gs, o_perm, vt->bits) == 0)
+        if (v512 && vt->values_x512(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg,
+                                     sc, gs, o_perm) == 0)
             continue;
 #endif
 #if defined(EK_AVX2)
-        if (fused_values_ok(pool->vp, hd, gs)) {
-            accum_tile_q(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg, sc, gs, o,
-                         vt->bits);
+        if (fused_values_ok(vt, hd, gs)) {
+            vt->values_avx2(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg, sc, gs,
+                            o);
             continue;
         }
 #endif
@@ -735,7 +758,16 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #endif
 }
 
-int ek_attn_int_keys(int kp, int head_dim, int gs) { return int_keys_ok(kp, head_dim, gs); }
+int ek_attn_int_keys(int kp, int head_dim, int gs) { return kp >= 0 && kp < KVP_COUNT && int_keys_ok(ek_kv_prec(kp), head_dim, gs); }
+
+int ek_attn_values_x512(int vp, int head_dim, int gs) {
+#if defined(EK_AVX512)
+    return vp >= 0 && vp < KVP_COUNT && x512_values_ok(ek_kv_prec(vp), head_dim, gs);
+#else
+    (void)vp, (void)head_dim, (void)gs;
+    return 0;
+#endif
+}
 
 void ek_attend_all(const ek_attn_args *a, ek_attn_partial *part, float *scratch) {
     const ek_kv_map *mp = ek_kv_map_of(a->s, a->layer); /* layer l reads only its own map */

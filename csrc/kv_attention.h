@@ -6,8 +6,9 @@
  * online softmax. No dequantized copy of the cache is built. GQA pays off
  * here: each record is unpacked once for all gs heads.
  *
- * How a tile is read depends on the build and the precision (AVX2):
- *   - 4-, 3- and 2-bit keys: integer dot products of the codes with an int8
+ * How a tile is read depends on the build and the precision's row in the table
+ * of precisions (kv_types.c; a kernel it lacks falls back to the next below):
+ *   - 6-, 4-, 3- and 2-bit keys (AVX2): integer dot products of the codes with an int8
  *     copy of the query (vpdpbusd / vpmaddubsw), scale and minimum applied per
  *     group afterwards (see ek_attn_query_i8 for the query rounding, which
  *     the other builds apply too); with AVX-512, 4- and 2-bit keys with one
@@ -16,7 +17,7 @@
  *   - quantized values: with AVX-512, 8-, 4- and 2-bit values as integer sums
  *     of the codes against weight * scale rounded per tile (8 bits for 4-
  *     and 2-bit values, 15 for 8-bit; kv_attention_x512.h,
- *     ek_attn_value_weight_max); AVX2 (and 3-bit values under AVX-512):
+ *     ek_attn_value_weight_max); AVX2 (and 6- and 3-bit values under AVX-512):
  *     codes converted to float in registers and summed with weight * scale;
  *     the minimum's share added once per group in both;
  *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
@@ -71,7 +72,7 @@ void ek_attn_merge(ek_attn_partial *into, const ek_attn_partial *from, int gs, i
 /* out (gs, head_dim) = (o_plain + R^T o_rot) / l */
 void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, float *out);
 
-/* Where ek_attn_int_keys(kp, head_dim, gs) says so (4-, 3- and 2-bit keys, head_dim a multiple of 64
+/* Where ek_attn_int_keys(kp, head_dim, gs) says so (6-, 4-, 3- and 2-bit keys, head_dim a multiple of 64
  * up to 256, gs <= 8), keys are scored against the int8-rounded query s * q8, in every build (AVX2
  * with integer dot products, NEON and plain C in float, so builds agree up to float rounding); q8
  * and s come from ek_attn_query_i8 on each head's (rotated, scaled) query: s = max|q| / 127,
@@ -81,6 +82,8 @@ int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);
  * unspecified) when any head is non-finite or hd > 256, and then every head uses the plain query. */
 int ek_attn_query_rounded(const float *q, int gs, int hd, float *out);
 int ek_attn_int_keys(int kp, int head_dim, int gs);
+/* 1 if values of precision id vp, head_dim and gs query heads take the AVX-512 integer value sum. */
+int ek_attn_values_x512(int vp, int head_dim, int gs);
 
 /* x[i] = exp(x[i] - m); returns the sum. */
 float ek_exp_shift(float *x, int n, float m);

@@ -1,4 +1,4 @@
-/* The int8 query that 4-, 3- and 2-bit keys are scored against, shared by the AVX2 and AVX-512 paths of
+/* The int8 query that 6-, 4-, 3- and 2-bit keys are scored against, shared by the AVX2 and AVX-512 paths of
  * the fused attention (built by qi8_prepare in kv_attention.c, which documents the code order). */
 #ifndef EDGEKV_KV_ATTENTION_INT_H
 #define EDGEKV_KV_ATTENTION_INT_H

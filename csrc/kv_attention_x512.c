@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kv_attention.h"
+#include "kv_types.h"
 #include "quant.h"
 
 /* acc += products summed in pairs (int16 x int16) / in fours (u8 x s8). Inline asm: with the
@@ -88,9 +89,7 @@ static const uint8_t QUAD2[64] __attribute__((aligned(64))) = {Q2x4(0), Q2x4(4),
 
 int ek_x512_weight_max(int bits) { return (int)WEIGHT_MAX(bits); }
 
-int ek_x512_values_ok(int bits, int hd, int gs) {
-    return (bits == 8 || bits == 4 || bits == 2) && hd % 64 == 0 && hd <= 256 && gs >= 1 && gs <= X512_MAX_GS;
-}
+int ek_x512_values_shape_ok(int hd, int gs) { return hd % 64 == 0 && hd <= 256 && gs >= 1 && gs <= X512_MAX_GS; }
 
 /* x[0..3] of unit u for records A, B, C, D (8-bit values: A, B only): lane t = the records' codes
  * of value acc_dword_dim(bits, a, t), as int16 (8-bit) or bytes */
@@ -251,8 +250,8 @@ static void load_scales(const uint8_t *base, size_t stride, int n, size_t code_b
         for (int j = n; j < ATTN_CHUNK; j++) d[k][j] = m[k][j] = 0.0f;
 }
 
-int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
-                         float *o_perm, int bits) {
+EK_INLINE int values_accum(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
+                           float *o_perm, const int bits) {
     const int ng = hd / g;
     float dv[X512_MAX_GROUPS][ATTN_CHUNK] __attribute__((aligned(64)));
     float mv[X512_MAX_GROUPS][ATTN_CHUNK] __attribute__((aligned(64)));
@@ -302,10 +301,19 @@ int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int 
         }
     }
     if (bad) return -1; /* nothing written yet: the float path handles (and propagates) it */
-    if (bits == 8) accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 8);
-    else if (bits == 4) accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 4);
-    else accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, 2);
+    accum_bits(base, stride, n, hd, g, qw, scale, msum, gs, o_perm, bits);
     return 0;
+}
+
+/* The value-sum kernels the table's rows name (kv_types.c). */
+int ek_x512_values_q8(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm) {
+    return values_accum(base, stride, n, hd, g, w, gs, o_perm, 8);
+}
+int ek_x512_values_q4(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm) {
+    return values_accum(base, stride, n, hd, g, w, gs, o_perm, 4);
+}
+int ek_x512_values_q2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm) {
+    return values_accum(base, stride, n, hd, g, w, gs, o_perm, 2);
 }
 
 /* ---- key scores ---------------------------------------------------------------------------- */
@@ -362,12 +370,12 @@ EK_INLINE void transpose_2bit(const uint8_t *const *rp, int u, __m512i t[4]) {
     transpose_levels(t, 2);
 }
 
-/* Query dword d of unit u (int8 x 4) in the order the transposed codes come: 4-bit: d < 8 the low
+/* Query dword d of unit u (int8 x 4) in the order the transposed codes come: nibble order (4-bit): d < 8 the low
  * nibbles of code group d, d >= 8 the high nibbles of group d - 8 (group i: bytes 4i..4i+3, chunk
- * i/4, low nibble of byte j = value 32c + j, high = + 16); 2-bit: d = 4s + i for shift 2s of group i
+ * i/4, low nibble of byte j = value 32c + j, high = + 16); crumb order (2-bit): d = 4s + i for shift 2s of group i
  * (bytes 4i..4i+3, chunk i/2, byte j = values 32c + j + 8s). */
-static int query_dword_value(int bits, int d, int b) {
-    if (bits == 4) {
+static int query_dword_value(int qorder, int d, int b) {
+    if (qorder == EK_QORDER_NIBBLE) {
         const int i = d % 8, c = i / 4, j = 4 * (i % 4) + b;
         return 32 * c + j + (d >= 8 ? 16 : 0);
     }
@@ -375,8 +383,8 @@ static int query_dword_value(int bits, int d, int b) {
     return 32 * c + j + 8 * s;
 }
 
-int ek_x512_keys_ok(int bits, int hd, int g, int gs) {
-    return (bits == 4 || bits == 2) && g == hd && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs >= 1 &&
+int ek_x512_keys_shape_ok(int hd, int g, int gs) {
+    return g == hd && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs >= 1 &&
            gs <= QI_MAX_GS;
 }
 
@@ -384,10 +392,10 @@ void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n) {
     ek_prefetch_bytes(base, (size_t)(n < EK_PF_RECORDS ? n : EK_PF_RECORDS) * stride);
 }
 
-void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz) {
+void ek_x512_query(const qi8_query *qi, int hd, int gs, int qorder, query512 *qz) {
     uint8_t src[64]; /* value index of each query byte, in query512 order */
     for (int d = 0; d < 16; d++)
-        for (int b = 0; b < 4; b++) src[4 * d + b] = (uint8_t)query_dword_value(bits, d, b);
+        for (int b = 0; b < 4; b++) src[4 * d + b] = (uint8_t)query_dword_value(qorder, d, b);
     for (int h = 0; h < gs; h++)
         for (int u = 0; u < hd / 64; u++) {
             int8_t *dst = (int8_t *)qz->q[h][u];
@@ -497,10 +505,14 @@ EK_INLINE void score_tile_bits(const query512 *qz, const uint8_t *base, size_t s
     }
 }
 
-void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
-                        int gs, float *sc, float *tmax, int bits) {
-    if (bits == 4) score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 4);
-    else score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 2);
+/* The key-scoring kernels the table's rows name (kv_types.c). */
+void ek_x512_score_q4(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd, int gs,
+                      float *sc, float *tmax) {
+    score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 4);
+}
+void ek_x512_score_q2(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd, int gs,
+                      float *sc, float *tmax) {
+    score_tile_bits(qz, base, stride, n, hd / 64, gs, qi, sc, tmax, 2);
 }
 
 int ek_x512_values_in_order(int bits) {

@@ -29,35 +29,35 @@
 #include "simd.h"
 
 #if defined(EK_AVX512)
-/* 1 if values of `bits` (8, 4 or 2), head_dim hd and gs query heads take the integer path. */
-int ek_x512_values_ok(int bits, int hd, int gs);
+/* 1 if head_dim hd and gs query heads fit the integer value sums (which precisions have one: their
+ * rows in kv_types.c, kernels ek_x512_values_q*). */
+int ek_x512_values_shape_ok(int hd, int gs);
 /* The largest rounded weight for values of `bits`: 32767 (8-bit), 255 (4- and 2-bit). */
 int ek_x512_weight_max(int bits);
-/* Fold n (<= ATTN_CHUNK) value records at base (stride bytes apart), groups of g, into o_perm with
- * weights w[h * ATTN_CHUNK + j] (<= 1: exponentials of score - running max). Returns -1, touching
- * nothing, if a weight is NaN, inf or >= 2 (the caller then takes the float path for this tile). */
-int ek_x512_values_accum(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
-                         float *o_perm, int bits);
+/* The value kernels (ek_x512_values_q8/q4/q2, kv_types.h): fold n (<= ATTN_CHUNK) value records at
+ * base (stride bytes apart), groups of g, into o_perm with weights w[h * ATTN_CHUNK + j] (<= 1:
+ * exponentials of score - running max). Return -1, touching nothing, if a weight is NaN, inf or >= 2
+ * (the caller then takes the float path for this tile). */
 /* 1 if the kernel's value order for `bits` is the natural one (o_perm can be the output itself). */
 int ek_x512_values_in_order(int bits);
 /* o[h][i] += o_perm[h][position of value i] for gs heads. */
 void ek_x512_values_unpermute(const float *o_perm, float *o, int gs, int hd, int bits);
 
-/* 1 if keys of `bits` (4 or 2) with groups of g take the 512-bit scoring path. */
-int ek_x512_keys_ok(int bits, int hd, int g, int gs);
+/* 1 if keys with groups of g (one per record), head_dim hd and gs query heads fit the 512-bit scoring
+ * kernels (which precisions have one: kv_types.c, ek_x512_score_q*). */
+int ek_x512_keys_shape_ok(int hd, int g, int gs);
 /* The int8 query per head and unit as 16 groups of 4 values in the order the transposed codes
  * come (kv_attention_x512.c), each broadcast to a register by the scoring loop; built once per range. */
 typedef struct {
     int32_t q[QI_MAX_GS][QI_MAX_UNITS][16];
 } query512;
-void ek_x512_query(const qi8_query *qi, int hd, int gs, int bits, query512 *qz);
+void ek_x512_query(const qi8_query *qi, int hd, int gs, int qorder, query512 *qz); /* qorder: EK_QORDER_* */
 /* Prefetch the first records of a run of n (the scoring loop prefetches a fixed distance ahead of
  * itself, so without this a run's first records arrive on demand, one miss after another). */
 void ek_x512_prefetch_start(const uint8_t *base, size_t stride, int n);
-/* sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key records at base (stride bytes apart), and
- * tmax[h] = the largest of head h's n scores (NaN skipped; -inf if all are NaN). */
-void ek_x512_score_tile(const qi8_query *qi, const query512 *qz, const uint8_t *base, size_t stride, int n, int hd,
-                        int gs, float *sc, float *tmax, int bits);
+/* The key kernels (ek_x512_score_q4/q2, kv_types.h): sc[h * ATTN_CHUNK + j] for n (<= ATTN_CHUNK) key
+ * records at base (stride bytes apart), and tmax[h] = the largest of head h's n scores (NaN skipped;
+ * -inf if all are NaN). */
 #endif
 
 #endif

@@ -11,12 +11,13 @@
 /* sizes                                                                      */
 /* ------------------------------------------------------------------------- */
 
-static size_t rec_bytes_f16(int n, int g) { return (size_t)n * sizeof(ek_fp16); }
+size_t ek_kv_bytes_f16(int n, int g) { return (size_t)n * sizeof(ek_fp16); }
 static size_t rec_bytes_q(int n, int g, int bits) { return (size_t)n * bits / 8 + (size_t)(n / g) * 2 * sizeof(ek_fp16); }
-static size_t rec_bytes_q8(int n, int g) { return rec_bytes_q(n, g, 8); }
-static size_t rec_bytes_q4(int n, int g) { return rec_bytes_q(n, g, 4); }
-static size_t rec_bytes_q2(int n, int g) { return rec_bytes_q(n, g, 2); }
-static size_t rec_bytes_q3(int n, int g) { return rec_bytes_q(n, g, 3); }
+size_t ek_kv_bytes_q8(int n, int g) { return rec_bytes_q(n, g, 8); }
+size_t ek_kv_bytes_q4(int n, int g) { return rec_bytes_q(n, g, 4); }
+size_t ek_kv_bytes_q2(int n, int g) { return rec_bytes_q(n, g, 2); }
+size_t ek_kv_bytes_q3(int n, int g) { return rec_bytes_q(n, g, 3); }
+size_t ek_kv_bytes_q6(int n, int g) { return rec_bytes_q(n, g, 6); }
 
 /* ------------------------------------------------------------------------- */
 /* quantize (scalar: runs once per token, off the hot path)                   */
@@ -132,7 +133,7 @@ static void quantize_group(const float *x, int n, int bits, int fit, uint8_t *co
     *m_out = mh;
 }
 
-static void quantize_f16(const float *x, uint8_t *rec, int n, int g, int fit) {
+void ek_kv_encode_f16(const float *x, uint8_t *rec, int n, int g, int fit) {
     ek_fp16 *h = (ek_fp16 *)rec;
     for (int i = 0; i < n; i++) {
         float v = sanitize(x[i]);
@@ -140,81 +141,94 @@ static void quantize_f16(const float *x, uint8_t *rec, int n, int g, int fit) {
     }
 }
 
-static void quantize_q(const float *x, uint8_t *rec, int n, int g, int fit, int bits) {
+/* Each layout packs one chunk of 32 codes (kv_quant.h) and reads one code back (the reference). */
+typedef void (*pack_fn)(const uint8_t *cc, uint8_t *p);
+typedef int (*code_fn)(const uint8_t *rec, int c, int j); /* code j of chunk c */
+
+static void pack_q8(const uint8_t *cc, uint8_t *p) { memcpy(p, cc, CH); }
+static int code_q8(const uint8_t *rec, int c, int j) { return rec[c * CH + j]; }
+
+static void pack_q4(const uint8_t *cc, uint8_t *p) {
+    for (int j = 0; j < 16; j++) p[j] = (uint8_t)(cc[j] | (cc[j + 16] << 4));
+}
+static int code_q4(const uint8_t *rec, int c, int j) {
+    const uint8_t b = rec[c * 16 + (j & 15)];
+    return j < 16 ? (b & 15) : (b >> 4);
+}
+
+static void pack_q2(const uint8_t *cc, uint8_t *p) { /* the low 2 bits of each code */
+    for (int j = 0; j < 8; j++)
+        p[j] = (uint8_t)((cc[j] & 3) | (cc[j + 8] & 3) << 2 | (cc[j + 16] & 3) << 4 | (cc[j + 24] & 3) << 6);
+}
+static int code_q2(const uint8_t *rec, int c, int j) { return (rec[c * 8 + (j & 7)] >> (2 * (j >> 3))) & 3; }
+
+static void pack_q3(const uint8_t *cc, uint8_t *p) { /* the 2-bit layout, then the mask of bit 2 */
+    pack_q2(cc, p);
+    for (int j = 0; j < 4; j++) {
+        uint8_t b = 0;
+        for (int t = 0; t < 8; t++) b |= (uint8_t)((cc[8 * j + t] >> 2) & 1) << t;
+        p[8 + j] = b;
+    }
+}
+static int code_q3(const uint8_t *rec, int c, int j) {
+    const uint8_t *r = rec + c * 12;
+    return ((r[j & 7] >> (2 * (j >> 3))) & 3) | ((r[8 + (j >> 3)] >> (j & 7)) & 1) << 2;
+}
+
+static void pack_q6(const uint8_t *cc, uint8_t *p) { /* the low nibbles as the 4-bit layout, then bits 4-5 as the 2-bit one */
+    uint8_t lo[CH], hi[CH];
+    for (int j = 0; j < CH; j++) {
+        lo[j] = cc[j] & 15;
+        hi[j] = cc[j] >> 4;
+    }
+    pack_q4(lo, p);
+    pack_q2(hi, p + 16);
+}
+static int code_q6(const uint8_t *rec, int c, int j) {
+    const uint8_t *r = rec + c * 24;
+    return code_q4(r, 0, j) | code_q2(r + 16, 0, j) << 4;
+}
+
+static void quantize_q(const float *x, uint8_t *rec, int n, int g, int fit, int bits, pack_fn pack) {
     uint8_t codes[1024];
     ek_fp16 *dm = (ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
     for (int k = 0; k < ng; k++) quantize_group(x + k * g, g, bits, fit, codes + k * g, &dm[k], &dm[ng + k]);
-    uint8_t *p = rec;
-    for (int c = 0; c < n; c += CH) {
-        const uint8_t *cc = codes + c;
-        if (bits == 8) {
-            memcpy(p, cc, CH);
-            p += CH;
-        } else if (bits == 4) {
-            for (int j = 0; j < 16; j++) p[j] = (uint8_t)(cc[j] | (cc[j + 16] << 4));
-            p += 16;
-        } else { /* 2-bit, or the low 2 bits of 3-bit codes, then (3-bit) the mask of their bit 2 */
-            for (int j = 0; j < 8; j++)
-                p[j] = (uint8_t)((cc[j] & 3) | (cc[j + 8] & 3) << 2 | (cc[j + 16] & 3) << 4 | (cc[j + 24] & 3) << 6);
-            p += 8;
-            if (bits == 3) {
-                for (int j = 0; j < 4; j++) {
-                    uint8_t b = 0;
-                    for (int t = 0; t < 8; t++) b |= (uint8_t)((cc[8 * j + t] >> 2) & 1) << t;
-                    p[j] = b;
-                }
-                p += 4;
-            }
-        }
-    }
+    for (int c = 0; c < n; c += CH) pack(codes + c, rec + (size_t)c * bits / 8);
 }
 
-static void quantize_q8(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 8); }
-static void quantize_q4(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 4); }
-static void quantize_q2(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 2); }
-static void quantize_q3(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 3); }
+void ek_kv_encode_q8(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 8, pack_q8); }
+void ek_kv_encode_q4(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 4, pack_q4); }
+void ek_kv_encode_q2(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 2, pack_q2); }
+void ek_kv_encode_q3(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 3, pack_q3); }
+void ek_kv_encode_q6(const float *x, uint8_t *rec, int n, int g, int fit) { quantize_q(x, rec, n, g, fit, 6, pack_q6); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: reference                                                      */
 /* ------------------------------------------------------------------------- */
 
-static void dequant_f16_ref(const uint8_t *rec, float *y, int n, int g) {
+void ek_kv_decode_f16_ref(const uint8_t *rec, float *y, int n, int g) {
     for (int i = 0; i < n; i++) y[i] = ek_fp16_to_fp32(((const ek_fp16 *)rec)[i]);
 }
 
-static inline int code_at(const uint8_t *rec, int i, int bits) {
-    const int c = i / CH, j = i % CH;
-    if (bits == 8) return rec[i];
-    if (bits == 4) {
-        const uint8_t b = rec[c * 16 + (j & 15)];
-        return j < 16 ? (b & 15) : (b >> 4);
-    }
-    if (bits == 3) {
-        const uint8_t *r = rec + c * 12;
-        return ((r[j & 7] >> (2 * (j >> 3))) & 3) | ((r[8 + (j >> 3)] >> (j & 7)) & 1) << 2;
-    }
-    const uint8_t b = rec[c * 8 + (j & 7)];
-    return (b >> (2 * (j >> 3))) & 3;
-}
-
-static void dequant_q_ref(const uint8_t *rec, float *y, int n, int g, int bits) {
+static void dequant_q_ref(const uint8_t *rec, float *y, int n, int g, int bits, code_fn code) {
     const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
     const int ng = n / g;
     for (int i = 0; i < n; i++)
-        y[i] = code_at(rec, i, bits) * ek_fp16_to_fp32(dm[i / g]) + ek_fp16_to_fp32(dm[ng + i / g]);
+        y[i] = code(rec, i / CH, i % CH) * ek_fp16_to_fp32(dm[i / g]) + ek_fp16_to_fp32(dm[ng + i / g]);
 }
-static void dequant_q8_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 8); }
-static void dequant_q4_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 4); }
-static void dequant_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 2); }
-static void dequant_q3_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3); }
+void ek_kv_decode_q8_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 8, code_q8); }
+void ek_kv_decode_q4_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 4, code_q4); }
+void ek_kv_decode_q2_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 2, code_q2); }
+void ek_kv_decode_q3_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3, code_q3); }
+void ek_kv_decode_q6_ref(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 6, code_q6); }
 
 /* ------------------------------------------------------------------------- */
 /* dequantize: SIMD (the attention inner loop calls these once per record)    */
 /* ------------------------------------------------------------------------- */
 #if defined(EK_AVX2)
 
-static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { ek_fp16_to_fp32_row((const ek_fp16 *)rec, y, n); }
+void ek_kv_decode_f16(const uint8_t *rec, float *y, int n, int g) { ek_fp16_to_fp32_row((const ek_fp16 *)rec, y, n); }
 
 static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) {
     const ek_fp16 *dm = (const ek_fp16 *)(rec + (size_t)n * bits / 8);
@@ -227,11 +241,12 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
     }
 }
 
-static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 3); }
+void ek_kv_decode_q3(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 3); }
+void ek_kv_decode_q6(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 6); }
 
 #elif defined(EK_NEON) && defined(__aarch64__)
 
-static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) {
+void ek_kv_decode_f16(const uint8_t *rec, float *y, int n, int g) {
     const ek_fp16 *h = (const ek_fp16 *)rec;
     for (int i = 0; i < n; i += 4) vst1q_f32(y + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
 }
@@ -269,36 +284,22 @@ static inline __attribute__((always_inline)) void dequant_q_simd(const uint8_t *
 }
 
 #else
-static void dequant_f16_simd(const uint8_t *rec, float *y, int n, int g) { dequant_f16_ref(rec, y, n, g); }
-static void dequant_q_simd(const uint8_t *rec, float *y, int n, int g, int bits) { dequant_q_ref(rec, y, n, g, bits); }
+void ek_kv_decode_f16(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_f16_ref(rec, y, n, g); }
+#endif
+
+#if defined(EK_AVX2) || (defined(EK_NEON) && defined(__aarch64__))
+void ek_kv_decode_q8(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 8); }
+void ek_kv_decode_q4(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 4); }
+void ek_kv_decode_q2(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 2); }
+#else /* plain C: the reference */
+void ek_kv_decode_q8(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q8_ref(rec, y, n, g); }
+void ek_kv_decode_q4(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q4_ref(rec, y, n, g); }
+void ek_kv_decode_q2(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q2_ref(rec, y, n, g); }
 #endif
 #if !defined(EK_AVX2) /* NEON and plain C: the reference */
-static void dequant_q3_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_ref(rec, y, n, g, 3); }
+void ek_kv_decode_q3(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q3_ref(rec, y, n, g); }
+void ek_kv_decode_q6(const uint8_t *rec, float *y, int n, int g) { ek_kv_decode_q6_ref(rec, y, n, g); }
 #endif
-
-static void dequant_q8_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 8); }
-static void dequant_q4_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 4); }
-static void dequant_q2_simd(const uint8_t *rec, float *y, int n, int g) { dequant_q_simd(rec, y, n, g, 2); }
-
-/* ------------------------------------------------------------------------- */
-/* the table                                                                  */
-/* ------------------------------------------------------------------------- */
-
-static const ek_kv_prec_traits PRECS[KVP_COUNT] = {
-    [KVP_F16] = {16, rec_bytes_f16, quantize_f16, dequant_f16_simd, dequant_f16_ref},
-    [KVP_Q8] = {8, rec_bytes_q8, quantize_q8, dequant_q8_simd, dequant_q8_ref},
-    [KVP_Q4] = {4, rec_bytes_q4, quantize_q4, dequant_q4_simd, dequant_q4_ref},
-    [KVP_Q2] = {2, rec_bytes_q2, quantize_q2, dequant_q2_simd, dequant_q2_ref},
-    [KVP_Q3] = {3, rec_bytes_q3, quantize_q3, dequant_q3_simd, dequant_q3_ref}, /* AVX2 unpack; else the reference */
-};
-
-const ek_kv_prec_traits *ek_kv_prec(int prec) { return prec >= 0 && prec < KVP_COUNT ? &PRECS[prec] : NULL; }
-
-int ek_kv_prec_from_bits(int bits) {
-    for (int p = 0; p < KVP_COUNT; p++)
-        if (PRECS[p].bits == bits) return p;
-    return -1;
-}
 
 /* ------------------------------------------------------------------------- */
 /* rotation                                                                   */

@@ -1,5 +1,5 @@
 /* KV record formats: one head's keys or values for one token, stored at
- * 16, 8, 4, 3 or 2 bits.
+ * 16, 8, 6, 4, 3 or 2 bits (the rows of kv_types.c).
  *
  * FP16 records are the raw fp16 vector. Quantized records use asymmetric
  * per-group quantization along the head dimension:
@@ -13,11 +13,14 @@
  *     2-bit: byte j of a chunk (j < 8)    = codes j, j+8, j+16, j+24 in bits 0-1, 2-3, 4-5, 6-7
  *     3-bit: 12 bytes a chunk: the low 2 bits of the codes as the 2-bit layout (8 bytes), then
  *            their high bits as a 32-bit little-endian mask (bit j = code j's bit 2)
+ *     6-bit: 24 bytes a chunk: the low 4 bits of the codes as the 4-bit layout (16 bytes), then
+ *            their bits 4-5 as the 2-bit layout (8 bytes)
  * so a SIMD unpack of a chunk yields its 32 codes in order. 3-bit records share the 4-bit
  * group size (ek_kv_configure has no separate knob). AVX2 builds unpack them like the others
  * (ek_kv_chunk_codes), so 3-bit values take the fused float value sum; 3-bit keys are scored with
- * integer dot products like 4- and 2-bit keys (kv_attention.c). NEON and plain-C builds use the
- * reference.
+ * integer dot products like 4- and 2-bit keys (kv_attention.c). 6-bit records (the 4-bit group
+ * size too) are read the same way in AVX2 builds, their codes in the 4-bit order. NEON and plain-C
+ * builds use the reference for 3- and 6-bit records.
  *
  * Quantized records hold the vector after a randomized Hadamard rotation
  * (when the store enables it): R x = H (s * x) / sqrt(n), with fixed signs s.
@@ -33,25 +36,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_types.h"
 #include "quant.h"
 #include "simd.h"
-
-/* Precision ids: index into the trait table and into pool ids. */
-enum { KVP_F16 = 0, KVP_Q8 = 1, KVP_Q4 = 2, KVP_Q2 = 3, KVP_Q3 = 4, KVP_COUNT = 5 };
-
-typedef struct {
-    int bits;
-    /* bytes of one record of n values with groups of g */
-    size_t (*record_bytes)(int n, int g);
-    /* float -> record; x is already rotated where the store rotates */
-    void (*quantize)(const float *x, uint8_t *rec, int n, int g, int fit);
-    /* record -> float (compiled SIMD path) and its plain-C reference */
-    void (*dequant)(const uint8_t *rec, float *y, int n, int g);
-    void (*dequant_ref)(const uint8_t *rec, float *y, int n, int g);
-} ek_kv_prec_traits;
-
-const ek_kv_prec_traits *ek_kv_prec(int prec);
-int ek_kv_prec_from_bits(int bits); /* -1 if not 16/8/4/3/2 */
 
 #if defined(EK_AVX2)
 /* Codes of chunk c (values 32c .. 32c+31) of a quantized record at `bits`, as 4 x 8 floats in
@@ -65,6 +52,15 @@ static inline __attribute__((always_inline)) void ek_kv_chunk_codes(const uint8_
         const __m128i t = _mm_loadu_si128((const __m128i *)(r + 16 * c)), k = _mm_set1_epi8(0x0f);
         const __m128i lo = _mm_and_si128(t, k), hi = _mm_and_si128(_mm_srli_epi16(t, 4), k);
         q[0] = lo; q[1] = _mm_srli_si128(lo, 8); q[2] = hi; q[3] = _mm_srli_si128(hi, 8);
+    } else if (bits == 6) { /* the low nibbles as 4-bit codes; bits 4-5 added below */
+        const __m128i t = _mm_loadu_si128((const __m128i *)(r + 24 * c)), k = _mm_set1_epi8(0x0f);
+        const __m128i lo = _mm_and_si128(t, k), hi = _mm_and_si128(_mm_srli_epi16(t, 4), k);
+        const __m128i h = _mm_loadl_epi64((const __m128i *)(r + 24 * c + 16)), k3 = _mm_set1_epi8(3);
+        /* crumb s of high byte j is value j + 8s: v[b] (values 8b .. 8b+7) takes crumb b, times 16 */
+        q[0] = _mm_or_si128(lo, _mm_slli_epi16(_mm_and_si128(h, k3), 4));
+        q[1] = _mm_or_si128(_mm_srli_si128(lo, 8), _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2), k3), 4));
+        q[2] = _mm_or_si128(hi, _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 4), k3), 4));
+        q[3] = _mm_or_si128(_mm_srli_si128(hi, 8), _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 6), k3), 4));
     } else { /* 2-bit, or the low 2 bits of a 3-bit chunk (12 bytes: 8 of them, then the high-bit mask) */
         const uint8_t *lo = bits == 3 ? r + 12 * c : r + 8 * c;
         const __m128i t = _mm_loadl_epi64((const __m128i *)lo), k = _mm_set1_epi8(3);

@@ -173,7 +173,7 @@ void ek_kv_store_put(ek_kv_store *s, int layer, int pos, const float *k, const f
     /* new tokens are FP16/FP16: records are two fp16 vectors */
     const ek_kv_map *mp = ek_kv_map_of(s, layer);
     const ek_kv_pool *p = &mp->pools[mp->pool_of[pos]];
-    const ek_kv_prec_traits *kt = ek_kv_prec(p->kp), *vt = ek_kv_prec(p->vp);
+    const ek_kv_type *kt = ek_kv_prec(p->kp), *vt = ek_kv_prec(p->vp);
     for (int h = 0; h < s->n_kv_head; h++) {
         uint8_t *rec = ek_kv_rec(s, p, layer, h, mp->slot_of[pos]);
         kt->quantize(k + (size_t)h * s->head_dim, rec, s->head_dim, s->group[p->kp], s->fit);

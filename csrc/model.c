@@ -961,8 +961,8 @@ int ek_seq_kv_configure(ek_seq *s, int group_bits8, int group_bits4, int group_b
     ek_model *m = s->m;
     if (s->n_past != 0) return fail(m, EK_ERR_INVALID, "KV layout can only change while the context is empty");
     if (flags & ~EK_KV_FLAGS) return fail(m, EK_ERR_INVALID, "unknown KV layout flags %#x", flags);
-    const int g[KVP_COUNT] = {[KVP_F16] = m->cfg.head_dim, [KVP_Q8] = group_bits8, [KVP_Q4] = group_bits4,
-                              [KVP_Q2] = group_bits2, [KVP_Q3] = group_bits4}; /* 3-bit: the 4-bit group */
+    int g[KVP_COUNT];
+    ek_kv_group_sizes(m->cfg.head_dim, group_bits8, group_bits4, group_bits2, g); /* each row names its group */
     if (ek_kv_store_configure(&s->kv, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID))
         return fail(m, EK_ERR_INVALID,
                     "invalid KV layout: groups (%d, %d, %d) must be multiples of 32 that divide head_dim %d; "

@@ -78,7 +78,7 @@ int ek_kv_quant_roundtrip(int bits, const float *x, int n, int g, float *y, int 
     if (p < 0 || n <= 0 || n > 1024 || n % 32 || (p != KVP_F16 && (g < 32 || g % 32 || n % g))) return EK_ERR_INVALID;
     if (impl & ~(EK_RT_SIMD | EK_RT_FIT)) return EK_ERR_INVALID;
     uint8_t rec[4096];
-    const ek_kv_prec_traits *t = ek_kv_prec(p);
+    const ek_kv_type *t = ek_kv_prec(p);
     t->quantize(x, rec, n, g, impl & EK_RT_FIT);
     (impl & EK_RT_SIMD ? t->dequant : t->dequant_ref)(rec, y, n, g);
     return EK_OK;
@@ -91,8 +91,8 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     if (flags & ~EK_KV_FLAGS) return EK_ERR_INVALID;
     ek_kv_store s;
     if (ek_kv_store_init(&s, 1, 1, head_dim, n_pos)) return EK_ERR_NOMEM;
-    const int g[KVP_COUNT] = {[KVP_F16] = head_dim, [KVP_Q8] = group, [KVP_Q4] = group, [KVP_Q2] = group,
-                              [KVP_Q3] = group};
+    int g[KVP_COUNT];
+    ek_kv_group_sizes(head_dim, group, group, group, g);
     int rc = EK_ERR_INVALID;
     float *buf = NULL, *qs = NULL;
     if (ek_kv_store_configure(&s, g, flags & EK_KV_ROTATE, flags & EK_KV_CENTER_KEYS, flags & EK_KV_FIT_GRID)) goto done;
@@ -137,17 +137,12 @@ done:
 }
 
 int ek_attn_value_tile(int v_bits, int head_dim, int gs) {
-#if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ATTN_CHUNK : 0;
-#else
-    (void)v_bits, (void)head_dim, (void)gs;
-    return 0;
-#endif
+    return ek_attn_values_x512(ek_kv_prec_from_bits(v_bits), head_dim, gs) ? ATTN_CHUNK : 0;
 }
 
 int ek_attn_value_weight_max(int v_bits, int head_dim, int gs) {
 #if defined(EK_AVX512)
-    return ek_x512_values_ok(v_bits, head_dim, gs) ? ek_x512_weight_max(v_bits) : 0;
+    return ek_attn_values_x512(ek_kv_prec_from_bits(v_bits), head_dim, gs) ? ek_x512_weight_max(v_bits) : 0;
 #else
     (void)v_bits, (void)head_dim, (void)gs;
     return 0;

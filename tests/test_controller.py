@@ -15,7 +15,7 @@ from conftest import REPO, THREADS
 import edgekv
 from edgekv import controller as ctl
 from edgekv._native import lib
-from edgekv.kv_policy import CallablePolicy, TokenFeatures, parse_policy
+from edgekv.kv_policy import BITS, GROUP_OF, CallablePolicy, TokenFeatures, parse_policy
 from edgekv.model import KV_DECIDE_BATCH
 
 SHIPPED = sorted(ctl.DATA_DIR.glob("controller_*.json"))
@@ -138,7 +138,11 @@ def test_lambda_for_target_interpolates():
 
 def test_effective_and_average_bits():
     eff = ctl.effective_bits((64, 64, 32))
-    assert eff == {16: 16.0, 8: 8.5, 4: 4.5, 3: 3.5, 2: 3.0}  # 3-bit records use the 4-bit group
+    assert {b: eff[b] for b in (16, 8, 4, 3, 2)} == {16: 16.0, 8: 8.5, 4: 4.5, 3: 3.5, 2: 3.0}  # 3-bit: the 4-bit group
+    # every row of the C table (kv_policy.BITS) has its cost: bits + one fp16 scale and minimum per group
+    assert set(eff) == set(BITS)
+    size = {8: 64, 4: 64, 2: 32}
+    assert all(eff[b] == b + 32 / size[GROUP_OF[b]] for b in BITS if b != 16)
     assert ctl.average_bits(np.array([4, 4]), np.array([2, 2]), (64, 64, 32)) == pytest.approx(3.75)
     assert ctl.average_bits(np.array([3, 3]), np.array([3, 2]), (64, 32, 32)) == pytest.approx((4 + 4 + 4 + 3) / 4)
 

@@ -38,19 +38,28 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import THREADS
-from edgekv._native import ffi, lib
+from edgekv._native import ffi, kv_precisions, lib
 from edgekv.kv_policy import CallablePolicy, RandomPolicy, StaticPolicy, TokenFeatures, parse_policy
 
 FP16_MAX = np.float32(65504.0)
-QBITS = (8, 4, 3, 2)
-ALL_BITS = (16, 8, 4, 3, 2)
-KVP_BITS = (16, 8, 4, 2, 3)  # the C precision ids' order (ek_kv_attention_test's q_key rows)
+# the library's table of KV precisions (csrc/kv_types.c): every test here covers each row
+KVP_BITS = tuple(b for b, _ in kv_precisions())  # the C precision ids' order (ek_kv_attention_test's q_key rows)
+ALL_BITS = tuple(sorted(KVP_BITS, reverse=True))
+QBITS = tuple(b for b in ALL_BITS if b != 16)
+
+
+def test_the_table_has_the_precisions_the_format_documents():
+    # the rows every build has; a new row adds to them (the other tests then cover it)
+    assert set(ALL_BITS) >= {16, 8, 4, 3, 2} and len(set(KVP_BITS)) == len(KVP_BITS) and KVP_BITS[0] == 16
+    assert dict(kv_precisions())[3] == 4  # 3-bit records use the 4-bit group size
 
 
 def model_groups(m) -> dict:
-    """Group size of each quantized bit-width in a Model's store (3-bit records use the 4-bit group)."""
+    """Group size of each quantized bit-width in a Model's store (each row names its group: 3-bit
+    records use the 4-bit one)."""
     g8, g4, g2 = m.kv_groups
-    return {8: g8, 4: g4, 3: g4, 2: g2}
+    size = {8: g8, 4: g4, 2: g2}
+    return {b: size[gb] for b, gb in kv_precisions() if b != 16}
 
 # ---------------------------------------------------------------------------------------------
 # NumPy reference of the record formats
@@ -730,10 +739,10 @@ def test_integer_value_sum_adds_little_to_quantization_error(vbits, group):
     assert np.mean(rounding) < 0.05 * np.mean(quantization), (np.mean(rounding), np.mean(quantization))
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("bits", [6, 4, 3, 2])
 @pytest.mark.parametrize("do_rotate", [False, True])
 def test_integer_key_scoring_query_rule(bits, do_rotate):
-    """4-, 3- and 2-bit keys are scored against an int8 query (every build: AVX2 with integer dot
+    """6-, 4-, 3- and 2-bit keys are scored against an int8 query (every build: AVX2 with integer dot
     products, others in float): per head, s = max|q| / 127 and q8 = rint(q / s) in the basis the
     keys are stored in."""
     r = np.random.default_rng(11)
@@ -751,6 +760,43 @@ def test_integer_key_scoring_query_rule(bits, do_rotate):
         np.testing.assert_allclose(q8, np.rint(q8), atol=2e-3)  # integer codes
         assert np.abs(np.rint(q8)).max() == 127
         assert np.abs(got - want).max() <= 0.5 * s * (1 + 1e-3)  # round to nearest
+
+
+@pytest.mark.parametrize("hd,group", [(64, 32), (64, 64), (128, 32), (128, 64), (256, 64)])
+@pytest.mark.parametrize("gs", [1, 3, 8])
+def test_six_bit_attention_equals_dequantize_then_attend(hd, group, gs):
+    """6-bit keys and values (the row added to show a precision is one row): keys take the integer
+    scoring (one group per record and several), values the fused sum from the codes; alone and in a
+    mix with every other precision, over several tiles, the output equals softmax attention over the
+    read-back records (check_attention: normalized MSE < 1e-9 beyond the value rounding bound), and
+    every record reads back within one code of the NumPy reference format (check_stored)."""
+    r = np.random.default_rng(hd * 10 + group + gs)
+    n_pos = 150  # tiles of 64: two full, one partial
+    q = r.normal(0, 1.5, (gs, hd)).astype(np.float32)
+    k = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+    v = r.normal(0, 1, (n_pos, hd)).astype(np.float32)
+    k[:, 3] *= 8
+    for kb, vb in ((np.full(n_pos, 6), np.full(n_pos, 6)), (r.choice(ALL_BITS, n_pos), r.choice(ALL_BITS, n_pos))):
+        for do_rotate in (False, True):
+            rc, out, kd, vd, q_key, _ = c_attention(q, k, v, kb, vb, group, do_rotate)
+            assert rc == 0
+            check_stored(k, kd, kb, group, do_rotate)
+            check_stored(v, vd, vb, group, do_rotate)
+            check_attention(out, q, kd, vd, q_key, kb, vb, group, do_rotate)
+
+
+def test_six_bit_error_sits_between_four_and_eight():
+    """Round-trip error of 6-bit records: a step is (max - min) / 63, so on Gaussian groups the RMS
+    error is 15/63 of 4-bit's (within 20%) and 255/63 of 8-bit's (within 20%); bounded by half a step
+    plus the one-code tie allowance, as every format (check_roundtrip)."""
+    x = np.random.default_rng(5).normal(0, 1, 64 * 64).astype(np.float32)
+    rms = {}
+    for b in (8, 6, 4):
+        y = np.concatenate([c_roundtrip(x[i:i + 128], b, 64, 1) for i in range(0, x.size, 128)])
+        rms[b] = float(np.sqrt(np.mean((y - x) ** 2)))
+        check_roundtrip(x[:128], b, 64)
+    assert 0.8 * 15 / 63 < rms[6] / rms[4] < 1.2 * 15 / 63, rms
+    assert 0.8 * 255 / 63 < rms[6] / rms[8] < 1.2 * 255 / 63, rms
 
 
 @pytest.mark.parametrize("hd,group,do_rotate,ok", [

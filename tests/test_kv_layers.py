@@ -9,7 +9,7 @@ import pytest
 from edgekv._native import lib
 from edgekv.kv_policy import LayerPolicy, parse_policy
 from reference import ReferenceModel
-from test_kv import _ptr, kv_read_all, kv_set_bits, rand_ids, record_bytes, model_groups, same_bits
+from test_kv import ALL_BITS, _ptr, kv_read_all, kv_set_bits, rand_ids, record_bytes, model_groups, same_bits
 
 
 def set_layer_bits(m, layer, pos, kb, vb) -> int:
@@ -24,7 +24,7 @@ def expected_bytes(m, k: np.ndarray, v: np.ndarray) -> int:
     """Record bytes of (n_layer, n) key and value bits: every layer's records at its own bits."""
     hp, g = m.hparams, model_groups(m)
     hd = hp["head_dim"]
-    per = {b: record_bytes(b, hd, g.get(b)) for b in (16, 8, 4, 3, 2)}
+    per = {b: record_bytes(b, hd, g.get(b)) for b in ALL_BITS}
     return hp["n_head_kv"] * int(sum(per[int(a)] + per[int(b)] for a, b in zip(k.ravel(), v.ravel())))
 
 

@@ -81,3 +81,13 @@ if lib.ek_abi_version() != lib.EK_ABI_VERSION:
     )
 
 SIMD = ffi.string(lib.ek_simd()).decode()
+
+
+def kv_precisions() -> tuple[tuple[int, int], ...]:
+    """The KV precisions the library has, one (bits, group_bits) pair per row of its table
+    (csrc/kv_types.c) in the store's id order: group_bits names which of the three configured group
+    sizes (8-, 4- or 2-bit) the precision uses, 16 for FP16 (the whole head)."""
+    n = lib.ek_kv_precisions(ffi.NULL, ffi.NULL, 0)
+    bits, groups = ffi.new("int32_t[]", n), ffi.new("int32_t[]", n)
+    lib.ek_kv_precisions(bits, groups, n)
+    return tuple((int(bits[i]), int(groups[i])) for i in range(n))

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kv_policy import BITS, SINK_MIN_KEY_BITS, KVPolicy, TokenFeatures, protect_sink  # noqa: F401
+from .kv_policy import BITS, GROUP_OF, SINK_MIN_KEY_BITS, KVPolicy, TokenFeatures, protect_sink  # noqa: F401
 
 log = logging.getLogger("edgekv")
 
@@ -82,9 +82,10 @@ def model_shape(model) -> dict:
 
 def effective_bits(groups) -> dict[int, float]:
     """Storage bits per element for each bit-width, fp16 scale and minimum per group included
-    (3-bit records use the 4-bit group)."""
+    (each precision uses the group size of kv_policy.GROUP_OF: 3-bit records the 4-bit one)."""
     g8, g4, g2 = groups if groups is not None else (64, 64, 32)
-    return {16: 16.0, 8: 8 + 32.0 / g8, 4: 4 + 32.0 / g4, 3: 3 + 32.0 / g4, 2: 2 + 32.0 / g2}
+    size = {8: g8, 4: g4, 2: g2}
+    return {b: 16.0 if b == 16 else b + 32.0 / size[GROUP_OF[b]] for b in BITS}
 
 
 def average_bits(k_bits: np.ndarray, v_bits: np.ndarray, groups) -> float:

@@ -2,7 +2,7 @@
 
 Every token enters the cache at 16 bits. Once a token is W steps old (W = the
 policy's ``window``; W=0 means right after the forward pass that produced it),
-the policy decides its key and value bit-widths (16, 8, 4, 3 or 2), in batches:
+the policy decides its key and value bit-widths (one of BITS: 16, 8, 4, 3, 2, ...), in batches:
 a whole prefill is decided at once.
 
 A policy is any object with ``decide(features) -> (k_bits, v_bits)`` (or a
@@ -45,7 +45,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-BITS = (16, 8, 4, 3, 2)
+from ._native import kv_precisions
+
+# The bit-widths the C library's table of KV precisions has (csrc/kv_types.c), widest first, and
+# which configured group size (8-, 4- or 2-bit; 16: none) each uses: a new row there needs no change here.
+BITS = tuple(sorted((b for b, _ in kv_precisions()), reverse=True))
+GROUP_OF = dict(kv_precisions())
 
 
 @dataclass
@@ -198,8 +203,8 @@ class CallablePolicy(KVPolicy):
         return self.fn(features)
 
 
-_ALIASES = {"fp16": (16, 16), "f16": (16, 16), "int8": (8, 8), "q8": (8, 8), "int4": (4, 4), "q4": (4, 4),
-            "int3": (3, 3), "q3": (3, 3), "int2": (2, 2), "q2": (2, 2)}
+_ALIASES = {"fp16": (16, 16), "f16": (16, 16),
+            **{f"{p}{b}": (b, b) for b in BITS if b != 16 for p in ("int", "q")}}
 
 
 def _static_name(k: int, v: int) -> str:
@@ -236,7 +241,8 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
 
             return LearnedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         raise ValueError(
-            f"unknown KV policy {spec!r}: use fp16, int8, int4, int3, int2, a split form such as k4v2, sink:int3, adaptive, "
+            f"unknown KV policy {spec!r}: use fp16, {', '.join(f'int{b}' for b in BITS if b != 16)}, a split form such as "
+            "k4v2, sink:int3, adaptive, "
             "layers:int4,0=k8v4, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )

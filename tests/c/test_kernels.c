@@ -147,13 +147,28 @@ static void test_fp16(void) {
     CHECK(isnan(ek_fp16_to_fp32(ek_fp32_to_fp16(NAN))), "NaN must stay NaN");
 }
 
+/* The bit-widths of the library's KV precisions (its table, csrc/kv_types.c), widest first: every
+ * test below covers each of them, so a new row is tested without a change here. */
+static int kv_bits[16], n_kv_bits;
+static void load_kv_bits(void) {
+    int32_t b[16];
+    n_kv_bits = ek_kv_precisions(b, NULL, 16);
+    CHECK(n_kv_bits >= 2 && n_kv_bits <= 16, "ek_kv_precisions: %d precisions", n_kv_bits);
+    for (int i = 0; i < n_kv_bits; i++) { /* insertion sort, descending */
+        int j = i;
+        for (; j > 0 && kv_bits[j - 1] < b[i]; j--) kv_bits[j] = kv_bits[j - 1];
+        kv_bits[j] = b[i];
+    }
+    CHECK(kv_bits[0] == 16, "the widest KV precision is FP16");
+}
+
 /* Every KV record format: SIMD dequant == reference dequant, and the round trip
  * error stays within half a quantization step of each group (rotation off). */
 static void test_kv_records(void) {
-    const int bitss[] = {16, 8, 4, 3, 2};
+    const int *bitss = kv_bits;
     const int ns[] = {32, 64, 128};
     const int gs[] = {32, 64};
-    for (size_t a = 0; a < 5; a++)
+    for (int a = 0; a < n_kv_bits; a++)
         for (size_t b = 0; b < 3; b++)
             for (size_t c = 0; c < 2; c++) {
                 const int bits = bitss[a], n = ns[b], g = gs[c];
@@ -203,11 +218,13 @@ static void test_kv_records(void) {
 static double value_rounding_bound(const double *p, const float *vd, const int32_t *kb, const int32_t *vb, int n_pos,
                                    int hd, int gsz, int group, int rotate, const float *signs) {
     double bound = 0;
-    for (int vbits = 2; vbits <= 8; vbits *= 2) {
+    for (int vi = 1; vi < n_kv_bits; vi++) {
+        const int vbits = kv_bits[vi];
         const int tile = ek_attn_value_tile(vbits, hd, gsz);
         const double qmax = ek_attn_value_weight_max(vbits, hd, gsz);
         if (!tile) continue;
-        for (int kbits = 2; kbits <= 16; kbits *= 2) {
+        for (int ki = 0; ki < n_kv_bits; ki++) { /* each pool (kbits, vbits): its slots in position order */
+            const int kbits = kv_bits[ki];
             int n_t = 0;
             double w_top = 0;
             for (int j = 0; j <= n_pos; j++) {
@@ -242,7 +259,7 @@ static void test_kv_attention(void) {
     float *k = malloc(sizeof(float) * n_pos * hd), *v = malloc(sizeof(float) * n_pos * hd);
     float q[3 * 64], out[3 * 64];
     int32_t kb[150], vb[150];
-    const int bits[] = {16, 8, 4, 3, 2};
+    const int *bits = kv_bits, nb = n_kv_bits;
     ek_kv_store signs_of; /* the store's rotation signs (fixed), to read records in the stored basis */
     CHECK(ek_kv_store_init(&signs_of, 1, 1, hd, 1) == 0, "store init failed");
     for (int i = 0; i < n_pos * hd; i++) { k[i] = frand() * 2.0f; v[i] = frand(); }
@@ -259,8 +276,8 @@ static void test_kv_attention(void) {
         for (int mix = 0; mix < 4; mix++) { /* all 16; two mixes; mixed keys with 16-bit values (no rounding bound) */
             const int rotate = flags & EK_KV_ROTATE, center = (flags & EK_KV_CENTER_KEYS) && mix > 0;
             for (int j = 0; j < n_pos; j++) {
-                kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % 5];
-                vb[j] = mix == 0 || mix == 3 ? 16 : bits[(j * 5 + 1) % 5];
+                kb[j] = mix == 0 ? 16 : bits[(j * 7 + mix) % nb];
+                vb[j] = mix == 0 || mix == 3 ? 16 : bits[(j * 5 + 1) % nb];
             }
             /* reference: the stored values read back (rotation undone), attended in double precision */
             float kd[150 * 64], vd[150 * 64], qk[KVP_COUNT * 3 * 64];
@@ -320,6 +337,7 @@ int main(void) {
     test_fp16();
     test_act_quant();
     test_matmul();
+    load_kv_bits();
     test_kv_records();
     test_kv_attention();
     test_softmax_exp();
