@@ -110,6 +110,10 @@ class ReferenceModel:
         scale = float(_field(reader, f"{a}.rope.scaling.factor", 0.0) or 1.0)
         self.hp.rope_factors = np.asarray(factors, dtype=np.float64) * scale
         self.hp.swa_window = int(_field(reader, f"{a}.attention.sliding_window", 0))
+        # gemma3's pieces, as attributes so that tests can take each one away
+        self.gelu = arch == "gemma3"
+        self.embd_scale = np.sqrt(n_embd) if arch == "gemma3" else 1.0
+        self.rope_base_swa = GEMMA_SWA_BASE
 
     # ---- pieces ---------------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class ReferenceModel:
         hp = self.hp
         half = hp.rope_dim // 2
         if swa:  # sliding-window layers: base 10000, unscaled
-            inv_freq = GEMMA_SWA_BASE ** (-2.0 * np.arange(half) / hp.rope_dim)
+            inv_freq = self.rope_base_swa ** (-2.0 * np.arange(half) / hp.rope_dim)
         else:
             inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim) / hp.rope_factors
         theta = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tok, half)
@@ -168,9 +172,7 @@ class ReferenceModel:
         n = ids.size
         pos = np.arange(n)
         x = w["token_embd.weight"][ids]
-        gemma = hp.arch == "gemma3"
-        if gemma:
-            x = x * np.sqrt(hp.n_embd)
+        x = x * self.embd_scale
         for l in range(hp.n_layer):
             swa = self.slides(l)
             p = f"blk.{l}."
@@ -197,7 +199,7 @@ class ReferenceModel:
             h = self.rmsnorm(x, w[p + "ffn_norm.weight"])
             g = h @ w[p + "ffn_gate.weight"].T
             u = h @ w[p + "ffn_up.weight"].T
-            if gemma:
+            if self.gelu:
                 act = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3)))
             else:
                 act = g / (1.0 + np.exp(-g))

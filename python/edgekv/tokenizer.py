@@ -61,6 +61,7 @@ __all__ = [
     "StreamDecoder",
     "PRE_TOKENIZERS",
     "CHATML_TEMPLATE",
+    "BUILTIN_CHAT_FORMATS",
     "TOKEN_TYPE_UNDEFINED",
     "TOKEN_TYPE_NORMAL",
     "TOKEN_TYPE_UNKNOWN",
@@ -941,6 +942,13 @@ class Tokenizer:
             self._compiled_template = _compile_template(self._chat_template or CHATML_TEMPLATE)
         return self._compiled_template
 
+    def _builtin_format(self):
+        """The llama.cpp built-in format this model's template is rendered with, or None (jinja)."""
+        for marker, render in BUILTIN_CHAT_FORMATS:
+            if self._chat_template and marker in self._chat_template:
+                return render
+        return None
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """Render ``messages`` (a list of ``{"role": ..., "content": ...}``) with the GGUF's
@@ -952,6 +960,9 @@ class Tokenizer:
 
         When the GGUF has no chat template, ChatML is used (``CHATML_TEMPLATE``:
         ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``).
+        A template of a family in ``BUILTIN_CHAT_FORMATS`` (Gemma's) is rendered as llama.cpp's
+        ``llama_chat_apply_template`` renders it instead (its jinja would also write the BOS that
+        encoding adds, and raises on roles out of turn).
 
         The result is a string; encode it with ``parse_special=True`` (the default) so that the
         template's control tokens become single tokens. Raises TokenizerError when the template
@@ -960,6 +971,9 @@ class Tokenizer:
 
         if isinstance(messages, Mapping) or isinstance(messages, (str, bytes)):
             raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        render = self._builtin_format() if self._template_error is None else None
+        if render is not None:
+            return render([dict(m) for m in messages], bool(add_generation_prompt))
         template = self._template()
         variables: Dict[str, Any] = {
             "bos_token": self._tokens[self._bos_id] if self._bos_id is not None else "",
@@ -1088,6 +1102,39 @@ class StreamDecoder:
 
     def reset(self) -> None:
         self._decoder.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp's built-in chat formats (llama_chat_apply_template)
+# --------------------------------------------------------------------------------------------
+
+_C_SPACE = " \t\n\v\f\r"  # what llama.cpp's trim() strips (C isspace)
+
+
+def _render_gemma(messages: List[Dict[str, Any]], add_generation_prompt: bool) -> str:
+    """Gemma's turns: ``<start_of_turn>{user|model}\\n{content}<end_of_turn>\\n``, contents trimmed;
+    system messages (trimmed, concatenated) go in front of the next non-model turn, followed by a
+    blank line; then ``<start_of_turn>model\\n``. No BOS: encoding adds it."""
+    out: List[str] = []
+    system = ""
+    for m in messages:
+        role, content = str(m["role"]), str(m["content"])
+        if role == "system":
+            system += content.strip(_C_SPACE)
+            continue
+        role = "model" if role == "assistant" else role
+        out.append(f"<start_of_turn>{role}\n")
+        if system and role != "model":
+            out.append(system + "\n\n")
+            system = ""
+        out.append(content.strip(_C_SPACE) + "<end_of_turn>\n")
+    if add_generation_prompt:
+        out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+# (text that marks the template's family, renderer), in llama.cpp's detection order
+BUILTIN_CHAT_FORMATS = (("<start_of_turn>", _render_gemma),)
 
 
 # --------------------------------------------------------------------------------------------
