@@ -181,10 +181,11 @@ def test_gemma_270m_without_template_renders_chatml_as_llama_cpp(gemma_path, lla
 # ---------------------------------------------------------------------------------------------
 
 def test_gemma_270m_matches_llama_cpp_on_a_short_prefix(gemma_path, llama_cpp):
-    """BOS + the first 96 WikiText-2 tokens through both engines. The whole-file figures (mean KL
-    0.005 target) are benchmarks/results/parity_gemma3-270m; the first positions of a sequence are
-    the hardest (measured here: mean KL 0.009, top-1 95%, where a float64 NumPy reference puts
-    edgekv at KL 0.004 and llama.cpp at 0.008 from it), so this asserts 0.02 and 90%."""
+    """BOS + the first 96 WikiText-2 tokens through both engines: a gross error (a norm, scale or
+    RoPE base wrong) puts KL far above 0.1. Measured: mean KL 0.0075 nats, top-1 92.8% (the
+    WikiText-2 figures are benchmarks/results/parity_gemma3-270m: 0.0071, 95.7%; on the first 64
+    tokens a float64 NumPy reference puts edgekv at KL 0.0042 from it and llama.cpp at 0.0077),
+    so this asserts 0.02 and 85%."""
     with open(TEXT_EXCERPT, encoding="utf-8") as f:
         text = f.read()
     m = edgekv.Model(gemma_path, threads=THREADS, ctx=128)
@@ -207,4 +208,4 @@ def test_gemma_270m_matches_llama_cpp_on_a_short_prefix(gemma_path, llama_cpp):
     lp, lq = log_softmax(theirs), log_softmax(ours)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     top1 = np.mean(lp.argmax(-1) == lq.argmax(-1))
-    assert kl.mean() <= 0.02 and top1 >= 0.9, f"mean KL {kl.mean():.4f} nats, top-1 {top1:.1%}"
+    assert kl.mean() <= 0.02 and top1 >= 0.85, f"mean KL {kl.mean():.4f} nats, top-1 {top1:.1%}"
