@@ -192,7 +192,9 @@ class ReferenceModel:
             q = self.rope(q, pos, swa)
             k = self.rope(k, pos, swa)
             v = v.reshape(n, hp.n_head_kv, hp.head_dim)
-            o = self.attention(q, k, v, hp.swa_window if swa else 0) @ w[p + "attn_output.weight"].T
+            # (the window only when sliding: subclasses override attention(q, k, v))
+            att = self.attention(q, k, v, window=hp.swa_window) if swa else self.attention(q, k, v)
+            o = att @ w[p + "attn_output.weight"].T
             if p + "post_attention_norm.weight" in w:
                 o = self.rmsnorm(o, w[p + "post_attention_norm.weight"])
             x = x + o
