@@ -9,7 +9,9 @@
    (default 8) are run from a fresh context by both engines, every position's logits kept
    (edgekv ``Model.logits``; llama.cpp ``logits_all=True``, f16 K/V, flash attention off,
    n_batch = n_ubatch = window). No BOS is inserted (SmolLM2's GGUF has add_bos_token = false,
-   so llama.cpp's ``perplexity`` tool would not insert one either).
+   so llama.cpp's ``perplexity`` tool would not insert one either); a model whose GGUF adds BOS
+   (Gemma 3) gets it as each window's first token, followed by window - 1 text tokens, as
+   llama.cpp's ``perplexity`` does (``--bos`` / ``--no-bos`` override).
 
    Scored positions: ALL predictions in each window (logits at position i predict token i+1,
    i = 0..window-2: 511 per 512-token window, 4,088 for the default 8 windows) -- the headline
@@ -103,7 +105,7 @@ def check(m: dict) -> list[dict]:
 
 def token_check(model, llm, text: str) -> dict:
     t0 = time.perf_counter()
-    ek = model.tokenize(text)
+    ek = model.tokenize(text, add_bos=False)
     t_ek = time.perf_counter() - t0
     t0 = time.perf_counter()
     ll = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -122,7 +124,7 @@ def token_check(model, llm, text: str) -> dict:
     lines = [ln for ln in text.split("\n") if ln.strip()]
     bad = []
     for ln in lines:
-        if model.tokenize(ln) != llm.tokenize(ln.encode("utf-8"), add_bos=False, special=True):
+        if model.tokenize(ln, add_bos=False) != llm.tokenize(ln.encode("utf-8"), add_bos=False, special=True):
             bad.append(ln)
     out["lines_checked"] = len(lines)
     out["lines_differing"] = len(bad)
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=8, help="number of leading non-overlapping windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each window with BOS (default: the GGUF's tokenizer.ggml.add_bos_token)")
     args = p.parse_args(argv)
 
     import edgekv
@@ -156,13 +160,15 @@ def main(argv=None) -> int:
         tok = token_check(model, llm, text)
         bar.update(1)
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)  # the reference ids
-        n_win = min(args.windows, len(ids) // args.window)
+        bos = model.tokenizer.add_bos if args.bos is None else args.bos
         W = args.window
+        step = W - 1 if bos else W  # text tokens per window
+        n_win = min(args.windows, len(ids) // step)
         parts = {k: [] for k in ("kl", "agree", "nll_ref", "nll_test")}
         pos_in_win = []
         per_window = []
         for w in range(n_win):
-            win = ids[w * W:(w + 1) * W]
+            win = ([model.tokenizer.bos_id] if bos else []) + ids[w * step:(w + 1) * step]
             t0 = time.perf_counter()
             ek = model.logits(win)  # (W, vocab)
             t_ek = time.perf_counter() - t0
@@ -203,8 +209,9 @@ def main(argv=None) -> int:
         "model_path": path,
         "data": str(DATA.relative_to(REPO.parent)),
         "setup": {
-            "window": W, "windows": n_win, "threads": args.threads, "bos": False,
-            "ids": "llama.cpp tokenization of the whole file, windows [w*W, (w+1)*W) for w < windows",
+            "window": W, "windows": n_win, "threads": args.threads, "bos": bool(bos),
+            "ids": "llama.cpp tokenization of the whole file, windows [w*W, (w+1)*W) for w < windows"
+                   + ("; with BOS: BOS + text tokens [w*(W-1), (w+1)*(W-1))" if bos else ""),
             "scored": "all positions: logits at i predict token i+1, i = 0..W-2; "
                       "second_half: i >= W/2 (llama.cpp perplexity's convention)",
             "llama": "logits_all=True, type_k=type_v=f16, flash_attn=False, n_batch=n_ubatch=W",
@@ -240,7 +247,8 @@ def write_md(res: dict, path: Path) -> None:
     tok = res["tokenizer"]
     L = ["# Parity: edgekv vs llama.cpp on WikiText-2 valid\n"]
     L.append(f"Model `{Path(res['model_path']).name}`; `{res['data']}`; {s['windows']} non-overlapping windows of "
-             f"{s['window']} tokens from the start of the file (llama.cpp's tokenization), no BOS; each window from "
+             f"{s['window']} tokens from the start of the file (llama.cpp's tokenization), "
+             f"{'BOS first' if s['bos'] else 'no BOS'}; each window from "
              f"a fresh context. llama.cpp: {s['llama']}. edgekv: {s['edgekv']}. KL = {s['kl']}. "
              f"edgekv {res['machine']['edgekv']} (SIMD `{res['machine']['edgekv_simd']}`), llama-cpp-python "
              f"{res['machine']['llama_cpp_python']}, {res['date_utc']}.\n")

@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 10 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch); 10: ek_kv_precisions (the table of KV precisions) */
+#define EK_ABI_VERSION 11 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch); 10: ek_kv_precisions (the table of KV precisions); 11: gemma3 config fields (ffn_geglu ... rope_base_swa), EK_T_ATTN_POST_NORM/FFN_POST_NORM */
 
 typedef struct {
     int n_vocab;
@@ -37,6 +37,14 @@ typedef struct {
     int has_qk_norm; /* 1: RMS-norm each head of q and k before RoPE (qwen3) */
     int n_threads;
     int n_batch;     /* max tokens per internal forward chunk */
+    /* gemma3; 0 leaves each off */
+    int ffn_geglu;       /* 1: GELU (tanh approximation) gate instead of SiLU */
+    int has_post_norms;  /* 1: RMS-norm attention and FFN outputs before the residual add */
+    float embd_scale;    /* > 0: token embeddings times this (gemma: sqrt(n_embd)) */
+    float attn_scale;    /* > 0: query scale instead of 1/sqrt(head_dim) */
+    int swa_window;      /* > 0: sliding-window layers attend to the last swa_window positions */
+    int swa_period;      /* with swa_window: layer l slides unless l % swa_period == swa_period - 1 */
+    float rope_base_swa; /* with swa_window: RoPE base of the sliding-window layers (no RoPE factors) */
 } ek_config;
 
 /* Tensor kinds; per-layer kinds take a layer index, global ones take -1. */
@@ -59,6 +67,8 @@ enum {
     EK_T_ATTN_Q_NORM, /* (head_dim), with has_qk_norm */
     EK_T_ATTN_K_NORM,
     EK_T_ROPE_FREQS, /* optional, global (rope_dim/2): angle divisors per dimension (Llama 3) */
+    EK_T_ATTN_POST_NORM, /* (n_embd), with has_post_norms */
+    EK_T_FFN_POST_NORM,
     EK_T_COUNT
 };
 

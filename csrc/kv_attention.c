@@ -630,6 +630,16 @@ static inline float row_max(const float *x, int n) {
 #if defined(EK_AVX512)
 static int x512_values_ok(const ek_kv_type *t, int hd, int gs) { return t->values_x512 && ek_x512_values_shape_ok(hd, gs); }
 #endif
+/* A tile with no position inside a sliding window is not scored; its statistics scores are -inf. */
+static int window_skips(const ek_attn_args *a, const ek_kv_pool *pool, int c0, int n) {
+    for (int j = 0; j < n; j++)
+        if (pool->pos[c0 + j] >= a->min_pos && pool->pos[c0 + j] <= a->max_pos) return 0;
+    if (a->raw)
+        for (int h = 0; h < a->gs; h++)
+            for (int j = 0; j < n; j++)
+                if (pool->pos[c0 + j] <= a->max_pos) a->raw[(size_t)h * a->s->n_ctx + pool->pos[c0 + j]] = -INFINITY;
+    return 1;
+}
 
 void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int j1, ek_attn_partial *part,
                      float *scratch) {
@@ -641,7 +651,9 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     float *o = pool->vp == KVP_F16 ? part->o_plain : part->o_rot;
     float *sc = scratch;                                  /* (gs, ATTN_CHUNK) scores, then weights */
     float *tile = scratch + (size_t)gs * ATTN_CHUNK;      /* (ATTN_CHUNK, head_dim) dequantized records */
-    const int masked_pool = pool->kp == KVP_F16 && pool->vp == KVP_F16; /* only new tokens can be in the future */
+    /* only new tokens can be in the future; a sliding window can leave out any pool's positions */
+    const int masked_pool = (pool->kp == KVP_F16 && pool->vp == KVP_F16) || a->min_pos > 0;
+    const unsigned span = (unsigned)(a->max_pos - a->min_pos); /* attended: pos - min_pos in [0, span] */
     /* centered keys (kv_store.h): each head's scores of this pool get q . c back */
     const float *kc = pool->kp != KVP_F16 ? ek_kv_center(s, a->layer, a->head) : NULL;
     float *kbias = scratch + (size_t)gs * ATTN_CHUNK + 2 * (size_t)ATTN_CHUNK * hd;
@@ -678,6 +690,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 
     for (int c0 = j0; c0 < j1; c0 += ATTN_CHUNK) {
         const int n = j1 - c0 < ATTN_CHUNK ? j1 - c0 : ATTN_CHUNK;
+        if (a->min_pos > 0 && window_skips(a, pool, c0, n)) continue;
         float tmax[QI_MAX_GS]; /* each head's largest score, where the scoring kernel reports it */
         int have_tmax = 0;
         /* scores */
@@ -712,7 +725,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         int n_masked = 0;
         if (masked_pool)
             for (int j = 0; j < n; j++)
-                if (pool->pos[c0 + j] > a->max_pos) {
+                if ((unsigned)(pool->pos[c0 + j] - a->min_pos) > span) {
                     for (int h = 0; h < gs; h++) sc[h * ATTN_CHUNK + j] = -INFINITY;
                     n_masked++;
                 }
@@ -724,7 +737,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         /* online softmax: rescale the running sums to the new max, turn scores into weights */
         for (int h = 0; h < gs; h++) {
             float *row = sc + h * ATTN_CHUNK;
-            const float cm = have_tmax ? tmax[h] : row_max(row, n);
+            const float cm = have_tmax && !n_masked ? tmax[h] : row_max(row, n); /* tmax saw masked scores too */
             const float c = rebase(part, h, cm > part->m[h] ? cm : part->m[h], hd); /* cm is never NaN */
 #if defined(EK_AVX512)
             if (v_perm && c != 1.0f) scalef(o_perm + (size_t)h * hd, c, hd);
@@ -734,7 +747,7 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
             part->l[h] += ek_exp_shift(row, n, part->m[h]);
             if (n_masked) /* exp(-inf) came out as a denormal-sized number: make it exactly 0 */
                 for (int j = 0; j < n; j++)
-                    if (pool->pos[c0 + j] > a->max_pos) row[j] = 0.0f;
+                    if ((unsigned)(pool->pos[c0 + j] - a->min_pos) > span) row[j] = 0.0f;
         }
         /* weighted values */
 #if defined(EK_AVX512)

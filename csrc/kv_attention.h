@@ -46,6 +46,7 @@ typedef struct {
     const float *q_rot;  /* (gs, head_dim) scaled query, rotated basis (== q without rotation) */
     int max_pos;         /* causal limit: positions > max_pos are not attended */
     float *raw;          /* optional (gs, n_ctx): raw scores by position, for statistics */
+    int min_pos;         /* sliding window: positions < min_pos are not attended either (0: none) */
 } ek_attn_args;
 
 typedef struct {

@@ -4,10 +4,13 @@
  *
  * forward() reads top to bottom, layer by layer:
  *   x = embed(tokens)
- *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); (qwen3: rmsnorm each head of q,k)
- *              rope(q,k); cache(k,v)
- *              att = attention(q, cache); x += att @ Wo
- *              xb = rmsnorm(x); h = silu(xb @ Wgate) * (xb @ Wup); x += h @ Wdown
+ *   (gemma3: x *= embd_scale)
+ *   per layer: xb = rmsnorm(x); q,k,v = xb @ Wqkv (+bias); (qwen3, gemma3: rmsnorm each head of q,k)
+ *              rope(q,k) (gemma3: sliding-window layers with their own base); cache(k,v)
+ *              att = attention(q, cache) (sliding-window layers: the last swa_window positions)
+ *              x += att @ Wo (gemma3: rmsnorm'd first)
+ *              xb = rmsnorm(x); h = silu(xb @ Wgate) * (xb @ Wup) (gemma3: gelu); x += h @ Wdown
+ *              (gemma3: rmsnorm'd first)
  *   logits = rmsnorm(x) @ Woutput
  */
 #include <math.h>
@@ -78,6 +81,10 @@ static int check_config(const ek_config *c, char *err, size_t err_len) {
     REQUIRE(c->n_threads >= 1 && c->n_threads <= 256, "config: n_threads (%d) must be in 1..256", c->n_threads);
     REQUIRE(c->n_batch >= 1 && c->n_batch <= 8192, "config: n_batch (%d) must be in 1..8192", c->n_batch);
     REQUIRE(c->norm_eps > 0.0f && c->rope_base > 0.0f, "config: norm_eps and rope_base must be positive");
+    REQUIRE(c->embd_scale >= 0.0f && c->attn_scale >= 0.0f && c->embd_scale < INFINITY && c->attn_scale < INFINITY,
+            "config: embd_scale and attn_scale must be finite and not negative (0: off)");
+    REQUIRE(c->swa_window >= 0 && (c->swa_window == 0 || (c->swa_period >= 1 && c->rope_base_swa > 0.0f)),
+            "config: a sliding window (%d) needs swa_period >= 1 and a positive rope_base_swa", c->swa_window);
 #undef REQUIRE
     return 0;
 }
@@ -88,6 +95,14 @@ static void set_inv_freq(ek_model *m, const float *factors) {
     for (int i = 0; i < c->rope_dim / 2; i++)
         m->inv_freq[i] =
             (float)(pow((double)c->rope_base, -2.0 * i / (double)c->rope_dim) / (factors ? factors[i] : 1.0));
+    if (m->inv_freq_swa) /* sliding-window layers: their own base, never scaled (as llama.cpp) */
+        for (int i = 0; i < c->rope_dim / 2; i++)
+            m->inv_freq_swa[i] = (float)pow((double)c->rope_base_swa, -2.0 * i / (double)c->rope_dim);
+}
+
+/* Does layer l attend through the sliding window? (gemma3: all but every swa_period-th layer) */
+static int layer_slides(const ek_config *c, int l) {
+    return c->swa_window > 0 && l % c->swa_period != c->swa_period - 1;
 }
 
 ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
@@ -119,6 +134,13 @@ ek_model *ek_model_create(const ek_config *cfg, char *err, size_t err_len) {
     m->rope_cos = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
     m->rope_sin = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
     m->inv_freq = (float *)malloc((cfg->rope_dim / 2 + 1) * sizeof(float));
+    if (cfg->swa_window > 0) {
+        m->rope_cos_swa = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
+        m->rope_sin_swa = (float *)malloc(B * (cfg->rope_dim / 2 + 1) * sizeof(float));
+        m->inv_freq_swa = (float *)malloc((cfg->rope_dim / 2 + 1) * sizeof(float));
+        if (!m->rope_cos_swa || !m->rope_sin_swa || !m->inv_freq_swa) goto oom;
+    }
+    m->attn_scale = cfg->attn_scale > 0.0f ? cfg->attn_scale : 1.0f / sqrtf((float)cfg->head_dim);
     const size_t T = (size_t)cfg->n_threads, C = (size_t)cfg->n_ctx;
     m->q_rot = (float *)malloc(B * m->q_dim * sizeof(float));
     m->logit_parts = (float *)malloc(3 * sizeof(float) * ((size_t)cfg->n_vocab / MM_ROWS_CHUNK + 1));
@@ -168,6 +190,7 @@ void ek_model_free(ek_model *m) {
     free(m->row_seq); free(m->row_pos);
     free(m->x); free(m->xb); free(m->q); free(m->k); free(m->v); free(m->gate); free(m->up); free(m->proj);
     free(m->act); free(m->rope_cos); free(m->rope_sin); free(m->inv_freq);
+    free(m->rope_cos_swa); free(m->rope_sin_swa); free(m->inv_freq_swa);
     free(m->q_rot); free(m->logit_parts); free(m->raw); free(m->th_raw); free(m->th_stats); free(m->th_scratch); free(m->parts); free(m->tasks);
     free(m);
 }
@@ -239,6 +262,7 @@ static int expected_shape(const ek_model *m, int kind, int64_t *n_in, int64_t *n
     case EK_T_OUTPUT: *n_in = c->n_embd; *n_out = c->n_vocab; *per_layer = 0; break;
     case EK_T_OUTPUT_NORM: *n_in = c->n_embd; *f32_only = 1; *per_layer = 0; break;
     case EK_T_ATTN_NORM: case EK_T_FFN_NORM: *n_in = c->n_embd; *f32_only = 1; break;
+    case EK_T_ATTN_POST_NORM: case EK_T_FFN_POST_NORM: *n_in = c->n_embd; *f32_only = 1; break;
     case EK_T_ATTN_Q: *n_in = c->n_embd; *n_out = m->q_dim; break;
     case EK_T_ATTN_K: case EK_T_ATTN_V: *n_in = c->n_embd; *n_out = m->kv_dim; break;
     case EK_T_ATTN_O: *n_in = m->q_dim; *n_out = c->n_embd; break;
@@ -296,6 +320,8 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     case EK_T_FFN_NORM: L->ffn_norm = (const float *)data; break;
     case EK_T_ATTN_Q_NORM: L->q_norm = (const float *)data; break;
     case EK_T_ATTN_K_NORM: L->k_norm = (const float *)data; break;
+    case EK_T_ATTN_POST_NORM: L->post_attn_norm = (const float *)data; break;
+    case EK_T_FFN_POST_NORM: L->post_ffn_norm = (const float *)data; break;
     case EK_T_ROPE_FREQS: {
         const float *f = (const float *)data;
         for (int64_t i = 0; i < n_in; i++)
@@ -332,6 +358,10 @@ int ek_model_finalize(ek_model *m) {
         const int nn = (L->q_norm != NULL) + (L->k_norm != NULL);
         if (m->cfg.has_qk_norm ? nn != 2 : nn != 0)
             return fail(m, EK_ERR_INVALID, "layer %d: Q/K norms must be both present (has_qk_norm) or both absent", l);
+        const int np = (L->post_attn_norm != NULL) + (L->post_ffn_norm != NULL);
+        if (m->cfg.has_post_norms ? np != 2 : np != 0)
+            return fail(m, EK_ERR_INVALID, "layer %d: post-attention and post-FFN norms must be both present "
+                        "(has_post_norms) or both absent", l);
     }
     if (mat_pack(&m->output) != EK_OK) return fail(m, EK_ERR_NOMEM, "out of memory repacking the output matrix");
     m->finalized = 1;
@@ -512,13 +542,15 @@ static void qkv_post_task(void *p, int ith, int nth) {
             for (int h = 0; h < cf->n_head; h++) rmsnorm(q + h * hd, q + h * hd, c->L->q_norm, hd, cf->norm_eps);
             for (int h = 0; h < cf->n_head_kv; h++) rmsnorm(k + h * hd, k + h * hd, c->L->k_norm, hd, cf->norm_eps);
         }
-        const float *cs = m->rope_cos + (size_t)t * half, *sn = m->rope_sin + (size_t)t * half;
+        const int swa = layer_slides(cf, c->layer);
+        const float *cs = (swa ? m->rope_cos_swa : m->rope_cos) + (size_t)t * half;
+        const float *sn = (swa ? m->rope_sin_swa : m->rope_sin) + (size_t)t * half;
         for (int h = 0; h < cf->n_head; h++) rope_head(q + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
         for (int h = 0; h < cf->n_head_kv; h++) rope_head(k + h * cf->head_dim, cs, sn, cf->rope_dim, cf->rope_neox);
         ek_kv_store *kv = &m->row_seq[t]->kv;
         ek_kv_store_put(kv, c->layer, m->row_pos[t], k, v);
         /* attention wants the query scaled, and rotated for quantized keys */
-        const float scale = 1.0f / sqrtf((float)cf->head_dim);
+        const float scale = m->attn_scale;
         float *qr = m->q_rot + (size_t)t * m->q_dim;
         for (int i = 0; i < m->q_dim; i++) q[i] *= scale;
         memcpy(qr, q, sizeof(float) * m->q_dim);
@@ -543,7 +575,8 @@ typedef struct {
 static ek_attn_args attn_args(const attn_ctx *c, int t, int g, float *raw) {
     const ek_model *m = c->m;
     const size_t off = (size_t)(c->row0 + t) * m->q_dim + (size_t)g * m->group * m->cfg.head_dim;
-    ek_attn_args a = {&c->s->kv, c->layer, g, m->group, m->q + off, m->q_rot + off, c->s->n_past + t, raw};
+    ek_attn_args a = {&c->s->kv, c->layer, g, m->group, m->q + off, m->q_rot + off, c->s->n_past + t, raw, 0};
+    if (layer_slides(&m->cfg, c->layer) && a.max_pos >= m->cfg.swa_window) a.min_pos = a.max_pos - m->cfg.swa_window + 1;
     return a;
 }
 
@@ -713,12 +746,46 @@ static void swiglu_row(float *g, const float *u, size_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* g = gelu(g) * u over n values, GELU's tanh approximation (gemma3's GeGLU), written as
+ * x * sigmoid(2z) (= x * (1 + tanh z) / 2), z = sqrt(2/pi) (x + 0.044715 x^3): AVX2 takes swiglu_row's
+ * sigmoid. */
+static void geglu_row(float *g, const float *u, size_t n) {
+    const float c2 = 2.0f * 0.7978845608028654f; /* 2 sqrt(2 / pi) */
+    size_t i = 0;
+#if defined(EK_AVX2)
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f), vc = _mm256_set1_ps(c2),
+                 vk = _mm256_set1_ps(0.044715f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 z = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(vk, x), _mm256_mul_ps(x, x), x));
+        const __m256 e = ek_exp_neg256(_mm256_or_ps(z, neg));
+        const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), z);
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float x = g[i], z = c2 * (x + 0.044715f * x * x * x);
+        g[i] = x / (1.0f + expf(-z)) * u[i];
+    }
+}
+
 static void swiglu_task(void *p, int ith, int nth) {
     norm_ctx *c = (norm_ctx *)p;
     const size_t n_ff = (size_t)c->m->cfg.n_ff;
     float *g = c->m->gate, *u = c->m->up;
+    void (*row)(float *, const float *, size_t) = c->m->cfg.ffn_geglu ? geglu_row : swiglu_row;
     int t;
-    while ((t = ek_claim(&c->next, c->n_tok)) >= 0) swiglu_row(g + (size_t)t * n_ff, u + (size_t)t * n_ff, n_ff);
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0) row(g + (size_t)t * n_ff, u + (size_t)t * n_ff, n_ff);
+}
+
+/* m->proj rows normed in place by c->w before the residual add (gemma3's post-norms). */
+static void post_norm_task(void *p, int ith, int nth) {
+    norm_ctx *c = (norm_ctx *)p;
+    const int n = c->m->cfg.n_embd;
+    int t;
+    while ((t = ek_claim(&c->next, c->n_tok)) >= 0)
+        rmsnorm(c->m->proj + (size_t)t * n, c->m->proj + (size_t)t * n, c->w, n, c->m->cfg.norm_eps);
 }
 
 /* Run a per-token elementwise task in parallel only when there is enough work. */
@@ -775,12 +842,19 @@ static void forward_chunk(ek_model *m, const ek_span *sp, int n_spans, float *lo
             embed_row(m, sp[i].tokens[t], m->x + (size_t)n * E);
         }
     }
+    if (cf->embd_scale > 0.0f)
+        for (size_t i = 0; i < (size_t)n * E; i++) m->x[i] *= cf->embd_scale;
     for (int t = 0; t < n; t++) {
         const double pos = (double)m->row_pos[t];
         for (int i = 0; i < half; i++) {
             const double theta = pos * m->inv_freq[i];
             m->rope_cos[(size_t)t * half + i] = (float)cos(theta);
             m->rope_sin[(size_t)t * half + i] = (float)sin(theta);
+        }
+        for (int i = 0; m->inv_freq_swa && i < half; i++) {
+            const double theta = pos * m->inv_freq_swa[i];
+            m->rope_cos_swa[(size_t)t * half + i] = (float)cos(theta);
+            m->rope_sin_swa[(size_t)t * half + i] = (float)sin(theta);
         }
     }
 
@@ -796,6 +870,10 @@ static void forward_chunk(ek_model *m, const ek_span *sp, int n_spans, float *lo
             attention(m, sp[i].s, l, r, sp[i].n, m->xb + (size_t)r * m->q_dim);
         mm_job o = {&L->wo, m->proj, E, NULL};
         matmul(m, m->xb, n, m->q_dim, &o, 1);
+        if (L->post_attn_norm) {
+            nc.w = L->post_attn_norm;
+            run_rows(m, post_norm_task, &nc, &nc.next, n);
+        }
         add_into(m->x, m->proj, (size_t)n * E);
 
         nc.w = L->ffn_norm;
@@ -805,6 +883,10 @@ static void forward_chunk(ek_model *m, const ek_span *sp, int n_spans, float *lo
         run_rows(m, swiglu_task, &nc, &nc.next, n);
         mm_job d = {&L->w_down, m->proj, E, NULL};
         matmul(m, m->gate, n, cf->n_ff, &d, 1);
+        if (L->post_ffn_norm) {
+            nc.w = L->post_ffn_norm;
+            run_rows(m, post_norm_task, &nc, &nc.next, n);
+        }
         add_into(m->x, m->proj, (size_t)n * E);
     }
 

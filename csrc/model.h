@@ -28,6 +28,7 @@ typedef struct {
     const float *bq, *bk, *bv;  /* (q_dim), (kv_dim), (kv_dim) or NULL */
     const float *q_norm, *k_norm; /* (head_dim) or NULL (has_qk_norm) */
     const float *ffn_norm;      /* (n_embd) */
+    const float *post_attn_norm, *post_ffn_norm; /* (n_embd) or NULL (has_post_norms) */
     ek_mat w_gate, w_up, w_down;
 } ek_layer;
 
@@ -66,6 +67,8 @@ struct ek_model {
     size_t act_stride;
     float *rope_cos, *rope_sin; /* (n_batch, rope_dim/2) */
     float *inv_freq;   /* (rope_dim/2), divided by the rope_freqs factors when given */
+    float *rope_cos_swa, *rope_sin_swa, *inv_freq_swa; /* the same for sliding-window layers, or NULL */
+    float attn_scale;  /* query scale: cfg.attn_scale, else 1/sqrt(head_dim) */
     float *q_rot;      /* (n_batch, q_dim) scaled query, rotated for quantized keys */
     float *raw;        /* (n_head, n_ctx) decode: last-layer raw scores by position */
     float *th_raw;     /* (n_threads, group, n_ctx) prefill: the same per thread */

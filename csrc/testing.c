@@ -110,7 +110,7 @@ int ek_kv_attention_test(const float *q, int gs, const float *k, const float *v,
     for (int i = 0; i < gs * head_dim; i++) qs[i] = qs[gs * head_dim + i] = q[i] * scale;
     if (s.rotate)
         for (int h = 0; h < gs; h++) ek_rotate(qs + (size_t)(gs + h) * head_dim, s.signs, head_dim);
-    ek_attn_args a = {&s, 0, 0, gs, qs, qs + (size_t)gs * head_dim, n_pos - 1, NULL};
+    ek_attn_args a = {&s, 0, 0, gs, qs, qs + (size_t)gs * head_dim, n_pos - 1, NULL, 0};
     ek_attn_partial part;
     ek_attn_partial_init(&part, buf + ek_attn_scratch_floats(gs, head_dim), gs, head_dim);
     ek_attend_all(&a, &part, buf);

@@ -26,6 +26,10 @@ Architectures:
   qwen3  qwen2's tokenizer and RoPE, no biases, QK-norm (``blk.N.attn_q_norm`` / ``attn_k_norm``,
          head_dim values each, spread widely so that skipping them shows), ``attention.key_length``
          and ``value_length`` written.
+  gemma3 qwen3's QK-norm, RoPE and tokenizer, plus post-attention and post-FFN norms
+         (``blk.N.post_attention_norm`` / ``post_ffw_norm``) and ``attention.sliding_window``
+         (``sliding_window``, default 8: a short prompt already slides); the layer pattern is
+         llama.cpp's default for gemma3 (every 6th layer global), so give it 6 layers or more.
   any other name is written like llama (for tests of unsupported architectures).
 
 ``head_dim`` may differ from n_embd / n_head (written as ``attention.key_length`` and
@@ -180,13 +184,13 @@ def make_vocab(arch: str = "llama", n_merges: int = 120) -> TinyVocab:
 
     llama (and unknown architectures): specials first (SmolLM2: ``<|endoftext|>`` 0,
     ``<|im_start|>`` 1 = BOS, ``<|im_end|>`` 2 = EOS = PAD), pre-tokenizer ``smollm``.
-    qwen2, qwen3: specials last (Qwen2: BOS = PAD = ``<|endoftext|>``, EOS = ``<|im_end|>``),
+    qwen2, qwen3, gemma3: specials last (Qwen2: BOS = PAD = ``<|endoftext|>``, EOS = ``<|im_end|>``),
     pre-tokenizer ``qwen2``."""
     merges = learn_merges(CORPUS, n_merges)
     normal = byte_symbols() + [a + b for a, b in merges]
     assert len(set(normal)) == len(normal), "a merge produced a token twice"
     merge_strs = tuple(f"{a} {b}" for a, b in merges)
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "gemma3"):
         tokens = tuple(normal) + SPECIAL_TOKENS
         types = (1,) * len(normal) + (3,) * len(SPECIAL_TOKENS)
         eot = tokens.index("<|endoftext|>")
@@ -233,6 +237,7 @@ def write_tiny_model(
     embd_type: Optional[str] = None,
     head_dim: Optional[int] = None,
     rope_freqs: Optional[Sequence[float]] = None,
+    sliding_window: int = 8,
 ) -> Path:
     """Write a tiny random model to ``path`` (a .gguf file) and return the path.
 
@@ -288,7 +293,8 @@ def write_tiny_model(
     n_vocab = vocab.size
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     qwen2 = arch == "qwen2"
-    qwen3 = arch == "qwen3"
+    gemma3 = arch == "gemma3"
+    qwen3 = arch in ("qwen3", "gemma3")  # gemma3 shares qwen3's QK-norm (and what follows from it)
     # qwen3: larger q/k projections, so the per-head norms (not the projection scale) set q and k
     qk_std = (3.0 if qwen3 else 1.0) * n_embd ** -0.5
     omit = set(omit_tensors)
@@ -328,10 +334,14 @@ def write_tiny_model(
             tensors.append((p + "attn_q_norm.weight", rng.uniform(0.4, 2.6, head_dim).astype(np.float32), "F32"))
             tensors.append((p + "attn_k_norm.weight", rng.uniform(0.4, 2.6, head_dim).astype(np.float32), "F32"))
         tensors.append((p + "attn_output.weight", normal((n_embd, q_dim), 0.5 * q_dim ** -0.5), weight_type))
+        if gemma3:  # 0.5 .. 1.5: wider ranges made the tiny model amplify int8 rounding past the tests' bounds
+            tensors.append((p + "post_attention_norm.weight", rng.uniform(0.5, 1.5, n_embd).astype(np.float32), "F32"))
         tensors.append((p + "ffn_norm.weight", norm_weight(), "F32"))
         tensors.append((p + "ffn_gate.weight", normal((n_ff, n_embd), n_embd ** -0.5), weight_type))
         tensors.append((p + "ffn_up.weight", normal((n_ff, n_embd), n_embd ** -0.5), weight_type))
         tensors.append((p + "ffn_down.weight", normal((n_embd, n_ff), 0.5 * n_ff ** -0.5), weight_type))
+        if gemma3:
+            tensors.append((p + "post_ffw_norm.weight", rng.uniform(0.5, 1.5, n_embd).astype(np.float32), "F32"))
     if rope_freqs is not None:
         tensors.append(("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32), "F32"))
     unknown = omit - {name for name, _, _ in tensors}
@@ -357,6 +367,8 @@ def write_tiny_model(
         f"{a}.attention.layer_norm_rms_epsilon": float(norm_eps),
         f"{a}.rope.dimension_count": rope_dim,
     }
+    if gemma3:
+        meta[f"{a}.attention.sliding_window"] = sliding_window
     if qwen3 or explicit_head_dim:
         meta[f"{a}.attention.key_length"] = head_dim
         meta[f"{a}.attention.value_length"] = head_dim

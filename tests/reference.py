@@ -1,4 +1,4 @@
-"""A float64 NumPy reference forward pass for the models edgekv runs (llama, qwen2, qwen3).
+"""A float64 NumPy reference forward pass for the models edgekv runs (llama, qwen2, qwen3, gemma3).
 
 It reads the GGUF file on its own, with ``gguf.GGUFReader`` and ``gguf.quants.dequantize``
 (nothing from edgekv), and computes the next-token logits at every position of a token
@@ -17,6 +17,12 @@ sequence in one causal pass:
                 h = rmsnorm(x) * ffn_norm;  x += (silu(h @ Wg.T) * (h @ Wu.T)) @ Wd.T
     logits = (rmsnorm(x) * output_norm) @ (output or token_embd).T
 
+gemma3 (as llama.cpp's gemma3 graph): x = token_embd[tokens] * sqrt(n_embd); QK-norm as qwen3; the
+scores scaled by 1/sqrt(head_dim); every 6th layer (l % 6 == 5) global with rope.freq_base, the
+others over the last attention.sliding_window positions with base 10000; the attention and FFN
+outputs each rmsnorm'd (post_attention_norm, post_ffw_norm) before their residual add; the FFN gate
+is GELU (tanh approximation) instead of SiLU.
+
 Everything is float64 on the dequantized weights: the only differences left against edgekv are
 edgekv's own approximations (int8 activations for quantized weights, the FP16 KV cache, float32
 arithmetic), which the tests bound.
@@ -30,7 +36,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-NEOX_ARCHS = {"qwen2", "qwen3"}
+NEOX_ARCHS = {"qwen2", "qwen3", "gemma3"}
+GEMMA_SWA_PERIOD, GEMMA_SWA_BASE = 6, 10000.0
 
 
 def _field(reader, key: str, default=None):
@@ -63,6 +70,7 @@ class Hparams:
     rope_base: float
     norm_eps: float
     rope_factors: np.ndarray  # (rope_dim / 2,) angle divisors
+    swa_window: int = 0  # gemma3: sliding window of layers with l % 6 != 5
 
     @property
     def neox(self) -> bool:
@@ -101,17 +109,28 @@ class ReferenceModel:
         factors = self.w.get("rope_freqs.weight", np.ones(self.hp.rope_dim // 2))
         scale = float(_field(reader, f"{a}.rope.scaling.factor", 0.0) or 1.0)
         self.hp.rope_factors = np.asarray(factors, dtype=np.float64) * scale
+        self.hp.swa_window = int(_field(reader, f"{a}.attention.sliding_window", 0))
+        # gemma3's pieces, as attributes so that tests can take each one away
+        self.gelu = arch == "gemma3"
+        self.embd_scale = np.sqrt(n_embd) if arch == "gemma3" else 1.0
+        self.rope_base_swa = GEMMA_SWA_BASE
 
     # ---- pieces ---------------------------------------------------------------------------
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.hp.norm_eps) * w
 
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def slides(self, layer: int) -> bool:
+        return self.hp.swa_window > 0 and layer % GEMMA_SWA_PERIOD != GEMMA_SWA_PERIOD - 1
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, swa: bool = False) -> np.ndarray:
         """Rotate x (n_tok, n_heads, head_dim) at the given positions."""
         hp = self.hp
         half = hp.rope_dim // 2
-        inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim) / hp.rope_factors
+        if swa:  # sliding-window layers: base 10000, unscaled
+            inv_freq = self.rope_base_swa ** (-2.0 * np.arange(half) / hp.rope_dim)
+        else:
+            inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim) / hp.rope_factors
         theta = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tok, half)
         cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
         out = x.copy()
@@ -124,7 +143,7 @@ class ReferenceModel:
         out[..., b] = x0 * sin + x1 * cos
         return out
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 0) -> np.ndarray:
         """Causal GQA attention: q (n, n_head, hd), k and v (n, n_head_kv, hd) -> (n, n_head * hd)."""
         hp = self.hp
         n = q.shape[0]
@@ -133,6 +152,8 @@ class ReferenceModel:
         vh = np.repeat(v, group, axis=1)
         scores = np.einsum("thd,shd->hts", q, kh) / np.sqrt(hp.head_dim)
         mask = np.triu(np.ones((n, n), dtype=bool), 1)
+        if window:  # key j out of query t's window: t - j >= window
+            mask |= np.tril(np.ones((n, n), dtype=bool), -window)
         scores[:, mask] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
@@ -151,7 +172,9 @@ class ReferenceModel:
         n = ids.size
         pos = np.arange(n)
         x = w["token_embd.weight"][ids]
+        x = x * self.embd_scale
         for l in range(hp.n_layer):
+            swa = self.slides(l)
             p = f"blk.{l}."
             h = self.rmsnorm(x, w[p + "attn_norm.weight"])
             q = h @ w[p + "attn_q.weight"].T
@@ -166,14 +189,26 @@ class ReferenceModel:
             if p + "attn_q_norm.weight" in w:  # qwen3: every head normed on its own
                 q = self.rmsnorm(q, w[p + "attn_q_norm.weight"])
                 k = self.rmsnorm(k, w[p + "attn_k_norm.weight"])
-            q = self.rope(q, pos)
-            k = self.rope(k, pos)
+            q = self.rope(q, pos, swa)
+            k = self.rope(k, pos, swa)
             v = v.reshape(n, hp.n_head_kv, hp.head_dim)
-            x = x + self.attention(q, k, v) @ w[p + "attn_output.weight"].T
+            # (the window only when sliding: subclasses override attention(q, k, v))
+            att = self.attention(q, k, v, window=hp.swa_window) if swa else self.attention(q, k, v)
+            o = att @ w[p + "attn_output.weight"].T
+            if p + "post_attention_norm.weight" in w:
+                o = self.rmsnorm(o, w[p + "post_attention_norm.weight"])
+            x = x + o
             h = self.rmsnorm(x, w[p + "ffn_norm.weight"])
             g = h @ w[p + "ffn_gate.weight"].T
             u = h @ w[p + "ffn_up.weight"].T
-            x = x + (g / (1.0 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+            if self.gelu:
+                act = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3)))
+            else:
+                act = g / (1.0 + np.exp(-g))
+            f = (act * u) @ w[p + "ffn_down.weight"].T
+            if p + "post_ffw_norm.weight" in w:
+                f = self.rmsnorm(f, w[p + "post_ffw_norm.weight"])
+            x = x + f
         h = self.rmsnorm(x, w["output_norm.weight"])
         out_w: Optional[np.ndarray] = w.get("output.weight")
         return h @ (w["token_embd.weight"] if out_w is None else out_w).T

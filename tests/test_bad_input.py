@@ -226,11 +226,11 @@ def test_missing_tensor(arch, name, tmp_path):
         (dict(extra_metadata={"llama.rope.freq_base": -1.0}), "rope_base"),
         (dict(extra_metadata={"llama.rope.dimension_count": 7}), "rope_dim"),
         (dict(extra_metadata={"llama.attention.head_count_kv": 3}), "n_head_kv"),
-        (dict(extra_metadata={"tokenizer.ggml.model": "llama"}), "tokenizer"),
+        (dict(extra_metadata={"tokenizer.ggml.model": "bert"}), "tokenizer"),
         (dict(omit_metadata=["tokenizer.ggml.tokens"]), "tokenizer.ggml.tokens"),
     ],
     ids=["no-arch", "no-block-count", "no-embedding-length", "zero-heads", "zero-context", "vocab-mismatch",
-         "negative-rope-base", "odd-rope-dim", "kv-heads-not-dividing", "spm-tokenizer", "no-tokens"],
+         "negative-rope-base", "odd-rope-dim", "kv-heads-not-dividing", "wpm-tokenizer", "no-tokens"],
 )
 def test_bad_metadata(kw, pattern, tmp_path):
     p = write_tiny_model(tmp_path / "m.gguf", **kw)

@@ -239,6 +239,9 @@ def test_pull_list_shows_known_models(capsys):
     assert re.search(r"\bno\b", row)  # the cache is empty in these tests
     for entry in registry.list_models():
         assert any(line.startswith(entry["name"]) for line in lines), entry["name"]
+    gemma = next(line for line in lines if line.startswith("gemma3-270m"))
+    assert " gemma3 " in gemma and "Q4_K_M" in gemma
+    assert "Gemma Terms of Use" in gemma  # its license, named where it is listed
 
 
 def test_pull_list_marks_cached_models(capsys, tmp_path):

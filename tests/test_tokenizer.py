@@ -382,8 +382,8 @@ def test_missing_required_field_names_it(key):
 
 
 def test_unsupported_model_names_it():
-    with pytest.raises(TokenizerError, match="'llama'") as exc:
-        Tokenizer.from_fields(tiny_fields(**{"tokenizer.ggml.model": "llama"}))
+    with pytest.raises(TokenizerError, match="'bert'") as exc:
+        Tokenizer.from_fields(tiny_fields(**{"tokenizer.ggml.model": "bert"}))
     assert "tokenizer.ggml.model" in str(exc.value)
     assert isinstance(exc.value, EdgekvError)
 
@@ -657,3 +657,89 @@ def test_qwen_matches_llama_cpp(qwen):
     assert {151643, 151645} <= tok.eot_ids
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+
+
+# --------------------------------------------------------------------------------------------
+# SentencePiece (tokenizer.ggml.model "llama"): a tiny vocabulary, then Gemma 3 vs llama.cpp
+# --------------------------------------------------------------------------------------------
+
+def spm_fields(**overrides):
+    """Control tokens, the 256 byte tokens, then scored pieces. "ab" outscores "bc" (so "abc" is
+    "ab" + "c" although "bc" comes first in the list); "xy" twice in a row ties: leftmost first."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = ["<0x%02X>" % b for b in range(256)]
+    pieces = [("\u2581", -1.0), ("a", -2.0), ("b", -2.0), ("c", -2.0), ("x", -2.0), ("y", -2.0),
+              ("bc", -5.0), ("ab", -3.0), ("xy", -4.0), ("yx", -4.0), ("\u2581a", -2.5), ("\u2581ab", -1.5)]
+    fields = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": specials + byte_tokens + [p for p, _ in pieces],
+        "tokenizer.ggml.scores": [-1000.0] * 4 + [0.0] * 256 + [s for _, s in pieces],
+        "tokenizer.ggml.token_type": [3, 3, 3, 2] + [6] * 256 + [1] * len(pieces),
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    fields.update(overrides)
+    return fields
+
+
+def test_spm_merges_by_score_ties_leftmost_and_falls_back_to_bytes():
+    tok = Tokenizer.from_fields(spm_fields())
+    t = tok.token_id
+    assert tok.hf_tokenizer is None and tok.add_bos is True  # llama.cpp's SentencePiece default
+    assert tok.encode("abc", add_bos=False) == [t("ab"), t("c")]  # score, not list order
+    assert tok.encode("xyxy", add_bos=False) == [t("xy"), t("xy")]  # equal scores: leftmost pair first
+    assert tok.encode(" ab", add_bos=False) == [t("\u2581ab")]  # spaces are U+2581
+    assert tok.encode("é", add_bos=False) == [t("<0xC3>"), t("<0xA9>")]  # no piece: UTF-8 bytes
+    assert tok.encode("ab") == [2, t("ab")]
+    assert tok.encode("<eos>ab", add_bos=False) == [1, t("ab")]
+    assert tok.decode(tok.encode(" ab é", add_bos=False)) == " ab é"
+    assert tok.token_to_piece(3) == "\u2585".encode()  # llama.cpp's rendering of <unk>
+    spaced = Tokenizer.from_fields(spm_fields(**{"tokenizer.ggml.add_space_prefix": True}))
+    assert spaced.encode("ab", add_bos=False) == [t("\u2581ab")]
+    assert spaced.encode("<eos>ab", add_bos=False) == [1, t("\u2581ab")]  # again after a special token
+    assert not spaced.same_as(tok) and "add_space_prefix" in spaced.diff(tok)
+
+
+def test_spm_bad_scores_named():
+    with pytest.raises(TokenizerError, match="scores"):
+        Tokenizer.from_fields(spm_fields(**{"tokenizer.ggml.scores": [0.0, 1.0]}))
+
+
+@pytest.fixture(scope="module")
+def gemma(llama_cpp):
+    path = registry_model("gemma3-270m")
+    return Tokenizer.from_gguf(path), _llama(llama_cpp, path)
+
+
+GEMMA_TEXTS = EDGE_TEXTS + ["<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+                            "<bos><eos><unk><pad> <mask> [multimodal] <unused0>", "\x00\x01\x7f ÿ"]
+
+
+def test_gemma_matches_llama_cpp(gemma):
+    """Gemma 3's 262,144-token SentencePiece vocabulary: the ids llama.cpp gives, with and without
+    BOS and special-token parsing, on edge cases and 200 lines of WikiText-2 (one by one and
+    joined), and the text back."""
+    tok, llama = gemma
+    assert tok.vocab_size == 262144 and tok.bos_id == 2 and tok.add_bos is True
+    assert {1, tok.token_id("<end_of_turn>")} <= tok.eot_ids
+    lines = _wikitext_lines(200)
+    for text in GEMMA_TEXTS + lines + ["".join(lines)]:
+        for parse_special in (True, False):
+            ours = tok.encode(text, parse_special=parse_special)
+            assert ours == llama.tokenize(text.encode("utf-8"), add_bos=True, special=parse_special), text
+            assert tok.decode(ours[1:]) == text
+    assert tok.encode("x", add_bos=False) == llama.tokenize(b"x", add_bos=False, special=True)
+
+
+def test_gemma_pieces_match_llama_cpp(gemma):
+    """Pieces of a sample of ids, and the end-of-generation set over the whole vocabulary
+    (llama.cpp counts the user-defined "</s>" as one)."""
+    import llama_cpp
+
+    tok, llama = gemma
+    vocab = llama._model.vocab
+    assert tok.eot_ids == {i for i in range(tok.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    for i in list(range(400)) + list(range(400, tok.vocab_size, 997)):
+        assert tok.token_to_piece(i) == _llama_piece(llama, i), i
+        assert tok.token_to_piece(i, special=False) == _llama_piece(llama, i, special=False), i

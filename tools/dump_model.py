@@ -9,10 +9,12 @@ computation.
     python tools/dump_model.py tiny.gguf tiny.ekd --prompt "The quick brown fox"
 
 Format (little-endian; 64-byte aligned tensor data):
-    b"EKDUMP01"
-    int32 x 14: n_vocab n_embd n_layer n_head n_head_kv head_dim n_ff rope_dim rope_neox
+    b"EKDUMP02"
+    int32 x 19: n_vocab n_embd n_layer n_head n_head_kv head_dim n_ff rope_dim rope_neox
                 has_qkv_bias kv_group8 kv_group4 kv_group2 kv_flags (ek_kv_configure's flags)
-    float32 x 2: rope_base norm_eps
+                has_qk_norm ffn_geglu has_post_norms swa_window swa_period
+    float32 x 5: rope_base norm_eps embd_scale attn_scale rope_base_swa
+    (RoPE factors, rope_freqs, travel as a tensor: EK_T_ROPE_FREQS)
     int32 x 3: n_tensors n_prompt n_eot
     n_tensors x (int32 kind, layer, type, pad; int64 n_in, n_out, n_bytes, offset)
     int32 x n_prompt: the prompt's token ids;  int32 x n_eot: end-of-generation ids
@@ -27,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-MAGIC = b"EKDUMP01"
+MAGIC = b"EKDUMP02"
 ALIGN = 64
 
 
@@ -50,8 +52,11 @@ def dump_model(gguf_path, out_path, prompt: str = "The quick brown fox jumps ove
     if groups == (0, 0, 0):  # head_dim with no valid quantization group: keep the C defaults
         groups = (32, 32, 32)
     ints = [hp["n_vocab"], hp["n_embd"], hp["n_layer"], hp["n_head"], hp["n_head_kv"], hp["head_dim"], hp["n_ff"],
-            hp["rope_dim"], int(g.spec.rope_neox), int(g.spec.qkv_bias), *groups, flags]
-    header = MAGIC + struct.pack("<14i", *ints) + struct.pack("<2f", hp["rope_base"], hp["norm_eps"])
+            hp["rope_dim"], int(g.spec.rope_neox), int(g.spec.qkv_bias), *groups, flags,
+            int(g.spec.qk_norm), int(g.spec.geglu), int(g.spec.post_norms), hp["swa_window"], hp["swa_period"]]
+    floats = [hp["rope_base"], hp["norm_eps"], hp["n_embd"] ** 0.5 if g.spec.embd_scale else 0.0, hp["attn_scale"],
+              hp["rope_base_swa"]]  # as edgekv.Model sets them (model.py)
+    header = MAGIC + struct.pack("<19i", *ints) + struct.pack("<5f", *floats)
     header += struct.pack("<3i", len(g.weights), len(prompt_ids), len(eot))
     table_len = len(g.weights) * 48 + 4 * (len(prompt_ids) + len(eot))
     offset = -(-(len(header) + table_len) // ALIGN) * ALIGN

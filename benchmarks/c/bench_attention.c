@@ -28,7 +28,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < gs * hd; i++) q[i] = qr[i] = 0.1f * (float)((i * 7) % 13 - 6);
     for (int h = 0; h < gs; h++) ek_rotate(qr + h * hd, s.signs, hd);
     float *scratch = malloc(sizeof(float) * (ek_attn_scratch_floats(gs, hd) + ek_attn_partial_floats(gs, hd)));
-    ek_attn_args a = {&s, 0, 0, gs, q, qr, n - 1, NULL};
+    ek_attn_args a = {&s, 0, 0, gs, q, qr, n - 1, NULL, 0};
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int it = 0; it < iters; it++) {

@@ -40,6 +40,12 @@ class ArchSpec:
     rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
     qkv_bias: bool   # Q/K/V projections carry biases
     qk_norm: bool = False  # each head of q and k is RMS-normed before RoPE (attn_q_norm, attn_k_norm)
+    # gemma3: GELU-gated FFN; attention and FFN outputs RMS-normed before the residual add
+    # (post_attention_norm, post_ffw_norm); embeddings times sqrt(n_embd); sliding-window layers
+    geglu: bool = False
+    post_norms: bool = False
+    embd_scale: bool = False
+    sliding_window: bool = False
 
 
 # Any of them may carry rope_freqs.weight (Llama 3 RoPE scaling) and {arch}.rope.scaling.factor (linear).
@@ -47,6 +53,8 @@ ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(rope_neox=False, qkv_bias=False),
     "qwen2": ArchSpec(rope_neox=True, qkv_bias=True),
     "qwen3": ArchSpec(rope_neox=True, qkv_bias=False, qk_norm=True),
+    "gemma3": ArchSpec(rope_neox=True, qkv_bias=False, qk_norm=True, geglu=True, post_norms=True, embd_scale=True,
+                       sliding_window=True),
 }
 
 # (C tensor kind, GGUF name, required, is a per-layer tensor)
@@ -68,10 +76,13 @@ TENSORS = [
     (L.EK_T_FFN_DOWN, "blk.{}.ffn_down.weight", True, True),
     (L.EK_T_ATTN_Q_NORM, "blk.{}.attn_q_norm.weight", False, True),
     (L.EK_T_ATTN_K_NORM, "blk.{}.attn_k_norm.weight", False, True),
+    (L.EK_T_ATTN_POST_NORM, "blk.{}.post_attention_norm.weight", False, True),
+    (L.EK_T_FFN_POST_NORM, "blk.{}.post_ffw_norm.weight", False, True),
 ]
 _BIAS_KINDS = {L.EK_T_ATTN_Q_BIAS, L.EK_T_ATTN_K_BIAS, L.EK_T_ATTN_V_BIAS}
 _QK_NORM_KINDS = {L.EK_T_ATTN_Q_NORM, L.EK_T_ATTN_K_NORM}
-_VECTOR_KINDS = _BIAS_KINDS | _QK_NORM_KINDS | {L.EK_T_OUTPUT_NORM, L.EK_T_ATTN_NORM, L.EK_T_FFN_NORM}
+_POST_NORM_KINDS = {L.EK_T_ATTN_POST_NORM, L.EK_T_FFN_POST_NORM}
+_VECTOR_KINDS = _BIAS_KINDS | _QK_NORM_KINDS | _POST_NORM_KINDS | {L.EK_T_OUTPUT_NORM, L.EK_T_ATTN_NORM, L.EK_T_FFN_NORM}
 
 
 @dataclass
@@ -235,6 +246,8 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
         norm_eps=_get(fields, f"{a}.attention.layer_norm_rms_epsilon", float, default=1e-5),
         rope_scale=_rope_scale(fields, a),
     )
+    hp.update(_gemma3_hparams(fields, a, hp) if ARCHS[a].sliding_window else
+              dict(swa_window=0, swa_period=0, rope_base_swa=0.0, attn_scale=0.0))
     # n_embd and n_head too: every value must fit the C config's int fields (a larger one made
     # cffi raise OverflowError; found by tools/fuzz_gguf.py).
     for k in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "head_dim", "n_ctx_train"):
@@ -246,6 +259,31 @@ def read_hparams(fields: dict, arch: str) -> dict[str, Any]:
         raise ModelLoadError(f"metadata: rope_dim = {hp['rope_dim']} ({a}.rope.dimension_count) is out of range "
                              f"(1..{1 << 24})")
     return hp
+
+
+def _gemma3_hparams(fields: dict, a: str, hp: dict) -> dict[str, Any]:
+    """Sliding window, its layer pattern and RoPE base, and the query scale, as llama.cpp reads them for
+    gemma3: every swa_period-th layer (5, 11, ... for 6) attends globally with {a}.rope.freq_base, the
+    others to the last {a}.attention.sliding_window positions with base 10000 (or
+    {a}.rope.freq_base_swa); queries scaled by 1/sqrt(head_dim) (27B, 62 layers: 1/sqrt(n_embd / n_head))."""
+    window = _get(fields, f"{a}.attention.sliding_window", int, default=0)
+    if window <= 0:
+        raise ModelLoadError(f"metadata: {a}.attention.sliding_window is missing or 0; edgekv runs {a} with "
+                             f"sliding-window layers only")
+    if window > 1 << 24:
+        raise ModelLoadError(f"metadata: {a}.attention.sliding_window = {window} is out of range")
+    period = fields.get(f"{a}.attention.sliding_window_pattern", 6)
+    if isinstance(period, list):
+        raise ModelLoadError(f"metadata: {a}.attention.sliding_window_pattern as a per-layer array is not supported "
+                             f"(edgekv runs a period: every n-th layer global)")
+    period = _get({"p": period}, "p", int)
+    if not 1 <= period <= 1 << 24:
+        raise ModelLoadError(f"metadata: {a}.attention.sliding_window_pattern = {period} is out of range")
+    base_swa = _get(fields, f"{a}.rope.freq_base_swa", float, default=10000.0)
+    if not 0.0 < base_swa < float("inf"):
+        raise ModelLoadError(f"metadata: {a}.rope.freq_base_swa = {base_swa} must be positive")
+    width = hp["n_embd"] // hp["n_head"] if hp["n_layer"] == 62 else hp["head_dim"]
+    return dict(swa_window=window, swa_period=period, rope_base_swa=base_swa, attn_scale=width ** -0.5)
 
 
 def _as_native(t, name: str, want_f32: bool, defer: bool = False) -> tuple[int, np.ndarray | None, str]:
@@ -355,12 +393,14 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     for kind, pattern, required, per_layer in TENSORS:
         if kind in _QK_NORM_KINDS and not ARCHS[arch].qk_norm:
             continue  # llama.cpp reads them for QK-norm architectures only
+        if kind in _POST_NORM_KINDS and not ARCHS[arch].post_norms:
+            continue
         layers = range(hp["n_layer"]) if per_layer else [-1]
         for layer in layers:
             name = pattern.format(layer) if per_layer else pattern
             t = by_name.get(name)
             if t is None:
-                if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias) or kind in _QK_NORM_KINDS:
+                if required or (kind in _BIAS_KINDS and ARCHS[arch].qkv_bias) or kind in _QK_NORM_KINDS | _POST_NORM_KINDS:
                     raise ModelLoadError(f"{path}: tensor {name!r} is missing")
                 continue
             if len(t.shape) == 0:  # n_dims = 0 in the file: no row length (was an IndexError; tools/fuzz_gguf.py)

@@ -247,6 +247,11 @@ class Model:
         cfg.norm_eps = hp["norm_eps"]
         cfg.has_qkv_bias = int(g.spec.qkv_bias)
         cfg.has_qk_norm = int(g.spec.qk_norm)
+        cfg.ffn_geglu = int(g.spec.geglu)
+        cfg.has_post_norms = int(g.spec.post_norms)
+        cfg.embd_scale = hp["n_embd"] ** 0.5 if g.spec.embd_scale else 0.0
+        cfg.attn_scale, cfg.rope_base_swa = hp["attn_scale"], hp["rope_base_swa"]
+        cfg.swa_window, cfg.swa_period = hp["swa_window"], hp["swa_period"]
         cfg.n_threads = threads
         cfg.n_batch = n_batch
         err = ffi.new("char[512]")

@@ -1,5 +1,9 @@
 """The tokenizer of a GGUF model, built from the file's metadata, giving the same ids as llama.cpp.
 
+Two tokenizer models are supported: byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2,
+Qwen, Llama 3), described below, and SentencePiece (``"llama"``: Gemma), encoded by ``_spm_encode``
+with llama.cpp's ``llm_tokenizer_spm`` algorithm (no pre-tokenizer, no merge list).
+
 A GGUF file with ``tokenizer.ggml.model == "gpt2"`` describes a byte-level BPE tokenizer: the
 vocabulary (``tokenizer.ggml.tokens``), the merge list (``tokenizer.ggml.merges``), a type per
 token (``tokenizer.ggml.token_type``) and the name of a pre-tokenizer (``tokenizer.ggml.pre``).
@@ -57,6 +61,7 @@ __all__ = [
     "StreamDecoder",
     "PRE_TOKENIZERS",
     "CHATML_TEMPLATE",
+    "BUILTIN_CHAT_FORMATS",
     "TOKEN_TYPE_UNDEFINED",
     "TOKEN_TYPE_NORMAL",
     "TOKEN_TYPE_UNKNOWN",
@@ -87,6 +92,8 @@ KEY_EOT = "tokenizer.ggml.eot_token_id"
 KEY_EOM = "tokenizer.ggml.eom_token_id"
 KEY_PAD = "tokenizer.ggml.padding_token_id"
 KEY_ADD_BOS = "tokenizer.ggml.add_bos_token"
+KEY_SCORES = "tokenizer.ggml.scores"
+KEY_ADD_SPACE = "tokenizer.ggml.add_space_prefix"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +219,6 @@ PRE_TOKENIZERS: Dict[str, PreTokenizerSpec] = {
 
 # tokenizer.ggml.model values of tokenizers this module cannot build, with what they are.
 _UNSUPPORTED_MODELS = {
-    "llama": "SentencePiece (SPM)",
     "bert": "WordPiece (WPM)",
     "t5": "Unigram (UGM)",
     "rwkv": "RWKV",
@@ -238,7 +244,7 @@ _FIM_SEP_NAMES = ("<|file_sep|>",)
 # Token texts that end generation (llama.cpp's special_eog_ids list, by text).
 _EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
               "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-              "<|end_of_text|>", "<end_of_utterance>")
+              "<|end_of_text|>", "<end_of_utterance>", "</s>")  # "</s>": user-defined in Gemma 3, EOG to llama.cpp
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -280,6 +286,95 @@ def _byte_level_decode(text: str) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
+# SentencePiece (tokenizer.ggml.model == "llama"): llama.cpp's llm_tokenizer_spm
+# --------------------------------------------------------------------------------------------
+
+SPM_SPACE = "\u2581"  # what SentencePiece writes for a space
+SPM_UNKNOWN_PIECE = "\u2585".encode("utf-8")  # what llama.cpp renders for the unknown token
+_MODELS = ("gpt2", "llama")
+_SPEC_SPM = PreTokenizerSpec("spm", (), add_bos=True)  # llama.cpp's default: SentencePiece adds BOS
+
+
+def _spm_byte(text: str) -> bytes:
+    """The byte a ``<0xXX>`` byte token stands for (its text otherwise)."""
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        try:
+            return bytes([int(text[3:5], 16)])
+        except ValueError:
+            pass
+    return text.encode("utf-8")
+
+
+def _spm_byte_ids(token_to_id: Mapping[str, int]) -> List[Optional[int]]:
+    """Per byte value, the token llama.cpp falls back to (byte_to_token): ``<0xXX>``, else the
+    one-character token of that byte, else None (llama.cpp would throw; we raise when used)."""
+    out: List[Optional[int]] = []
+    for b in range(256):
+        tid = token_to_id.get("<0x%02X>" % b)
+        if tid is None and b < 128:
+            tid = token_to_id.get(chr(b))
+        out.append(tid)
+    return out
+
+
+def _spm_encode(text: str, token_to_id: Mapping[str, int], scores: Sequence[float],
+                byte_ids: Sequence[Optional[int]]) -> List[int]:
+    """SentencePiece BPE over one raw piece (spaces already U+2581): start from the characters,
+    repeatedly merge the adjacent pair whose concatenation is the highest-scoring token (ties: the
+    leftmost pair), then emit each symbol's token, or its UTF-8 bytes as byte tokens when the
+    symbol is no token (llama.cpp's llm_tokenizer_spm_session)."""
+    import heapq
+
+    chars = list(text)
+    n = len(chars)
+    if n == 0:
+        return []
+    sym = chars[:]  # text of each live symbol ("" once merged into its left neighbour)
+    prev = list(range(-1, n - 1))
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    heap: List[Tuple[float, int, str]] = []
+
+    def push(left: int, right: int) -> None:
+        if left < 0 or right < 0:
+            return
+        joined = sym[left] + sym[right]
+        tid = token_to_id.get(joined)
+        if tid is not None:
+            heapq.heappush(heap, (-scores[tid], left, joined))
+
+    for i in range(n - 1):
+        push(i, i + 1)
+    while heap:
+        _, left, joined = heapq.heappop(heap)
+        right = nxt[left] if sym[left] else -1
+        # stale: a side was merged away or grew since this pair was queued
+        if right < 0 or sym[left] + sym[right] != joined:
+            continue
+        sym[left] = joined
+        sym[right] = ""
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prev[nxt[right]] = left
+        push(prev[left], left)
+        push(left, nxt[left])
+    out: List[int] = []
+    i = 0
+    while i >= 0:
+        tid = token_to_id.get(sym[i])
+        if tid is not None:
+            out.append(tid)
+        else:
+            for b in sym[i].encode("utf-8"):
+                bid = byte_ids[b]
+                if bid is None:
+                    raise TokenizerError(f"the vocabulary has no byte token for 0x{b:02X} (needed for {sym[i]!r})")
+                out.append(bid)
+        i = nxt[i]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Field helpers
 # --------------------------------------------------------------------------------------------
 
@@ -306,6 +401,15 @@ def _as_int_list(key: str, value: Any) -> List[int]:
         return [int(v) for v in value]
     except (TypeError, ValueError) as exc:
         raise TokenizerError(f"GGUF field {key} should be an array of integers: {exc}") from None
+
+
+def _as_float_list(key: str, value: Any) -> List[float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TokenizerError(f"GGUF field {key} should be an array of numbers, got {type(value).__name__}")
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise TokenizerError(f"GGUF field {key} should be an array of numbers: {exc}") from None
 
 
 def _opt_int(fields: Mapping[str, Any], key: str) -> Optional[int]:
@@ -353,13 +457,18 @@ class Tokenizer:
         add_bos: Optional[bool] = None,
         chat_template: Optional[str] = None,
         model: str = "gpt2",
+        scores: Optional[Sequence[float]] = None,
+        add_space_prefix: Optional[bool] = None,
     ) -> None:
-        if model != "gpt2":
+        if model not in _MODELS:
             what = _UNSUPPORTED_MODELS.get(model, "unknown")
             raise TokenizerError(
-                f"unsupported tokenizer: {KEY_MODEL} = {model!r} ({what}); only 'gpt2' "
-                f"(byte-level BPE) tokenizers are supported"
+                f"unsupported tokenizer: {KEY_MODEL} = {model!r} ({what}); supported: 'gpt2' "
+                f"(byte-level BPE) and 'llama' (SentencePiece)"
             )
+        spm = model == "llama"
+        if spm:
+            pre = pre or "default"  # SentencePiece has no pre-tokenizer; the name is not used
         if pre is None or pre == "":
             warnings.warn(
                 f"GGUF has no {KEY_PRE}; using llama.cpp's 'default' pre-tokenizer "
@@ -367,7 +476,7 @@ class Tokenizer:
                 stacklevel=3,
             )
             pre = "default"
-        spec = PRE_TOKENIZERS.get(pre)
+        spec = _SPEC_SPM if spm else PRE_TOKENIZERS.get(pre)
         if spec is None:
             raise TokenizerError(
                 f"unsupported pre-tokenizer: {KEY_PRE} = {pre!r}; supported: "
@@ -401,6 +510,11 @@ class Tokenizer:
         self._eos_id = eos_id
         self._pad_id = pad_id
         self._add_bos = spec.add_bos if add_bos is None else bool(add_bos)
+        # SentencePiece: per-token scores (llama.cpp: 0 when the file has none); the space prefix
+        if scores is not None and len(scores) != n:
+            raise TokenizerError(f"GGUF field {KEY_SCORES} has {len(scores)} entries but {KEY_TOKENS} has {n}")
+        self._scores: Tuple[float, ...] = tuple(float(x) for x in scores) if scores is not None else (0.0,) * n
+        self._add_space_prefix = spm and (True if add_space_prefix is None else bool(add_space_prefix))
         self._chat_template = chat_template
         self._template_error: Optional[str] = None  # why the GGUF's template cannot be used
         self._compiled_template = None
@@ -455,7 +569,13 @@ class Tokenizer:
         # the bytes each token stands for, as llama.cpp's token_to_piece(special=True)
         pieces: List[bytes] = []
         for text, typ in zip(self._tokens, self._types):
-            if typ in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_BYTE):
+            if spm and typ == TOKEN_TYPE_NORMAL:
+                pieces.append(text.replace(SPM_SPACE, " ").encode("utf-8"))
+            elif spm and typ == TOKEN_TYPE_BYTE:
+                pieces.append(_spm_byte(text))
+            elif spm and typ == TOKEN_TYPE_UNKNOWN:
+                pieces.append(SPM_UNKNOWN_PIECE)
+            elif typ in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_BYTE):
                 pieces.append(_byte_level_decode(text))
             elif typ in special_types:
                 pieces.append(text.encode("utf-8"))
@@ -463,7 +583,11 @@ class Tokenizer:
                 pieces.append(b"")
         self._pieces: Tuple[bytes, ...] = tuple(pieces)
 
-        self._hf, self.dropped_merges = self._build_hf(spec)
+        if spm:
+            self._hf, self.dropped_merges = None, 0
+            self._spm_bytes = _spm_byte_ids(self._token_to_id)
+        else:
+            self._hf, self.dropped_merges = self._build_hf(spec)
 
     # ---------------------------------------------------------------- construction
 
@@ -514,17 +638,20 @@ class Tokenizer:
         if KEY_MODEL not in fields or fields[KEY_MODEL] is None:
             raise TokenizerError(f"GGUF metadata has no {KEY_MODEL} field")
         model = _as_str(fields[KEY_MODEL], KEY_MODEL)
-        if model != "gpt2":
+        if model not in _MODELS:
             what = _UNSUPPORTED_MODELS.get(model, "unknown")
             raise TokenizerError(
-                f"unsupported tokenizer: {KEY_MODEL} = {model!r} ({what}); only 'gpt2' "
-                f"(byte-level BPE) tokenizers are supported"
+                f"unsupported tokenizer: {KEY_MODEL} = {model!r} ({what}); supported: 'gpt2' "
+                f"(byte-level BPE) and 'llama' (SentencePiece)"
             )
-        for key in (KEY_TOKENS, KEY_MERGES):
+        for key in (KEY_TOKENS, KEY_MERGES) if model == "gpt2" else (KEY_TOKENS,):
             if key not in fields or fields[key] is None:
                 raise TokenizerError(f"GGUF metadata has no {key} field (required for a '{model}' tokenizer)")
         tokens = _as_str_list(KEY_TOKENS, fields[KEY_TOKENS])
-        merges = _as_str_list(KEY_MERGES, fields[KEY_MERGES])
+        merges = _as_str_list(KEY_MERGES, fields[KEY_MERGES]) if model == "gpt2" else []
+        scores = None
+        if model == "llama" and fields.get(KEY_SCORES) is not None:
+            scores = _as_float_list(KEY_SCORES, fields[KEY_SCORES])
         token_types = None
         if fields.get(KEY_TOKEN_TYPE) is not None:
             token_types = _as_int_list(KEY_TOKEN_TYPE, fields[KEY_TOKEN_TYPE])
@@ -552,6 +679,8 @@ class Tokenizer:
             add_bos=_opt_bool(fields, KEY_ADD_BOS),
             chat_template=template,
             model=model,
+            scores=scores,
+            add_space_prefix=_opt_bool(fields, KEY_ADD_SPACE),
         )
         tok._template_error = template_error
         return tok
@@ -656,7 +785,8 @@ class Tokenizer:
 
     @property
     def hf_tokenizer(self):
-        """The underlying ``tokenizers.Tokenizer`` (BPE + pre-tokenizer, no special tokens)."""
+        """The underlying ``tokenizers.Tokenizer`` (BPE + pre-tokenizer, no special tokens);
+        None for a SentencePiece tokenizer."""
         return self._hf
 
     def token_id(self, text: str) -> Optional[int]:
@@ -720,6 +850,8 @@ class Tokenizer:
         if not text:
             return out
         frags = self._partition(text, parse_special) if self._special_order else [text]
+        if self._hf is None:
+            return out + self._spm_encode_frags(frags)
         raw = [f for f in frags if isinstance(f, str)]
         if not raw:
             out.extend(frags)  # type: ignore[arg-type]
@@ -734,6 +866,23 @@ class Tokenizer:
                 out.append(f)
             else:
                 out.extend(next(it))
+        return out
+
+    def _spm_encode_frags(self, frags: List[Union[str, int]]) -> List[int]:
+        """SentencePiece over the partitioned text, as llama.cpp's llama_tokenize_impl: a raw piece
+        that follows a special token (or starts the text) gets a leading space when
+        add_space_prefix is set; spaces become U+2581."""
+        out: List[int] = []
+        prev_special = True
+        for f in frags:
+            if isinstance(f, int):
+                out.append(f)
+                prev_special = True
+                continue
+            text = (" " + f) if self._add_space_prefix and prev_special else f
+            out.extend(_spm_encode(text.replace(" ", SPM_SPACE), self._token_to_id, self._scores,
+                                   self._spm_bytes))
+            prev_special = False
         return out
 
     def encode_batch(self, texts: Sequence[str], add_bos: Optional[bool] = None,
@@ -793,6 +942,13 @@ class Tokenizer:
             self._compiled_template = _compile_template(self._chat_template or CHATML_TEMPLATE)
         return self._compiled_template
 
+    def _builtin_format(self):
+        """The llama.cpp built-in format this model's template is rendered with, or None (jinja)."""
+        for marker, render in BUILTIN_CHAT_FORMATS:
+            if self._chat_template and marker in self._chat_template:
+                return render
+        return None
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """Render ``messages`` (a list of ``{"role": ..., "content": ...}``) with the GGUF's
@@ -804,6 +960,9 @@ class Tokenizer:
 
         When the GGUF has no chat template, ChatML is used (``CHATML_TEMPLATE``:
         ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``).
+        A template of a family in ``BUILTIN_CHAT_FORMATS`` (Gemma's) is rendered as llama.cpp's
+        ``llama_chat_apply_template`` renders it instead (its jinja would also write the BOS that
+        encoding adds, and raises on roles out of turn).
 
         The result is a string; encode it with ``parse_special=True`` (the default) so that the
         template's control tokens become single tokens. Raises TokenizerError when the template
@@ -812,6 +971,9 @@ class Tokenizer:
 
         if isinstance(messages, Mapping) or isinstance(messages, (str, bytes)):
             raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        render = self._builtin_format() if self._template_error is None else None
+        if render is not None:
+            return render([dict(m) for m in messages], bool(add_generation_prompt))
         template = self._template()
         variables: Dict[str, Any] = {
             "bos_token": self._tokens[self._bos_id] if self._bos_id is not None else "",
@@ -842,6 +1004,8 @@ class Tokenizer:
                 self._bos_id,
                 self._eos_id,
                 self._add_bos,
+                self._scores,
+                self._add_space_prefix,
                 tuple(sorted(self._special_ids)),
                 tuple(sorted(self._eot_ids)),
             )
@@ -882,6 +1046,11 @@ class Tokenizer:
             return f"eos id differs: {self._eos_id} vs {other._eos_id}"
         if self._add_bos != other._add_bos:
             return f"add_bos differs: {self._add_bos} vs {other._add_bos}"
+        if self._scores != other._scores:
+            i = next(i for i, (a, b) in enumerate(zip(self._scores, other._scores)) if a != b)
+            return f"score of token {i} ({self._tokens[i]!r}) differs: {self._scores[i]} vs {other._scores[i]}"
+        if self._add_space_prefix != other._add_space_prefix:
+            return f"add_space_prefix differs: {self._add_space_prefix} vs {other._add_space_prefix}"
         if self._special_ids != other._special_ids:
             return f"special ids differ: {sorted(self._special_ids ^ other._special_ids)} are in only one"
         if self._eot_ids != other._eot_ids:
@@ -933,6 +1102,39 @@ class StreamDecoder:
 
     def reset(self) -> None:
         self._decoder.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp's built-in chat formats (llama_chat_apply_template)
+# --------------------------------------------------------------------------------------------
+
+_C_SPACE = " \t\n\v\f\r"  # what llama.cpp's trim() strips (C isspace)
+
+
+def _render_gemma(messages: List[Dict[str, Any]], add_generation_prompt: bool) -> str:
+    """Gemma's turns: ``<start_of_turn>{user|model}\\n{content}<end_of_turn>\\n``, contents trimmed;
+    system messages (trimmed, concatenated) go in front of the next non-model turn, followed by a
+    blank line; then ``<start_of_turn>model\\n``. No BOS: encoding adds it."""
+    out: List[str] = []
+    system = ""
+    for m in messages:
+        role, content = str(m["role"]), str(m["content"])
+        if role == "system":
+            system += content.strip(_C_SPACE)
+            continue
+        role = "model" if role == "assistant" else role
+        out.append(f"<start_of_turn>{role}\n")
+        if system and role != "model":
+            out.append(system + "\n\n")
+            system = ""
+        out.append(content.strip(_C_SPACE) + "<end_of_turn>\n")
+    if add_generation_prompt:
+        out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+# (text that marks the template's family, renderer), in llama.cpp's detection order
+BUILTIN_CHAT_FORMATS = (("<start_of_turn>", _render_gemma),)
 
 
 # --------------------------------------------------------------------------------------------

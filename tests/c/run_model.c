@@ -20,7 +20,7 @@
  * Exit status 0 on success, 1 on any C API error.
  *
  * Dump format (little-endian), see tools/dump_model.py:
- *   "EKDUMP01" | 14 x int32 config | 2 x float32 | int32 n_tensors, n_prompt, n_eot
+ *   "EKDUMP02" | 19 x int32 config | 5 x float32 | int32 n_tensors, n_prompt, n_eot
  *   | n_tensors x {int32 kind, layer, type, pad; int64 n_in, n_out, n_bytes, offset}
  *   | n_prompt x int32 | n_eot x int32 | tensor data at the given offsets (64-byte aligned)
  */
@@ -31,7 +31,7 @@
 
 #include "edgekv.h"
 
-#define MAGIC "EKDUMP01"
+#define MAGIC "EKDUMP02"
 
 typedef struct {
     int32_t kind, layer, type, pad;
@@ -60,7 +60,7 @@ static int read_dump(const char *path, dump *d) {
     if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return die(path, "cannot seek"); }
     long len = ftell(f);
     rewind(f);
-    if (len < 8 + 16 * 4 + 3 * 4) { fclose(f); return die(path, "too short for a dump header"); }
+    if (len < 8 + 24 * 4 + 3 * 4) { fclose(f); return die(path, "too short for a dump header"); }
     d->size = (size_t)len;
     d->buf = (unsigned char *)aligned_alloc(64, (d->size + 63) / 64 * 64);
     if (!d->buf) { fclose(f); return die(path, "out of memory"); }
@@ -69,8 +69,8 @@ static int read_dump(const char *path, dump *d) {
     if (got != d->size) return die(path, "short read");
     if (memcmp(d->buf, MAGIC, 8) != 0) return die(path, "not an edgekv model dump (bad magic)");
     const unsigned char *p = d->buf + 8;
-    int32_t iv[14];
-    float fv[2];
+    int32_t iv[19];
+    float fv[5];
     int32_t counts[3];
     memcpy(iv, p, sizeof iv); p += sizeof iv;
     memcpy(fv, p, sizeof fv); p += sizeof fv;
@@ -79,7 +79,9 @@ static int read_dump(const char *path, dump *d) {
     c->n_vocab = iv[0]; c->n_embd = iv[1]; c->n_layer = iv[2]; c->n_head = iv[3]; c->n_head_kv = iv[4];
     c->head_dim = iv[5]; c->n_ff = iv[6]; c->rope_dim = iv[7]; c->rope_neox = iv[8]; c->has_qkv_bias = iv[9];
     d->kv_groups[0] = iv[10]; d->kv_groups[1] = iv[11]; d->kv_groups[2] = iv[12]; d->kv_flags = iv[13];
-    c->rope_base = fv[0]; c->norm_eps = fv[1];
+    c->has_qk_norm = iv[14]; c->ffn_geglu = iv[15]; c->has_post_norms = iv[16]; c->swa_window = iv[17];
+    c->swa_period = iv[18];
+    c->rope_base = fv[0]; c->norm_eps = fv[1]; c->embd_scale = fv[2]; c->attn_scale = fv[3]; c->rope_base_swa = fv[4];
     d->n_tensors = counts[0]; d->n_prompt = counts[1]; d->n_eot = counts[2];
     if (d->n_tensors <= 0 || d->n_tensors > 100000 || d->n_prompt <= 0 || d->n_prompt > 1 << 20 || d->n_eot < 0 ||
         d->n_eot > 1024)
