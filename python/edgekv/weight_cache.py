@@ -196,6 +196,7 @@ def build_file(path: Path, key: dict[str, Any], weights: list, sizes: list[int],
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "r+b") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users of a shared cache
             f.truncate(total)
             mm = mmap.mmap(f.fileno(), total)
             try:
