@@ -5,7 +5,9 @@ pointers into the memory-mapped file: no copy. Q4_K, Q5_0 and Q6_K are converted
 in C at load time (csrc/weight_convert.c: Q4_K -> Q4_1 keeping the codes, Q5_0 ->
 Q8_0 exactly, Q6_K -> Q8_0 requantized); any other type (BF16, Q5_1, ...) is
 dequantized with gguf's own dequantizers and requantized to Q8_0. The loader logs
-what it converted.
+what it converted. With a weight cache (weight_cache.py, the default for models of 32 MiB and
+more) all of that, and the interleaving the C core does for its x8 kernels, runs once per GGUF:
+later loads map the result and the C core borrows it.
 
 Architectures are rows in ``ARCHS``; tensor names are rows in ``TENSORS``.
 """
