@@ -259,3 +259,20 @@ def test_core_rejects_a_bad_borrowed_packed_tensor(tmp_path):
         assert b"tied embeddings" in ffi.string(lib.ek_model_error(h))
     finally:
         lib.ek_model_free(h)
+
+
+def test_build_removes_temporary_files_of_killed_builds(tmp_path, monkeypatch):
+    """A temporary file a killed build left (over an hour old) goes when the file is built again; a
+    recent one (a build that may still be running) stays."""
+    path = write_model(tmp_path / "m.gguf", "Q5_0")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = f"{weight_cache.gguf_sha256(path, None)}-w{weight_cache.FORMAT_VERSION}-{weight_cache.simd()}.ekw"
+    old, recent = cache / f".{name}.old.tmp", cache / f".{name}.new.tmp"
+    old.write_bytes(b"x" * 100)
+    recent.write_bytes(b"x" * 100)
+    os.utime(old, (1e9, 1e9))
+    m, _, _ = load(path, monkeypatch, cache)
+    assert m._gguf.weight_cache_built and m._gguf.weight_cache.name == name
+    m.close()
+    assert not old.exists() and recent.exists()

@@ -353,7 +353,7 @@ def _use_weight_cache(out: LoadedGGUF, progress: bool | None) -> None:
     if d is None:
         _cache_unwritable(out, reason)
         return
-    key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd(), "abi": int(L.ek_abi_version())}
+    key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd()}
     file = d / f"{sha}-w{wc.FORMAT_VERSION}-{key['simd']}.ekw"
     sizes = [wc.nbytes(w) for w in out.weights]
     mapped = None

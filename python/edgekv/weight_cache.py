@@ -31,7 +31,7 @@ import os
 import struct
 import sys
 import tempfile
-import warnings
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,12 @@ def build_file(path: Path, key: dict[str, Any], weights: list, sizes: list[int],
 
     from .gguf_loader import _drop_file_pages
 
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a build that was killed
+        try:
+            if stale.stat().st_mtime < time.time() - 3600:
+                stale.unlink()
+        except OSError:
+            pass
     recs, off = [], 0
     for w, n in zip(weights, sizes):
         recs.append(dict(_record(w), offset=off, nbytes=n))
