@@ -276,3 +276,14 @@ def test_build_removes_temporary_files_of_killed_builds(tmp_path, monkeypatch):
     assert m._gguf.weight_cache_built and m._gguf.weight_cache.name == name
     m.close()
     assert not old.exists() and recent.exists()
+
+
+def test_first_load_shows_progress_the_second_none(tmp_path, monkeypatch, capsys):
+    """The load that converts draws a progress bar on stderr (on a terminal by default; asked for
+    here); the load that maps the file has nothing to show."""
+    path = write_model(tmp_path / "m.gguf", "Q6_K")
+    monkeypatch.setenv("EDGEKV_WEIGHT_CACHE", str(tmp_path / "cache"))
+    g = gguf_loader.load_gguf(path, progress=True)
+    assert g.weight_cache_built and "once: 100%" in capsys.readouterr().err
+    g = gguf_loader.load_gguf(path, progress=True)
+    assert not g.weight_cache_built and g.weight_cache is not None and capsys.readouterr().err == ""

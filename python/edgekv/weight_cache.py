@@ -208,7 +208,7 @@ def build_file(path: Path, key: dict[str, Any], weights: list, sizes: list[int],
             try:
                 bar = tqdm(total=sum(r["nbytes"] for r in recs), desc=f"converting {path.name[:12]}.. once",
                            unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                           disable=(not _tty()) if progress is None else not progress, leave=False)
+                           disable=(not _tty()) if progress is None else not progress, leave=True)
                 with bar:
                     for w, r in zip(weights, recs):
                         src = w.materialize()
