@@ -267,7 +267,7 @@ def test_build_removes_temporary_files_of_killed_builds(tmp_path, monkeypatch):
     path = write_model(tmp_path / "m.gguf", "Q5_0")
     cache = tmp_path / "cache"
     cache.mkdir()
-    name = f"{weight_cache.gguf_sha256(path, None)}-w{weight_cache.FORMAT_VERSION}-{weight_cache.simd()}.ekw"
+    name = weight_cache.file_name(weight_cache.gguf_sha256(path, None))
     old, recent = cache / f".{name}.old.tmp", cache / f".{name}.new.tmp"
     old.write_bytes(b"x" * 100)
     recent.write_bytes(b"x" * 100)
@@ -287,3 +287,27 @@ def test_first_load_shows_progress_the_second_none(tmp_path, monkeypatch, capsys
     assert g.weight_cache_built and "once: 100%" in capsys.readouterr().err
     g = gguf_loader.load_gguf(path, progress=True)
     assert not g.weight_cache_built and g.weight_cache is not None and capsys.readouterr().err == ""
+
+
+def test_file_from_a_build_with_another_layout_is_not_borrowed(tmp_path, monkeypatch):
+    """The key holds a fingerprint of the build's conversions and interleavings: a file written by a
+    build whose layout differs (simulated: another fingerprint) is rebuilt, not borrowed."""
+    path = write_model(tmp_path / "m.gguf", "Q4_K")
+    cache = tmp_path / "cache"
+    m, ref, _ = load(path, monkeypatch, cache)
+    m.close()
+    assert len(weight_cache.layout_fingerprint()) == 16
+    (first,) = cache_files(cache)
+    monkeypatch.setattr(weight_cache, "_fingerprint", "0" * 16)
+    m, got, conv = load(path, monkeypatch, cache)  # its own file name
+    other = m._gguf.weight_cache
+    assert m._gguf.weight_cache_built and conv > 0 and other != first
+    m.close()
+    np.testing.assert_array_equal(got, ref)
+    other.replace(first)  # under the other build's name: the key inside still differs
+    monkeypatch.setattr(weight_cache, "_fingerprint", None)
+    with pytest.warns(UserWarning, match="key .* does not match"):
+        m, got, conv = load(path, monkeypatch, cache)
+    assert m._gguf.weight_cache_built and conv > 0
+    m.close()
+    np.testing.assert_array_equal(got, ref)

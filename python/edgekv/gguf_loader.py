@@ -353,8 +353,8 @@ def _use_weight_cache(out: LoadedGGUF, progress: bool | None) -> None:
     if d is None:
         _cache_unwritable(out, reason)
         return
-    key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd()}
-    file = d / f"{sha}-w{wc.FORMAT_VERSION}-{key['simd']}.ekw"
+    key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd(), "layout": wc.layout_fingerprint()}
+    file = d / wc.file_name(sha)
     sizes = [wc.nbytes(w) for w in out.weights]
     mapped = None
     if file.exists():

@@ -4,7 +4,7 @@ A load converts K-quants and Q5_0 (csrc/weight_convert.c) and interleaves matric
 kernels (csrc/quant_x8.c). Both are functions of the GGUF's bytes, of edgekv's weight format and
 of the kernels this build has, so the first load writes their result to
 
-    <dir>/<GGUF sha256>-w<FORMAT_VERSION>-<SIMD variant>.ekw
+    <dir>/<GGUF sha256>-w<FORMAT_VERSION>-<SIMD variant>-<layout fingerprint>.ekw
 
 (a temporary file, then a rename) and later loads map that file read-only: the C core borrows
 every tensor from the map (EK_TYPE_PACKED_X8 for interleaved matrices), nothing is converted or
@@ -76,6 +76,37 @@ def directory(model_bytes: int) -> Path | None:
 def simd() -> str:
     """The SIMD variant this build's kernels use (which matrices it interleaves depends on it)."""
     return ffi.string(L.ek_simd()).decode()
+
+
+def file_name(sha: str) -> str:
+    """The cache file of a GGUF for this build: builds that lay weights out differently keep apart."""
+    return f"{sha}-w{FORMAT_VERSION}-{simd()}-{layout_fingerprint()}.ekw"
+
+
+_fingerprint: str | None = None
+
+
+def layout_fingerprint() -> str:
+    """A hash of what this build's conversions and interleavings make of fixed bytes: part of the key,
+    so a cache file written by a build that lays weights out differently is never borrowed (even if
+    FORMAT_VERSION was not bumped with the change)."""
+    global _fingerprint
+    if _fingerprint is None:
+        h = hashlib.sha256()
+        src = np.frombuffer(hashlib.shake_256(b"edgekv weight layout").digest(8 * 256 * 2), np.uint8).copy()
+        for ggml, n_in, n_rows, nbytes in ((12, 256, 8, 144), (6, 256, 8, 22 * 8), (14, 256, 8, 210)):
+            dst_type = L.ek_convert_target(ggml, n_in)
+            out = np.zeros(L.ek_type_row_bytes(dst_type, n_in) * n_rows, np.uint8)
+            a = src[: nbytes * n_rows]
+            h.update(bytes([L.ek_convert_weights(ggml, ffi.from_buffer(a), a.nbytes, n_in, n_rows,
+                                                 ffi.from_buffer(out), out.nbytes) & 255]) + out.tobytes())
+        for t in (2, 3, 8):  # Q4_0, Q4_1, Q8_0
+            n = L.ek_type_row_bytes(t, 256) * 8
+            a, out = src[:n], np.zeros(n, np.uint8)
+            h.update(bytes([L.ek_pack_weights(t, ffi.from_buffer(a), n, 256, 8, ffi.from_buffer(out), n) & 255])
+                     + out.tobytes())
+        _fingerprint = h.hexdigest()[:16]
+    return _fingerprint
 
 
 def gguf_sha256(path: Path, memo_dir: Path | None) -> str:
@@ -158,7 +189,7 @@ def open_file(path: Path, key: dict[str, Any], weights: list, sizes: list[int]) 
         except ValueError as e:
             raise CacheInvalid(f"the header is not valid JSON ({e})") from None
         if not isinstance(head, dict) or head.get("key") != key:
-            raise CacheInvalid("its key (GGUF sha256, weight format, SIMD variant) does not match")
+            raise CacheInvalid("its key (GGUF sha256, weight format, SIMD variant, layout) does not match")
         recs, start = head.get("tensors"), head.get("data_start")
         if not isinstance(recs, list) or len(recs) != len(weights) or not isinstance(start, int):
             raise CacheInvalid("its tensor list does not match the GGUF's")
