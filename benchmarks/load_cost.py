@@ -8,6 +8,7 @@ turns rep by rep in one run. Per model:
   interleaves at every load (what every load cost before the cache).
 * ``first``: the same with an empty cache directory: converts once and writes the cache file.
 * ``second``: the same again: maps the cache file.
+* ``decode_ab`` (once): decode ms/token from the mapped cache vs from the heap copy, one process.
 * ``phases`` (once per rep, cache off): where a converting load's time goes, per GGUF type, each
   phase run on its own: the GGUF header, the tokenizer, touching every tensor's bytes in the file
   map (page-in, from the page cache here), converting (weight_convert.c or gguf-py), interleaving
@@ -105,6 +106,52 @@ print(json.dumps(out))
 """
 
 
+# Decode from the mapped cache vs from the heap copy a load without the cache makes: both models in one
+# process, a 256-token prefill each (logits must be identical), then blocks of 8 greedy steps taking turns.
+AB_WORKER = r"""
+import json, os, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+name, cache, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
+import numpy as np
+import edgekv
+from edgekv._native import lib
+models = {}
+for tag, where in (("mapped", cache), ("heap", "off")):
+    os.environ["EDGEKV_WEIGHT_CACHE"] = where
+    models[tag] = edgekv.load(name, threads=2, ctx=512, progress=False)
+assert models["mapped"]._gguf.weight_cache is not None and models["heap"]._gguf.weight_cache is None
+text = open(sys.argv[5], encoding="utf-8").read()[:4000]
+ids = np.asarray(models["mapped"].tokenize(text)[:256], dtype=np.int32)
+outs = {}
+for tag, m in models.items():
+    outs[tag] = np.empty(m.hparams["n_vocab"], np.float32)
+    m._eval_raw(ids, lib.EK_LOGITS_LAST, outs[tag])
+assert np.array_equal(outs["mapped"], outs["heap"]), "mapped and heap weights gave different logits"
+nxt = {k: int(np.argmax(v)) for k, v in outs.items()}
+times = {k: [] for k in models}
+for blk in range(steps // 8):
+    for tag in (("mapped", "heap") if blk % 2 == 0 else ("heap", "mapped")):
+        time.sleep(0.02)
+        for _ in range(8):
+            t = time.perf_counter()
+            models[tag]._eval_raw(np.array([nxt[tag]], np.int32), lib.EK_LOGITS_LAST, outs[tag])
+            times[tag].append(time.perf_counter() - t)
+            nxt[tag] = int(np.argmax(outs[tag]))
+print(json.dumps({k + "_ms": 1000 * statistics.median(v) for k, v in times.items()} | {"steps": steps}))
+"""
+
+
+def decode_ab(name: str, steps: int) -> dict:
+    data = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
+    with tempfile.TemporaryDirectory(prefix="edgekv-load-cost-") as d:
+        run("load", name, d)  # writes the cache file
+        r = subprocess.run([sys.executable, "-c", AB_WORKER, str(REPO / "python"), name, d, str(steps), str(data)],
+                           check=True, capture_output=True, text=True)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["ratio"] = out["mapped_ms"] / out["heap_ms"]
+    return out
+
+
 def run(what: str, name: str, cache: str) -> dict:
     env = dict(os.environ, EDGEKV_WEIGHT_CACHE=cache)
     r = subprocess.run([sys.executable, "-c", WORKER, str(REPO / "python"), what, name], check=True,
@@ -122,10 +169,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=64, help="decode steps per weight source in the A/B (0: none)")
     a = ap.parse_args()
     cmd = command_line("load_cost.py")
     rows = []
     for name in a.models:
+        ab = decode_ab(name, a.decode_steps) if a.decode_steps else None
         runs: dict[str, list] = {k: [] for k in ("llama", "nocache", "first", "second", "phases")}
         for _ in range(a.reps):
             with tempfile.TemporaryDirectory(prefix="edgekv-load-cost-") as d:
@@ -140,6 +189,7 @@ def main() -> int:
         row["by_type"] = {t: {k: statistics.median(r["by_type"][t][k] for r in runs["phases"]) for k in types[t]}
                           for t in types}
         row["second_over_llama"] = row["second"]["seconds"] / row["llama"]["seconds"]
+        row["decode_ab"] = ab
         rows.append(row)
         print(name, json.dumps(row), flush=True)
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": cmd,
@@ -181,6 +231,13 @@ def write_md(doc: dict) -> None:
         for t, b in sorted(r["by_type"].items()):
             L.append(f"| {r['model']} | {t} | {b['tensors']:.0f} | {b['file_mib']:.0f} | {b['runs_mib']:.0f} | "
                      f"{b['page_in']:.2f} | {b['convert']:.2f} | {b['interleave']:.2f} | {b.get('copy', 0):.2f} |")
+    abs_ = [(r["model"], r.get("decode_ab")) for r in rows if r.get("decode_ab")]
+    if abs_:
+        L += ["", "Decode from the mapped cache vs from the heap copy of a load without it (one process, identical "
+              "logits after a 256-token prefill checked, then blocks of 8 greedy steps taking turns; median ms/token):", "",
+              "| model | steps each | mapped | heap | mapped / heap |", "|---|---:|---:|---:|---:|"]
+        for name, ab in abs_:
+            L.append(f"| {name} | {ab['steps']} | {ab['mapped_ms']:.1f} | {ab['heap_ms']:.1f} | {ab['ratio']:.2f}x |")
     (RESULTS / "load_cost.md").write_text("\n".join(L) + "\n")
 
 
