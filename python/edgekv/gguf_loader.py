@@ -347,12 +347,9 @@ def _use_weight_cache(out: LoadedGGUF, progress: bool | None) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        d = None
-        reason = e
-    sha = wc.gguf_sha256(out.path, d)
-    if d is None:
-        _cache_unwritable(out, reason)
+        _cache_unwritable(out, e)
         return
+    sha = wc.gguf_sha256(out.path, d)
     key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd(), "layout": wc.layout_fingerprint()}
     file = d / wc.file_name(sha)
     sizes = [wc.nbytes(w) for w in out.weights]
