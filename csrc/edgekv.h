@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 /* cffi-begin: python/edgekv/_native.py feeds everything up to cffi-end to cffi.cdef */
-#define EK_ABI_VERSION 11 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch); 10: ek_kv_precisions (the table of KV precisions); 11: gemma3 config fields (ffn_geglu ... rope_base_swa), EK_T_ATTN_POST_NORM/FFN_POST_NORM */
+#define EK_ABI_VERSION 12 /* 2: ek_model_tensor_released, ek_logit_stats, ek_last_logit_stats; 3: ek_attn_value_tile, ek_attn_value_weight_max; 4: ek_convert_target, ek_convert_weights; 5: KV layout flags (key centering), ek_kv_centering, 3-bit KV records; 6: EK_KV_FIT_GRID, ek_kv_fitting, ek_kv_quant_roundtrip's EK_RT_FIT; 7: has_qk_norm, EK_T_ATTN_Q_NORM/K_NORM, EK_T_ROPE_FREQS; 8: KV precision per (layer, position): ek_kv_set_layer_bits, ek_kv_get_layer_bits, ek_kv_layer_maps; 9: sequences (ek_seq_*, ek_forward_seq, ek_truncate_seq, ek_forward_batch); 10: ek_kv_precisions (the table of KV precisions); 11: gemma3 config fields (ffn_geglu ... rope_base_swa), EK_T_ATTN_POST_NORM/FFN_POST_NORM; 12: EK_TYPE_PACKED_X8, ek_pack_weights (borrowed packed weights) */
 
 typedef struct {
     int n_vocab;
@@ -224,6 +224,16 @@ int ek_forward_batch(ek_model *m, ek_seq *const *seqs, int n_seqs, const int32_t
 int ek_convert_target(int src_type, int64_t n_in);
 int ek_convert_weights(int src_type, const void *src, size_t src_bytes, int64_t n_in, int64_t n_rows, void *dst,
                        size_t dst_bytes);
+
+/* ---- weights converted once (python/edgekv/weight_cache.py) ----
+ * ek_pack_weights: the row-interleaved copy of a matrix that the model would make at load (x8
+ * kernels), written to dst (n_rows * row bytes): 1 if written, 0 if this build runs the type as
+ * rows (dst untouched), EK_ERR_INVALID on bad arguments. A matrix given to ek_model_set_tensor
+ * with type | EK_TYPE_PACKED_X8 is such a copy: the model borrows it as is (no copy; dst must be
+ * 64-byte aligned and outlive the model), and ek_model_tensor_released stays 0 for it. */
+#define EK_TYPE_PACKED_X8 0x100
+int ek_pack_weights(int type, const void *src, size_t src_bytes, int64_t n_in, int64_t n_rows, void *dst,
+                    size_t dst_bytes);
 
 /* cffi-end */
 

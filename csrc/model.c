@@ -170,8 +170,9 @@ oom:
     return NULL;
 }
 
+/* packed == data: a packed copy borrowed from the caller (EK_TYPE_PACKED_X8), not ours to free */
 static void mat_unpack(ek_mat *w) {
-    free(w->packed);
+    if (w->packed != w->data) free(w->packed);
     w->packed = NULL;
 }
 
@@ -221,9 +222,10 @@ void ek_seq_free(ek_seq *s) {
 }
 
 /* Interleave a matrix's rows 8 by 8 when this build has an x8 kernel for its type. */
+int ek_x8_packs(int type, int64_t n_rows); /* weight_convert.c: this build has an x8 kernel for it */
 static int mat_pack(ek_mat *w) {
     const ek_x8_traits *x8 = ek_x8_get(w->type);
-    if (w->packed || !x8 || !x8->dot || w->n_out % EK_X8) return EK_OK;
+    if (w->packed || !ek_x8_packs(w->type, w->n_out)) return EK_OK;
     const size_t group = EK_X8 * w->row_bytes; /* a multiple of 64 bytes for every packed type */
     w->packed = aligned_alloc(64, group * (size_t)(w->n_out / EK_X8));
     if (!w->packed) return EK_ERR_NOMEM;
@@ -287,6 +289,8 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
     if (per_layer && (layer < 0 || layer >= m->cfg.n_layer))
         return fail(m, EK_ERR_INVALID, "tensor kind %d: layer %d out of range 0..%d", kind, layer, m->cfg.n_layer - 1);
     if (!data) return fail(m, EK_ERR_INVALID, "tensor kind %d: data is NULL", kind);
+    const int borrow_packed = (type & EK_TYPE_PACKED_X8) != 0;
+    type &= ~EK_TYPE_PACKED_X8;
     if (n_in != e_in || n_out != e_out)
         return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: shape (%lld, %lld), expected (%lld, %lld)", kind,
                     layer, (long long)n_in, (long long)n_out, (long long)e_in, (long long)e_out);
@@ -303,9 +307,12 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
                     row_bytes * (size_t)n_out);
     ek_layer *L = per_layer ? &m->layers[layer] : NULL;
     ek_mat *w = mat_of(m, kind, layer);
+    if (borrow_packed && (!w || !ek_x8_packs(type, n_out) || (uintptr_t)data % 64))
+        return fail(m, EK_ERR_INVALID, "tensor kind %d layer %d: a packed copy must be a matrix this build packs, "
+                    "64-byte aligned", kind, layer);
     if (w) {
         mat_unpack(w); /* a tensor given twice: the new bytes win */
-        *w = (ek_mat){data, type, n_in, n_out, row_bytes, NULL};
+        *w = (ek_mat){data, type, n_in, n_out, row_bytes, borrow_packed ? (void *)data : NULL};
         /* repack now, so the caller can release the source before the next tensor (a low load peak) */
         if (kind != EK_T_TOK_EMBD && mat_pack(w) != EK_OK)
             return fail(m, EK_ERR_NOMEM, "out of memory repacking tensor kind %d layer %d", kind, layer);
@@ -338,14 +345,17 @@ int ek_model_set_tensor(ek_model *m, int kind, int layer, int type, const void *
 int ek_model_tensor_released(const ek_model *m, int kind, int layer) {
     if (!m) return 0;
     if (kind == EK_T_TOK_EMBD) /* tied: looked up in the packed output (embed_row) */
-        return m->finalized && m->output.data == m->tok_embd.data && m->output.packed != NULL;
+        return m->finalized && m->output.data == m->tok_embd.data && m->output.packed != NULL &&
+               m->output.packed != m->output.data;
     const ek_mat *w = mat_of((ek_model *)m, kind, layer);
-    return w && w->packed && w->data != m->tok_embd.data;
+    return w && w->packed && w->packed != w->data && w->data != m->tok_embd.data;
 }
 
 int ek_model_finalize(ek_model *m) {
     if (!m->tok_embd.data) return fail(m, EK_ERR_INVALID, "missing tensor: token embedding");
     if (!m->output_norm) return fail(m, EK_ERR_INVALID, "missing tensor: output norm");
+    if (m->tok_embd.packed && m->output.data) /* embed_row reads a packed embedding only as the tied output */
+        return fail(m, EK_ERR_INVALID, "a packed token embedding needs tied embeddings (no output tensor)");
     if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
     for (int l = 0; l < m->cfg.n_layer; l++) {
         const ek_layer *L = &m->layers[l];

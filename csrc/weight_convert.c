@@ -158,3 +158,24 @@ int ek_convert_weights(int src_type, const void *src, size_t src_bytes, int64_t 
     c->convert(src, dst, n_blocks);
     return c->dst;
 }
+
+/* The same test and the same repacking as the model's own at load (model.c, mat_pack), so a copy
+ * made here once and borrowed later is the bytes the model would have made itself. */
+int ek_x8_packs(int type, int64_t n_rows) {
+    const ek_x8_traits *x8 = ek_x8_get(type);
+    return x8 && x8->dot && n_rows > 0 && n_rows % EK_X8 == 0;
+}
+
+int ek_pack_weights(int type, const void *src, size_t src_bytes, int64_t n_in, int64_t n_rows, void *dst,
+                    size_t dst_bytes) {
+    const size_t row_bytes = ek_row_bytes(type, n_in);
+    if (!src || !dst || n_rows <= 0 || row_bytes == 0 || src_bytes != row_bytes * (size_t)n_rows ||
+        dst_bytes != src_bytes)
+        return EK_ERR_INVALID;
+    if (!ek_x8_packs(type, n_rows)) return 0;
+    const ek_x8_traits *x8 = ek_x8_get(type);
+    const size_t group = EK_X8 * row_bytes;
+    for (int64_t g = 0; g < n_rows / EK_X8; g++)
+        x8->repack((const char *)src + (size_t)g * group, row_bytes, (char *)dst + (size_t)g * group, (int)n_in);
+    return 1;
+}

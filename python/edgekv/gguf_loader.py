@@ -5,7 +5,9 @@ pointers into the memory-mapped file: no copy. Q4_K, Q5_0 and Q6_K are converted
 in C at load time (csrc/weight_convert.c: Q4_K -> Q4_1 keeping the codes, Q5_0 ->
 Q8_0 exactly, Q6_K -> Q8_0 requantized); any other type (BF16, Q5_1, ...) is
 dequantized with gguf's own dequantizers and requantized to Q8_0. The loader logs
-what it converted.
+what it converted. With a weight cache (weight_cache.py, the default for models of 32 MiB and
+more) all of that, and the interleaving the C core does for its x8 kernels, runs once per GGUF:
+later loads map the result and the C core borrows it.
 
 Architectures are rows in ``ARCHS``; tensor names are rows in ``TENSORS``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ L = _native.lib
 # GGML type ids that the C kernels run directly.
 NATIVE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 CONVERT_TO = 8  # Q8_0: what other weight types become at load time
+# types gguf-py dequantizes whose conversion waits for Weight.materialize (others convert at once,
+# so an unconvertible one fails in load_gguf)
+_DEFERRED = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 F32 = 0
 
 
@@ -107,11 +113,20 @@ class Weight:
     def materialize(self) -> np.ndarray:
         """The bytes the C core reads, converting the file's tensor now if that is pending."""
         if self.array is None:
-            qtype, self.array, _ = _as_native(self.source, self.name, False)
+            qtype, self.array, _ = _as_native(self.source, self.name, self.kind in _VECTOR_KINDS)
             assert qtype == self.type
             _drop_file_pages(self.source.data)  # read once by the conversion
             self.source = None
         return self.array
+
+
+# The matrices the C core interleaves for its x8 kernels (model.c): all but the token embedding,
+# which it interleaves only as the tied output.
+_MATRIX_KINDS = {L.EK_T_OUTPUT, L.EK_T_ATTN_Q, L.EK_T_ATTN_K, L.EK_T_ATTN_V, L.EK_T_ATTN_O, L.EK_T_FFN_GATE,
+                 L.EK_T_FFN_UP, L.EK_T_FFN_DOWN}
+
+# conversions run by this process (tests read it: a load from the weight cache runs none)
+stats = {"converted": 0}
 
 
 @dataclass
@@ -124,6 +139,8 @@ class LoadedGGUF:
     weights: list[Weight] = field(default_factory=list)
     converted: dict[str, int] = field(default_factory=dict)  # source type -> tensor count
     converted_to: dict[str, str] = field(default_factory=dict)  # source type -> the type it runs as
+    weight_cache: Path | None = None  # the converted-once file the weights are mapped from, if any
+    weight_cache_built: bool = False  # this load wrote that file (converting)
 
     @property
     def weight_types(self) -> dict[str, int]:
@@ -309,6 +326,7 @@ def _as_native(t, name: str, want_f32: bool, defer: bool = False) -> tuple[int, 
         if dst >= 0 and defer:
             return dst, None, src
         if dst >= 0:  # a C conversion (csrc/weight_convert.c)
+            stats["converted"] += 1
             src_arr = np.ascontiguousarray(data)
             out = np.empty(L.ek_type_row_bytes(dst, n_in) * n_out, dtype=np.uint8)
             rc = L.ek_convert_weights(qtype, _native.ffi.from_buffer(src_arr), src_arr.nbytes, n_in, n_out,
@@ -316,6 +334,9 @@ def _as_native(t, name: str, want_f32: bool, defer: bool = False) -> tuple[int, 
             if rc != dst:
                 raise ModelLoadError(f"tensor {name!r}: cannot convert weight type {src} ({n_in} x {n_out})")
             return dst, out, src
+    if defer and src in _DEFERRED:  # gguf-py's dequantizer, run by Weight.materialize
+        return (F32 if want_f32 or n_in % 32 else CONVERT_TO), None, src
+    stats["converted"] += 1
     try:
         f32 = quants.dequantize(data, GGMLQuantizationType(qtype)).astype(np.float32, copy=False)
     except Exception as e:
@@ -353,7 +374,60 @@ def _add_rope_factors(out: LoadedGGUF, t, path: Path) -> None:
     out.weights.append(Weight("rope_freqs.weight", L.EK_T_ROPE_FREQS, -1, F32, half, 1, f, src))
 
 
-def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
+def _use_weight_cache(out: LoadedGGUF, progress: bool | None) -> None:
+    """Map the weights from their converted-once file (weight_cache.py), writing it first if needed.
+    Without a usable cache directory the weights stay as they are (converted at this load)."""
+    from . import weight_cache as wc
+
+    d = wc.directory(out.path.stat().st_size)
+    if d is None:
+        return
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _cache_unwritable(out, e)
+        return
+    sha = wc.gguf_sha256(out.path, d)
+    key = {"gguf_sha256": sha, "weight_format": wc.FORMAT_VERSION, "simd": wc.simd(), "layout": wc.layout_fingerprint()}
+    file = d / wc.file_name(sha)
+    sizes = [wc.nbytes(w) for w in out.weights]
+    mapped = None
+    if file.exists():
+        try:
+            mapped = wc.open_file(file, key, out.weights, sizes)
+        except wc.CacheInvalid as e:
+            warnings.warn(f"edgekv: weight cache file {file} is unusable ({e}); rebuilding it", stacklevel=3)
+    if mapped is None:
+        tied = not any(w.kind == L.EK_T_OUTPUT for w in out.weights)
+        pack = _MATRIX_KINDS | ({L.EK_T_TOK_EMBD} if tied else set())
+        try:
+            log.info("%s: converting the weights once into %s", out.path.name, file)
+            wc.build_file(file, key, out.weights, sizes, pack, progress)
+        except OSError as e:
+            if any(w.array is not None and w.array.size == 0 for w in out.weights):  # consumed before it failed
+                out.weights = load_gguf(out.path, weight_cache=False).weights
+            _cache_unwritable(out, e)
+            return
+        wc.stats["built"] += 1
+        out.weight_cache_built = True
+        mapped = wc.open_file(file, key, out.weights, sizes)
+    mm, recs = mapped
+    for w, r in zip(out.weights, recs):
+        w.array = np.frombuffer(mm, np.uint8, count=r["nbytes"], offset=r["offset"])
+        w.type, w.source = r["type"], None
+    wc.stats["mapped"] += 1
+    out.weight_cache = file
+
+
+def _cache_unwritable(out: LoadedGGUF, e: OSError) -> None:
+    warnings.warn(f"edgekv: cannot write the weight cache ({e}); loading {out.path.name} without it, converting "
+                  f"at every load. Set EDGEKV_WEIGHT_CACHE to a writable directory, or to 'off' to load without "
+                  f"the cache silently.", stacklevel=4)
+
+
+def load_gguf(path: str | os.PathLike, weight_cache: bool = True, progress: bool | None = None) -> LoadedGGUF:
+    """weight_cache: map the weights from their converted-once file (weight_cache.py; also
+    EDGEKV_WEIGHT_CACHE=off). progress: a progress bar while converting (None: when stderr is a terminal)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
@@ -420,5 +494,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedGGUF:
     if out.converted:
         desc = ", ".join(f"{n} {k}" + (f" to {out.converted_to[k]}" if k in out.converted_to else "")
                          for k, n in sorted(out.converted.items()))
-        log.info("%s: converted %s tensors at load time (norms and biases to F32)", path.name, desc)
+        log.info("%s: converts %s tensors (norms and biases to F32)", path.name, desc)
+    if weight_cache:
+        _use_weight_cache(out, progress)
     return out
