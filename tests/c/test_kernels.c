@@ -70,7 +70,17 @@ static void random_weights(int type, void *buf, int64_t n_in, int64_t n_out) {
 static void test_matmul(void) {
     const int types[] = {EK_TYPE_F32, EK_TYPE_F16, EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0};
     const int n_ins[] = {32, 64, 576, 1536};
-    const int n_toks[] = {1, 3, 4, 8, 9, 17}; /* x8 kernels take up to 4 or 8 tokens per call */
+    const int n_toks[] = {1, 2, 3, 4, 6, 8, 9, 17}; /* x8 kernels take up to 2, 4 or 8 tokens per call */
+    /* which x8 kernel impl 2 runs: every SIMD build has one for each interleaved type (NEON included) */
+    for (size_t ti = 2; ti < sizeof types / sizeof *types; ti++) {
+        const ek_x8_traits *x8 = ek_x8_get(types[ti]);
+        CHECK(x8 != NULL, "%s has no interleaved layout", ek_type_get(types[ti])->name);
+        if (!x8) continue;
+        printf("x8 %s: %s kernel, up to %d tokens per call\n", ek_type_get(types[ti])->name,
+               x8->dot ? ek_simd() : "no SIMD (reference)", x8->dot ? x8->max_nx : 0);
+        CHECK(x8->dot != NULL || strcmp(ek_simd(), "scalar") == 0, "%s: SIMD build (%s) without an x8 kernel",
+              ek_type_get(types[ti])->name, ek_simd());
+    }
     for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
         for (size_t ii = 0; ii < sizeof n_ins / sizeof *n_ins; ii++)
             for (size_t ki = 0; ki < sizeof n_toks / sizeof *n_toks; ki++) {
