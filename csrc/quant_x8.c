@@ -17,6 +17,11 @@
  * walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
  * group's first pass stalls on memory the core could have been fetching meanwhile.
  *
+ * NEON: with +dotprod, sdot by lane dots 4 rows' codes with one broadcast group of 4 activations
+ * per instruction (the 16-byte halves of a 32-byte chunk are rows 0-3 and 4-7); without it,
+ * vmull_s8/vmlal_s8 against a group repeated twice, then pairwise adds. Q8_0's stored w + 128 goes
+ * back to signed with one xor (NEON has no u8 x s8 dot before i8mm).
+ *
  * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
  * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
  * in quant.c up to the order of float additions. The plain C reference below reads the same
@@ -337,8 +342,10 @@ static void dot_q8_0_x8_avx2(int n, const void *w8, const void *act, size_t stri
 /* else vmull_s8/vmlal_s8 into int16 and pairwise adds into int32              */
 /* ------------------------------------------------------------------------- */
 #elif defined(EK_NEON) && defined(__aarch64__)
-/* Registers per token: two int32x4 sums and two float32x4 accumulators with sdot; four int16x8 or
- * int32x4 sums and two accumulators without, so that path takes 2 tokens per call (32 registers). */
+/* Tokens per call: with sdot each token holds two int32x4 sums, two float32x4 accumulators and
+ * its activation block (6 of the 32 registers); without, four int16x8 / int32x4 sums instead, and
+ * 4 tokens moved ~285 vector registers per kernel through the stack against 28-76 with 2 (Release
+ * build's objdump). */
 #if defined(__ARM_FEATURE_DOTPROD)
 #define X8_NX 4
 #else
