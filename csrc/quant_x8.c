@@ -538,7 +538,8 @@ EK_INLINE void dot_q8_0_x8_neon_n(int n, const void *w8, const void *act, size_t
                 for (int t = 0; t < nx; t++) {
                     const block_q8a *a = ACT(act, stride, t) + b;
                     const int8x8_t g0 = act_group8(a, j), g1 = act_group8(a, j + 1);
-                    p32[t][2 * h] = vpadalq_s16(p32[t][2 * h], vmlal_s8(vmull_s8(vget_low_s8(w0), g0), vget_low_s8(w1), g1));
+                    p32[t][2 * h] =
+                        vpadalq_s16(p32[t][2 * h], vmlal_s8(vmull_s8(vget_low_s8(w0), g0), vget_low_s8(w1), g1));
                     p32[t][2 * h + 1] =
                         vpadalq_s16(p32[t][2 * h + 1], vmlal_s8(vmull_s8(vget_high_s8(w0), g0), vget_high_s8(w1), g1));
                 }
