@@ -77,8 +77,10 @@ static void test_matmul(void) {
         const ek_x8_traits *x8 = ek_x8_get(types[ti]);
         CHECK(x8 != NULL, "%s has no interleaved layout", ek_type_get(types[ti])->name);
         if (!x8) continue;
-        printf("x8 %s: %s kernel, up to %d tokens per call\n", ek_type_get(types[ti])->name,
-               x8->dot ? ek_simd() : "no SIMD (reference)", x8->dot ? x8->max_nx : 0);
+        if (x8->dot)
+            printf("x8 %s: %s kernel, up to %d tokens per call\n", ek_type_get(types[ti])->name, ek_simd(), x8->max_nx);
+        else
+            printf("x8 %s: no SIMD kernel in this build (matrices stay row-major)\n", ek_type_get(types[ti])->name);
         CHECK(x8->dot != NULL || strcmp(ek_simd(), "scalar") == 0, "%s: SIMD build (%s) without an x8 kernel",
               ek_type_get(types[ti])->name, ek_simd());
     }
@@ -362,7 +364,10 @@ static void test_exp_silu(void) {
                   ref_s);
         }
     }
-    printf("vector exp/silu: %s path, %d lanes checked\n", path, n_checked);
+    if (n_checked)
+        printf("vector exp/silu: %s path, %d lanes checked\n", path, n_checked);
+    else
+        printf("vector exp/silu: no vector path in this build\n");
 }
 
 /* ek_logit_stats against double precision, the bound of tests/test_kernels.py with the sums split
