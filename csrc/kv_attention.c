@@ -90,7 +90,7 @@ static inline void axpyf(float *y, float a, const float *x, int n) {
 static inline void scalef(float *y, float a, int n) {
     for (int i = 0; i < n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
 }
-float ek_exp_shift(float *x, int n, float m) { return exp_shift_ref(x, n, m); }
+float ek_exp_shift(float *x, int n, float m) { return ek_exp_shift_neon(x, n, m); }
 #else
 static inline float dotf(const float *a, const float *b, int n) {
     float s = 0.0f;

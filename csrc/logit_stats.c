@@ -27,6 +27,16 @@ void ek_logit_partial(const float *x, int n, float out[3]) {
     }
     m = ek_hmax256(vm);
     bad = _mm256_movemask_ps(nan) != 0;
+#elif defined(EK_NEON) && defined(__aarch64__)
+    float32x4_t vm = vdupq_n_f32(-INFINITY);
+    uint32x4_t nan = vdupq_n_u32(0);
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        vm = vmaxq_f32(vm, v);
+        nan = vorrq_u32(nan, vmvnq_u32(vceqq_f32(v, v)));
+    }
+    m = vmaxvq_f32(vm);
+    bad = vmaxvq_u32(nan) != 0;
 #endif
     for (; i < n; i++) {
         bad |= x[i] != x[i];
@@ -51,6 +61,19 @@ void ek_logit_partial(const float *x, int n, float out[3]) {
     }
     s = ek_hsum256(_mm256_add_ps(s0, s1));
     t = ek_hsum256(_mm256_add_ps(t0, t1));
+#elif defined(EK_NEON) && defined(__aarch64__)
+    const float32x4_t mv = vdupq_n_f32(m);
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, t0 = s0, t1 = s0;
+    for (; i + 8 <= n; i += 8) {
+        const float32x4_t za = vsubq_f32(vld1q_f32(x + i), mv), zb = vsubq_f32(vld1q_f32(x + i + 4), mv);
+        const float32x4_t ea = ek_exp_neg128(za), eb = ek_exp_neg128(zb);
+        s0 = vaddq_f32(s0, ea);
+        s1 = vaddq_f32(s1, eb);
+        t0 = vfmaq_f32(t0, ea, za);
+        t1 = vfmaq_f32(t1, eb, zb);
+    }
+    s = vaddvq_f32(vaddq_f32(s0, s1));
+    t = vaddvq_f32(vaddq_f32(t0, t1));
 #endif
     for (; i < n; i++) {
         const float z = x[i] - m, e = expf(z);

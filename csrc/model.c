@@ -740,7 +740,8 @@ static void norm_task(void *p, int ith, int nth) {
 
 /* g = silu(g) * u over n values. AVX2: 8 at a time, the sigmoid from e = exp(-|g|) <= 1 (no
  * overflow) as 1/(1+e) for g >= 0 and e/(1+e) below, with the softmax's vector exp (relative error
- * < 2e-7), a little faster than libm's expf in batches (docs/decisions.md). */
+ * < 2e-7), a little faster than libm's expf in batches (docs/decisions.md). NEON: the same per lane
+ * (ek_silu128). */
 static void swiglu_row(float *g, const float *u, size_t n) {
     size_t i = 0;
 #if defined(EK_AVX2)
@@ -752,6 +753,8 @@ static void swiglu_row(float *g, const float *u, size_t n) {
         const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), x); /* x's sign bit picks e/(1+e) */
         _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
     }
+#elif defined(EK_NEON) && defined(__aarch64__)
+    for (; i + 4 <= n; i += 4) vst1q_f32(g + i, vmulq_f32(ek_silu128(vld1q_f32(g + i)), vld1q_f32(u + i)));
 #endif
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }

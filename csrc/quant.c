@@ -56,6 +56,12 @@ void ek_fp16_to_fp32_row(const ek_fp16 *x, float *y, int n) {
 #if defined(EK_AVX2)
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+#elif defined(EK_NEON) && defined(__aarch64__)
+    for (; i + 8 <= n; i += 8) {
+        const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(x + i));
+        vst1q_f32(y + i, vcvt_f32_f16(vget_low_f16(h)));
+        vst1q_f32(y + i + 4, vcvt_high_f32_f16(h));
+    }
 #endif
     for (; i < n; i++) y[i] = ek_fp16_to_fp32(x[i]);
 }
@@ -114,11 +120,40 @@ static void quantize_row_q8a_avx2(const float *x, block_q8a *y, int n) {
         y[b].s = d * (float)ek_hsum256_epi32(sum);
     }
 }
+#elif defined(EK_NEON) && defined(__aarch64__)
+/* The same blocks as the reference for finite inputs: vmaxnm skips a NaN lane as fmaxf does,
+ * vcvtnq rounds to nearest even as lrintf does, and the saturating narrows are exact (|q| <= 127). */
+static void quantize_row_q8a_neon(const float *x, block_q8a *y, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        const float *xb = x + b * QK;
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+        for (int k = 0; k < 8; k++) {
+            v[k] = vld1q_f32(xb + 4 * k);
+            m = vmaxnmq_f32(m, vabsq_f32(v[k]));
+        }
+        const float d = vmaxnmvq_f32(m) / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int32x4_t q[8], sum = vdupq_n_s32(0);
+        for (int k = 0; k < 8; k++) {
+            q[k] = vcvtnq_s32_f32(vmulq_n_f32(v[k], id));
+            sum = vaddq_s32(sum, q[k]);
+        }
+        for (int k = 0; k < 2; k++) {
+            const int16x8_t h0 = vcombine_s16(vqmovn_s32(q[4 * k]), vqmovn_s32(q[4 * k + 1]));
+            const int16x8_t h1 = vcombine_s16(vqmovn_s32(q[4 * k + 2]), vqmovn_s32(q[4 * k + 3]));
+            vst1q_s8(y[b].qs + 16 * k, vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1)));
+        }
+        y[b].d = d;
+        y[b].s = d * (float)vaddvq_s32(sum);
+    }
+}
 #endif
 
 void ek_quantize_row_q8a(const float *x, block_q8a *y, int n) {
 #if defined(EK_AVX2)
     quantize_row_q8a_avx2(x, y, n);
+#elif defined(EK_NEON) && defined(__aarch64__)
+    quantize_row_q8a_neon(x, y, n);
 #else
     ek_quantize_row_q8a_ref(x, y, n);
 #endif

@@ -17,6 +17,11 @@
  * walks groups in memory order): a batch pass is compute-bound, and without the prefetch each
  * group's first pass stalls on memory the core could have been fetching meanwhile.
  *
+ * NEON: with +dotprod, sdot by lane dots 4 rows' codes with one broadcast group of 4 activations
+ * per instruction (the 16-byte halves of a 32-byte chunk are rows 0-3 and 4-7); without it,
+ * vmull_s8/vmlal_s8 against a group repeated twice, then pairwise adds. Q8_0's stored w + 128 goes
+ * back to signed with one xor (NEON has no u8 x s8 dot before i8mm).
+ *
  * The kernels accumulate, per row and block, (float)isum * (d * d_a) plus the block's offset
  * term (m * s_a for Q4_1, -8 d * s_a for Q4_0), in block order: the same sums as the row kernels
  * in quant.c up to the order of float additions. The plain C reference below reads the same
@@ -331,6 +336,255 @@ static void dot_q8_0_x8_avx2(int n, const void *w8, const void *act, size_t stri
 #undef CALL
 }
 #define DOT_X8_BEST(t) dot_##t##_x8_avx2, X8_NX
+
+/* ------------------------------------------------------------------------- */
+/* NEON: sdot by lane with +dotprod (one instruction per 4 rows and group),    */
+/* else vmull_s8/vmlal_s8 into int16 and pairwise adds into int32              */
+/* ------------------------------------------------------------------------- */
+#elif defined(EK_NEON) && defined(__aarch64__)
+/* Tokens per call: with sdot each token holds two int32x4 sums, two float32x4 accumulators and
+ * its activation block (6 of the 32 registers); without, four int16x8 / int32x4 sums instead, and
+ * 4 tokens moved ~285 vector registers per kernel through the stack against 28-76 with 2 (Release
+ * build's objdump). */
+#if defined(__ARM_FEATURE_DOTPROD)
+#define X8_NX 4
+#else
+#define X8_NX 2
+#endif
+
+EK_INLINE void prefetch_next_group(const uint8_t *blk, size_t group_bytes, size_t bsz) {
+    for (size_t c = 0; c < bsz; c += 64) __builtin_prefetch(blk + group_bytes + c);
+}
+
+/* 4 fp16 scales of rows 4h..4h+3 */
+EK_INLINE float32x4_t load_h4(const ek_fp16 *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+/* activation group j (4 bytes) of block a, repeated in both halves of 8 bytes */
+EK_INLINE int8x8_t act_group8(const block_q8a *a, int j) {
+    return vreinterpret_s8_s32(vld1_dup_s32((const int32_t *)(const void *)(a->qs + 4 * j)));
+}
+
+/* acc[t][h] (rows 4h..4h+3) += isum * (d * d_a) + m * s_a: the reference's two terms, fused */
+EK_INLINE void x8_block_end(float32x4_t (*acc)[2], int32x4_t (*s)[2], const float32x4_t *d, const float32x4_t *m,
+                            const void *act, size_t stride, int b, int nx) {
+    for (int t = 0; t < nx; t++) {
+        const block_q8a *a = ACT(act, stride, t) + b;
+        for (int h = 0; h < 2; h++) {
+            acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(s[t][h]), vmulq_n_f32(d[h], a->d));
+            if (m) acc[t][h] = vfmaq_n_f32(acc[t][h], m[h], a->s);
+        }
+    }
+}
+
+EK_INLINE void x8_store(float32x4_t (*acc)[2], int nx, float *out) {
+    for (int t = 0; t < nx; t++) {
+        vst1q_f32(out + (size_t)t * X8, acc[t][0]);
+        vst1q_f32(out + (size_t)t * X8 + 4, acc[t][1]);
+    }
+}
+
+#if defined(__ARM_FEATURE_DOTPROD)
+/* s[t][h] += the 16 bytes w (4 rows x 4 codes) against activation group j, held in lane j % 4 of
+ * A[t][j / 4]; j must be a constant (the lane is an immediate) */
+#define X8_SDOT(w, h, j)                                                                               \
+    for (int t = 0; t < nx; t++) s[t][h] = vdotq_laneq_s32(s[t][h], w, A[t][(j) / 4], (j) % 4)
+
+/* chunk c of a Q4 block: the low nibbles are group 2c, the high ones group 2c + 1 */
+#define X8_Q4_CHUNK(c)                                                                                 \
+    for (int h = 0; h < 2; h++) {                                                                      \
+        const uint8x16_t p = vld1q_u8(qs + 32 * (c) + 16 * h);                                         \
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(p, low4));                                   \
+        const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(p, 4));                                    \
+        X8_SDOT(lo, h, 2 * (c));                                                                       \
+        X8_SDOT(hi, h, 2 * (c) + 1);                                                                   \
+    }
+
+EK_INLINE void dot_q4_x8_neon(int n, const uint8_t *w8, int has_min, const void *act, size_t stride, int nx,
+                              float *out) {
+    const size_t bsz = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const size_t group_bytes = (size_t)(n / QK) * bsz;
+    const uint8x16_t low4 = vdupq_n_u8(0x0f);
+    float32x4_t acc[X8_NX][2];
+    for (int t = 0; t < nx; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        const uint8_t *blk = w8 + (size_t)b * bsz;
+        prefetch_next_group(blk, group_bytes, bsz);
+        const ek_fp16 *dh = (const ek_fp16 *)(const void *)blk;
+        const float32x4_t d[2] = {load_h4(dh), load_h4(dh + 4)};
+        const float32x4_t m[2] = {has_min ? load_h4(dh + 8) : vmulq_n_f32(d[0], -8.0f),
+                                  has_min ? load_h4(dh + 12) : vmulq_n_f32(d[1], -8.0f)};
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        int8x16_t A[X8_NX][2];
+        int32x4_t s[X8_NX][2];
+        for (int t = 0; t < nx; t++) {
+            const block_q8a *a = ACT(act, stride, t) + b;
+            A[t][0] = vld1q_s8(a->qs);
+            A[t][1] = vld1q_s8(a->qs + 16);
+            s[t][0] = s[t][1] = vdupq_n_s32(0);
+        }
+        X8_Q4_CHUNK(0)
+        X8_Q4_CHUNK(1)
+        X8_Q4_CHUNK(2)
+        X8_Q4_CHUNK(3)
+        x8_block_end(acc, s, d, m, act, stride, b, nx);
+    }
+    x8_store(acc, nx, out);
+}
+
+/* Q8_0: the stored w + 128 back to signed (xor 0x80), then sdot as for Q4 */
+#define X8_Q8_GROUP(j)                                                                                 \
+    for (int h = 0; h < 2; h++) {                                                                      \
+        const int8x16_t w = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 32 * (j) + 16 * h), flip));     \
+        X8_SDOT(w, h, j);                                                                              \
+    }
+
+EK_INLINE void dot_q8_0_x8_neon_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    const size_t group_bytes = (size_t)(n / QK) * sizeof(block_q8_0x8);
+    const uint8x16_t flip = vdupq_n_u8(0x80);
+    float32x4_t acc[X8_NX][2];
+    for (int t = 0; t < nx; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        prefetch_next_group((const uint8_t *)&wb[b], group_bytes, sizeof(block_q8_0x8));
+        const float32x4_t d[2] = {load_h4(wb[b].d), load_h4(wb[b].d + 4)};
+        const uint8_t *qs = (const uint8_t *)wb[b].qs;
+        int8x16_t A[X8_NX][2];
+        int32x4_t s[X8_NX][2];
+        for (int t = 0; t < nx; t++) {
+            const block_q8a *a = ACT(act, stride, t) + b;
+            A[t][0] = vld1q_s8(a->qs);
+            A[t][1] = vld1q_s8(a->qs + 16);
+            s[t][0] = s[t][1] = vdupq_n_s32(0);
+        }
+        X8_Q8_GROUP(0)
+        X8_Q8_GROUP(1)
+        X8_Q8_GROUP(2)
+        X8_Q8_GROUP(3)
+        X8_Q8_GROUP(4)
+        X8_Q8_GROUP(5)
+        X8_Q8_GROUP(6)
+        X8_Q8_GROUP(7)
+        x8_block_end(acc, s, d, NULL, act, stride, b, nx);
+    }
+    x8_store(acc, nx, out);
+}
+#else
+/* no sdot: 8-byte halves of a register (rows 2p, 2p + 1, 4 bytes each) times a group repeated twice
+ * with vmull_s8/vmlal_s8; int16 lanes then hold one row's products of one position in the group */
+
+/* [r0, r0, r1, r1] (x) and [r2, r2, r3, r3] (y) partial sums -> [r0, r1, r2, r3] */
+EK_INLINE int32x4_t pair_rows(int32x4_t x, int32x4_t y) { return vpaddq_s32(x, y); }
+
+EK_INLINE void dot_q4_x8_neon(int n, const uint8_t *w8, int has_min, const void *act, size_t stride, int nx,
+                              float *out) {
+    const size_t bsz = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const size_t group_bytes = (size_t)(n / QK) * bsz;
+    const uint8x16_t low4 = vdupq_n_u8(0x0f);
+    float32x4_t acc[X8_NX][2];
+    for (int t = 0; t < nx; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        const uint8_t *blk = w8 + (size_t)b * bsz;
+        prefetch_next_group(blk, group_bytes, bsz);
+        const ek_fp16 *dh = (const ek_fp16 *)(const void *)blk;
+        const float32x4_t d[2] = {load_h4(dh), load_h4(dh + 4)};
+        const float32x4_t m[2] = {has_min ? load_h4(dh + 8) : vmulq_n_f32(d[0], -8.0f),
+                                  has_min ? load_h4(dh + 12) : vmulq_n_f32(d[1], -8.0f)};
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        /* p16[t][q]: row pair q (rows 2q, 2q + 1); 8 products of at most 15 * 128 per lane fit int16 */
+        int16x8_t p16[X8_NX][4];
+        for (int t = 0; t < nx; t++)
+            for (int q = 0; q < 4; q++) p16[t][q] = vdupq_n_s16(0);
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t p = vld1q_u8(qs + 32 * c + 16 * h);
+                const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(p, low4));
+                const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(p, 4));
+                for (int t = 0; t < nx; t++) {
+                    const block_q8a *a = ACT(act, stride, t) + b;
+                    const int8x8_t g0 = act_group8(a, 2 * c), g1 = act_group8(a, 2 * c + 1);
+                    p16[t][2 * h] = vmlal_s8(vmlal_s8(p16[t][2 * h], vget_low_s8(lo), g0), vget_low_s8(hi), g1);
+                    p16[t][2 * h + 1] =
+                        vmlal_s8(vmlal_s8(p16[t][2 * h + 1], vget_high_s8(lo), g0), vget_high_s8(hi), g1);
+                }
+            }
+        int32x4_t s[X8_NX][2];
+        for (int t = 0; t < nx; t++)
+            for (int h = 0; h < 2; h++)
+                s[t][h] = pair_rows(vpaddlq_s16(p16[t][2 * h]), vpaddlq_s16(p16[t][2 * h + 1]));
+        x8_block_end(acc, s, d, m, act, stride, b, nx);
+    }
+    x8_store(acc, nx, out);
+}
+
+EK_INLINE void dot_q8_0_x8_neon_n(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+    const block_q8_0x8 *wb = (const block_q8_0x8 *)w8;
+    const size_t group_bytes = (size_t)(n / QK) * sizeof(block_q8_0x8);
+    const uint8x16_t flip = vdupq_n_u8(0x80);
+    float32x4_t acc[X8_NX][2];
+    for (int t = 0; t < nx; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        prefetch_next_group((const uint8_t *)&wb[b], group_bytes, sizeof(block_q8_0x8));
+        const float32x4_t d[2] = {load_h4(wb[b].d), load_h4(wb[b].d + 4)};
+        const uint8_t *qs = (const uint8_t *)wb[b].qs;
+        /* p32[t][q]: row pair q as [r, r, r + 1, r + 1]; groups j and j + 1 meet in int16 first
+         * (two products of at most 128 * 127 fit) */
+        int32x4_t p32[X8_NX][4];
+        for (int t = 0; t < nx; t++)
+            for (int q = 0; q < 4; q++) p32[t][q] = vdupq_n_s32(0);
+        for (int j = 0; j < 8; j += 2)
+            for (int h = 0; h < 2; h++) {
+                const int8x16_t w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 32 * j + 16 * h), flip));
+                const int8x16_t w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 32 * (j + 1) + 16 * h), flip));
+                for (int t = 0; t < nx; t++) {
+                    const block_q8a *a = ACT(act, stride, t) + b;
+                    const int8x8_t g0 = act_group8(a, j), g1 = act_group8(a, j + 1);
+                    p32[t][2 * h] =
+                        vpadalq_s16(p32[t][2 * h], vmlal_s8(vmull_s8(vget_low_s8(w0), g0), vget_low_s8(w1), g1));
+                    p32[t][2 * h + 1] =
+                        vpadalq_s16(p32[t][2 * h + 1], vmlal_s8(vmull_s8(vget_high_s8(w0), g0), vget_high_s8(w1), g1));
+                }
+            }
+        int32x4_t s[X8_NX][2];
+        for (int t = 0; t < nx; t++)
+            for (int h = 0; h < 2; h++) s[t][h] = pair_rows(p32[t][2 * h], p32[t][2 * h + 1]);
+        x8_block_end(acc, s, d, NULL, act, stride, b, nx);
+    }
+    x8_store(acc, nx, out);
+}
+#endif
+
+#if X8_NX == 4
+#define EK_X8_NX_NEON(CALL)                                                                           \
+    switch (nx) {                                                                                     \
+    case 4: CALL(4); break;                                                                           \
+    case 3: CALL(3); break;                                                                           \
+    case 2: CALL(2); break;                                                                           \
+    default: CALL(1); break;                                                                          \
+    }
+#else
+#define EK_X8_NX_NEON(CALL)                                                                           \
+    switch (nx) {                                                                                     \
+    case 2: CALL(2); break;                                                                           \
+    default: CALL(1); break;                                                                          \
+    }
+#endif
+
+static void dot_q4_0_x8_neon(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q4_x8_neon(n, (const uint8_t *)w8, 0, act, stride, k, out)
+    EK_X8_NX_NEON(CALL)
+#undef CALL
+}
+static void dot_q4_1_x8_neon(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q4_x8_neon(n, (const uint8_t *)w8, 1, act, stride, k, out)
+    EK_X8_NX_NEON(CALL)
+#undef CALL
+}
+static void dot_q8_0_x8_neon(int n, const void *w8, const void *act, size_t stride, int nx, float *out) {
+#define CALL(k) dot_q8_0_x8_neon_n(n, w8, act, stride, k, out)
+    EK_X8_NX_NEON(CALL)
+#undef CALL
+}
+#define DOT_X8_BEST(t) dot_##t##_x8_neon, X8_NX
 #else
 #define DOT_X8_BEST(t) NULL, 0 /* no interleaved SIMD kernel in this build: matrices stay row-major */
 #endif

@@ -16,6 +16,19 @@
 #include <arm_neon.h>
 #endif
 
+/* exp(x) for x <= 0: 2^n * p(r), relative error < 2e-7 (Cephes polynomial); the constants, shared by
+ * the 4-, 8- and 16-lane forms (NEON, AVX2, AVX-512): the clamp, log2(e), ln(2) in two parts, and p's coefficients */
+#define EK_EXP_MIN (-87.0f)
+#define EK_EXP_LOG2E 1.44269504088896341f
+#define EK_EXP_LN2_HI 0.693359375f
+#define EK_EXP_LN2_LO (-2.12194440e-4f)
+#define EK_EXP_P0 1.9875691500e-4f
+#define EK_EXP_P1 1.3981999507e-3f
+#define EK_EXP_P2 8.3334519073e-3f
+#define EK_EXP_P3 4.1665795894e-2f
+#define EK_EXP_P4 1.6666665459e-1f
+#define EK_EXP_P5 5.0000001201e-1f
+
 #if defined(EK_AVX2)
 static inline float ek_h2f(ek_fp16 h) { return _cvtsh_ss(h); }
 static inline float ek_hsum256(__m256 v) {
@@ -36,18 +49,6 @@ static inline float ek_hmax256(__m256 v) {
 static inline void ek_prefetch_bytes(const void *p, size_t n) {
     for (size_t b = 0; b < n; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
-/* exp(x) for x <= 0: 2^n * p(r), relative error < 2e-7 (Cephes polynomial); the constants, shared by
- * the 8- and 16-lane forms: the clamp, log2(e), ln(2) in two parts, and p's coefficients */
-#define EK_EXP_MIN (-87.0f)
-#define EK_EXP_LOG2E 1.44269504088896341f
-#define EK_EXP_LN2_HI 0.693359375f
-#define EK_EXP_LN2_LO (-2.12194440e-4f)
-#define EK_EXP_P0 1.9875691500e-4f
-#define EK_EXP_P1 1.3981999507e-3f
-#define EK_EXP_P2 8.3334519073e-3f
-#define EK_EXP_P3 4.1665795894e-2f
-#define EK_EXP_P4 1.6666665459e-1f
-#define EK_EXP_P5 5.0000001201e-1f
 static inline __m256 ek_exp_neg256(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(EK_EXP_MIN));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(EK_EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -108,6 +109,53 @@ static inline float ek_h2f(ek_fp16 h) {
 }
 #else
 static inline float ek_h2f(ek_fp16 h) { return ek_fp16_to_fp32(h); }
+#endif
+
+#if defined(EK_NEON) && defined(__aarch64__)
+/* ek_exp_neg256 on 4 lanes: the same clamp, reduction (round to nearest even, fused ln 2 steps) and
+ * polynomial, so each lane gives the AVX2 lane's bits */
+static inline float32x4_t ek_exp_neg128(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(EK_EXP_MIN));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, EK_EXP_LOG2E));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(EK_EXP_LN2_HI));
+    r = vfmsq_f32(r, n, vdupq_n_f32(EK_EXP_LN2_LO));
+    float32x4_t p = vdupq_n_f32(EK_EXP_P0);
+    p = vfmaq_f32(vdupq_n_f32(EK_EXP_P1), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EK_EXP_P2), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EK_EXP_P3), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EK_EXP_P4), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EK_EXP_P5), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+/* silu(x) = x * sigmoid(x), the sigmoid from e = exp(-|x|) <= 1 (no overflow) as 1/(1+e) for x >= 0
+ * and e/(1+e) below: the FFN's AVX2 form (model.c), lane for lane */
+static inline float32x4_t ek_silu128(float32x4_t x) {
+    const float32x4_t one = vdupq_n_f32(1.0f);
+    const float32x4_t e = ek_exp_neg128(vnegq_f32(vabsq_f32(x)));
+    const float32x4_t r = vdivq_f32(one, vaddq_f32(one, e));
+    const uint32x4_t neg = vreinterpretq_u32_s32(vshrq_n_s32(vreinterpretq_s32_f32(x), 31)); /* sign bit */
+    return vmulq_f32(x, vbslq_f32(neg, vmulq_f32(e, r), r));
+}
+/* x[i] = exp(x[i] - m) (x <= m) and their sum, 4 at a time; the tail through the same polynomial,
+ * so results do not depend on where a row ends (the softmax's NEON form) */
+static inline float ek_exp_shift_neon(float *x, int n, float m) {
+    const float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t e = ek_exp_neg128(vsubq_f32(vld1q_f32(x + i), vm));
+        vst1q_f32(x + i, e);
+        acc = vaddq_f32(acc, e);
+    }
+    float sum = vaddvq_f32(acc);
+    for (; i < n; i++) {
+        x[i] = vgetq_lane_f32(ek_exp_neg128(vdupq_n_f32(x[i] - m)), 0);
+        sum += x[i];
+    }
+    return sum;
+}
 #endif
 
 /* Name of the compiled path, for logs and `edgekv info`. */

@@ -9,6 +9,7 @@
 #include "edgekv.h"
 #include "edgekv_testing.h"
 #include "quant.h"
+#include "simd.h"
 
 static int failures = 0;
 
@@ -70,7 +71,19 @@ static void random_weights(int type, void *buf, int64_t n_in, int64_t n_out) {
 static void test_matmul(void) {
     const int types[] = {EK_TYPE_F32, EK_TYPE_F16, EK_TYPE_Q4_0, EK_TYPE_Q4_1, EK_TYPE_Q8_0};
     const int n_ins[] = {32, 64, 576, 1536};
-    const int n_toks[] = {1, 3, 4, 8, 9, 17}; /* x8 kernels take up to 4 or 8 tokens per call */
+    const int n_toks[] = {1, 2, 3, 4, 6, 8, 9, 17}; /* x8 kernels take up to 2, 4 or 8 tokens per call */
+    /* which x8 kernel impl 2 runs: every SIMD build has one for each interleaved type (NEON included) */
+    for (size_t ti = 2; ti < sizeof types / sizeof *types; ti++) {
+        const ek_x8_traits *x8 = ek_x8_get(types[ti]);
+        CHECK(x8 != NULL, "%s has no interleaved layout", ek_type_get(types[ti])->name);
+        if (!x8) continue;
+        if (x8->dot)
+            printf("x8 %s: %s kernel, up to %d tokens per call\n", ek_type_get(types[ti])->name, ek_simd(), x8->max_nx);
+        else
+            printf("x8 %s: no SIMD kernel in this build (matrices stay row-major)\n", ek_type_get(types[ti])->name);
+        CHECK(x8->dot != NULL || strcmp(ek_simd(), "scalar") == 0, "%s: SIMD build (%s) without an x8 kernel",
+              ek_type_get(types[ti])->name, ek_simd());
+    }
     for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
         for (size_t ii = 0; ii < sizeof n_ins / sizeof *n_ins; ii++)
             for (size_t ki = 0; ki < sizeof n_toks / sizeof *n_toks; ki++) {
@@ -332,6 +345,81 @@ static void test_softmax_exp(void) {
     for (int i = 0; i < 40; i++) CHECK(fabsf(y[i] - expf(z[i])) <= 1e-6f * expf(z[i]), "exp(%g) off", z[i]);
 }
 
+/* The vector exp (x <= 0) and SiLU of this build's SIMD path against double precision: relative
+ * 1e-6 (the softmax bound above), absolute below exp's clamp at -87 where results are ~1e-38. */
+static void test_exp_silu(void) {
+    const char *path = "none";
+    int n_checked = 0;
+    for (int i = 0; i < 4000; i++) {
+        float x[8];
+        for (int k = 0; k < 8; k++) x[k] = i < 3000 ? -100.0f * (float)(i * 8 + k) / 24000.0f : 40.0f * frand();
+        float e[8], si[8];
+        int lanes = 0;
+#if defined(EK_AVX2)
+        path = "avx2";
+        float xn[8];
+        for (int k = 0; k < 8; k++) xn[k] = -fabsf(x[k]);
+        _mm256_storeu_ps(e, ek_exp_neg256(_mm256_loadu_ps(xn)));
+        lanes = 8;
+        for (int k = 0; k < 8; k++) si[k] = NAN; /* the AVX2 SiLU is inline in model.c (Python forward tests) */
+#elif defined(EK_NEON) && defined(__aarch64__)
+        path = "neon";
+        for (int h = 0; h < 2; h++) {
+            const float32x4_t v = vld1q_f32(x + 4 * h);
+            vst1q_f32(e + 4 * h, ek_exp_neg128(vnegq_f32(vabsq_f32(v))));
+            vst1q_f32(si + 4 * h, ek_silu128(v));
+        }
+        lanes = 8;
+#endif
+        for (int k = 0; k < lanes; k++, n_checked++) {
+            const double xe = -fabs((double)x[k]), ref_e = exp(xe);
+            const double tol_e = xe < -87.0 ? 2e-38 : 1e-6 * ref_e;
+            CHECK(fabs(e[k] - ref_e) <= tol_e, "%s exp(%g) = %g, expected %g", path, xe, e[k], ref_e);
+            if (isnan(si[k])) continue;
+            const double ref_s = x[k] / (1.0 + exp(-(double)x[k]));
+            CHECK(fabs(si[k] - ref_s) <= 1e-6 * fabs(ref_s) + 1e-35, "%s silu(%g) = %g, expected %g", path, x[k], si[k],
+                  ref_s);
+        }
+    }
+    if (n_checked)
+        printf("vector exp/silu: %s path, %d lanes checked\n", path, n_checked);
+    else
+        printf("vector exp/silu: no vector path in this build\n");
+}
+
+/* ek_logit_stats against double precision, the bound of tests/test_kernels.py with the sums split
+ * into 8 lanes (NEON) as well as 16 (AVX2): (n / 8 + 2) * 2^-24 + 2e-7 relative on the sums. */
+static void test_logit_stats(void) {
+    const int ns[] = {1, 7, 16, 379, 4099};
+    for (size_t ni = 0; ni < sizeof ns / sizeof *ns; ni++) {
+        const int n = ns[ni];
+        float *x = malloc(sizeof(float) * n);
+        for (int row = 0; row < 4; row++) {
+            const float scale = row == 0 ? 0.1f : row == 1 ? 3.0f : 30.0f;
+            for (int i = 0; i < n; i++) x[i] = row == 3 ? (i == n / 2 ? 40.0f : -50.0f) : scale * frand();
+            float mx, log_s, ent;
+            CHECK(ek_logit_stats(x, 1, n, &mx, &log_s, &ent) == 0, "logit stats failed");
+            double m = -INFINITY, s = 0, t = 0;
+            for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+            for (int i = 0; i < n; i++) {
+                const double z = x[i] - m, e = exp(z);
+                s += e;
+                t += e * z;
+            }
+            const double rel = (n / 8.0 + 2) * 5.960464477539063e-08 + 2e-7, ref_ent = log(s) - t / s;
+            CHECK(mx == (float)m, "logit max n=%d row %d", n, row);
+            CHECK(fabs(log_s - log(s)) <= 2 * rel + 1e-7, "logit log_s n=%d row %d: %g vs %g", n, row, log_s, log(s));
+            CHECK(fabs(ent - ref_ent) <= 2 * rel * (1 + fabs(t / s)) + 1e-6, "logit entropy n=%d row %d: %g vs %g", n,
+                  row, ent, ref_ent);
+        }
+        x[n - 1] = NAN;
+        float mx, log_s, ent;
+        CHECK(ek_logit_stats(x, 1, n, &mx, &log_s, &ent) == 0 && isnan(mx) && isnan(log_s) && isnan(ent),
+              "a NaN logit (n=%d) must give NaN statistics", n);
+        free(x);
+    }
+}
+
 int main(void) {
     printf("edgekv C kernel tests (simd: %s)\n", ek_simd());
     test_fp16();
@@ -341,6 +429,8 @@ int main(void) {
     test_kv_records();
     test_kv_attention();
     test_softmax_exp();
+    test_exp_silu();
+    test_logit_stats();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;
