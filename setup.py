@@ -66,6 +66,8 @@ class BuildWithCMake(build_py):
             if not built:
                 raise SystemExit(f"edgekv: CMake finished but {pattern} is not under {build_dir}")
             pkg_dir.mkdir(parents=True, exist_ok=True)
+            for stale in pkg_dir.glob("libedgekv*"):  # from an earlier build of another kind in build/lib
+                stale.unlink()
             for lib in built:
                 shutil.copy2(lib, pkg_dir / lib.name)
         for header in ("edgekv.h", "edgekv_testing.h"):  # _native.py reads both cffi blocks
