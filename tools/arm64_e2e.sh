@@ -76,7 +76,9 @@ exec qemu-aarch64 -L "$RFS" -0 "\$0" "$ARMPY" "\$@"
 EOF
     chmod +x "$VENV/bin/python3"
     ln -s python3 "$VENV/bin/python"
-    "$VENV/bin/python" -m ensurepip >/dev/null
+    # pip itself (pure Python) put in by the host's pip: ensurepip under qemu takes minutes
+    SITE="$(env -u PYTHONPATH "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+    "$PY" -m pip install -q --no-compile --no-deps --target "$SITE" pip
     touch "$VENV/.complete"
 fi
 VPY=(env -u PYTHONPATH -u PYTHONHOME "$VENV/bin/python")
@@ -86,7 +88,7 @@ echo "   $("${VPY[@]}" -c 'import platform, sys; print("Python", sys.version.spl
 step "aarch64 wheel (cross-built, EDGEKV_VARIANTS=1)"
 rm -rf "$OUT/dist"
 EDGEKV_ARCH=portable EDGEKV_VARIANTS=1 EDGEKV_CMAKE_ARGS="-DCMAKE_TOOLCHAIN_FILE=$ROOT/cmake/aarch64-linux-gnu.cmake" \
-    "$PY" -m pip wheel . --no-deps -w "$OUT/dist/host" -q
+    "$PY" -m pip wheel . --no-deps -w "$OUT/dist/host" -q >"$OUT/wheel-build.log" 2>&1 || { tail -30 "$OUT/wheel-build.log"; exit 1; }
 PYTAG="$("${VPY[@]}" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 # the wheel's files do not depend on the Python version (cffi ABI mode): tag it for the arm64 Python
 WHEEL="$("$PY" - "$OUT/dist/host"/edgekv-*.whl "$OUT/dist" "$PYTAG-$PYTAG-linux_aarch64" <<'EOF'
@@ -115,6 +117,9 @@ for f, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         rows.append(f"{f},sha256={digest},{len(data)}")
 files[record] = ("\n".join(rows) + "\n").encode()
+meta = files[next(f for f in files if f.endswith(".dist-info/METADATA"))].decode()
+(out / "requires.txt").write_text("".join(l + "\n" for l in meta.splitlines()
+                                          if l.startswith("Requires-Dist:") and "extra ==" not in l))
 with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
     for f, data in files.items():
         zout.writestr(f, data)
@@ -123,10 +128,21 @@ EOF
 )"
 echo "   $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KiB)"
 
-step "install into the arm64 venv (dependencies from PyPI when not cached)"
-"${VPY[@]}" -m pip uninstall -q -y edgekv >/dev/null 2>&1 || true
-"${VPY[@]}" -m pip install -q --only-binary=:all: "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
-"${VPY[@]}" -m pip show -f edgekv | grep -q "libedgekv-dotprod.so" || { echo "the wheel did not install"; exit 1; }
+# pip under qemu is slow: the dependencies are installed once per requirement list (and no .pyc
+# compiled ahead), later runs reinstall only edgekv
+REQ_SUM="$(sha256sum "$OUT/dist/requires.txt" | cut -c1-16)"
+if [ "$(cat "$VENV/.deps-ok" 2>/dev/null)" = "$REQ_SUM" ]; then
+    step "install into the arm64 venv (dependencies cached)"
+    "${VPY[@]}" -m pip install -q --no-compile --no-deps --force-reinstall "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+else
+    step "install into the arm64 venv (dependencies from PyPI: arm64 wheels)"
+    "${VPY[@]}" -m pip uninstall -q -y edgekv >/dev/null 2>&1 || true
+    "${VPY[@]}" -m pip install -q --no-compile --only-binary=:all: "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+    rm -f "$VENV/.deps-ok"
+fi
+FILES="$("${VPY[@]}" -m pip show -f edgekv)"
+[[ "$FILES" == *"edgekv/libedgekv-dotprod.so"* ]] || { echo "the wheel did not install: $FILES"; exit 1; }
+[ -e "$VENV/.deps-ok" ] || { "${VPY[@]}" -m pip check && echo "$REQ_SUM" >"$VENV/.deps-ok"; }
 
 # ---------------------------------------------------------------------------------------------
 step "x86_64 reference: the checkout's build"
