@@ -376,8 +376,9 @@ if want fuzz; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 8. arm64 Python end to end under qemu: at most 900 s (cold about 8 min, with the Debian root and
-#    the venv cached about 3 min); exit 77 = this machine cannot run qemu-aarch64
+# 8. arm64 Python end to end under qemu: at most 900 s (measured on a shared 2-core machine: about
+#    4 min with the Debian root and venv cached, about 9 min the first time); exit 77 = this machine
+#    cannot run qemu-aarch64
 # ---------------------------------------------------------------------------------------------
 if want arm64py; then
     t=$SECONDS
