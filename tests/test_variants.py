@@ -6,6 +6,7 @@ tools/wheel_smoke.py run the real per-variant builds."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -167,3 +168,29 @@ def test_single_library_path_is_unchanged(tmp_path, monkeypatch):
                                               "single library, a source checkout's build")
     shutil.copy2(native.LIB_PATH, tmp_path / "libedgekv.so")
     assert native._library_path(tmp_path) == (tmp_path / "libedgekv.so", None, "single library")
+
+
+def test_info_says_which_variant_and_why(tmp_path):
+    """`edgekv info` names the loaded variant and the reason, in text and JSON."""
+    from make_tiny import write_tiny_model
+
+    pkg = _fake_package(tmp_path)
+    model = write_tiny_model(tmp_path / "tiny.gguf", arch="llama", weight_type="F16")
+    expect, _ = native.pick_variant({v for v, _, _ in native.VARIANTS[MACHINE]}, MACHINE,
+                                    native.cpu_features(MACHINE))
+    lowest = native.VARIANTS[MACHINE][-1][0]
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEKV_LIB", "EDGEKV_VARIANT")}
+    env["PYTHONPATH"] = str(pkg.parent)
+    cmd = [sys.executable, "-m", "edgekv", "info", "--model", str(model), "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("kernels "))
+    names = ", ".join(v for v, _, _ in native.VARIANTS[MACHINE])
+    assert line.split(None, 1)[1].startswith(
+        f"{expect} variant (libedgekv-{expect}.so): the best of this package's variants ({names}) that this CPU supports")
+    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=dict(env, EDGEKV_VARIANT=lowest),
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["variant"], info["variant_reason"], info["library"]) == (
+        lowest, "forced by EDGEKV_VARIANT", str(pkg / f"libedgekv-{lowest}.so"))
