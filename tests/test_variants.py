@@ -164,10 +164,15 @@ def test_single_library_path_is_unchanged(tmp_path, monkeypatch):
     """Without variants: the package's libedgekv.so, else the checkout's build/ (as before)."""
     monkeypatch.delenv("EDGEKV_LIB", raising=False)
     monkeypatch.delenv("EDGEKV_VARIANT", raising=False)
-    assert native._library_path(tmp_path) == (REPO / "build" / "libedgekv.so", None,
-                                              "single library, a source checkout's build")
-    shutil.copy2(native.LIB_PATH, tmp_path / "libedgekv.so")
-    assert native._library_path(tmp_path) == (tmp_path / "libedgekv.so", None, "single library")
+    checkout, pkg = tmp_path / "checkout", tmp_path / "pkg"
+    (checkout / "build").mkdir(parents=True)
+    pkg.mkdir()
+    shutil.copy2(native.LIB_PATH, checkout / "build" / "libedgekv.so")
+    monkeypatch.setattr(native, "_REPO", checkout)
+    assert native._library_path(pkg) == (checkout / "build" / "libedgekv.so", None,
+                                         "single library, a source checkout's build")
+    shutil.copy2(native.LIB_PATH, pkg / "libedgekv.so")
+    assert native._library_path(pkg) == (pkg / "libedgekv.so", None, "single library")
 
 
 def test_info_says_which_variant_and_why(tmp_path):
