@@ -16,7 +16,10 @@
 #   6. valgrind memcheck of the C API tests and the C driver (tiny models, and SmolLM2 when it can
 #      be had): no leaks, no invalid reads or writes
 #   7. fuzzing of the GGUF loader (tools/fuzz_gguf.py), EDGEKV_FUZZ_CASES cases (default 20000)
-#   (8. with EDGEKV_CI_WHEEL=1: tools/check_wheel.sh, the wheel in a fresh venv; needs PyPI)
+#   8. arm64py: tools/arm64_e2e.sh, bounded by `timeout 900`: the aarch64 wheel in an arm64 Python
+#      (Debian root + venv, cached under ~/.cache/edgekv/arm64) under qemu-user generates x86_64's
+#      16 greedy tokens of SmolLM2-135M; "skipped" only where qemu-aarch64 cannot run
+#   (9. with EDGEKV_CI_WHEEL=1: tools/check_wheel.sh, the wheel in a fresh venv; needs PyPI)
 #
 # It installs what it needs when missing (apt: cross compiler, qemu-user, valgrind; pip: cmake,
 # ninja), prints one summary line per step, and ends with "N passed, M failed, K skipped". A step
@@ -25,7 +28,7 @@
 #   EDGEKV_FUZZ_CASES  fuzz cases (default 20000);  EDGEKV_FUZZ_JOBS  workers (default: nproc)
 #   EDGEKV_CI_BUILD    build folder (default: build/native-checks)
 #   EDGEKV_CI_STEPS    steps to run, e.g. "x86 aarch64 e2e" (default: all of
-#                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz, plus wheel when EDGEKV_CI_WHEEL=1)
+#                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz arm64py, plus wheel when EDGEKV_CI_WHEEL=1)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,7 +38,7 @@ B="${EDGEKV_CI_BUILD:-$ROOT/build/native-checks}"
 FUZZ_CASES="${EDGEKV_FUZZ_CASES:-20000}"
 JOBS="${EDGEKV_FUZZ_JOBS:-$(nproc)}"
 SYSROOT=/usr/aarch64-linux-gnu
-STEPS="${EDGEKV_CI_STEPS:-x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz}"
+STEPS="${EDGEKV_CI_STEPS:-x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz arm64py}"
 if [ "${EDGEKV_CI_WHEEL:-0}" = 1 ] && [[ " $STEPS " != *" wheel "* ]]; then STEPS="$STEPS wheel"; fi
 LOG="$B/logs"
 mkdir -p "$LOG"
@@ -373,7 +376,26 @@ if want fuzz; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 8. wheel (optional)
+# 8. arm64 Python end to end under qemu: at most 900 s (measured on a shared 2-core machine: about
+#    4 min with the Debian root and venv cached, about 9 min the first time); exit 77 = this machine
+#    cannot run qemu-aarch64
+# ---------------------------------------------------------------------------------------------
+if want arm64py; then
+    t=$SECONDS
+    timeout 900 env PYTHON="$PY" bash tools/arm64_e2e.sh "$B/arm64-e2e" >"$LOG/arm64py.log" 2>&1
+    rc=$?
+    case $rc in
+        0) s=ok ;;
+        77) s=skipped ;;
+        124) s=FAIL; echo "arm64py: ran past its 900 s bound" ;;
+        *) s=FAIL ;;
+    esac
+    [ "$s" = FAIL ] && tail -30 "$LOG/arm64py.log"
+    result arm64py $s $((SECONDS - t)) "$(tail -1 "$LOG/arm64py.log")"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 9. wheel (optional)
 # ---------------------------------------------------------------------------------------------
 if want wheel; then
     t=$SECONDS

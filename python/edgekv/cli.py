@@ -639,6 +639,7 @@ def _info_lines(info: dict) -> Iterable[str]:
         ("context", ctx),
         ("KV cache", f"{kv:,} bytes/token ({_human_bytes(kv * info['ctx'])} for the full context)"),
         ("SIMD", info["simd"]),
+        ("kernels", _kernels_line()),
         ("threads", str(info["threads"])),
         ("file", info["path"]),
         ("file size", f"{_human_bytes(info['file_bytes'])} ({info['file_bytes']:,} bytes)"),
@@ -648,9 +649,19 @@ def _info_lines(info: dict) -> Iterable[str]:
         yield f"{k.ljust(width)}  {v}"
 
 
+def _kernels_line() -> str:
+    """Which library was loaded and why: a wheel's kernel variant picked for this CPU, or a single library."""
+    from . import _native
+    if _native.VARIANT:
+        return f"{_native.VARIANT} variant ({_native.LIB_PATH.name}): {_native.VARIANT_REASON}"
+    return f"{_native.LIB_PATH} ({_native.VARIANT_REASON})"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from . import _native
     with _load(args) as model:
         info = model.info()
+    info.update(variant=_native.VARIANT, variant_reason=_native.VARIANT_REASON, library=str(_native.LIB_PATH))
     if args.json:
         _out(json.dumps(_json_safe(info), indent=2) + "\n")
     else:
