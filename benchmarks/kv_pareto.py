@@ -42,6 +42,10 @@ CACHE = RESULTS / "cache" / "kv_pareto"
 POLICIES = "fp16,int8,int4,k4v3,int3,auto@4.5,auto@4,auto@3.5,rand@4,auto"
 LLAMA = "f16,q8_0,q5_0,q4_0"
 accuracy.LLAMA_TYPES.setdefault("q5_0", (6, 5.5))  # GGML_TYPE_Q5_0: blocks of 32, one fp16 scale
+SPEED_CTX, SPEED_REPS = 256, 8
+UNIFORM = ("fp16", "int8", "int4", "k4v3", "int3")
+UNIFORM_SLACK = 0.01  # a uniform policy's one map (about 0.01 bits) does not rule it out as auto@B's control
+SPEED_COLS = ("fp16", "auto", "int4")
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 
@@ -88,7 +92,7 @@ def run(args) -> None:
     import edgekv
 
     path = Path(edgekv.registry.resolve(args.model))
-    names = split_policies(args.policies)
+    names = [n for n in split_policies(args.policies) if n]
     types = [t for t in args.llama.split(",") if t]
     done = {("edgekv", n): load_cache(args.model, "edgekv", n) for n in names}
     done.update({("llama", t): load_cache(args.model, "llama", t) for t in types})
@@ -124,6 +128,39 @@ def run(args) -> None:
         finally:
             for r in runners.values():
                 r.close()
+
+
+def speed(args) -> dict:
+    """Decode ms/token at SPEED_CTX tokens, fp16 against each --speed-policies policy (benchmarks/decode.py's
+    way: one ek_forward per step through Model._eval, blocks of 16 steps taking turns, medians; here in
+    one Model, the cache refilled per policy per rep)."""
+    import edgekv
+    from edgekv._native import lib
+
+    path = Path(edgekv.registry.resolve(args.model))
+    names = ["fp16"] + [p for p in args.speed_policies.split(",") if p and p != "fp16"]
+    times: dict = {n: [] for n in names}
+    with edgekv.load(path, threads=args.threads, ctx=SPEED_CTX + 32, progress=False) as m:
+        ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:20000], special=False)[:SPEED_CTX], np.int32)
+        pols = {n: model_policy(m, n) for n in names}
+        for rep in range(SPEED_REPS):
+            for n in names if rep % 2 == 0 else names[::-1]:
+                m.score(ids, ids[:1], kv=pols[n])  # SPEED_CTX + 1 tokens cached under the policy
+                tok = np.array([int(np.argmax(m._logits))], np.int32)
+                with m._lock:
+                    for _ in range(16):
+                        t0 = time.perf_counter()
+                        m._eval(tok, lib.EK_LOGITS_LAST, m._logits, pols[n])
+                        times[n].append(1000 * (time.perf_counter() - t0))
+                        tok[0] = int(np.argmax(m._logits))
+    out = {"model": path.name, "ctx": SPEED_CTX, "steps_per_policy": len(times["fp16"]),
+           "ms_per_token": {n: float(np.median(t)) for n, t in times.items()}}
+    f = Path(args.out + "_speed.json")
+    prev = json.loads(f.read_text()) if f.is_file() else {}
+    prev[args.model] = out
+    f.write_text(json.dumps(prev, indent=1))
+    print(out, file=sys.stderr)
+    return out
 
 
 def paired(a: np.ndarray, b: np.ndarray, n_tok: int, resamples: int = 10000) -> dict:
@@ -175,10 +212,22 @@ def summarize(model: str) -> dict | None:
         if fp16 is not None:
             r["vs_fp16"] = paired(r["nll"], fp16["nll"], r["n_tok"])
         if r["engine"] == "edgekv":
-            bits = r["avg_bits_maps"]
+            bits = r["avg_bits"]  # llama.cpp's bits count its blocks' scales, as avg_bits does, and no map
             ref = [q for q in llama if q["avg_bits"] >= bits - 1e-9 and q["policy"] != "f16"]
             if ref:
                 r["vs_llama"] = {"type": ref[0]["policy"], **paired(r["nll"], ref[0]["nll"], r["n_tok"])}
+    uniform = [r for r in out if r["engine"] == "edgekv" and r["policy"] in UNIFORM]
+    for r in out:
+        if r["engine"] != "edgekv" or not r["policy"].startswith("auto@"):
+            continue
+        budget = float(r["policy"][5:])
+        cands = [u for u in uniform if u["avg_bits_maps"] <= budget + UNIFORM_SLACK]
+        if cands:
+            u = min(cands, key=lambda u: u["ppl"])
+            r["vs_uniform"] = {"policy": u["policy"], **paired(r["nll"], u["nll"], r["n_tok"])}
+        rnd = by.get(("edgekv", "rand@" + r["policy"][5:]))
+        if rnd is not None:
+            r["vs_random"] = paired(r["nll"], rnd["nll"], r["n_tok"])
     for r in out:
         r["nll"] = r["nll"].tolist()
     return {"model": model, "windows": len(ws), "rows": out}
@@ -193,7 +242,8 @@ def report(args) -> None:
          f"stored under the policy, {WINDOW - WINDOW_CTX} scored one at a time (W=0); llama.cpp on the same ids (one "
          "eval, its cache at the type). `bits`: Model.kv_avg_bits (records and scales); `bits+maps`: with the store's "
          "position maps. `rand@B`: auto@B's per-layer mix on randomly permuted layers. CIs: paired bootstrap over "
-         "windows. `vs llama.cpp`: against the llama.cpp type with the same or more bits than `bits+maps`.", ""]
+         "windows; llama.cpp rows against edgekv fp16. `vs llama.cpp`: against the llama.cpp type with the same or more "
+         "bits than `bits`.", ""]
     for s in res["models"]:
         L += [f"## {s['model']} ({s['windows']} windows)", "",
               "| engine | policy | bits | bits+maps | perplexity | vs fp16 [95% CI] | vs llama.cpp [95% CI] |",
@@ -207,11 +257,29 @@ def report(args) -> None:
                      f"| {r['engine']} | `{pol}` | {r['avg_bits']:.2f} | -- | ")
             L[-1] += (f"{r['ppl']:.3f} | " + (f"{v['pct']:+.2f}% [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] | " if v else "-- | ")
                       + (f"{vl['pct']:+.2f}% vs {vl['type']} [{vl['ci95'][0]:+.2f}, {vl['ci95'][1]:+.2f}] |" if vl else "-- |"))
+        ctl = [r for r in s["rows"] if r.get("vs_uniform") or r.get("vs_random")]
+        if ctl:
+            L += ["", "| policy | vs best uniform at <= B bits [95% CI] | vs rand@B (same mix, random layers) [95% CI] |",
+                  "|---|---|---|"]
+            f = lambda d: f"{d['pct']:+.2f}% [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
+            for r in ctl:
+                u, q = r.get("vs_uniform"), r.get("vs_random")
+                L.append(f"| `{r['policy']}` | " + (f"{f(u)} vs `{u['policy']}`" if u else "--") + " | "
+                         + (f(q) if q else "--") + " |")
         allocs = [r for r in s["rows"] if r.get("allocation")]
         for r in allocs:
             L.append("")
             L.append(f"`{r['policy']}` per layer (k, v): " + ", ".join(f"{i}:{k}/{v}" for i, (k, v) in enumerate(r["allocation"])))
         L.append("")
+    f = Path(args.out + "_speed.json")
+    if f.is_file():
+        L += ["## Decode speed at 256 tokens (`--speed`)", "", "| model | steps | " + " | ".join(SPEED_COLS) + " |",
+              "|---|---|" + "---|" * len(SPEED_COLS)]
+        for sp in json.loads(f.read_text()).values():
+            ms = sp["ms_per_token"]
+            L.append(f"| {sp['model']} | {sp['steps_per_policy']} | " + " | ".join(
+                f"{ms[c]:.2f} ms" if c in ms else "--" for c in SPEED_COLS) + " |")
+        L += ["", "Median ms/token over blocks of 16 decode steps taking turns (one Model, same run).", ""]
     L += [f"Machine: {machine_line(res['machine'])}", ""]
     Path(args.out + ".md").write_text("\n".join(L))
 
@@ -224,9 +292,14 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--llama", default=LLAMA, help="llama.cpp KV types ('' for none)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--speed", action="store_true", help="only time decode at 256 tokens: fp16 vs --speed-policies")
+    ap.add_argument("--speed-policies", default="auto,int4")
     ap.add_argument("--out", default=str(RESULTS / "kv_pareto"))
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.speed:
+        speed(args)
+        return
     if not args.report_only:
         run(args)
     report(args)
