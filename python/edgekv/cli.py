@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="write the profile into DIR instead of the cache's kv_profiles/")
     k.add_argument("--json", action="store_true", help="print the profile instead of a summary")
+    k.add_argument("--auto-only", action="store_true",
+                   help="keep the existing per-layer table and only pick the `--kv auto` budget again")
     k.set_defaults(func=cmd_calibrate)
     return parser
 
@@ -647,6 +649,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     path = registry.resolve(args.model, progress=True)
     prof = None if args.force else calibrate.find_profile(path)
     where = "existing profile"
+    if prof is not None and args.auto_only:
+        prof = calibrate.refresh_auto(prof, path, threads=args.threads, progress=True)
+        where = str(calibrate.save_profile(prof, args.out or calibrate.cache_profiles_dir()))
     if prof is None:
         prof = calibrate.calibrate(path, threads=args.threads, progress=True)
         where = str(calibrate.save_profile(prof, args.out or calibrate.cache_profiles_dir()))
