@@ -142,3 +142,12 @@ def test_allocator_gives_the_fragile_layer_more_bits():
         assert k[fragile] > max(others), (fragile, k)
         assert k[fragile] >= max(v)  # the values' damage is the ordinary layers'
 
+
+def test_registry_models_ship_their_profile():
+    from edgekv import registry
+
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b"):
+        sha = registry.get_entry(name)["sha256"]
+        prof = calibrate.load_profile(calibrate.SHIPPED / f"{sha}.json")
+        calibrate.check_profile(prof, sha)
+        assert prof["text"]["name"] == "edgekv/data/calibration.txt" and prof.get("auto_bits")
