@@ -45,7 +45,6 @@ accuracy.LLAMA_TYPES.setdefault("q5_0", (6, 5.5))  # GGML_TYPE_Q5_0: blocks of 3
 SPEED_CTX, SPEED_REPS = 256, 8
 UNIFORM = ("fp16", "int8", "int4", "k4v3", "int3")
 UNIFORM_SLACK = 0.01  # a uniform policy's one map (about 0.01 bits) does not rule it out as auto@B's control
-SPEED_COLS = ("fp16", "auto", "int4")
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 
@@ -273,12 +272,14 @@ def report(args) -> None:
         L.append("")
     f = Path(args.out + "_speed.json")
     if f.is_file():
-        L += ["## Decode speed at 256 tokens (`--speed`)", "", "| model | steps | " + " | ".join(SPEED_COLS) + " |",
-              "|---|---|" + "---|" * len(SPEED_COLS)]
-        for sp in json.loads(f.read_text()).values():
+        sps = json.loads(f.read_text()).values()
+        cols = list(dict.fromkeys(c for sp in sps for c in sp["ms_per_token"]))
+        L += ["## Decode speed at 256 tokens (`--speed`)", "", "| model | steps | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+        for sp in sps:
             ms = sp["ms_per_token"]
             L.append(f"| {sp['model']} | {sp['steps_per_policy']} | " + " | ".join(
-                f"{ms[c]:.2f} ms" if c in ms else "--" for c in SPEED_COLS) + " |")
+                f"{ms[c]:.2f} ms" if c in ms else "--" for c in cols) + " |")
         L += ["", "Median ms/token over blocks of 16 decode steps taking turns (one Model, same run).", ""]
     L += [f"Machine: {machine_line(res['machine'])}", ""]
     Path(args.out + ".md").write_text("\n".join(L))
