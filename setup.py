@@ -85,7 +85,7 @@ class BinaryDistribution(Distribution):
 setup(
     package_dir={"": "python"},
     packages=["edgekv"],
-    package_data={"edgekv": ["data/*"]},  # learned KV controller (ONNX + JSON) and rarity tables
+    package_data={"edgekv": ["data/*", "data/kv_profiles/*"]},  # KV controller, rarity tables, KV profiles
     cmdclass={"build_py": BuildWithCMake},
     distclass=BinaryDistribution,
     zip_safe=False,

@@ -44,6 +44,17 @@ def split_policies(s: str) -> list[str]:
     return out
 
 
+def score_window(m, ids, policy) -> dict:
+    """One window: ids[:WINDOW_CTX] stored under policy, the rest scored one token at a time.
+    nll: summed over the scored tokens; avg_bits: Model.kv_avg_bits (records and scales);
+    avg_bits_maps: the same with the store's position maps (Model.kv_bytes)."""
+    lp = m.score(ids[:WINDOW_CTX], ids[WINDOW_CTX:], kv=policy, sequential=True)
+    hp = m.hparams
+    elems = m.n_past * hp["n_layer"] * hp["n_head_kv"] * hp["head_dim"] * 2
+    return {"nll": float(-np.sum(lp)), "n": int(lp.size), "avg_bits": float(m.kv_avg_bits),
+            "avg_bits_maps": 8.0 * m.kv_bytes / elems}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -66,10 +77,10 @@ def main(argv=None) -> None:
             pol = parse_policy(name)
             nll, n, bits, t0 = [], 0, [], time.perf_counter()
             for w in windows:
-                lp = m.score(w[:WINDOW_CTX], w[WINDOW_CTX:], kv=pol, sequential=True)
-                nll.append(float(-np.sum(lp)))
-                n += lp.size
-                bits.append(m.kv_avg_bits)
+                one = score_window(m, w, pol)
+                nll.append(one["nll"])
+                n += one["n"]
+                bits.append(one["avg_bits"])
             rows.append({"policy": name, "ppl": float(np.exp(sum(nll) / n)), "avg_bits": float(np.mean(bits)),
                          "window_nll": nll, "n_scored": n, "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{name}: ppl {rows[-1]['ppl']:.3f} bits {rows[-1]['avg_bits']:.3f}", file=sys.stderr)

@@ -216,7 +216,9 @@ def _static_name(k: int, v: int) -> str:
 def parse_policy(spec, window: int = 0) -> KVPolicy:
     """A policy from a name ("fp16", "int8", "int4", "int3", "int2", "k4v2", "k4v3", ..., "sink:int3"
     (a static policy with the attention-sink guard), "adaptive", "adaptive@3.5", "layers:int4,0=k8v4"
-    (static bits per layer: the base for every layer, L=P or A-B=P for listed layers)),
+    (static bits per layer: the base for every layer, L=P or A-B=P for listed layers), "auto@4.0" (bits per
+    layer from the model's calibration profile, at most 4.0 average bits), "auto" (the cheapest calibrated
+    budget within 0.5% of fp16 perplexity on the calibration text)),
     a policy object or a callable."""
     if isinstance(spec, KVPolicy):
         return spec
@@ -235,6 +237,11 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
         m = re.fullmatch(rf"k({b})v({b})", s)
         if m:
             return StaticPolicy(int(m.group(1)), int(m.group(2)), window=window)
+        m = re.fullmatch(r"auto(?:@(\d+(?:\.\d*)?))?", s)
+        if m:  # static bits per layer from the model's calibration profile (edgekv.calibrate)
+            from .calibrate import CalibratedPolicy
+
+            return CalibratedPolicy(target_bits=float(m.group(1)) if m.group(1) else None, window=window)
         m = re.fullmatch(r"adaptive(?:@(\d+(?:\.\d*)?))?", s)
         if m:  # the learned controller (edgekv.controller); "adaptive@3.5" sets target_bits
             from .controller import LearnedPolicy
@@ -243,7 +250,7 @@ def parse_policy(spec, window: int = 0) -> KVPolicy:
         raise ValueError(
             f"unknown KV policy {spec!r}: use fp16, {', '.join(f'int{b}' for b in BITS if b != 16)}, a split form such as "
             "k4v2, sink:int3, adaptive, "
-            "layers:int4,0=k8v4, "
+            "layers:int4,0=k8v4, auto, auto@4.0, "
             "an edgekv.kv_policy.KVPolicy (e.g. RandomPolicy), or a callable"
         )
     if callable(spec):

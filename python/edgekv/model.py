@@ -479,6 +479,9 @@ class Model:
                 f"KV policy {policy.name!r} needs head_dim to be a multiple of 32; this model's head_dim is "
                 f"{self.hparams['head_dim']}, so its cache can only be fp16"
             )
+        prepare = getattr(policy, "prepare", None)  # calibrated policies (edgekv.calibrate) allocate here
+        if prepare is not None:
+            prepare(self)
         check_layers = getattr(policy, "check_layers", None)
         if check_layers is not None:
             check_layers(self.hparams["n_layer"])
