@@ -41,13 +41,13 @@ CTX = 1024
 
 
 def _prompts(n: int = 8) -> list[str]:
-    """Fixed prompts: the first n long-enough WikiText-2 lines, each asked to be continued."""
+    """Fixed prompts: the first n long-enough WikiText-2 lines, each to be continued at length."""
     src = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
     if not src.exists():
         src = Path("/work/shared/data/wikitext2_valid.txt")
     lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()
              if len(ln.strip()) > 200 and not ln.strip().startswith("=")]
-    return [f"Continue this text in the same style:\n\n{ln[:300]}" for ln in lines[:n]]
+    return [f"Write three paragraphs that continue this text:\n\n{ln[:300]}" for ln in lines[:n]]
 
 
 def _free_port() -> int:
@@ -78,7 +78,8 @@ class Server:
         else:
             cmd = [PY, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(THREADS),
                    "--n_threads_batch", str(THREADS), "--n_ctx", str(CTX), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--model_alias", name, "--verbose", "False"]
+                   "--port", str(self.port), "--model_alias", name, "--verbose", "False",
+                   "--interrupt_requests", "False"]  # queue concurrent requests (the default cuts the running one)
             ready = self.url + "/v1/models"
         self.log = open(f"/tmp/edgekv-serve-bench-{kind}-{os.getpid()}.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -131,9 +132,11 @@ def _stream(client, name: str, prompt: str, max_tokens: int, cancel_after: int =
     return {"start": t0, "times": times, "text": "".join(text)}
 
 
-def _round(server: Server, name: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
-    """`clients` concurrent streams (prompt i to client i), timed together."""
+def _round(server: Server, name: str, prompts: list[str], clients: int, max_tokens: int, tag: str = "") -> dict:
+    """`clients` concurrent streams (prompt i to client i, tagged so that no earlier round's KV is
+    reused beyond the chat template), timed together."""
     client = _client(server)
+    prompts = [f"[{tag}] {p}" for p in prompts]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as ex:
@@ -146,7 +149,7 @@ def _round(server: Server, name: str, prompts: list[str], clients: int, max_toke
     first = min(o["start"] + o["times"][0] for o in outs if o["times"])
     last = max(o["start"] + o["times"][-1] for o in outs if o["times"])
     decode = sum(len(o["times"]) - 1 for o in outs if o["times"])
-    return {"clients": clients, "tokens": toks, "wall_s": wall, "tok_s_all_in": toks / wall,
+    return {"clients": clients, "tokens": toks, "tokens_per_stream": [len(o["times"]) for o in outs], "wall_s": wall, "tok_s_all_in": toks / wall,
             "decode_tok_s": decode / (last - first) if last > first else None,
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
             "itl_p50_s": float(np.percentile(itl, 50)) if itl else None,
@@ -187,7 +190,7 @@ def _write(stem: str, data: dict, md: str) -> None:
 def _bench_md(data: dict) -> str:
     out = [f"# `edgekv serve` vs llama-cpp-python's server\n\n{machine_line(data['machine'])}\n\n"
            f"Streamed chat completions through the `openai` client, greedy, max_tokens {data['max_tokens']}, "
-           f"threads {THREADS}, ctx {CTX}, fixed WikiText-2 prompts (client i gets prompt i). Medians over "
+           f"threads {THREADS}, ctx {CTX}, fixed WikiText-2 prompts (client i gets prompt i, tagged per round so no earlier round's KV is reused past the chat template; llama-cpp-python's server runs with `--interrupt_requests False` so that concurrent requests queue instead of cutting the running one). Medians over "
            f"{data['repeats']} repeat(s); servers alternated one at a time in their own subprocess. "
            "decode tok/s: tokens after each stream's first, over the window from the first first-token to "
            "the last token (all streams); all-in: all tokens over the round's wall time. The machine is "
@@ -239,7 +242,7 @@ def bench(args) -> None:
                 try:
                     _stream(_client(srv), mname, prompts[0], 4)  # warm-up
                     for c in levels:
-                        row = _round(srv, mname, prompts, c, args.max_tokens)
+                        row = _round(srv, mname, prompts, c, args.max_tokens, tag=f"{rep}-{c}")
                         row["repeat"] = rep
                         m[kind].setdefault(str(c), []).append(row)
                         print(mname, kind, json.dumps(row), flush=True)
@@ -247,7 +250,7 @@ def bench(args) -> None:
                         _write("serve", data, _bench_md(data))
                 finally:
                     srv.stop()
-            m["inprocess"].append(_inprocess(gguf, prompts[0], args.max_tokens))
+            m["inprocess"].append(_inprocess(gguf, f"[{rep}-1] {prompts[0]}", args.max_tokens))
             m["targets"] = _targets(m)
             _write("serve", data, _bench_md(data))
             print(mname, "inprocess", m["inprocess"][-1], flush=True)
