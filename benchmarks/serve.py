@@ -323,7 +323,9 @@ def load(args) -> None:
 
 # ---- structured -------------------------------------------------------------------------------
 
-_S, _I, _N, _B = {"type": "string", "maxLength": 24}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+# bounded strings and integers: a small model may otherwise repeat a digit or letter up to max_tokens
+_S, _I = {"type": "string", "maxLength": 24}, {"type": "integer", "minimum": -100000, "maximum": 100000000}
+_N, _B = {"type": "number"}, {"type": "boolean"}
 
 
 def _obj(props: dict, required=None) -> dict:
