@@ -484,3 +484,47 @@ def test_cli_serve_prints_url_answers_and_stops_on_ctrl_c(smollm2_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+def test_serve_rss_stays_flat_as_sessions_come_and_go(smollm2_path):
+    """A session's KV store is a large calloc (n_ctx records, mostly never touched). Once glibc had
+    freed one such mmapped block it raised its mmap threshold and served the next ones from the heap,
+    zeroed in full: the `edgekv serve` process grew by hundreds of MB per new session (+81% RSS over
+    the 500-request load test). The server pins the threshold; RSS must stay flat here while
+    prompts with no shared prefix make it evict and create sessions over and over."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgekv", "serve", "--model", str(smollm2_path), "--threads", "1",
+                             "--ctx", "1024", "--port", str(port), "--max-sessions", "2", "--served-name", NAME],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        rss = []
+        for i in range(12):  # token-id prompts with distinct first tokens: no prefix to reuse
+            r = client.completions.create(model=NAME, prompt=[100 + 7 * i, 200, 300, 400], max_tokens=2, temperature=0)
+            assert r.choices[0].finish_reason in ("length", "stop")
+            rss.append(_rss_mib(proc.pid))
+        st = httpx.get(url + "/health", timeout=10).json()
+        assert st["evicted_sessions"] >= 8 and st["busy_sessions"] == 0
+        assert rss[-1] <= rss[1] * 1.05 + 8, f"server RSS grew: {[round(x) for x in rss]} MiB"
+    finally:
+        proc.terminate()
+        proc.wait(30)
