@@ -84,7 +84,7 @@ class BinaryDistribution(Distribution):
 
 setup(
     package_dir={"": "python"},
-    packages=["edgekv"],
+    packages=["edgekv", "edgekv.server"],
     package_data={"edgekv": ["data/*", "data/kv_profiles/*"]},  # KV controller, rarity tables, KV profiles
     cmdclass={"build_py": BuildWithCMake},
     distclass=BinaryDistribution,

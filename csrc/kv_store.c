@@ -2,6 +2,10 @@
 
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define EK_HAVE_MMAP 1
+#endif
 
 static int is_pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
 
@@ -24,9 +28,36 @@ static void set_layout(ek_kv_store *s) {
         for (int l = 0; l < s->n_layer; l++) map_layout(s, &s->per_layer[l]);
 }
 
+/* Zeroed memory whose pages are only committed when written. calloc promises that only while it
+ * maps the block itself: once a freed block has raised glibc's mmap threshold, the next pools come
+ * from the heap and are zeroed, i.e. committed, in full, and a process that opens and closes
+ * sessions grows by the whole reservation each time (benchmarks/results/serve_load.md). A header
+ * before the block keeps its size and the 64-byte alignment. */
+#define LAZY_HEADER 64
+static void *lazy_zalloc(size_t n) {
+#ifdef EK_HAVE_MMAP
+    void *p = mmap(NULL, n + LAZY_HEADER, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *(size_t *)p = n + LAZY_HEADER;
+    return (uint8_t *)p + LAZY_HEADER;
+#else
+    return calloc(n, 1);
+#endif
+}
+
+static void lazy_free(void *q) {
+    if (!q) return;
+#ifdef EK_HAVE_MMAP
+    uint8_t *p = (uint8_t *)q - LAZY_HEADER;
+    munmap(p, *(size_t *)p);
+#else
+    free(q);
+#endif
+}
+
 static void map_free(ek_kv_map *mp) {
     for (int i = 0; i < KV_NPOOLS; i++) {
-        free(mp->pools[i].data);
+        lazy_free(mp->pools[i].data);
         free(mp->pools[i].pos);
         mp->pools[i].data = NULL;
         mp->pools[i].pos = NULL;
@@ -35,7 +66,7 @@ static void map_free(ek_kv_map *mp) {
     mp->pool_of = NULL; mp->slot_of = NULL;
 }
 
-/* Pools reserve room for the whole context, but calloc hands out untouched pages: memory is only
+/* Pools reserve room for the whole context in untouched pages (lazy_zalloc): memory is only
  * committed as slots fill. Sized for the largest possible record so reconfiguring the groups never
  * needs a new block. */
 static int map_alloc(const ek_kv_store *s, ek_kv_map *mp, int layer0, int n_layers) {
@@ -48,7 +79,7 @@ static int map_alloc(const ek_kv_store *s, ek_kv_map *mp, int layer0, int n_laye
     const size_t max_rec = 2 * ek_kv_prec(KVP_F16)->record_bytes(s->head_dim, s->head_dim);
     for (int i = 0; i < KV_NPOOLS; i++) {
         ek_kv_pool *p = &mp->pools[i];
-        p->data = (uint8_t *)calloc((size_t)n_layers * s->n_kv_head * s->n_ctx, max_rec);
+        p->data = (uint8_t *)lazy_zalloc((size_t)n_layers * s->n_kv_head * s->n_ctx * max_rec);
         p->pos = (int32_t *)calloc((size_t)s->n_ctx, sizeof(int32_t));
         if (!p->data || !p->pos) goto fail;
     }

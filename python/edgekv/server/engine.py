@@ -15,25 +15,6 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_PREFILL_CHUNK = 256  # a long prompt shares steps with the decoding streams, chunk by chunk
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20
-
-
-def pin_mmap_threshold() -> bool:
-    """Keep glibc serving blocks of 1 MiB and more with mmap. A session's KV store is a large
-    calloc that is mostly never touched. By default glibc raises its mmap threshold when such a
-    block is freed, and serves the next one from the heap, zeroed in full. A server that closes
-    and creates sessions all day then grows by hundreds of MB per session (+81% RSS over 500
-    requests, benchmarks/results/serve_load.md). False where there is no glibc mallopt."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 class ModelEngine:
@@ -44,7 +25,6 @@ class ModelEngine:
     def __init__(self, model, max_batch: int):
         self.model = model
         self.max_batch = max_batch
-        pin_mmap_threshold()
 
     def new_session(self):
         return self.model.new_session()
