@@ -45,12 +45,15 @@ DATA = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
 # ---- the child: one edgekv build, driven over stdin/stdout ----------------------------------------
 
 def child() -> None:
+    """Drives its checkout through the public Session API (so a tree from before sessions, ABI < 9,
+    cannot be a side)."""
     import warnings
 
     import edgekv
 
-    lib = edgekv._native.lib
-    m, one, ids = None, np.zeros(1, np.int32), None
+    if not hasattr(edgekv.Model, "new_session"):
+        raise SystemExit(f"{edgekv.__file__}: this edgekv has no Session API (ABI < 9); pick a later commit")
+    m = s = ids = logits = None
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol goes to the parent
     for line in sys.stdin:
@@ -61,26 +64,26 @@ def child() -> None:
                 m.close()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ctx beyond the training context
-                m = edgekv.load(cmd["path"], threads=cmd["threads"], ctx=cmd["ctx"], kv=cmd["kv"], progress=False)
+                m = edgekv.load(cmd["path"], threads=cmd["threads"], ctx=cmd["ctx"], progress=False)
+            s = m.new_session(kv=cmd["kv"])
             reply = {"lib": str(edgekv._native.LIB_PATH), "edgekv": str(edgekv.__file__)}
         elif op == "prefill":
             ids = np.asarray(cmd["ids"], np.int32)
-            m._truncate(0)
+            s.truncate(0)
             t0 = time.perf_counter()
-            m._eval(ids, lib.EK_LOGITS_LAST, m._logits)
-            reply = {"s": time.perf_counter() - t0, "argmax": int(m._logits.argmax())}
+            logits = s.eval(ids)
+            reply = {"s": time.perf_counter() - t0, "argmax": int(logits.argmax())}
         elif op == "steps":
-            n0, times, toks = m.n_past, [], []
-            tok = int(m._logits.argmax())
+            n0, times, toks = len(s.tokens), [], []
+            tok = int(logits.argmax())
             for _ in range(cmd["n"]):
-                one[0] = tok
                 t0 = time.perf_counter()
-                m._eval(one, lib.EK_LOGITS_LAST, m._logits, defer=True)
+                step = s.eval([tok], defer=True)
                 times.append(time.perf_counter() - t0)
-                tok = int(m._logits.argmax())
+                tok = int(step.argmax())
                 toks.append(tok)
-            m._truncate(n0 - 1)  # back to the prefill minus its last token, which is re-run for the logits
-            m._eval(ids[-1:], lib.EK_LOGITS_LAST, m._logits)
+            s.truncate(n0 - 1)  # back to the prefill minus its last token, which is re-run for the logits
+            logits = s.eval(ids[-1:])
             reply = {"times": times, "tokens": toks}
         elif op == "quit":
             break

@@ -131,27 +131,26 @@ def run(args) -> None:
 
 def speed(args) -> dict:
     """Decode ms/token at SPEED_CTX tokens, fp16 against each --speed-policies policy (benchmarks/decode.py's
-    way: one ek_forward per step through Model._eval, blocks of 16 steps taking turns, medians; here in
-    one Model, the cache refilled per policy per rep)."""
+    way: one ek_forward per step through Session.eval, blocks of 16 steps taking turns, medians; here
+    one session per policy in one Model, each cache refilled per rep)."""
     import edgekv
-    from edgekv._native import lib
 
     path = Path(edgekv.registry.resolve(args.model))
     names = ["fp16"] + [p for p in args.speed_policies.split(",") if p and p != "fp16"]
     times: dict = {n: [] for n in names}
     with edgekv.load(path, threads=args.threads, ctx=SPEED_CTX + 32, progress=False) as m:
         ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:20000], special=False)[:SPEED_CTX], np.int32)
-        pols = {n: model_policy(m, n) for n in names}
+        sessions = {n: m.new_session(kv=model_policy(m, n)) for n in names}
         for rep in range(SPEED_REPS):
             for n in names if rep % 2 == 0 else names[::-1]:
-                m.score(ids, ids[:1], kv=pols[n])  # SPEED_CTX + 1 tokens cached under the policy
-                tok = np.array([int(np.argmax(m._logits))], np.int32)
-                with m._lock:
-                    for _ in range(16):
-                        t0 = time.perf_counter()
-                        m._eval(tok, lib.EK_LOGITS_LAST, m._logits, pols[n])
-                        times[n].append(1000 * (time.perf_counter() - t0))
-                        tok[0] = int(np.argmax(m._logits))
+                s = sessions[n]
+                s.truncate(0)
+                tok = int(np.argmax(s.eval(ids)))  # SPEED_CTX tokens cached under the policy
+                for _ in range(16):
+                    t0 = time.perf_counter()
+                    logits = s.eval([tok], defer=True)
+                    times[n].append(1000 * (time.perf_counter() - t0))
+                    tok = int(np.argmax(logits))
     out = {"model": path.name, "ctx": SPEED_CTX, "steps_per_policy": len(times["fp16"]),
            "ms_per_token": {n: float(np.median(t)) for n, t in times.items()}}
     f = Path(args.out + "_speed.json")

@@ -114,7 +114,6 @@ sys.path.insert(0, sys.argv[1])
 name, cache, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
 import numpy as np
 import edgekv
-from edgekv._native import lib
 models = {}
 for tag, where in (("mapped", cache), ("heap", "off")):
     os.environ["EDGEKV_WEIGHT_CACHE"] = where
@@ -122,10 +121,8 @@ for tag, where in (("mapped", cache), ("heap", "off")):
 assert models["mapped"]._gguf.weight_cache is not None and models["heap"]._gguf.weight_cache is None
 text = open(sys.argv[5], encoding="utf-8").read()[:4000]
 ids = np.asarray(models["mapped"].tokenize(text)[:256], dtype=np.int32)
-outs = {}
-for tag, m in models.items():
-    outs[tag] = np.empty(m.hparams["n_vocab"], np.float32)
-    m._eval_raw(ids, lib.EK_LOGITS_LAST, outs[tag])
+sessions = {tag: m.new_session() for tag, m in models.items()}
+outs = {tag: s.eval(ids) for tag, s in sessions.items()}
 assert np.array_equal(outs["mapped"], outs["heap"]), "mapped and heap weights gave different logits"
 nxt = {k: int(np.argmax(v)) for k, v in outs.items()}
 times = {k: [] for k in models}
@@ -134,7 +131,7 @@ for blk in range(steps // 8):
         time.sleep(0.02)
         for _ in range(8):
             t = time.perf_counter()
-            models[tag]._eval_raw(np.array([nxt[tag]], np.int32), lib.EK_LOGITS_LAST, outs[tag])
+            outs[tag] = sessions[tag].eval([nxt[tag]])
             times[tag].append(time.perf_counter() - t)
             nxt[tag] = int(np.argmax(outs[tag]))
 print(json.dumps({k + "_ms": 1000 * statistics.median(v) for k, v in times.items()} | {"steps": steps}))
