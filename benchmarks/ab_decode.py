@@ -44,16 +44,16 @@ DATA = REPO.parent / "shared" / "data" / "wikitext2_valid.txt"
 
 # ---- the child: one edgekv build, driven over stdin/stdout ----------------------------------------
 
-def child() -> None:
-    """Drives its checkout through the public Session API (so a tree from before sessions, ABI < 9,
-    cannot be a side)."""
+def child(via: str) -> None:
+    """Drives its checkout through public API only: sessions (per-step times; ABI 9 and later), or
+    Model.generate and its last_stats (one mean per block; every tree since the cache reuse of issue 17)."""
     import warnings
 
     import edgekv
 
-    if not hasattr(edgekv.Model, "new_session"):
-        raise SystemExit(f"{edgekv.__file__}: this edgekv has no Session API (ABI < 9); pick a later commit")
-    m = s = ids = logits = None
+    if via == "session" and not hasattr(edgekv.Model, "new_session"):
+        raise SystemExit(f"{edgekv.__file__}: this edgekv has no Session API (ABI < 9); use --via generate")
+    m = s = ids = logits = kv = None
     out = sys.stdout
     sys.stdout = sys.stderr  # only the protocol goes to the parent
     for line in sys.stdin:
@@ -64,9 +64,26 @@ def child() -> None:
                 m.close()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ctx beyond the training context
-                m = edgekv.load(cmd["path"], threads=cmd["threads"], ctx=cmd["ctx"], progress=False)
-            s = m.new_session(kv=cmd["kv"])
+                # generate: the policy given at load, so that every call has the same policy object
+                # (a prompt's cache is reused only under the very policy it was stored with)
+                m = edgekv.load(cmd["path"], threads=cmd["threads"], ctx=cmd["ctx"], progress=False,
+                                **({"kv": cmd["kv"]} if via == "generate" else {}))
+            kv = cmd["kv"]
+            s = m.new_session(kv=kv) if via == "session" else None
             reply = {"lib": str(edgekv._native.LIB_PATH), "edgekv": str(edgekv.__file__)}
+        elif op == "prefill" and via == "generate":
+            ids = [int(i) for i in cmd["ids"]]
+            t0 = time.perf_counter()
+            m.generate(ids, max_tokens=1, temperature=0)
+            reply = {"s": time.perf_counter() - t0}
+        elif op == "steps" and via == "generate":
+            # the same prompt again: its cache is reused exactly (0 tokens prefilled), then n greedy steps
+            text = m.generate(ids, max_tokens=cmd["n"] + 1, temperature=0)
+            st = m.last_stats
+            if st.prefilled_tokens != 0 or st.generated_tokens != cmd["n"] + 1:
+                raise SystemExit(f"generate re-ran {st.prefilled_tokens} prompt tokens / made "
+                                 f"{st.generated_tokens} of {cmd['n'] + 1}: not a clean decode block")
+            reply = {"times": [st.decode_ms_per_token / 1000], "tokens": text}
         elif op == "prefill":
             ids = np.asarray(cmd["ids"], np.int32)
             s.truncate(0)
@@ -94,13 +111,13 @@ def child() -> None:
 
 
 class Side:
-    def __init__(self, name: str, checkout: Path):
+    def __init__(self, name: str, checkout: Path, via: str):
         lib = checkout / "build" / "libedgekv.so"
         if not lib.is_file():
             raise SystemExit(f"{lib} is missing: build {checkout} first")
         env = dict(os.environ, EDGEKV_LIB=str(lib), PYTHONPATH=str(checkout / "python"))
         self.name, self.checkout = name, checkout
-        self.p = subprocess.Popen([sys.executable, __file__, "--_child"], stdin=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, __file__, "--_child", "--via", via], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(checkout))
 
     def ask(self, **cmd) -> dict:
@@ -156,12 +173,15 @@ def main(argv=None) -> None:
     ap.add_argument("--blocks", type=int, default=12, help="decode blocks per side and (policy, context)")
     ap.add_argument("--block", type=int, default=16, help="greedy steps per block")
     ap.add_argument("--gap-ms", type=float, default=20.0)
+    ap.add_argument("--via", choices=("session", "generate"), default="session",
+                    help="session: per-step times (both sides ABI >= 9); generate: Model.generate's "
+                         "decode ms/token per block (any tree, e.g. before sessions)")
     ap.add_argument("--name", default="ab_decode")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--_child", dest="child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child()
+        return child(args.via)
     if (args.b_commit is None) == (args.b_dir is None):
         ap.error("give exactly one of --b-commit and --b-dir")
 
@@ -176,7 +196,7 @@ def main(argv=None) -> None:
             b_dir = build_commit(args.b_commit, tmp / "b")
         else:
             b_dir = args.b_dir
-        sides = [Side("A", args.a_dir.resolve()), Side("B", b_dir.resolve())]
+        sides = [Side("A", args.a_dir.resolve(), args.via), Side("B", b_dir.resolve(), args.via)]
         commits = [subprocess.run(["git", "-C", str(s.checkout), "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip() for s in sides]
         ids_all = wikitext_ids(path, max(args.ctx))
@@ -221,12 +241,15 @@ def main(argv=None) -> None:
     info = machine(command_line("ab_decode.py", argv))
     res = {"machine": info, "model": args.model, "a": {"dir": str(args.a_dir), "commit": commits[0]},
            "b": {"dir": str(args.b_dir) if args.b_dir else None, "commit": commits[1]},
-           "threads": args.threads, "blocks": args.blocks, "block": args.block, "rows": rows}
+           "threads": args.threads, "via": args.via, "blocks": args.blocks, "block": args.block, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"# Decode ms/token: two edgekv builds in one run ({args.model})", "",
              f"A = {commits[0][:12]} ({args.a_dir}), B = {commits[1][:12]}. {args.threads} threads; "
-             f"{args.blocks} blocks of {args.block} greedy steps per side, alternating; medians; B/A is the median "
+             f"{args.blocks} blocks of {args.block} greedy steps per side, alternating; "
+             + ("per-step times through sessions" if args.via == "session" else
+                "per-block mean ms/token of Model.generate (its last_stats; the prompt's cache reused, 0 tokens re-run)")
+             + "; medians; B/A is the median "
              "of adjacent block-pair ratios with a bootstrap 95% interval. \"Same tokens\": both sides decoded the "
              "same greedy tokens in every block.", "",
              "| KV | context | A ms/token | B ms/token | B/A [95% CI] | same tokens |", "|---|---|---|---|---|---|"]
