@@ -171,7 +171,7 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 
 
 /* Keys of this precision and shape are scored against the int8-rounded query, in every build
- * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
+ * (AVX2 and NEON with integer dot products, plain C in float), so all builds compute the same
  * scores up to float rounding. */
 static int int_keys_ok(const ek_kv_type *t, int hd, int gs) {
     return t->qorder != EK_QORDER_NONE && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
