@@ -12,9 +12,9 @@
  * in the order the read-then-dot path used, so their scores equal that path's bit for bit.
  *
  * Values: every precision dequantized in registers (as above) and summed into accumulators that
- * start from o, record by record in the order of the read-then-sum path, so 16-, 8-, 4- and 2-bit
- * values give that path's bits exactly; 3- and 6-bit values differ from it in the last bit (their
- * old read was the plain-C reference, m + code * d in two roundings).
+ * start from o, record by record in the order of the read-then-sum path, so they give that path's
+ * bits exactly (for 3- and 6-bit values too, whose old read was the plain-C m + code * d: a code
+ * times an fp16 scale is exact in float, so the fused and the two-step forms agree).
  */
 #ifndef EDGEKV_KV_ATTENTION_NEON_H
 #define EDGEKV_KV_ATTENTION_NEON_H
