@@ -171,7 +171,7 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 
 
 /* Keys of this precision and shape are scored against the int8-rounded query, in every build
- * (AVX2 with integer dot products, NEON and plain C in float), so all builds compute the same
+ * (AVX2 and NEON with integer dot products, plain C in float), so all builds compute the same
  * scores up to float rounding. */
 static int int_keys_ok(const ek_kv_type *t, int hd, int gs) {
     return t->qorder != EK_QORDER_NONE && hd % 64 == 0 && hd <= 64 * QI_MAX_UNITS && gs <= QI_MAX_GS;
@@ -621,6 +621,12 @@ static inline float row_max(const float *x, int n) {
         for (int j = 0; j < ATTN_CHUNK; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(x + j), acc); /* a NaN x loses */
         return ek_hmax256(acc);
     }
+#elif defined(EK_NEON_KV)
+    if (n == ATTN_CHUNK) {
+        float32x4_t acc = vdupq_n_f32(-INFINITY);
+        for (int j = 0; j < ATTN_CHUNK; j += 4) acc = vmaxnmq_f32(acc, vld1q_f32(x + j)); /* maxNum: a NaN x loses */
+        return vmaxnmvq_f32(acc);
+    }
 #endif
     float cm = -INFINITY;
     for (int j = 0; j < n; j++) cm = x[j] > cm ? x[j] : cm;
@@ -683,6 +689,13 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
     }
 #endif
 #endif
+#if defined(EK_NEON_KV)
+    ek_neon_query qn; /* the row's NEON kernel scores the keys (int8 rows: where the AVX2 one would) */
+    const int int8 = kt->qorder != EK_QORDER_NONE;
+    const int k_neon = kt->score_neon && ek_neon_keys_ok(hd, gs) && (!int8 || int_keys_ok(kt, hd, gs)) &&
+                       ek_neon_query_prepare(&qn, q, gs, hd, kg, int8) == 0;
+    use_int = k_neon && int8;
+#endif
     /* no integer kernel here (another ISA, or a row without one): the same scores from the float path,
      * the query rounded to int8 and scaled back (a non-finite query stays as it is in both) */
     float q_i8[QI_MAX_GS * 64 * QI_MAX_UNITS];
@@ -705,6 +718,11 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
 #endif
                 kt->score_avx2(&qi, base, pool->rec_bytes, n, hd, kg, gs, sc, tile);
         } else
+#endif
+#if defined(EK_NEON_KV)
+        if (k_neon)
+            kt->score_neon(&qn, ek_kv_rec(s, pool, a->layer, a->head, c0), pool->rec_bytes, n, hd, kg, gs, sc);
+        else
 #endif
         {
             for (int j = 0; j < n; j++) {
@@ -759,6 +777,12 @@ void ek_attend_range(const ek_attn_args *a, const ek_kv_pool *pool, int j0, int 
         if (fused_values_ok(vt, hd, gs)) {
             vt->values_avx2(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg, sc, gs,
                             o);
+            continue;
+        }
+#endif
+#if defined(EK_NEON_KV)
+        if (vt->values_neon && ek_neon_values_ok(hd, gs)) {
+            vt->values_neon(ek_kv_rec(s, pool, a->layer, a->head, c0) + pool->k_bytes, pool->rec_bytes, n, hd, vg, sc, gs, o);
             continue;
         }
 #endif

@@ -20,8 +20,12 @@
  *     ek_attn_value_weight_max); AVX2 (and 6- and 3-bit values under AVX-512):
  *     codes converted to float in registers and summed with weight * scale;
  *     the minimum's share added once per group in both;
- *   - FP16 (and 8-bit keys; every precision in NEON and scalar builds): the
- *     tile is dequantized into an L1-sized scratch and processed in float.
+ *   - NEON: every precision's keys and values read straight from the records
+ *     (kv_attention_neon.h; 6-, 4-, 3- and 2-bit keys as integer dot products
+ *     with the int8 query);
+ *   - FP16 and 8-bit keys (AVX2), shapes no kernel takes, and every precision in
+ *     scalar builds: the tile is dequantized into an L1-sized scratch and
+ *     processed in float.
  * Partials from different chunks, pools or threads merge by log-sum-exp, so
  * work can be split across heads, pools and positions.
  *
@@ -75,7 +79,7 @@ void ek_attn_finish(const ek_attn_partial *p, const ek_kv_store *s, int gs, floa
 
 /* Where ek_attn_int_keys(kp, head_dim, gs) says so (6-, 4-, 3- and 2-bit keys, head_dim a multiple of 64
  * up to 256, gs <= 8), keys are scored against the int8-rounded query s * q8, in every build (AVX2
- * with integer dot products, NEON and plain C in float, so builds agree up to float rounding); q8
+ * and NEON with integer dot products, plain C in float, so builds agree up to float rounding); q8
  * and s come from ek_attn_query_i8 on each head's (rotated, scaled) query: s = max|q| / 127,
  * q8 = rint(q / s). It returns -1 for a non-finite query (then the plain query is used). */
 int ek_attn_query_i8(const float *q, int n, int8_t *q8, float *scale);

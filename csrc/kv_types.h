@@ -5,7 +5,8 @@
  * fp16 scales and minimums, see kv_quant.h), encode and decode (compiled SIMD and plain-C
  * reference), how its keys are scored and its values summed in each ISA. A kernel left NULL means
  * "this ISA has none for this precision": the attention then takes the next one down (AVX-512 ->
- * AVX2 -> dequantize the tile and work in float), which is always correct, only slower.
+ * AVX2 -> dequantize the tile and work in float; NEON -> dequantize), which is always correct, only
+ * slower.
  *
  * Nothing outside the table and its kernels branches on bits: the store, the attention, the model
  * and the Python package (ek_kv_precisions) read the rows. Adding a precision = an id below, a row
@@ -19,6 +20,7 @@
 #include <stdint.h>
 
 #include "kv_attention_int.h"
+#include "kv_attention_neon.h"
 #include "kv_attention_x512.h"
 #include "simd.h"
 
@@ -51,6 +53,13 @@ typedef void (*ek_kv_score_x512_fn)(const qi8_query *qi, const query512 *qz, con
 typedef int (*ek_kv_values_x512_fn)(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
                                     float *o_perm);
 #endif
+#if defined(EK_NEON_KV)
+/* as the AVX2 kernels, for one precision, the query from ek_neon_query_prepare (kv_attention_neon.h) */
+typedef void (*ek_kv_score_neon_fn)(const ek_neon_query *qn, const uint8_t *base, size_t stride, int n, int hd, int g,
+                                    int gs, float *sc);
+typedef void (*ek_kv_values_neon_fn)(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,
+                                     float *o);
+#endif
 
 typedef struct {
     int bits;                                /* storage bits per value (16: FP16) */
@@ -67,6 +76,10 @@ typedef struct {
 #if defined(EK_AVX512)
     ek_kv_score_x512_fn score_x512;          /* one group per record only (NULL: the AVX2 kernel) */
     ek_kv_values_x512_fn values_x512;        /* integer value sums (NULL: the AVX2 kernel) */
+#endif
+#if defined(EK_NEON_KV)
+    ek_kv_score_neon_fn score_neon;          /* keys scored from the records (NULL: dequantize, float) */
+    ek_kv_values_neon_fn values_neon;        /* value sum from the records (NULL: dequantize) */
 #endif
 } ek_kv_type;
 
@@ -112,6 +125,21 @@ void ek_x512_score_q2(const qi8_query *qi, const query512 *qz, const uint8_t *ba
 int ek_x512_values_q8(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
 int ek_x512_values_q4(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
 int ek_x512_values_q2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
+#endif
+#if defined(EK_NEON_KV)
+/* kv_attention_neon.c */
+#define EK_NEON_KERNELS(P)                                                                                           \
+    void ek_kv_score_##P##_neon(const ek_neon_query *qn, const uint8_t *base, size_t stride, int n, int hd, int g,    \
+                                int gs, float *sc);                                                                  \
+    void ek_kv_values_##P##_neon(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs,     \
+                                 float *o);
+EK_NEON_KERNELS(f16)
+EK_NEON_KERNELS(q8)
+EK_NEON_KERNELS(q6)
+EK_NEON_KERNELS(q4)
+EK_NEON_KERNELS(q3)
+EK_NEON_KERNELS(q2)
+#undef EK_NEON_KERNELS
 #endif
 
 #endif
