@@ -46,25 +46,19 @@ SPEED_CTX, SPEED_REPS = 256, 8
 UNIFORM = ("fp16", "int8", "int4", "k4v3", "int3")
 UNIFORM_SLACK = 0.01  # a uniform policy's one map (about 0.01 bits) does not rule it out as auto@B's control
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+TARGET_BITS = (8.5, 5.5, 4.5, 4.0, 3.5)  # issue 18's done-when budgets
 
 
 def model_policy(m, name: str):
     """A policy object for this model; rand@B: auto@B's bit mix on a random permutation of the layers."""
-    from edgekv.calibrate import CalibratedPolicy
-    from edgekv.kv_policy import LayerPolicy, StaticPolicy, parse_policy
+    from edgekv.calibrate import CalibratedPolicy, permuted_policy
+    from edgekv.kv_policy import parse_policy
 
     if not name.startswith("rand@"):
         return parse_policy(name)
     auto = CalibratedPolicy(float(name[5:]))
     auto.prepare(m)
-    alloc = auto.allocation
-    rng = np.random.default_rng(0)
-    for _ in range(100):  # a permutation that moves the mix (unless every layer has the same bits)
-        perm = rng.permutation(len(alloc))
-        if any(alloc[i] != alloc[j] for i, j in enumerate(perm)) or len(set(alloc)) == 1:
-            break
-    mixed = {layer: alloc[perm[layer]] for layer in range(len(alloc))}
-    pol = LayerPolicy(StaticPolicy(*mixed[0], sink=True), mixed)
+    pol = permuted_policy(auto.allocation, seed=0)
     pol.name = name
     return pol
 
@@ -226,9 +220,28 @@ def summarize(model: str) -> dict | None:
         rnd = by.get(("edgekv", "rand@" + r["policy"][5:]))
         if rnd is not None:
             r["vs_random"] = paired(r["nll"], rnd["nll"], r["n_tok"])
+    best = {}
+    for b in TARGET_BITS:  # the issue's targets: the best edgekv policy at <= b bits, maps included
+        cands = [r for r in out if r["engine"] == "edgekv" and "vs_fp16" in r and r["avg_bits_maps"] <= b + (
+            UNIFORM_SLACK if r["policy"] in UNIFORM else 1e-9)]
+        if cands:
+            r = min(cands, key=lambda r: r["ppl"])
+            best[str(b)] = {"policy": r["policy"], "avg_bits_maps": r["avg_bits_maps"], **r["vs_fp16"]}
     for r in out:
         r["nll"] = r["nll"].tolist()
-    return {"model": model, "windows": len(ws), "rows": out}
+    return {"model": model, "windows": len(ws), "rows": out, "best_at": best, "profile": profile_summary(model)}
+
+
+def profile_summary(model: str) -> dict | None:
+    """The shipped profile's noise check and allocator (edgekv.calibrate), for the report."""
+    from edgekv import calibrate, registry
+
+    try:
+        prof = calibrate.load_profile(calibrate.SHIPPED / f"{registry.get_entry(model)['sha256']}.json")
+    except (ValueError, KeyError):
+        return None
+    keep = ("text", "split_half", "allocator", "validation", "auto_bits", "seconds", "bits")
+    return {k: prof.get(k) for k in keep}
 
 
 def report(args) -> None:
@@ -264,6 +277,19 @@ def report(args) -> None:
                 u, q = r.get("vs_uniform"), r.get("vs_random")
                 L.append(f"| `{r['policy']}` | " + (f"{f(u)} vs `{u['policy']}`" if u else "--") + " | "
                          + (f(q) if q else "--") + " |")
+        if s.get("best_at"):
+            L += ["", "| at <= bits (maps included; a uniform policy's one map not counted) | best edgekv policy | "
+                  "vs fp16 [95% CI] |", "|---|---|---|"]
+            for b, d in s["best_at"].items():
+                L.append(f"| {b} | `{d['policy']}` ({d['avg_bits_maps']:.3f}) | {d['pct']:+.2f}% "
+                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
+        pr = s.get("profile")
+        if pr:
+            t, sh = pr.get("text") or {}, pr.get("split_half")
+            L += ["", f"Profile: {t.get('windows')} calibration windows of {t.get('context')} + {t.get('scored')} "
+                  f"tokens, levels {pr.get('bits')}, allocator `{pr.get('allocator') or 'floor+median (v1 default)'}`, "
+                  + (f"split-half Spearman of the per-layer damage {sh['spearman']} (median {sh['median']})"
+                     if sh else "no split-half check (one window)") + "."]
         allocs = [r for r in s["rows"] if r.get("allocation")]
         for r in allocs:
             L.append("")

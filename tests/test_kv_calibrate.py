@@ -30,7 +30,7 @@ def counted(monkeypatch):
 
     def fast(model, **kw):
         calls.append(model)
-        kw.update(n_ctx=96, n_scored=16)
+        kw.update(n_ctx=96, n_scored=16, windows=2)
         return real(model, **kw)
 
     monkeypatch.setattr(calibrate, "calibrate", fast)
@@ -51,7 +51,7 @@ def _fake_profile(n_layer: int, fragile_k: int | None = None) -> dict:
 
 def test_profile_round_trip_keyed_by_sha256(tiny_path, cache, tmp_path):
     path = tiny_path(arch="qwen2")
-    prof = calibrate.calibrate(path, threads=T, progress=False, n_ctx=96, n_scored=16)
+    prof = calibrate.calibrate(path, threads=T, progress=False, n_ctx=96, n_scored=16, windows=2)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     assert prof["sha256"] == sha and calibrate.model_sha256(path) == sha
     assert prof["text"]["sha256"] == hashlib.sha256(calibrate.CALIBRATION_TEXT.read_bytes()).hexdigest()
@@ -62,6 +62,19 @@ def test_profile_round_trip_keyed_by_sha256(tiny_path, cache, tmp_path):
         assert row["k"]["8"] == 0.0 and all(x >= 0 for x in row["k"].values())
     assert prof["edgekv"]["version"] == edgekv.__version__
     assert 2 < prof["auto_bits"] <= 16
+    # the noise check and the allocator's validation are in the profile, and consistent
+    assert prof["split_half"]["windows"] == [1, 1] and -1 <= prof["split_half"]["median"] <= 1
+    assert prof["allocator"] in calibrate.ALLOCATORS
+    rows = prof["validation"]
+    budgets = sorted({r["budget"] for r in rows})
+    assert budgets and set(budgets) <= set(calibrate.VALIDATE_BUDGETS)
+    total = {a: sum(r["kl"] for r in rows if r["allocator"] == a and r["policy"].startswith("auto@"))
+             for a in calibrate.ALLOCATORS}
+    assert total[prof["allocator"]] == min(total.values())
+    for b in budgets:
+        mine = [r for r in rows if r["budget"] == b]
+        assert {r["policy"] for r in mine} >= {f"auto@{b:g}", f"rand@{b:g}"}
+        assert any(r["allocator"] is None for r in mine)  # the uniform control
     out = calibrate.save_profile(prof, calibrate.cache_profiles_dir())
     assert out == cache / "kv_profiles" / f"{sha}.json"
     assert calibrate.load_profile(out) == json.loads(json.dumps(prof))
@@ -141,6 +154,31 @@ def test_allocator_gives_the_fragile_layer_more_bits():
         others = [b for i, b in enumerate(k) if i != fragile]
         assert k[fragile] > max(others), (fragile, k)
         assert k[fragile] >= max(v)  # the values' damage is the ordinary layers'
+
+
+def test_split_half_is_the_ranking_agreement_of_the_two_halves():
+    configs = [(layer, kind, 4) for layer in range(6) for kind in ("k", "v")]
+    damage = np.array([0.1, 0.5, 0.2, 0.9, 0.3, 0.4, 0.8, 0.05, 0.6, 0.7, 0.15, 0.25])
+    same = calibrate.split_half(configs, np.stack([damage, damage * 2, damage, damage * 3], axis=1))
+    assert same["windows"] == [2, 2] and same["spearman"] == {"k4": 1.0, "v4": 1.0} and same["median"] == 1.0
+    flipped = calibrate.split_half(configs, np.stack([damage, 1 / damage], axis=1))
+    assert flipped["spearman"] == {"k4": -1.0, "v4": -1.0}
+    assert calibrate.split_half(configs, damage[:, None]) is None  # one window has no halves
+
+
+def test_damage_table_modes():
+    prof = _fake_profile(8, fragile_k=2)
+    prof["layers"][5]["k"]["3"] = 0.0  # a layer that looks free at 3 bits (noise)
+    raw, med = calibrate.damage_table(prof, "k", "kl"), calibrate.damage_table(prof, "k", "median")
+    lv = calibrate.levels(prof)
+    assert raw[5, lv.index(3)] == raw[5, lv.index(4)] == 0.001  # never less damage with more bits
+    assert med[5, lv.index(3)] == 0.003 and (med >= raw).all()
+    assert (calibrate.damage_table(prof, "k", "floor") <= raw).all()
+    assert (calibrate.damage_table(prof, "k") == calibrate.damage_table(prof, "k", calibrate.DEFAULT_ALLOCATOR)).all()
+    with pytest.raises(ValueError, match="unknown KV allocator"):
+        calibrate.damage_table(prof, "k", "best")
+    with pytest.raises(ValueError, match="allocator"):
+        calibrate.check_profile(dict(prof, allocator="best"))
 
 
 def test_registry_models_ship_their_profile():

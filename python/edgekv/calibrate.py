@@ -10,11 +10,15 @@ is its own. int8 itself is measured once against fp16 (``int8_kl``). The result 
 keyed by the GGUF's sha256; ``auto@B`` (:class:`CalibratedPolicy`) spends a budget of B average
 bits where the profile says damage per bit is largest.
 
-Protocol: windows of CALIB_CTX + CALIB_SCORED tokens of the calibration text (by default the
-package's ``data/calibration.txt``: the project's own docs and GSM8K training problems, never the
-WikiText-2 evaluation text); the first CALIB_CTX tokens are stored under the policy, the last
-CALIB_SCORED are scored in one batch (they see each other at 16 bits: calibration ranks layers, it
-does not report quality).
+Protocol: CALIB_WINDOWS windows of CALIB_CTX + CALIB_SCORED tokens (the evaluation's shape: 384
+stored, 128 scored) spread over the calibration text (by default the package's ``data/calibration.txt``:
+the project's own docs and GSM8K training problems, never the WikiText-2 evaluation text); the first
+CALIB_CTX tokens are stored under the policy, the last CALIB_SCORED are scored in one batch (they see
+each other at 16 bits, so every scored position gives a full distribution to compare; calibration ranks
+layers, it does not report quality). The profile carries its own noise check: the rank agreement of the
+per-layer damage between two halves of the windows (``split_half``). The allocator's damage table is
+then chosen on the same windows (``validation``): each candidate's auto@B for a few budgets against the
+best uniform policy and the same bit mix on random layers, by KL from fp16.
 
 Profiles: registry models ship theirs in ``edgekv/data/kv_profiles/<sha256>.json``; any other GGUF is
 calibrated on first use of a calibrated policy and cached in ``<edgekv cache>/kv_profiles/``.
@@ -41,10 +45,14 @@ PROFILE_VERSION = 1
 DATA = Path(__file__).resolve().parent / "data"
 CALIBRATION_TEXT = DATA / "calibration.txt"
 SHIPPED = DATA / "kv_profiles"
-CALIB_CTX, CALIB_SCORED, CALIB_WINDOWS = 160, 32, 1
-AUTO_WINDOWS = 4              # windows on which kv="auto" picks its budget
+CALIB_CTX, CALIB_SCORED, CALIB_WINDOWS = 384, 128, 4
 AUTO_MAX_DPPL = 0.5           # kv="auto": the cheapest auto@B within this many percent of fp16
 AUTO_GRID = (3.5, 3.75, 4.0, 4.5, 5.0, 6.0)
+# damage tables the allocator may use (damage_table); calibration keeps the one whose auto@B does best on
+# its windows at VALIDATE_BUDGETS. Profiles without "allocator" (version 1 before it) used the last.
+ALLOCATORS = ("kl", "floor", "median", "floor+median")
+DEFAULT_ALLOCATOR = "floor+median"
+VALIDATE_BUDGETS = (3.5, 4.0, 4.5)
 # auto@B holds its average at or under B once the cache holds this many tokens (the sink's 8-bit
 # key is charged as if there were only this many; with fewer tokens its share is larger)
 SINK_BUDGET_TOKENS = 128
@@ -116,6 +124,8 @@ def check_profile(doc, sha: str | None = None, n_layer: int | None = None, where
             for b, x in t.items():
                 if not (b.isdigit() and int(b) in BITS and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
                     bad(f"layer {i} {kind!r}: entry {b!r}: {x!r} is not a bit-width with a finite damage >= 0")
+    if doc.get("allocator", DEFAULT_ALLOCATOR) not in ALLOCATORS:
+        bad(f"allocator {doc.get('allocator')!r} is not one of {ALLOCATORS}")
     auto = doc.get("auto_bits")
     if auto is not None and not (isinstance(auto, (int, float)) and 2 < auto <= 16):
         bad(f"auto_bits {auto!r} is not a budget in (2, 16]")
@@ -207,8 +217,8 @@ def _edgekv_commit() -> str | None:
 
 
 def calibrate(model, threads: int | None = None, progress: bool = True, text: str | None = None,
-              windows: int = CALIB_WINDOWS, auto_windows: int = AUTO_WINDOWS, n_ctx: int = CALIB_CTX,
-              n_scored: int = CALIB_SCORED, bits: Sequence[int] | None = None, pick_auto: bool = True) -> dict:
+              windows: int = CALIB_WINDOWS, n_ctx: int = CALIB_CTX, n_scored: int = CALIB_SCORED,
+              bits: Sequence[int] | None = None, pick_auto: bool = True) -> dict:
     """Measure a model's KV profile (see the module docstring). model: registry name or .gguf path."""
     import edgekv
     from tqdm import tqdm
@@ -224,48 +234,150 @@ def calibrate(model, threads: int | None = None, progress: bool = True, text: st
             raise ValueError(f"{path.name}: head_dim {m.hparams['head_dim']} cannot hold quantized KV records; "
                              "there is nothing to calibrate")
         n_layer = m.hparams["n_layer"]
-        wins = _text_windows(m, text, max(windows, auto_windows if pick_auto else 0), n_ctx, n_scored)
-        fp16 = StaticPolicy(16, 16)
+        wins = _text_windows(m, text, windows, n_ctx, n_scored)
         configs = [(layer, kind, b) for layer in range(n_layer) for kind in ("k", "v") for b in bits]
-        per_layer = sorted(set(np.linspace(0, len(wins) - 1, min(windows, len(wins))).round().astype(int).tolist()))
-        n_auto = len(AUTO_GRID) if pick_auto else 0
-        bar = tqdm(total=len(wins) + len(configs) * len(per_layer) + n_auto * len(wins),
-                   desc=f"calibrate {path.name}", unit="run", disable=not progress, dynamic_ncols=True)
+        n_check = len(VALIDATE_BUDGETS) * (len(ALLOCATORS) + 2) + len(AUTO_GRID) if pick_auto else 0
+        bar = tqdm(total=len(wins) * (2 + len(configs) + n_check), desc=f"calibrate {path.name}", unit="run",
+                   disable=not progress, dynamic_ncols=True)
         refs, ref8, int8_kl = [], [], []
-        r8 = StaticPolicy(REFERENCE_BITS, REFERENCE_BITS, sink=True)
-        for i, w in enumerate(wins):
-            refs.append(_window_logprobs(m, w, n_ctx, fp16))
-            if i in per_layer:
-                ref8.append(_window_logprobs(m, w, n_ctx, r8))
-                int8_kl.append(_compare(refs[-1], ref8[-1], w[n_ctx:])[0])
-            bar.update()
         R = REFERENCE_BITS
+        r8 = StaticPolicy(R, R, sink=True)
+        for w in wins:
+            refs.append(_window_logprobs(m, w, n_ctx, StaticPolicy(16, 16)))
+            ref8.append(_window_logprobs(m, w, n_ctx, r8))
+            int8_kl.append(_compare(refs[-1], ref8[-1], w[n_ctx:])[0])
+            bar.update(2)
+        kl = np.zeros((len(configs), len(wins)))
+        dl = np.zeros_like(kl)
+        for c, (layer, kind, b) in enumerate(configs):
+            pol = LayerPolicy(r8, {layer: (b, R) if kind == "k" else (R, b)})
+            for i, (w, ref) in enumerate(zip(wins, ref8)):
+                kl[c, i], dl[c, i] = _compare(ref, _window_logprobs(m, w, n_ctx, pol), w[n_ctx:])
+                bar.update()
         table = [{"k": {str(R): 0.0}, "v": {str(R): 0.0}, "k_dlogppl": {str(R): 0.0}, "v_dlogppl": {str(R): 0.0}}
                  for _ in range(n_layer)]
-        for layer, kind, b in configs:
-            pol = LayerPolicy(r8, {layer: (b, R) if kind == "k" else (R, b)})
-            kls, dls = [], []
-            for w, ref in zip([wins[i] for i in per_layer], ref8):
-                kl, dl = _compare(ref, _window_logprobs(m, w, n_ctx, pol), w[n_ctx:])
-                kls.append(kl)
-                dls.append(dl)
-                bar.update()
-            table[layer][kind][str(b)] = float(np.mean(kls))
-            table[layer][kind + "_dlogppl"][str(b)] = float(np.mean(dls))
+        for c, (layer, kind, b) in enumerate(configs):
+            table[layer][kind][str(b)] = float(kl[c].mean())
+            table[layer][kind + "_dlogppl"][str(b)] = float(dl[c].mean())
         prof = {
             "format": PROFILE_FORMAT, "version": PROFILE_VERSION, "model": path.name, "sha256": sha,
             "n_layer": n_layer, "n_head_kv": m.hparams["n_head_kv"], "head_dim": m.hparams["head_dim"],
-            "kv_layout": m.kv_layout, "metric": "mean KL(fp16 || quantized) per scored token, nats",
+            "kv_layout": m.kv_layout, "metric": f"mean KL(int{R} || one layer quantized) per scored token, nats",
             "text": {"name": text_name, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                     "windows": len(per_layer), "context": n_ctx, "scored": n_scored},
+                     "windows": len(wins), "context": n_ctx, "scored": n_scored},
             "reference": f"int{R}", "int8_kl": float(np.mean(int8_kl)), "bits": [R, *bits], "layers": table,
+            "split_half": split_half(configs, kl),
             "edgekv": {"version": edgekv.__version__, "commit": _edgekv_commit()},
         }
         if pick_auto:
+            _validate_allocators(m, prof, wins, refs, n_ctx, bar)
             _auto_curve(m, prof, wins, refs, n_ctx, bar)
         bar.close()
     prof["seconds"] = round(time.perf_counter() - t0, 1)
     return check_profile(prof, sha, n_layer)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def split_half(configs, kl: np.ndarray) -> dict | None:
+    """The profile's own noise check: Spearman correlation, across layers, of the damage measured on the
+    even windows against the odd ones, per (keys or values, bits), and its median. Near 1: the ranking
+    the allocator uses is the text's, not the noise's; near 0: it is chance."""
+    if kl.shape[1] < 2:
+        return None
+    a, b = kl[:, 0::2].mean(axis=1), kl[:, 1::2].mean(axis=1)
+    out = {}
+    for kind in ("k", "v"):
+        for bits in sorted({c[2] for c in configs}, reverse=True):
+            idx = [i for i, c in enumerate(configs) if c[1] == kind and c[2] == bits]
+            rho = _spearman(a[idx], b[idx])
+            if rho is not None:
+                out[f"{kind}{bits}"] = round(rho, 3)
+    vals = list(out.values())
+    return {"windows": [int(kl.shape[1] + 1) // 2, int(kl.shape[1]) // 2], "spearman": out,
+            "median": round(float(np.median(vals)), 3) if vals else None}
+
+
+def _mean_kl(m, pol, wins, refs, n_ctx: int, bar=None) -> tuple[float, float, float]:
+    """(mean KL from fp16, Δ perplexity % against fp16, average bits with maps) of pol on the windows."""
+    kls, dls, bts = [], [], []
+    for w, ref in zip(wins, refs):
+        kl, dl = _compare(ref, _window_logprobs(m, w, n_ctx, pol), w[n_ctx:])
+        kls.append(kl)
+        dls.append(dl)
+        bts.append(8.0 * m.kv_bytes / (m.n_past * _elems_per_position(m)))
+        if bar is not None:
+            bar.update()
+    return float(np.mean(kls)), 100 * float(np.expm1(np.mean(dls))), float(np.mean(bts))
+
+
+def permuted_policy(alloc: list[tuple[int, int]], seed: int = 0) -> LayerPolicy:
+    """rand@B, the control: the same per-layer (key, value) bits on randomly permuted layers."""
+    rng = np.random.default_rng(seed)
+    for _ in range(100):  # a permutation that moves the mix (unless every layer has the same bits)
+        perm = rng.permutation(len(alloc))
+        if any(alloc[i] != alloc[j] for i, j in enumerate(perm)) or len(set(alloc)) == 1:
+            break
+    mixed = {layer: alloc[perm[layer]] for layer in range(len(alloc))}
+    return LayerPolicy(StaticPolicy(*mixed[0], sink=True), mixed)
+
+
+UNIFORM = ((8, 8), (6, 4), (4, 4), (4, 3), (3, 3), (3, 2))  # the uniform controls, most bits first
+
+
+def best_uniform(budget: float, groups) -> tuple[int, int] | None:
+    """The uniform (key, value) bits with the most bits at or under budget (records and scales)."""
+    for k, v in UNIFORM:
+        if (element_bits(k, groups) + element_bits(v, groups)) / 2 <= budget + 1e-9:
+            return k, v
+    return None
+
+
+def _validate_allocators(m, prof: dict, wins, refs, n_ctx: int, bar=None) -> None:
+    """prof["allocator"]: of ALLOCATORS, the damage table whose auto@B has the least KL from fp16 summed
+    over VALIDATE_BUDGETS on the calibration windows; prof["validation"]: every candidate's KL and
+    Δ perplexity there, with the best uniform policy and the chosen mix on random layers (rand@B)."""
+    hp = m.hparams
+    epl = 2 * hp["n_head_kv"] * hp["head_dim"]
+    floor = min_budget(prof, m.kv_groups, epl)
+    rows, seen, total = [], {}, {a: 0.0 for a in ALLOCATORS}
+    budgets = [b for b in VALIDATE_BUDGETS if b >= floor]
+    for budget in budgets:
+        n_new = 0
+        for mode in ALLOCATORS:
+            alloc = list(zip(*allocate(prof, budget, m.kv_groups, epl, mode=mode)))
+            key = (budget, tuple(alloc))
+            if key not in seen:
+                pol = LayerPolicy(StaticPolicy(*alloc[0], sink=True), dict(enumerate(alloc)))
+                seen[key] = _mean_kl(m, pol, wins, refs, n_ctx, bar)
+                n_new += 1
+            kl, dppl, bits = seen[key]
+            total[mode] += kl
+            pred = sum(damage_table(prof, kind, "kl")[layer, levels(prof).index(b)]
+                       for layer, kv in enumerate(alloc) for kind, b in zip("kv", kv))
+            rows.append({"budget": budget, "policy": f"auto@{budget:g}", "allocator": mode, "kl": kl,
+                         "dppl_pct": dppl, "avg_bits": bits, "additive_kl": float(pred + prof["int8_kl"])})
+        if bar is not None:
+            bar.update((len(ALLOCATORS) - n_new) * len(wins))
+    best = min(ALLOCATORS, key=lambda a: (total[a], ALLOCATORS.index(a))) if budgets else DEFAULT_ALLOCATOR
+    for budget in budgets:
+        alloc = list(zip(*allocate(prof, budget, m.kv_groups, epl, mode=best)))
+        for name, pol in (("rand", permuted_policy(alloc)),
+                          ("uniform", StaticPolicy(*best_uniform(budget, m.kv_groups)))):
+            kl, dppl, bits = _mean_kl(m, pol, wins, refs, n_ctx, bar)
+            rows.append({"budget": budget, "policy": pol.name if name == "uniform" else f"rand@{budget:g}",
+                         "allocator": best if name == "rand" else None, "kl": kl, "dppl_pct": dppl, "avg_bits": bits})
+    prof["allocator"] = best
+    prof["validation"] = rows
 
 
 def _auto_curve(m, prof: dict, wins, refs, n_ctx: int, bar=None) -> None:
@@ -273,36 +385,37 @@ def _auto_curve(m, prof: dict, wins, refs, n_ctx: int, bar=None) -> None:
     curve = []
     hp = m.hparams
     floor = min_budget(prof, m.kv_groups, 2 * hp["n_head_kv"] * hp["head_dim"])
-    for budget in [b for b in AUTO_GRID if b >= floor]:
+    for budget in AUTO_GRID:
+        if budget < floor:
+            if bar is not None:
+                bar.update(len(wins))
+            continue
         pol = CalibratedPolicy(budget)
         pol.prepare(m, profile=prof)
-        dl, bts = [], []
-        for w, ref in zip(wins, refs):
-            dl.append(_compare(ref, _window_logprobs(m, w, n_ctx, pol), w[n_ctx:])[1])
-            bts.append(8.0 * m.kv_bytes / (m.n_past * _elems_per_position(m)))
-            if bar is not None:
-                bar.update()
-        curve.append({"budget": budget, "avg_bits": float(np.mean(bts)),
-                      "dppl_pct": 100 * float(np.expm1(np.mean(dl))), "policy": pol.layer_policy.name})
+        kl, dppl, bits = _mean_kl(m, pol, wins, refs, n_ctx, bar)
+        curve.append({"budget": budget, "avg_bits": bits, "kl": kl, "dppl_pct": dppl,
+                      "policy": pol.layer_policy.name})
     prof["auto_curve"] = curve
     prof["auto_text"] = {"windows": len(wins), "context": n_ctx, "scored": int(wins[0].size - n_ctx)}
     prof["auto_bits"] = pick_auto_budget(curve)
 
 
 def refresh_auto(prof: dict, path, threads: int | None = None, progress: bool = True) -> dict:
-    """Pick prof's auto budget again (after an allocator change), on the same calibration text."""
+    """Pick prof's allocator and auto budget again (after an allocator change), on the same calibration text."""
     import edgekv
     from tqdm import tqdm
 
-    t = prof.get("auto_text") or {"windows": AUTO_WINDOWS, "context": CALIB_CTX, "scored": CALIB_SCORED}
+    t = prof.get("auto_text") or {"windows": CALIB_WINDOWS, "context": CALIB_CTX, "scored": CALIB_SCORED}
     with edgekv.load(path, threads=threads, ctx=t["context"] + t["scored"], progress=False) as m:
         wins = _text_windows(m, CALIBRATION_TEXT.read_text(encoding="utf-8"), t["windows"], t["context"], t["scored"])
-        bar = tqdm(total=len(wins) * (1 + len(AUTO_GRID)), desc=f"auto budget {Path(path).name}", unit="run",
+        n_check = len(VALIDATE_BUDGETS) * (len(ALLOCATORS) + 2) + len(AUTO_GRID)
+        bar = tqdm(total=len(wins) * (1 + n_check), desc=f"auto budget {Path(path).name}", unit="run",
                    disable=not progress, dynamic_ncols=True)
         refs = []
         for w in wins:
             refs.append(_window_logprobs(m, w, t["context"], StaticPolicy(16, 16)))
             bar.update()
+        _validate_allocators(m, prof, wins, refs, t["context"], bar)
         _auto_curve(m, prof, wins, refs, t["context"], bar)
         bar.close()
     return check_profile(prof, prof["sha256"], prof["n_layer"])
@@ -346,20 +459,25 @@ def noise_floor(prof: dict) -> float:
     return float(np.median([row[kind][b] for row in prof["layers"] for kind in ("k", "v")]))
 
 
-def damage_table(prof: dict, kind: str) -> np.ndarray:
-    """(n_layer, len(levels)) damage per layer at each level of levels(): the KL above the noise floor,
-    at least the median layer's, made non-increasing in bits (fewer bits never less damage than more)."""
+def damage_table(prof: dict, kind: str, mode: str | None = None) -> np.ndarray:
+    """(n_layer, len(levels)) damage per layer at each level of levels(), made non-increasing in bits
+    (fewer bits never less damage than more). mode (ALLOCATORS; default: the profile's "allocator"):
+    "kl", the measured KL; "floor", the KL above the noise floor (noise_floor); "median", at least the
+    median layer's at the same bits (one noisy window once made 2-bit keys look free in 5 SmolLM2 layers
+    that cost +8.7% perplexity together); "floor+median", both."""
+    mode = mode or prof.get("allocator", DEFAULT_ALLOCATOR)
+    if mode not in ALLOCATORS:
+        raise ValueError(f"unknown KV allocator {mode!r}; one of {ALLOCATORS}")
     lv = levels(prof)
     d = np.zeros((len(prof["layers"]), len(lv)))
     for i, row in enumerate(prof["layers"]):
         for j, b in enumerate(lv):
             d[i, j] = float(row[kind][str(b)])
     top = len(lv) - 1  # the reference level: 0 by definition
-    d[:, :top] = np.maximum(d[:, :top] - noise_floor(prof), 0.0)
-    # One window cannot tell a layer that is safe to crush from noise (SmolLM2: 2-bit keys looked free
-    # in 5 layers and cost +8.7% perplexity together), so no layer counts as less sensitive than the
-    # median layer at the same bits; the profile's job is to find the layers above it (Qwen's layer 0).
-    d = np.maximum(d, np.median(d, axis=0, keepdims=True))
+    if "floor" in mode:
+        d[:, :top] = np.maximum(d[:, :top] - noise_floor(prof), 0.0)
+    if "median" in mode:
+        d = np.maximum(d, np.median(d, axis=0, keepdims=True))
     return np.maximum.accumulate(d[:, ::-1], axis=1)[:, ::-1]
 
 
@@ -379,7 +497,7 @@ def min_budget(prof: dict, groups: tuple[int, int, int], elems_per_layer_positio
 
 
 def allocate(prof: dict, budget: float, groups: tuple[int, int, int], elems_per_layer_position: int,
-             sink_tokens: int = SINK_BUDGET_TOKENS) -> tuple[list[int], list[int]]:
+             sink_tokens: int = SINK_BUDGET_TOKENS, mode: str | None = None) -> tuple[list[int], list[int]]:
     """Per-layer (key bits, value bits) with average bits <= budget, scales, per-layer maps and the
     sink's 8-bit key (charged at sink_tokens cached tokens) included: greedy by damage reduction per
     bit, from every layer at the fewest bits. ValueError when even that does not fit."""
@@ -387,7 +505,7 @@ def allocate(prof: dict, budget: float, groups: tuple[int, int, int], elems_per_
     n_layer = len(prof["layers"])
     cost = np.array([element_bits(b, groups) for b in lv])
     sink_k = element_bits(SINK_MIN_KEY_BITS, groups)
-    dk, dv = damage_table(prof, "k"), damage_table(prof, "v")
+    dk, dv = damage_table(prof, "k", mode), damage_table(prof, "v", mode)
     maps = 8.0 * MAP_BYTES_PER_POSITION / elems_per_layer_position  # one map per layer, averaged
 
     # each level's share of the average, per layer: keys pay the sink's extra bits, values do not

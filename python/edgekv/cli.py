@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="measure a model's per-layer KV sensitivity (the profile auto@BITS uses)",
         description=(
-            "Quantize one layer's keys or values at a time (4, 3 and 2 bits, the rest of the cache int8)\n"
+            "Quantize one layer's keys or values at a time (6, 4, 3 and 2 bits, the rest of the cache int8)\n"
             "and measure the damage on calibration text (the package's docs and GSM8K training problems,\n"
             "never WikiText-2): the mean KL divergence of the next-token distribution. Then pick the\n"
             "budget `--kv auto` uses. Writes a JSON profile keyed by the file's sha256 into the edgekv\n"
@@ -696,10 +696,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _out(json.dumps(prof, indent=1) + "\n")
         return EXIT_OK
     _out(f"{prof['model']} (sha256 {prof['sha256'][:16]}...): {where}\n")
-    _out(f"KL vs int8 per layer (keys at 4/3/2 bits | values at 4/3/2 bits); int8 vs fp16: {prof['int8_kl']:.5f}\n")
+    _out(f"KL vs int8 per layer (keys at 6/4/3/2 bits | values at 6/4/3/2 bits); int8 vs fp16: {prof['int8_kl']:.5f}\n")
     for i, row in enumerate(prof["layers"]):
-        k = " ".join(f"{row['k'][str(b)]:.5f}" for b in (4, 3, 2) if str(b) in row["k"])
-        v = " ".join(f"{row['v'][str(b)]:.5f}" for b in (4, 3, 2) if str(b) in row["v"])
+        k = " ".join(f"{row['k'][str(b)]:.5f}" for b in (6, 4, 3, 2) if str(b) in row["k"])
+        v = " ".join(f"{row['v'][str(b)]:.5f}" for b in (6, 4, 3, 2) if str(b) in row["v"])
         _out(f"  layer {i:3d}  k {k} | v {v}\n")
     if prof.get("auto_bits") is not None:
         _out(f"--kv auto = auto@{prof['auto_bits']:g}\n")
