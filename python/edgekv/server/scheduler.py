@@ -217,17 +217,27 @@ class Scheduler:
                 self.cancelled += 1
 
     def _step(self) -> None:
+        # while any sequence decodes, prompts share at most prefill_budget tokens per step (oldest
+        # first), so that a new prompt delays the decoding streams by one short step, not its prefill
         chunk = self.engine.prefill_chunk
-        batch = []
+        decoding = any(s.pos >= len(s.req.prompt_ids) for s in self._running)
+        budget = self.engine.prefill_budget if decoding and self.engine.prefill_budget is not None else None
+        members, batch = [], []
         for s in self._running:
             ids = s.req.prompt_ids
             if s.pos < len(ids):
                 end = len(ids) if chunk is None else min(len(ids), s.pos + chunk)
+                if budget is not None:
+                    end = min(end, s.pos + budget)
+                    if end == s.pos:
+                        continue  # the budget is spent: this prompt waits for the next step
+                    budget -= end - s.pos
                 batch.append(np.asarray(ids[s.pos:end], np.int32))
             else:
                 batch.append(np.asarray([s.last], np.int32))
-        logits = self.engine.step([s.session for s in self._running], batch)
-        for s, x, row in zip(list(self._running), batch, logits):
+            members.append(s)
+        logits = self.engine.step([s.session for s in members], batch)
+        for s, x, row in zip(members, batch, logits):
             if s.pos < len(s.req.prompt_ids):
                 s.pos += x.size
                 if s.pos < len(s.req.prompt_ids):
