@@ -9,6 +9,7 @@ the scheduler frees its session. Errors are OpenAI's JSON shape with a 4xx statu
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import math
@@ -314,9 +315,9 @@ def create_app(model, *, model_id: Optional[str] = None, api_key: Optional[str] 
 class _Relay:
     """Events from the scheduler thread to one request's handler on the event loop.
 
-    The scheduler appends under a lock and wakes the loop only when the handler waits (one
-    call_soon_threadsafe per wait, not per token): events that pile up while the loop is busy
-    go out together."""
+    emit appends under a lock and, when the handler waits, returns the call that wakes it, which
+    the scheduler makes just before its next step (see scheduler.py): one wakeup per wait, not per
+    token, and events that pile up while the loop is busy go out together."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -324,15 +325,17 @@ class _Relay:
         self.lock = threading.Lock()
         self.waiter: Optional[asyncio.Future] = None
 
-    def emit(self, ev: dict) -> None:  # on the scheduler thread
+    def emit(self, ev: dict):  # on the scheduler thread
         with self.lock:
             self.events.append(ev)
             w, self.waiter = self.waiter, None
-        if w is not None:
-            try:
-                self.loop.call_soon_threadsafe(_wake, w)
-            except RuntimeError:  # the loop is gone (shutdown)
-                pass
+        return None if w is None else functools.partial(self._wake, w)
+
+    def _wake(self, w: asyncio.Future) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_set_done, w)
+        except RuntimeError:  # the loop is gone (shutdown)
+            pass
 
     async def get(self, timeout: Optional[float] = None) -> list[dict]:
         """The events so far (waits for one; [] after timeout seconds without)."""
@@ -354,7 +357,7 @@ class _Relay:
         return out
 
 
-def _wake(w: asyncio.Future) -> None:
+def _set_done(w: asyncio.Future) -> None:
     if not w.done():
         w.set_result(None)
 
