@@ -417,6 +417,27 @@ def test_streamed_text_chunk_template_matches_the_full_chunk():
             assert json.loads(fmt.delta_chunk(text, []))["choices"][0]["delta" if chat else "text"] == fmt.delta(text)
 
 
+def test_relay_wakes_a_waiting_handler_once_and_hands_over_piled_up_events():
+    import asyncio
+    from edgekv.server.app import _Relay
+
+    async def main():
+        relay = _Relay(asyncio.get_running_loop())
+        assert relay.emit({"n": 1}) is None and relay.emit({"n": 2}) is None  # nobody waits: no wakeup
+        assert [e["n"] for e in await relay.get()] == [1, 2]
+        got = asyncio.ensure_future(relay.get())
+        await asyncio.sleep(0)  # the handler now waits
+        wake = relay.emit({"n": 3})
+        assert wake is not None and relay.emit({"n": 4}) is None  # one wakeup per wait
+        await asyncio.sleep(0.05)
+        assert not got.done()  # emit alone does not wake the loop: the returned call does
+        await asyncio.to_thread(wake)  # as the scheduler's waker thread calls it
+        assert [e["n"] for e in await asyncio.wait_for(got, 5)] == [3, 4]
+        assert await relay.get(timeout=0.01) == []
+
+    asyncio.run(main())
+
+
 def test_pool_reuses_longest_prefix_and_evicts_lru_under_budget():
     eng = _FakeEngine()
     pool = SessionPool(eng, max_sessions=3, kv_budget_bytes=1000)
