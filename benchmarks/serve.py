@@ -10,6 +10,10 @@ leaves its finished rows):
       alternated one at a time in their own subprocesses, plus in-process `Model.generate`.
   python benchmarks/serve.py load              -> serve_load.{json,md}
       >= 500 requests from 8 clients (some cancelled mid-stream): errors, server RSS, busy sessions.
+  python benchmarks/serve.py overhead          -> serve_overhead.{json,md}
+      what the HTTP side costs per streamed token, without the model's compute: the server runs
+      an engine whose step only hashes a buffer (dropping the GIL, as the C step does); wall time and CPU
+      per token of the event loop, the scheduler and the client, against the scheduler alone.
   python benchmarks/serve.py structured        -> structured.{json,md}
       20+ schema/prompt pairs through response_format (validated with jsonschema), and the decode
       time json_schema adds in-process on Qwen2.5-Coder-1.5B (medians, same run).
@@ -501,9 +505,187 @@ def structured(args) -> None:
     print(md)
 
 
+# ---- overhead ---------------------------------------------------------------------------------
+
+
+class _StubSession:
+    def __init__(self):
+        self.tokens = []
+
+    @property
+    def n_past(self):
+        return len(self.tokens)
+
+    def truncate(self, n):
+        del self.tokens[n:]
+
+    def kv_bytes(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+class _StubEngine:
+    """A step that hashes a buffer for about step_s (hashlib drops the GIL, as the C step does, and
+    uses a core: a sleep's wakeup comes several ms late on a loaded machine) and returns logits that
+    pick the next token of a fixed text: the model's compute replaced, the rest kept."""
+
+    prefill_chunk, prefill_budget = 256, 64
+
+    def __init__(self, vocab: int, text_ids: list[int], step_s: float, max_batch: int = 8):
+        import hashlib
+        self.vocab, self.text, self.max_batch = vocab, text_ids, max_batch
+        probe = bytes(1 << 22)
+        best = min(self._timed(hashlib, probe) for _ in range(5))
+        self.blob = bytes(int(len(probe) * step_s / best))
+        self.hashlib = hashlib
+
+    @staticmethod
+    def _timed(hashlib, b: bytes) -> float:
+        t = time.perf_counter()
+        hashlib.sha256(b).digest()
+        return time.perf_counter() - t
+
+    def new_session(self):
+        return _StubSession()
+
+    def step(self, sessions, ids):
+        self.hashlib.sha256(self.blob).digest()
+        out = []
+        for s, x in zip(sessions, ids):
+            s.tokens.extend(int(t) for t in x)
+            s.generated = getattr(s, "generated", -1) + 1 if len(x) == 1 else 0
+            row = np.full(self.vocab, -10.0, np.float32)
+            row[self.text[s.generated % len(self.text)]] = 0.0
+            out.append(row)
+        return out
+
+
+_OVERHEAD_CLIENT = r"""
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import serve as B
+class S: url = {url!r}
+lean = {lean!r}
+import httpx
+http, client = httpx.Client(timeout=600), B._client(S)
+one = (lambda p: B._stream_lean(http, S, {name!r}, p, {ntok})) if lean else (lambda p: B._stream(client, {name!r}, p, {ntok}))
+one("warm-up")
+t0, c0 = time.perf_counter(), time.process_time()
+outs = [one(f"request {{i}}") for i in range({nreq})]
+print(json.dumps({{"pieces": sum(len(o["times"]) for o in outs), "wall_s": time.perf_counter() - t0,
+                  "client_cpu_s": time.process_time() - c0}}))
+"""
+
+
+def _tcpu(tid: int) -> float:
+    return _thread_cpu_s(os.getpid(), tid)
+
+
+def overhead(args) -> None:
+    import threading
+
+    import uvicorn
+
+    import edgekv
+    from edgekv.sampling import SamplingParams
+    from edgekv.server import create_app
+    from edgekv.server.scheduler import Request, Scheduler
+
+    gguf = Path(edgekv.registry.resolve(args.small, progress=False))
+    model = edgekv.Model(str(gguf), threads=1, ctx=2048)
+    text = " ".join(_prompts(8))
+    ids = [t for t in model.tokenize(text * 4) if t not in model.tokenizer.eot_ids]
+    step_s = args.step_ms / 1e3
+    data = {"machine": machine(command_line("serve.py", sys.argv[1:])), "model": args.small, "step_ms": args.step_ms,
+            "tokens_per_request": args.overhead_tokens, "requests": args.overhead_requests, "rows": []}
+    n, ntok = args.overhead_requests, args.overhead_tokens
+
+    def alone() -> dict:
+        """The scheduler with the same engine, events into a list: no HTTP."""
+        sched = Scheduler(_StubEngine(model.vocab_size, ids, step_s), model.tokenizer, 4096, max_sessions=4).start()
+        try:
+            pieces, t0 = 0, time.perf_counter()
+            c0 = _tcpu(sched._thread.native_id)
+            for i in range(n):
+                done, evs = threading.Event(), []
+
+                def emit(ev, evs=evs, done=done):
+                    evs.append(ev)
+                    if ev["type"] != "delta":
+                        done.set()
+                sched.submit(Request(prompt_ids=model.tokenize(f"request {i}"), max_tokens=ntok,
+                                     params=SamplingParams(temperature=0), emit=emit))
+                done.wait()
+                pieces += sum(1 for e in evs if e["type"] == "delta" and e["text"])
+            return {"pieces": pieces, "wall_s": time.perf_counter() - t0, "scheduler_cpu_s": _tcpu(sched._thread.native_id) - c0}
+        finally:
+            sched.shutdown()
+
+    def served(lean: bool) -> dict:
+        app = create_app(model, model_id=args.small, max_sessions=4,
+                         engine=_StubEngine(model.vocab_size, ids, step_s))
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        th = threading.Thread(target=server.run, daemon=True)
+        th.start()
+        while not server.started:
+            time.sleep(0.02)
+        sched = app.state.edgekv.scheduler
+        tids = {"loop": th.native_id, "scheduler": sched._thread.native_id, "waker": sched._waker.native_id}
+        try:
+            code = _OVERHEAD_CLIENT.format(bench=str(REPO / "benchmarks"), url=f"http://127.0.0.1:{port}", lean=lean,
+                                           name=args.small, ntok=ntok, nreq=n)
+            c0 = {k: _tcpu(t) for k, t in tids.items()}
+            out = subprocess.run([PY, "-c", code], capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(REPO / "python")), check=True)
+            c1 = {k: _tcpu(t) for k, t in tids.items()}
+        finally:
+            server.should_exit = True
+            th.join(30)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update({f"{k}_cpu_s": c1[k] - c0[k] for k in tids})
+        return r
+
+    try:
+        for rep in range(args.repeats):
+            for kind in ("alone", "openai", "httpx+json"):
+                load0 = os.getloadavg()[0]
+                r = alone() if kind == "alone" else served(kind == "httpx+json")
+                per = 1e3 / r["pieces"]
+                row = {"kind": kind, "repeat": rep, "pieces": r["pieces"], "wall_ms_per_token": per * r["wall_s"],
+                       **{k.replace("_cpu_s", "_cpu_ms_per_token"): per * v for k, v in r.items() if k.endswith("_cpu_s")},
+                       "loadavg_1m_start": load0}
+                data["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        model.close()
+    md = [f"# `edgekv serve`: what the HTTP side costs per token\n\n{machine_line(data['machine'])}\n\n"
+          f"The server with an engine whose step hashes a buffer for ~{args.step_ms} ms on one core (hashlib drops the "
+          f"GIL, as the C step does; the real step uses both cores) and picks the next token of a fixed text ({args.small}'s tokenizer and vocabulary): {n} streamed chat "
+          f"requests of {ntok} tokens, one at a time, from a client in its own process (the openai client, or httpx + "
+          "json.loads per chunk). `alone`: the scheduler with the same engine and no HTTP (events into a list). CPU "
+          "ms/token per thread (from /proc, 10 ms ticks over the run): the event loop, the scheduler (the stub step's "
+          "hashing included), its waker, and the client process. Wall ms/token (first request to last piece, over the "
+          "pieces) depends on how much CPU the machine's other jobs leave: read it only on a quiet machine. Medians over "
+          f"{args.repeats} repeats, the three kinds alternated; load average recorded (shared machine, 2 cores).\n\n"
+          "| kind | loop CPU | scheduler CPU | waker CPU | client CPU | wall ms/token | load avg |\n"
+          "|---|---:|---:|---:|---:|---:|---:|\n"]
+    med = lambda kind, k: _med([r for r in data["rows"] if r["kind"] == kind], k)  # noqa: E731
+    for kind in ("alone", "openai", "httpx+json"):
+        f = lambda k: med(kind, k)  # noqa: E731
+        cell = lambda k: "" if f(k) is None else f"{f(k):.3f}"  # noqa: E731
+        md.append(f"| {kind} | {cell('loop_cpu_ms_per_token')} | {cell('scheduler_cpu_ms_per_token')} | "
+                  f"{cell('waker_cpu_ms_per_token')} | {cell('client_cpu_ms_per_token')} | {f('wall_ms_per_token'):.2f} | "
+                  f"{f('loadavg_1m_start'):.1f} |\n")
+    _write("serve_overhead", data, "".join(md))
+    print("".join(md))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("bench", "load", "structured"))
+    ap.add_argument("mode", choices=("bench", "load", "structured", "overhead"))
     ap.add_argument("--quick", action="store_true", help="bench: 1 repeat, big model at 1 and 4 clients only")
     ap.add_argument("--small", default="smollm2-135m")
     ap.add_argument("--big", default="qwen2.5-coder-1.5b")
@@ -517,13 +699,16 @@ def main(argv=None) -> None:
     ap.add_argument("--schema-max-tokens", type=int, default=160)
     ap.add_argument("--struct-tokens", type=int, default=24)
     ap.add_argument("--struct-repeats", type=int, default=3)
+    ap.add_argument("--step-ms", type=float, default=4.0, help="overhead: the sleeping step (SmolLM2 decodes in ~4-5 ms)")
+    ap.add_argument("--overhead-tokens", type=int, default=256)
+    ap.add_argument("--overhead-requests", type=int, default=4)
     args = ap.parse_args(argv)
     args.levels = [1, 2, 4, 8]
     args.big_levels = [1, 4] if args.quick else [1, 2, 4, 8]
     args.big_repeats = 1 if args.quick else args.big_repeats or args.repeats
     if args.quick:
         args.repeats = 1
-    {"bench": bench, "load": load, "structured": structured}[args.mode](args)
+    {"bench": bench, "load": load, "structured": structured, "overhead": overhead}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -86,12 +86,13 @@ class _Context:
     """What the handlers share: the model, its scheduler, the served name and key."""
 
     def __init__(self, model, model_id: str, api_key: Optional[str], max_sessions: int,
-                 kv_budget_bytes: Optional[int]):
+                 kv_budget_bytes: Optional[int], engine=None):
         self.model = model
         self.model_id = model_id
         self.api_key = api_key
         self.created = int(time.time())
-        self.scheduler = Scheduler(ModelEngine(model, max_sessions), model.tokenizer, model.n_ctx,
+        engine = ModelEngine(model, max_sessions) if engine is None else engine
+        self.scheduler = Scheduler(engine, model.tokenizer, model.n_ctx,
                                    max_sessions=max_sessions, kv_budget_bytes=kv_budget_bytes)
 
     def check_key(self, request: HTTPRequest) -> None:
@@ -244,10 +245,12 @@ def _finite(x: float) -> float:
 
 
 def create_app(model, *, model_id: Optional[str] = None, api_key: Optional[str] = None, max_sessions: int = 4,
-               kv_budget_mb: Optional[float] = None) -> FastAPI:
-    """The app for one loaded model; its scheduler runs while the app is up (lifespan)."""
+               kv_budget_mb: Optional[float] = None, engine=None) -> FastAPI:
+    """The app for one loaded model; its scheduler runs while the app is up (lifespan).
+    engine: what runs the steps (default: the model's, engine.py; benchmarks/serve.py's overhead
+    mode passes one that only sleeps, to measure what the HTTP side costs)."""
     budget = None if kv_budget_mb is None else int(kv_budget_mb * 2**20)
-    ctx = _Context(model, model_id or model.name, api_key, max_sessions, budget)
+    ctx = _Context(model, model_id or model.name, api_key, max_sessions, budget, engine)
 
     from contextlib import asynccontextmanager
 
