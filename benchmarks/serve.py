@@ -10,6 +10,10 @@ leaves its finished rows):
       alternated one at a time in their own subprocesses, plus in-process `Model.generate`.
   python benchmarks/serve.py load              -> serve_load.{json,md}
       >= 500 requests from 8 clients (some cancelled mid-stream): errors, server RSS, busy sessions.
+  python benchmarks/serve.py overhead          -> serve_overhead.{json,md}
+      what the HTTP side costs per streamed token, without the model's compute: the server runs
+      an engine whose step only hashes a buffer (dropping the GIL, as the C step does); wall time and CPU
+      per token of the event loop, the scheduler and the client, against the scheduler alone.
   python benchmarks/serve.py structured        -> structured.{json,md}
       20+ schema/prompt pairs through response_format (validated with jsonschema), and the decode
       time json_schema adds in-process on Qwen2.5-Coder-1.5B (medians, same run).
@@ -117,7 +121,9 @@ def _client(server: Server):
 
 
 def _stream(client, name: str, prompt: str, max_tokens: int, cancel_after: int = 0, **extra) -> dict:
-    """One streamed chat completion: arrival times of its text pieces (relative to the request)."""
+    """One streamed chat completion: arrival times of its text pieces (relative to the request),
+    and the CPU time this client thread spent on it."""
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
                                             max_tokens=max_tokens, temperature=0, stream=True, **extra)
@@ -129,19 +135,59 @@ def _stream(client, name: str, prompt: str, max_tokens: int, cancel_after: int =
             if cancel_after and len(times) >= cancel_after:
                 stream.close()
                 break
-    return {"start": t0, "times": times, "text": "".join(text)}
+    return {"start": t0, "times": times, "text": "".join(text), "client_cpu_s": time.thread_time() - c0}
 
 
-def _round(server: Server, name: str, prompts: list[str], clients: int, max_tokens: int, tag: str = "") -> dict:
+def _stream_lean(http, server: "Server", name: str, prompt: str, max_tokens: int) -> dict:
+    """As _stream, through httpx and json.loads instead of the openai client's pydantic objects:
+    the same request and SSE bytes, each chunk parsed, at a fraction of the client's CPU."""
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    times, text = [], []
+    body = {"model": name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if content:
+                times.append(time.perf_counter() - t0)
+                text.append(content)
+    return {"start": t0, "times": times, "text": "".join(text), "client_cpu_s": time.thread_time() - c0}
+
+
+def _thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU time (user + system) of one thread of a process, from /proc."""
+    f = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _round(server: Server, name: str, prompts: list[str], clients: int, max_tokens: int, tag: str = "",
+           lean: bool = False) -> dict:
     """`clients` concurrent streams (prompt i to client i, tagged so that no earlier round's KV is
-    reused beyond the chat template), timed together."""
+    reused beyond the chat template), timed together. lean: httpx + json.loads clients."""
+    import httpx
     client = _client(server)
+    http = httpx.Client(timeout=600)  # one client, as the openai client keeps one
     prompts = [f"[{tag}] {p}" for p in prompts]
     load0 = os.getloadavg()[0]
+    pid = server.proc.pid
+    cpu0, loop0 = _proc_cpu_s(pid), _thread_cpu_s(pid, pid)
     t0 = time.perf_counter()
+    one = (lambda p: _stream_lean(http, server, name, p, max_tokens)) if lean else (lambda p: _stream(client, name, p, max_tokens))
     with cf.ThreadPoolExecutor(clients) as ex:
-        outs = list(ex.map(lambda p: _stream(client, name, p, max_tokens), prompts[:clients]))
+        outs = list(ex.map(one, prompts[:clients]))
     wall = time.perf_counter() - t0
+    cpu1, loop1 = _proc_cpu_s(pid), _thread_cpu_s(pid, pid)
+    http.close()
     ttft = [o["times"][0] for o in outs if o["times"]]
     itl = [b - a for o in outs for a, b in zip(o["times"], o["times"][1:])]
     toks = sum(len(o["times"]) for o in outs)
@@ -153,7 +199,11 @@ def _round(server: Server, name: str, prompts: list[str], clients: int, max_toke
     lo = max(o["start"] + o["times"][0] for o in outs if o["times"])
     hi = min(o["start"] + o["times"][-1] for o in outs if o["times"])
     n_in = sum(1 for o in outs for t in o["times"] if lo < o["start"] + t <= hi)
-    return {"clients": clients, "tokens": toks, "tokens_per_stream": [len(o["times"]) for o in outs], "wall_s": wall, "tok_s_all_in": toks / wall,
+    per_tok = 1e3 / max(1, toks)
+    return {"clients": clients, "client": "httpx+json" if lean else "openai", "tokens": toks,
+            "client_cpu_ms_per_token": per_tok * sum(o["client_cpu_s"] for o in outs),
+            "server_cpu_ms_per_token": per_tok * (cpu1 - cpu0),
+            "server_main_thread_cpu_ms_per_token": per_tok * (loop1 - loop0), "tokens_per_stream": [len(o["times"]) for o in outs], "wall_s": wall, "tok_s_all_in": toks / wall,
             "decode_tok_s": decode / (last - first) if last > first else None,
             "steady_tok_s": n_in / (hi - lo) if hi - lo > 0.2 else None,
             "times": [[round(o["start"] - t0, 4)] + [round(t, 4) for t in o["times"]] for o in outs],
@@ -195,20 +245,32 @@ def _write(stem: str, data: dict, md: str) -> None:
 
 def _bench_md(data: dict) -> str:
     out = [f"# `edgekv serve` vs llama-cpp-python's server\n\n{machine_line(data['machine'])}\n\n"
-           f"Streamed chat completions through the `openai` client, greedy, max_tokens {data['max_tokens']}, "
+           f"Streamed chat completions through the `openai` client, greedy, max_tokens {data['max_tokens']} (a short chat "
+           "answer; with 32 the decode window was mostly the other streams' prefill: docs/decisions.md), "
            f"threads {THREADS}, ctx {CTX}, fixed WikiText-2 prompts (client i gets prompt i, tagged per round so no earlier round's KV is reused past the chat template; llama-cpp-python's server runs with `--interrupt_requests False` so that concurrent requests queue instead of cutting the running one). Medians over "
-           f"{data['repeats']} repeat(s); servers alternated one at a time in their own subprocess. "
+           f"{data['repeats']} repeat(s) ({data.get('big_repeats', data['repeats'])} on the big model); llama-cpp-python's server at "
+           f"{', '.join(map(str, data.get('llama_levels', [1, 2, 4, 8])))} client(s); servers alternated one at a time in their own subprocess. "
            "steady tok/s: tokens of all streams while every stream decodes (from the last first-token to the first last-token) over that window; "
            "decode tok/s: tokens after each stream's first, over the window from the first first-token to "
-           "the last token (all streams); all-in: all tokens over the round's wall time. The machine is "
+           "the last token (all streams); all-in: all tokens over the round's wall time. CPU ms/token: the "
+           "server process's CPU time over the round (prefill included; in parentheses its main thread, which runs "
+           "the event loop), and the client threads' CPU time (time.thread_time), per streamed token; client and "
+           "server share the same 2 cores, so the client's CPU slows the server. `edgekv, httpx+json client`: the "
+           "same 1-client round through httpx's line iterator and json.loads per chunk (the same request, bytes and "
+           "parsing of each chunk's JSON, without the openai client's pydantic objects; the same prompt as the "
+           "1-client openai round and the in-process run, so the same tokens: its prompt's KV is reused, which the decode "
+           "figures do not count). The machine is "
            "shared (load average recorded per round, 2 cores).\n"]
     for mname, m in data["models"].items():
-        out.append(f"\n## {mname}\n\n| server | clients | steady tok/s | decode tok/s | all-in tok/s | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | load avg |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
-        for kind in ("edgekv", "llama_cpp"):
+        out.append(f"\n## {mname}\n\n| server | clients | steady tok/s | decode tok/s | all-in tok/s | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | "
+                   "CPU ms/token: server (main thread) / client | load avg |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        for kind in ("edgekv", "edgekv_lean", "llama_cpp"):
             for c, rows in sorted(m.get(kind, {}).items(), key=lambda kv: int(kv[0])):
-                f = lambda k: _med(rows, k)  # noqa: E731
-                out.append(f"| {kind} | {c} | {f('steady_tok_s') or float('nan'):.2f} | {f('decode_tok_s'):.2f} | {f('tok_s_all_in'):.2f} | "
+                f = lambda k: _med(rows, k) if _med(rows, k) is not None else float("nan")  # noqa: E731
+                label = "edgekv, httpx+json client" if kind == "edgekv_lean" else kind
+                out.append(f"| {label} | {c} | {f('steady_tok_s'):.2f} | {f('decode_tok_s'):.2f} | {f('tok_s_all_in'):.2f} | "
                            f"{f('ttft_p50_s'):.2f} / {f('ttft_p95_s'):.2f} | {1e3 * f('itl_p50_s'):.0f} / {1e3 * f('itl_p95_s'):.0f} | "
+                           f"{f('server_cpu_ms_per_token'):.2f} ({f('server_main_thread_cpu_ms_per_token'):.2f}) / {f('client_cpu_ms_per_token'):.2f} | "
                            f"{f('loadavg_1m_start'):.1f} |\n")
         if m.get("inprocess"):
             out.append(f"\nIn-process `Model.chat(stream=True)`: decode {_med(m['inprocess'], 'decode_tok_s'):.2f} tok/s "
@@ -229,9 +291,10 @@ def _targets(m: dict) -> dict:
         if "4" in e and "4" in l_ and _med(e["4"], key) and _med(l_["4"], key):
             r = _med(e["4"], key) / _med(l_["4"], key)
             t[f"{key}: edgekv / llama-cpp-python at 4 clients (>= 3x)"] = f"{r:.2f}x {'met' if r >= 3 else 'NOT met'}"
-    if "1" in e and m.get("inprocess"):
-        r = _med(e["1"], "decode_tok_s") / _med(m["inprocess"], "decode_tok_s")
-        t["1 client via server / in-process generate (>= 0.95)"] = f"{r:.3f} {'met' if r >= 0.95 else 'NOT met'}"
+    for key, label in (("edgekv", "openai client"), ("edgekv_lean", "httpx+json client")):
+        if "1" in m.get(key, {}) and m.get("inprocess"):
+            r = _med(m[key]["1"], "decode_tok_s") / _med(m["inprocess"], "decode_tok_s")
+            t[f"1 client via server ({label}) / in-process generate (>= 0.95)"] = f"{r:.3f} {'met' if r >= 0.95 else 'NOT met'}"
     return t
 
 
@@ -239,7 +302,8 @@ def bench(args) -> None:
     import edgekv
     prompts = _prompts(8)
     data = {"machine": machine(command_line("serve.py", sys.argv[1:])), "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "models": {}}
+            "repeats": args.repeats,
+            "big_repeats": args.big_repeats, "llama_levels": args.llama_levels, "models": {}}
     for mname, levels, reps in ((args.small, args.levels, args.repeats), (args.big, args.big_levels, args.big_repeats)):
         gguf = Path(edgekv.registry.resolve(mname, progress=False))
         m = data["models"].setdefault(mname, {"edgekv": {}, "llama_cpp": {}, "inprocess": []})
@@ -249,11 +313,14 @@ def bench(args) -> None:
                 srv = Server(kind, gguf, mname)
                 try:
                     _stream(_client(srv), mname, prompts[0], 4)  # warm-up
-                    for c in levels:
-                        row = _round(srv, mname, prompts, c, args.max_tokens, tag=f"{rep}-{c}")
+                    rounds = [(kind, c, False) for c in levels if kind == "edgekv" or c in args.llama_levels]
+                    if kind == "edgekv":  # the overhead target again, with a client that costs less CPU
+                        rounds.insert(1, ("edgekv_lean", 1, True))
+                    for key, c, lean in rounds:
+                        row = _round(srv, mname, prompts, c, args.max_tokens, tag=f"{rep}-{c}", lean=lean)
                         row["repeat"] = rep
-                        m[kind].setdefault(str(c), []).append(row)
-                        print(mname, kind, json.dumps(row), flush=True)
+                        m.setdefault(key, {}).setdefault(str(c), []).append(row)
+                        print(mname, key, json.dumps(row), flush=True)
                         m["targets"] = _targets(m)
                         _write("serve", data, _bench_md(data))
                 finally:
@@ -438,25 +505,210 @@ def structured(args) -> None:
     print(md)
 
 
+# ---- overhead ---------------------------------------------------------------------------------
+
+
+class _StubSession:
+    def __init__(self):
+        self.tokens = []
+
+    @property
+    def n_past(self):
+        return len(self.tokens)
+
+    def truncate(self, n):
+        del self.tokens[n:]
+
+    def kv_bytes(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+class _StubEngine:
+    """A step that hashes a buffer for about step_s (hashlib drops the GIL, as the C step does, and
+    uses a core: a sleep's wakeup comes several ms late on a loaded machine) and returns logits that
+    pick the next token of a fixed text: the model's compute replaced, the rest kept."""
+
+    prefill_chunk, prefill_budget = 256, 64
+
+    def __init__(self, vocab: int, text_ids: list[int], step_s: float, max_batch: int = 8):
+        import hashlib
+        self.vocab, self.text, self.max_batch = vocab, text_ids, max_batch
+        probe = bytes(1 << 22)
+        best = min(self._timed(hashlib, probe) for _ in range(5))
+        self.blob = bytes(int(len(probe) * step_s / best))
+        self.hashlib = hashlib
+
+    @staticmethod
+    def _timed(hashlib, b: bytes) -> float:
+        t = time.perf_counter()
+        hashlib.sha256(b).digest()
+        return time.perf_counter() - t
+
+    def new_session(self):
+        return _StubSession()
+
+    def step(self, sessions, ids):
+        self.hashlib.sha256(self.blob).digest()
+        out = []
+        for s, x in zip(sessions, ids):
+            s.tokens.extend(int(t) for t in x)
+            s.generated = getattr(s, "generated", -1) + 1 if len(x) == 1 else 0
+            row = np.full(self.vocab, -10.0, np.float32)
+            row[self.text[s.generated % len(self.text)]] = 0.0
+            out.append(row)
+        return out
+
+
+_OVERHEAD_CLIENT = r"""
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import serve as B
+class S: url = {url!r}
+lean = {lean!r}
+import httpx
+http, client = httpx.Client(timeout=600), B._client(S)
+one = (lambda p: B._stream_lean(http, S, {name!r}, p, {ntok})) if lean else (lambda p: B._stream(client, {name!r}, p, {ntok}))
+one("warm-up")
+t0, c0 = time.perf_counter(), time.process_time()
+outs = [one(f"request {{i}}") for i in range({nreq})]
+print(json.dumps({{"pieces": sum(len(o["times"]) for o in outs), "wall_s": time.perf_counter() - t0,
+                  "client_cpu_s": time.process_time() - c0}}))
+"""
+
+
+def _tcpu(tid: int) -> float:
+    return _thread_cpu_s(os.getpid(), tid)
+
+
+def overhead(args) -> None:
+    import threading
+
+    import uvicorn
+
+    import edgekv
+    from edgekv.sampling import SamplingParams
+    from edgekv.server import create_app
+    from edgekv.server.scheduler import Request, Scheduler
+
+    gguf = Path(edgekv.registry.resolve(args.small, progress=False))
+    model = edgekv.Model(str(gguf), threads=1, ctx=2048)
+    text = " ".join(_prompts(8))
+    ids = [t for t in model.tokenize(text * 4) if t not in model.tokenizer.eot_ids]
+    step_s = args.step_ms / 1e3
+    data = {"machine": machine(command_line("serve.py", sys.argv[1:])), "model": args.small, "step_ms": args.step_ms,
+            "tokens_per_request": args.overhead_tokens, "requests": args.overhead_requests, "rows": []}
+    n, ntok = args.overhead_requests, args.overhead_tokens
+
+    def alone() -> dict:
+        """The scheduler with the same engine, events into a list: no HTTP."""
+        sched = Scheduler(_StubEngine(model.vocab_size, ids, step_s), model.tokenizer, 4096, max_sessions=4).start()
+        try:
+            pieces, t0 = 0, time.perf_counter()
+            c0 = _tcpu(sched._thread.native_id)
+            for i in range(n):
+                done, evs = threading.Event(), []
+
+                def emit(ev, evs=evs, done=done):
+                    evs.append(ev)
+                    if ev["type"] != "delta":
+                        done.set()
+                sched.submit(Request(prompt_ids=model.tokenize(f"request {i}"), max_tokens=ntok,
+                                     params=SamplingParams(temperature=0), emit=emit))
+                done.wait()
+                pieces += sum(1 for e in evs if e["type"] == "delta" and e["text"])
+            return {"pieces": pieces, "wall_s": time.perf_counter() - t0, "scheduler_cpu_s": _tcpu(sched._thread.native_id) - c0}
+        finally:
+            sched.shutdown()
+
+    def served(lean: bool) -> dict:
+        app = create_app(model, model_id=args.small, max_sessions=4,
+                         engine=_StubEngine(model.vocab_size, ids, step_s))
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        th = threading.Thread(target=server.run, daemon=True)
+        th.start()
+        while not server.started:
+            time.sleep(0.02)
+        sched = app.state.edgekv.scheduler
+        tids = {"loop": th.native_id, "scheduler": sched._thread.native_id, "waker": sched._waker.native_id}
+        try:
+            code = _OVERHEAD_CLIENT.format(bench=str(REPO / "benchmarks"), url=f"http://127.0.0.1:{port}", lean=lean,
+                                           name=args.small, ntok=ntok, nreq=n)
+            c0 = {k: _tcpu(t) for k, t in tids.items()}
+            out = subprocess.run([PY, "-c", code], capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(REPO / "python")), check=True)
+            c1 = {k: _tcpu(t) for k, t in tids.items()}
+        finally:
+            server.should_exit = True
+            th.join(30)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update({f"{k}_cpu_s": c1[k] - c0[k] for k in tids})
+        return r
+
+    try:
+        for rep in range(args.repeats):
+            for kind in ("alone", "openai", "httpx+json"):
+                load0 = os.getloadavg()[0]
+                r = alone() if kind == "alone" else served(kind == "httpx+json")
+                per = 1e3 / r["pieces"]
+                row = {"kind": kind, "repeat": rep, "pieces": r["pieces"], "wall_ms_per_token": per * r["wall_s"],
+                       **{k.replace("_cpu_s", "_cpu_ms_per_token"): per * v for k, v in r.items() if k.endswith("_cpu_s")},
+                       "loadavg_1m_start": load0}
+                data["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        model.close()
+    md = [f"# `edgekv serve`: what the HTTP side costs per token\n\n{machine_line(data['machine'])}\n\n"
+          f"The server with an engine whose step hashes a buffer for ~{args.step_ms} ms on one core (hashlib drops the "
+          f"GIL, as the C step does; the real step uses both cores) and picks the next token of a fixed text ({args.small}'s tokenizer and vocabulary): {n} streamed chat "
+          f"requests of {ntok} tokens, one at a time, from a client in its own process (the openai client, or httpx + "
+          "json.loads per chunk). `alone`: the scheduler with the same engine and no HTTP (events into a list). CPU "
+          "ms/token per thread (from /proc, 10 ms ticks over the run): the event loop, the scheduler (the stub step's "
+          "hashing included), its waker, and the client process. Wall ms/token (first request to last piece, over the "
+          "pieces) depends on how much CPU the machine's other jobs leave: read it only on a quiet machine. Medians over "
+          f"{args.repeats} repeats, the three kinds alternated; load average recorded (shared machine, 2 cores).\n\n"
+          "| kind | loop CPU | scheduler CPU | waker CPU | client CPU | wall ms/token | load avg |\n"
+          "|---|---:|---:|---:|---:|---:|---:|\n"]
+    med = lambda kind, k: _med([r for r in data["rows"] if r["kind"] == kind], k)  # noqa: E731
+    for kind in ("alone", "openai", "httpx+json"):
+        f = lambda k: med(kind, k)  # noqa: E731
+        cell = lambda k: "" if f(k) is None else f"{f(k):.3f}"  # noqa: E731
+        md.append(f"| {kind} | {cell('loop_cpu_ms_per_token')} | {cell('scheduler_cpu_ms_per_token')} | "
+                  f"{cell('waker_cpu_ms_per_token')} | {cell('client_cpu_ms_per_token')} | {f('wall_ms_per_token'):.2f} | "
+                  f"{f('loadavg_1m_start'):.1f} |\n")
+    _write("serve_overhead", data, "".join(md))
+    print("".join(md))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("bench", "load", "structured"))
+    ap.add_argument("mode", choices=("bench", "load", "structured", "overhead"))
     ap.add_argument("--quick", action="store_true", help="bench: 1 repeat, big model at 1 and 4 clients only")
     ap.add_argument("--small", default="smollm2-135m")
     ap.add_argument("--big", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)  # a short chat answer (32 was mostly prefill: docs/decisions.md)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--big-repeats", type=int, help="repeats on the big model (default: --repeats)")
+    ap.add_argument("--llama-levels", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="client counts for llama-cpp-python's server (1 and 4 are what the targets use)")
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--load-max-tokens", type=int, default=8)
     ap.add_argument("--schema-max-tokens", type=int, default=160)
     ap.add_argument("--struct-tokens", type=int, default=24)
     ap.add_argument("--struct-repeats", type=int, default=3)
+    ap.add_argument("--step-ms", type=float, default=4.0, help="overhead: the sleeping step (SmolLM2 decodes in ~4-5 ms)")
+    ap.add_argument("--overhead-tokens", type=int, default=256)
+    ap.add_argument("--overhead-requests", type=int, default=4)
     args = ap.parse_args(argv)
     args.levels = [1, 2, 4, 8]
-    args.big_levels, args.big_repeats = ([1, 4], 1) if args.quick else ([1, 2, 4, 8], args.repeats)
+    args.big_levels = [1, 4] if args.quick else [1, 2, 4, 8]
+    args.big_repeats = 1 if args.quick else args.big_repeats or args.repeats
     if args.quick:
         args.repeats = 1
-    {"bench": bench, "load": load, "structured": structured}[args.mode](args)
+    {"bench": bench, "load": load, "structured": structured, "overhead": overhead}[args.mode](args)
 
 
 if __name__ == "__main__":

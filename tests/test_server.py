@@ -316,7 +316,7 @@ class _FakeSession:
 class _FakeEngine:
     """Next token = last token + 1 (mod V): every step's batch is recorded."""
 
-    max_batch, prefill_chunk, V = 4, 3, 50
+    max_batch, prefill_chunk, prefill_budget, V = 4, 3, None, 50
 
     def __init__(self):
         self.steps, self.log = [], []
@@ -381,6 +381,61 @@ def test_scheduler_batches_chunks_and_stops_on_fake_engine():
     assert text(c[2]) == "<12><13><14>" and c[2][-1]["finish_reason"] == "stop"
     assert max(max(s) for s in eng.steps) == 3  # prefill is chunked
     assert max(len(s) for s in eng.steps) >= 2  # sequences share steps
+
+
+def test_prefill_budget_keeps_decoding_streams_in_every_step():
+    eng = _FakeEngine()
+    eng.prefill_chunk, eng.prefill_budget = 8, 5
+    sched = Scheduler(eng, _Tok(), n_ctx=64, max_sessions=4)
+    a = _collect(sched, [1, 2], max_tokens=12)
+    b = _collect(sched, list(range(10, 38)), max_tokens=2)  # 28 prompt tokens
+    c = _collect(sched, list(range(3, 10)), max_tokens=2)
+    sched.start()  # all three are admitted together
+    try:
+        for _, done, _ in (a, b, c):
+            assert done.wait(10)
+    finally:
+        sched.shutdown()
+    text = lambda ev: "".join(e["text"] for e in ev if e["type"] == "delta")
+    assert text(a[2]) == "".join(f"<{t}>" for t in range(3, 15))
+    assert text(b[2]) == "<38><39>" and text(c[2]) == "<10><11>"
+    # nobody decodes in the first step: chunks of 8; then b's prompt goes 5 tokens a step, and a
+    # (then c) decode in each of those steps
+    assert eng.steps[:6] == [[2, 8, 7], [1, 5, 1], [1, 5], [1, 5], [1, 5], [1, 1]]
+    assert eng.steps[6:] == [[1]] * 6
+
+
+def test_streamed_text_chunk_template_matches_the_full_chunk():
+    from types import SimpleNamespace
+    from edgekv.server.app import _Format
+
+    ctx = SimpleNamespace(model_id='m "\\0\0\u2603')  # a served name with what JSON escapes, and the template's marker
+    for chat in (True, False):
+        fmt = _Format(ctx, "chatcmpl-x", 123, chat, None)
+        for text in ("", "a", ' "q" \\ ', "new\nline\t", "\0", "h\u00e9llo \u2603 \U0001f600", "\ud800"):
+            assert fmt.delta_chunk(text, []) == json.dumps(fmt.chunk(fmt.delta(text), None))
+            assert json.loads(fmt.delta_chunk(text, []))["choices"][0]["delta" if chat else "text"] == fmt.delta(text)
+
+
+def test_relay_wakes_a_waiting_handler_once_and_hands_over_piled_up_events():
+    import asyncio
+    from edgekv.server.app import _Relay
+
+    async def main():
+        relay = _Relay(asyncio.get_running_loop())
+        assert relay.emit({"n": 1}) is None and relay.emit({"n": 2}) is None  # nobody waits: no wakeup
+        assert [e["n"] for e in await relay.get()] == [1, 2]
+        got = asyncio.ensure_future(relay.get())
+        await asyncio.sleep(0)  # the handler now waits
+        wake = relay.emit({"n": 3})
+        assert wake is not None and relay.emit({"n": 4}) is None  # one wakeup per wait
+        await asyncio.sleep(0.05)
+        assert not got.done()  # emit alone does not wake the loop: the returned call does
+        await asyncio.to_thread(wake)  # as the scheduler's waker thread calls it
+        assert [e["n"] for e in await asyncio.wait_for(got, 5)] == [3, 4]
+        assert await relay.get(timeout=0.01) == []
+
+    asyncio.run(main())
 
 
 def test_pool_reuses_longest_prefix_and_evicts_lru_under_budget():

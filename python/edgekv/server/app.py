@@ -9,9 +9,11 @@ the scheduler frees its session. Errors are OpenAI's JSON shape with a 4xx statu
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import math
+import threading
 import time
 import uuid
 from typing import Any, Optional
@@ -84,12 +86,13 @@ class _Context:
     """What the handlers share: the model, its scheduler, the served name and key."""
 
     def __init__(self, model, model_id: str, api_key: Optional[str], max_sessions: int,
-                 kv_budget_bytes: Optional[int]):
+                 kv_budget_bytes: Optional[int], engine=None):
         self.model = model
         self.model_id = model_id
         self.api_key = api_key
         self.created = int(time.time())
-        self.scheduler = Scheduler(ModelEngine(model, max_sessions), model.tokenizer, model.n_ctx,
+        engine = ModelEngine(model, max_sessions) if engine is None else engine
+        self.scheduler = Scheduler(engine, model.tokenizer, model.n_ctx,
                                    max_sessions=max_sessions, kv_budget_bytes=kv_budget_bytes)
 
     def check_key(self, request: HTTPRequest) -> None:
@@ -242,10 +245,12 @@ def _finite(x: float) -> float:
 
 
 def create_app(model, *, model_id: Optional[str] = None, api_key: Optional[str] = None, max_sessions: int = 4,
-               kv_budget_mb: Optional[float] = None) -> FastAPI:
-    """The app for one loaded model; its scheduler runs while the app is up (lifespan)."""
+               kv_budget_mb: Optional[float] = None, engine=None) -> FastAPI:
+    """The app for one loaded model; its scheduler runs while the app is up (lifespan).
+    engine: what runs the steps (default: the model's, engine.py; benchmarks/serve.py's overhead
+    mode passes one that only sleeps, to measure what the HTTP side costs)."""
     budget = None if kv_budget_mb is None else int(kv_budget_mb * 2**20)
-    ctx = _Context(model, model_id or model.name, api_key, max_sessions, budget)
+    ctx = _Context(model, model_id or model.name, api_key, max_sessions, budget, engine)
 
     from contextlib import asynccontextmanager
 
@@ -310,18 +315,65 @@ def create_app(model, *, model_id: Optional[str] = None, api_key: Optional[str] 
     return app
 
 
-async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], max_name: str,
-               logprobs: Optional[int], chat: bool):
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+class _Relay:
+    """Events from the scheduler thread to one request's handler on the event loop.
 
-    def emit(ev: dict) -> None:  # on the scheduler thread
+    emit appends under a lock and, when the handler waits, returns the call that wakes it, which
+    the scheduler makes just before its next step (see scheduler.py): one wakeup per wait, not per
+    token, and events that pile up while the loop is busy go out together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+        self.waiter: Optional[asyncio.Future] = None
+
+    def emit(self, ev: dict):  # on the scheduler thread
+        with self.lock:
+            self.events.append(ev)
+            w, self.waiter = self.waiter, None
+        return None if w is None else functools.partial(self._wake, w)
+
+    def _wake(self, w: asyncio.Future) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            self.loop.call_soon_threadsafe(_set_done, w)
         except RuntimeError:  # the loop is gone (shutdown)
             pass
 
-    req = ctx.request_from(body, ids, max_name, logprobs, emit, await _mask_for(ctx, body))
+    async def get(self, timeout: Optional[float] = None) -> list[dict]:
+        """The events so far (waits for one; [] after timeout seconds without)."""
+        with self.lock:
+            if self.events:
+                out, self.events = self.events, []
+                return out
+            self.waiter = w = self.loop.create_future()
+        if timeout is None:
+            await w
+        else:
+            try:
+                await asyncio.wait_for(w, timeout)
+            except asyncio.TimeoutError:
+                pass
+        with self.lock:
+            self.waiter = None
+            out, self.events = self.events, []
+        return out
+
+
+def _set_done(w: asyncio.Future) -> None:
+    if not w.done():
+        w.set_result(None)
+
+
+def _sse(data: str) -> bytes:
+    return b"data: " + data.encode() + b"\r\n\r\n"
+
+
+async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], max_name: str,
+               logprobs: Optional[int], chat: bool):
+    loop = asyncio.get_running_loop()
+    relay = _Relay(loop)
+    req = ctx.request_from(body, ids, max_name, logprobs, relay.emit, await _mask_for(ctx, body))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "stream must be a boolean")
@@ -335,23 +387,29 @@ async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], 
 
     if stream:
         async def events():
+            # SSE events as bytes (sse-starlette sends bytes as they are); the events that came
+            # together go out in one write
             try:
                 if chat:
-                    yield {"data": json.dumps(fmt.chunk({"role": "assistant", "content": ""}, None))}
+                    yield _sse(json.dumps(fmt.chunk({"role": "assistant", "content": ""}, None)))
                 while True:
-                    ev = await queue.get()
-                    if ev["type"] == "delta":
-                        yield {"data": json.dumps(fmt.chunk(fmt.delta(ev["text"]), None, ev["tokens"]))}
-                    elif ev["type"] == "done":
-                        yield {"data": json.dumps(fmt.chunk({} if chat else "", ev["finish_reason"]))}
-                        if opts.get("include_usage"):
-                            yield {"data": json.dumps(dict(fmt.chunk({}, None), choices=[], usage=_usage(ev)))}
-                        yield {"data": "[DONE]"}
-                        return
-                    else:
-                        yield {"data": json.dumps({"error": {"message": str(ev["error"]), "type": "server_error",
-                                                              "param": None, "code": None}})}
-                        return
+                    out = []
+                    for ev in await relay.get():
+                        if ev["type"] == "delta":
+                            out.append(_sse(fmt.delta_chunk(ev["text"], ev["tokens"])))
+                        elif ev["type"] == "done":
+                            out.append(_sse(json.dumps(fmt.chunk({} if chat else "", ev["finish_reason"]))))
+                            if opts.get("include_usage"):
+                                out.append(_sse(json.dumps(dict(fmt.chunk({}, None), choices=[], usage=_usage(ev)))))
+                            out.append(_sse("[DONE]"))
+                            yield b"".join(out)
+                            return
+                        else:
+                            out.append(_sse(json.dumps({"error": {"message": str(ev["error"]), "type": "server_error",
+                                                                  "param": None, "code": None}})))
+                            yield b"".join(out)
+                            return
+                    yield b"".join(out)
             finally:
                 req.cancel()  # a no-op once done; on a disconnect, the scheduler frees the sequence
 
@@ -364,23 +422,19 @@ async def _run(ctx: _Context, request: HTTPRequest, body: dict, ids: list[int], 
     next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
-            except asyncio.TimeoutError:
-                ev = None
+            evs = await relay.get(max(0.0, next_check - loop.time()))
             if loop.time() >= next_check:  # events may flow without a pause: check on a clock
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
                 next_check = loop.time() + DISCONNECT_POLL_S
-            if ev is None:
-                continue
-            if ev["type"] == "delta":
-                text.append(ev["text"])
-                tokens.extend(ev["tokens"])
-            elif ev["type"] == "done":
-                return fmt.whole("".join(text), tokens, ev)
-            else:
-                return _error(500, str(ev["error"]), type_="server_error")
+            for ev in evs:
+                if ev["type"] == "delta":
+                    text.append(ev["text"])
+                    tokens.extend(ev["tokens"])
+                elif ev["type"] == "done":
+                    return fmt.whole("".join(text), tokens, ev)
+                else:
+                    return _error(500, str(ev["error"]), type_="server_error")
     finally:
         req.cancel()
 
@@ -391,9 +445,20 @@ class _Format:
     def __init__(self, ctx: _Context, rid: str, created: int, chat: bool, logprobs: Optional[int]):
         self.ctx, self.rid, self.created, self.chat, self.logprobs = ctx, rid, created, chat, logprobs
         self.offset = 0  # text_offset of legacy logprobs
+        # a text-only chunk (no logprobs) is this template around the JSON of its text: the same
+        # bytes as json.dumps(self.chunk(self.delta(text), None)), without building the dicts
+        head, _, tail = json.dumps(self.chunk(self.delta("\0"), None)).rpartition(json.dumps("\0"))
+        self._text_chunk = (head, tail)
 
     def delta(self, text: str):
         return {"content": text} if self.chat else text
+
+    def delta_chunk(self, text: str, tokens: list) -> str:
+        """The JSON of a streamed chunk carrying text (and its tokens' logprobs)."""
+        if tokens and self.logprobs is not None:
+            return json.dumps(self.chunk(self.delta(text), None, tokens))
+        head, tail = self._text_chunk
+        return head + json.dumps(text) + tail
 
     def lp(self, tokens: list[dict], text: str = ""):
         if self.logprobs is None:

@@ -11,6 +11,11 @@ turn of the conversation, or any prompt sharing a prefix with it, reuses that pr
 Requests report back through ``Request.emit`` (called on the scheduler thread) with events:
 ``{"type": "delta", "text", "tokens": [info...]}``, ``{"type": "done", "finish_reason",
 "prompt_tokens", "completion_tokens", "cached_tokens"}`` or ``{"type": "error", "error"}``.
+emit may return a callable (waking the event loop). The scheduler hands those, just before its
+next engine step or before it sleeps, to a small waker thread, which gets the GIL once the step is
+in C: the woken loop then takes the GIL while the step computes, instead of between steps, where
+it would hold up the scheduler's Python (a wakeup's socket send drops the GIL, and the loop,
+woken by it, took the GIL first; ~0.25 ms a token measured on SmolLM2, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class Request:
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
-    emit: Callable[[dict], None]
+    emit: Callable[[dict], Optional[Callable[[], None]]]
     stop: list[str] = field(default_factory=list)
     logprobs: Optional[int] = None  # None: off; k: the chosen token's logprob and the k most likely
     mask: Optional[object] = None   # edgekv.structured.JSONSchemaMask: .apply(logits), .accept(tok), .done
@@ -147,10 +152,16 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="edgekv-scheduler", daemon=True)
         self.completed = 0
         self.cancelled = 0
+        self._wakes: list[Callable[[], None]] = []  # what emit returned, for the waker
+        self._waker_cv = threading.Condition()
+        self._waker_jobs: list[Callable[[], None]] = []
+        self._waker_stop = False
+        self._waker = threading.Thread(target=self._waker_loop, name="edgekv-waker", daemon=True)
 
     # ---- the request side (any thread) ----------------------------------------------
 
     def start(self) -> "Scheduler":
+        self._waker.start()
         self._thread.start()
         return self
 
@@ -167,6 +178,11 @@ class Scheduler:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._waker_cv:
+            self._waker_stop = True
+            self._waker_cv.notify()
+        if self._waker.is_alive():
+            self._waker.join(timeout)
 
     def stats(self) -> dict:
         with self._cv:
@@ -181,6 +197,7 @@ class Scheduler:
         while True:
             with self._cv:
                 while not self._stop and not self._waiting and not self._running:
+                    self._wake()
                     self._cv.wait()
                 if self._stop:
                     break
@@ -197,8 +214,9 @@ class Scheduler:
             for s in list(self._running):
                 self._finish(s, error=RuntimeError("the server is shutting down"))
             while self._waiting:
-                self._waiting.popleft().emit({"type": "error", "error": RuntimeError("the server is shutting down")})
+                self._emit(self._waiting.popleft(), {"type": "error", "error": RuntimeError("the server is shutting down")})
             self.pool.close()
+        self._wake()
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
@@ -217,17 +235,28 @@ class Scheduler:
                 self.cancelled += 1
 
     def _step(self) -> None:
+        # while any sequence decodes, prompts share at most prefill_budget tokens per step (oldest
+        # first), so that a new prompt delays the decoding streams by one short step, not its prefill
         chunk = self.engine.prefill_chunk
-        batch = []
+        decoding = any(s.pos >= len(s.req.prompt_ids) for s in self._running)
+        budget = self.engine.prefill_budget if decoding and self.engine.prefill_budget is not None else None
+        members, batch = [], []
         for s in self._running:
             ids = s.req.prompt_ids
             if s.pos < len(ids):
                 end = len(ids) if chunk is None else min(len(ids), s.pos + chunk)
+                if budget is not None:
+                    end = min(end, s.pos + budget)
+                    if end == s.pos:
+                        continue  # the budget is spent: this prompt waits for the next step
+                    budget -= end - s.pos
                 batch.append(np.asarray(ids[s.pos:end], np.int32))
             else:
                 batch.append(np.asarray([s.last], np.int32))
-        logits = self.engine.step([s.session for s in self._running], batch)
-        for s, x, row in zip(list(self._running), batch, logits):
+            members.append(s)
+        self._wake()
+        logits = self.engine.step([s.session for s in members], batch)
+        for s, x, row in zip(members, batch, logits):
             if s.pos < len(s.req.prompt_ids):
                 s.pos += x.size
                 if s.pos < len(s.req.prompt_ids):
@@ -266,8 +295,32 @@ class Scheduler:
             return self._finish(s, "length")  # the context is full
         s.last = tok
 
+    def _emit(self, req: Request, ev: dict) -> None:
+        wake = req.emit(ev)
+        if wake is not None:
+            self._wakes.append(wake)
+
+    def _wake(self) -> None:
+        """Hand what emit returned to the waker (no syscall that drops the GIL here)."""
+        if self._wakes:
+            with self._waker_cv:
+                self._waker_jobs.extend(self._wakes)
+                self._waker_cv.notify()
+            self._wakes = []
+
+    def _waker_loop(self) -> None:
+        while True:
+            with self._waker_cv:
+                while not self._waker_jobs and not self._waker_stop:
+                    self._waker_cv.wait()
+                jobs, self._waker_jobs = self._waker_jobs, []
+                if not jobs:
+                    return  # stopped, nothing left
+            for w in jobs:
+                w()
+
     def _emit_text(self, s: _Seq, text: str) -> None:
-        s.req.emit({"type": "delta", "text": text, "tokens": s.infos})
+        self._emit(s.req, {"type": "delta", "text": text, "tokens": s.infos})
         s.infos = []
 
     def _finish(self, s: _Seq, reason: str = "stop", error: Optional[Exception] = None) -> None:
@@ -282,9 +335,9 @@ class Scheduler:
             if error is None:
                 self.completed += 1
         if error is not None:
-            s.req.emit({"type": "error", "error": error})
+            self._emit(s.req, {"type": "error", "error": error})
             return
-        s.req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(s.req.prompt_ids),
+        self._emit(s.req, {"type": "done", "finish_reason": reason, "prompt_tokens": len(s.req.prompt_ids),
                     "completion_tokens": s.generated, "cached_tokens": s.cached})
 
     def _logprob_info(self, logits: np.ndarray, tok: int, k: int) -> dict:
