@@ -153,8 +153,9 @@ def main(argv=None) -> int:
                    help="start each window with BOS (default: the GGUF's tokenizer.ggml.add_bos_token)")
     p.add_argument("--reference", action="store_true",
                    help="also run the float64 NumPy reference (tests/reference.py) on the same windows")
-    p.add_argument("--exact-weights", action="store_true",
-                   help="run on a copy of the GGUF with its quantized matrices dequantized to F32")
+    p.add_argument("--exact-weights", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="run on a copy of the GGUF with its quantized matrices dequantized to F32 (all, or only "
+                        "the tensors whose names contain one of the comma-separated NAMES, e.g. ffn_down)")
     args = p.parse_args(argv)
 
     import edgekv
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     path = str(edgekv.registry.resolve(args.model, progress=True))
     source_path = path
     if args.exact_weights:
-        path = str(dequantized_copy(Path(path)))
+        path = str(dequantized_copy(Path(path), None if args.exact_weights == "all" else args.exact_weights.split(",")))
     ref_model = None
     if args.reference:
         sys.path.insert(0, str(REPO / "tests"))
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         "machine": machine(command_line("parity.py", argv)),
         "model_path": path,
         "source_model_path": source_path,
-        "exact_weights": bool(args.exact_weights),
+        "exact_weights": args.exact_weights,
         "data": str(DATA.relative_to(REPO.parent)),
         "setup": {
             "window": W, "windows": n_win, "threads": args.threads, "bos": bool(bos),
@@ -287,13 +288,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def dequantized_copy(src: Path) -> Path:
-    """src with every quantized tensor dequantized to F32 (gguf-py's dequantizers: the values the
-    file's blocks encode), written once next to the models as ``<stem>.f32.gguf``."""
+def dequantized_copy(src: Path, names: list[str] | None = None) -> Path:
+    """src with every quantized tensor (or those whose names contain one of ``names``) dequantized
+    to F32 (gguf-py's dequantizers: the values the file's blocks encode), written once under
+    ~/.cache/edgekv/parity as ``<stem>.f32[-names].gguf``."""
     import gguf
     from gguf import GGUFReader, GGUFWriter, quants
 
-    out = Path.home() / ".cache" / "edgekv" / "parity" / f"{src.stem}.f32.gguf"
+    tag = "" if names is None else "-" + "-".join(names)
+    out = Path.home() / ".cache" / "edgekv" / "parity" / f"{src.stem}.f32{tag}.gguf"
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +309,7 @@ def dequantized_copy(src: Path) -> Path:
         vt = f.types[0]
         w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:
-        if t.tensor_type.name in ("F32", "F16", "BF16"):
+        if t.tensor_type.name in ("F32", "F16", "BF16") or (names and not any(n in t.name for n in names)):
             w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         else:
             a = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -324,9 +327,11 @@ def write_md(res: dict, path: Path) -> None:
     tok = res["tokenizer"]
     L = ["# Parity: edgekv vs llama.cpp on WikiText-2 valid\n"]
     if res.get("exact_weights"):
-        L.append(f"**Exact weights**: a copy of `{Path(res['source_model_path']).name}` with every quantized matrix "
-                 f"dequantized to F32 (`{Path(res['model_path']).name}`), so neither engine rounds weights or "
-                 f"activations in its matmuls.\n")
+        which = ("every quantized matrix" if res["exact_weights"] == "all" else
+                 f"the quantized tensors whose names contain {res['exact_weights']}")
+        L.append(f"**Exact weights**: a copy of `{Path(res['source_model_path']).name}` with {which} "
+                 f"dequantized to F32 (`{Path(res['model_path']).name}`): neither engine rounds those weights or "
+                 f"their activations.\n")
     L.append(f"Model `{Path(res['model_path']).name}`; `{res['data']}`; {s['windows']} non-overlapping windows of "
              f"{s['window']} tokens from the start of the file (llama.cpp's tokenization), "
              f"{'BOS first' if s['bos'] else 'no BOS'}; each window from "
