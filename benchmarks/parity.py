@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     source_path = path
     if args.exact_weights:
         path = str(dequantized_copy(Path(path), None if args.exact_weights == "all" else args.exact_weights.split(",")))
+        os.environ["EDGEKV_WEIGHT_CACHE"] = "off"  # F32 is used as it is: a cached copy would only fill the disk
     ref_model = None
     if args.reference:
         sys.path.insert(0, str(REPO / "tests"))
