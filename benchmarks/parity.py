@@ -27,6 +27,16 @@
 
 Targets (pass/fail in parity.md): mean KL <= 0.005 nats, top-1 >= 95%, perplexity within 1%.
 
+3. ``--reference``: a third engine, the float64 NumPy forward pass of tests/reference.py over the
+   file's weights dequantized exactly (no activation rounding, no FP16 cache), on the same windows:
+   KL(reference || edgekv) and KL(reference || llama.cpp) say which engine is closer to what the
+   file's weights compute, and KL(llama || reference) is the floor of the headline KL: what an
+   exact engine would score against llama.cpp.
+4. ``--exact-weights``: everything above on a copy of the GGUF (written once under
+   ``~/.cache/edgekv/parity``) whose quantized matrices are dequantized to F32, so that neither engine
+   rounds weights or activations in its matmuls: what is left is each engine's graph (norms, RoPE,
+   attention, FFN) and float arithmetic.
+
 Writes benchmarks/results/parity.json and benchmarks/results/parity.md.
 
     PYTHONPATH=python python benchmarks/parity.py
@@ -141,6 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start each window with BOS (default: the GGUF's tokenizer.ggml.add_bos_token)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the float64 NumPy reference (tests/reference.py) on the same windows")
+    p.add_argument("--exact-weights", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="run on a copy of the GGUF with its quantized matrices dequantized to F32 (all, or only "
+                        "the tensors whose names contain one of the comma-separated NAMES, e.g. ffn_down)")
     args = p.parse_args(argv)
 
     import edgekv
@@ -148,6 +163,16 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     path = str(edgekv.registry.resolve(args.model, progress=True))
+    source_path = path
+    if args.exact_weights:
+        path = str(dequantized_copy(Path(path), None if args.exact_weights == "all" else args.exact_weights.split(",")))
+        os.environ["EDGEKV_WEIGHT_CACHE"] = "off"  # F32 is used as it is: a cached copy would only fill the disk
+    ref_model = None
+    if args.reference:
+        sys.path.insert(0, str(REPO / "tests"))
+        from reference import ReferenceModel
+
+        ref_model = ReferenceModel(path)
     text = DATA.read_text(encoding="utf-8")
     model = edgekv.load(path, threads=args.threads, ctx=args.window, n_batch=256, progress=False)
     llm = llama_cpp.Llama(
@@ -165,6 +190,9 @@ def main(argv=None) -> int:
         step = W - 1 if bos else W  # text tokens per window
         n_win = min(args.windows, len(ids) // step)
         parts = {k: [] for k in ("kl", "agree", "nll_ref", "nll_test")}
+        # reference comparisons: (ref, test) pairs by name; each entry like parts
+        ref_pairs = ("reference||edgekv", "reference||llama.cpp", "llama.cpp||reference")
+        ref_parts = {name: {k: [] for k in parts} for name in ref_pairs}
         pos_in_win = []
         per_window = []
         for w in range(n_win):
@@ -178,6 +206,14 @@ def main(argv=None) -> int:
             ll = np.array(llm.scores[:W], dtype=np.float32)
             t_ll = time.perf_counter() - t0
             r = compare_logits(ll[:-1], ek[:-1], np.asarray(win[1:]))
+            if ref_model is not None:
+                rf = ref_model.logits(win)
+                tg = np.asarray(win[1:])
+                for name, (a, b) in zip(ref_pairs, ((rf, ek), (rf, ll), (ll, rf))):
+                    rr = compare_logits(a[:-1], b[:-1], tg)
+                    for k in parts:
+                        ref_parts[name][k].append(rr[k])
+                del rf
             for k in parts:
                 parts[k].append(r[k])
             pos_in_win.append(np.arange(W - 1))
@@ -199,6 +235,12 @@ def main(argv=None) -> int:
         if sel.any():
             buckets.append({"positions": f"{lo}-{hi - 1}", "n": int(sel.sum()), "mean_kl": float(cat["kl"][sel].mean()),
                             "top1_agreement": float(cat["agree"][sel].mean())})
+    reference = None
+    if ref_model is not None:
+        reference = {}
+        for name, d in ref_parts.items():
+            c = {k: np.concatenate(v) for k, v in d.items()}
+            reference[name] = metrics(c["kl"], c["agree"], c["nll_ref"], c["nll_test"])
     checks = check(overall)
     checks_second = check(second_half)
 
@@ -207,6 +249,8 @@ def main(argv=None) -> int:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(command_line("parity.py", argv)),
         "model_path": path,
+        "source_model_path": source_path,
+        "exact_weights": args.exact_weights,
         "data": str(DATA.relative_to(REPO.parent)),
         "setup": {
             "window": W, "windows": n_win, "threads": args.threads, "bos": bool(bos),
@@ -226,6 +270,7 @@ def main(argv=None) -> int:
         "targets": TARGETS,
         "checks": checks,
         "checks_second_half": checks_second,
+        "reference": reference,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parity.json").write_text(json.dumps(res, indent=1))
@@ -238,14 +283,56 @@ def main(argv=None) -> int:
               f"({100 * m['ppl_rel_diff']:+.3f}%)")
     for c in checks:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}")
+    for name, m in (reference or {}).items():
+        print(f"KL({name}) {m['mean_kl']:.3g} nats, top-1 {100 * m['top1_agreement']:.2f}%")
     print(f"wrote {args.out / 'parity.json'} and {args.out / 'parity.md'}")
     return 0
+
+
+def dequantized_copy(src: Path, names: list[str] | None = None) -> Path:
+    """src with every quantized tensor (or those whose names contain one of ``names``) dequantized
+    to F32 (gguf-py's dequantizers: the values the file's blocks encode), written once under
+    ~/.cache/edgekv/parity as ``<stem>.f32[-names].gguf``."""
+    import gguf
+    from gguf import GGUFReader, GGUFWriter, quants
+
+    tag = "" if names is None else "-" + "-".join(names)
+    out = Path.home() / ".cache" / "edgekv" / "parity" / f"{src.stem}.f32{tag}.gguf"
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(tmp), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue  # the writer adds these itself
+        vt = f.types[0]
+        w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if t.tensor_type.name in ("F32", "F16", "BF16") or (names and not any(n in t.name for n in names)):
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+        else:
+            a = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w.add_tensor(t.name, a.reshape(tuple(int(d) for d in reversed(list(t.shape)))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out
 
 
 def write_md(res: dict, path: Path) -> None:
     s = res["setup"]
     tok = res["tokenizer"]
     L = ["# Parity: edgekv vs llama.cpp on WikiText-2 valid\n"]
+    if res.get("exact_weights"):
+        which = ("every quantized matrix" if res["exact_weights"] == "all" else
+                 f"the quantized tensors whose names contain {res['exact_weights']}")
+        L.append(f"**Exact weights**: a copy of `{Path(res['source_model_path']).name}` with {which} "
+                 f"dequantized to F32 (`{Path(res['model_path']).name}`): neither engine rounds those weights or "
+                 f"their activations.\n")
     L.append(f"Model `{Path(res['model_path']).name}`; `{res['data']}`; {s['windows']} non-overlapping windows of "
              f"{s['window']} tokens from the start of the file (llama.cpp's tokenization), "
              f"{'BOS first' if s['bos'] else 'no BOS'}; each window from "
@@ -277,6 +364,18 @@ def write_md(res: dict, path: Path) -> None:
     L.append("Per window: " + "; ".join(
         f"#{w['window']} KL {w['mean_kl']:.5f}, top-1 {100 * w['top1_agreement']:.1f}%, max |dlogit| "
         f"{w['max_abs_logit_diff']:.3f}" for w in res["per_window"]) + ".\n")
+    if res.get("reference"):
+        L.append("## Against the float64 reference (tests/reference.py)\n")
+        L.append("The same windows and scored positions (all); KL(P || Q) in nats, perplexity columns: P's and Q's. "
+                 "KL(llama.cpp || reference) is the floor of the headline KL: what an engine computing the file's "
+                 "weights exactly would score against llama.cpp.\n")
+        L.append("| P \\|\\| Q | mean KL | p99 KL | top-1 agreement | ppl P | ppl Q |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for name, m in res["reference"].items():
+            a, b = name.split("||")
+            L.append(f"| {a} \\|\\| {b} | {m['mean_kl']:.5f} | {m['p99_kl']:.4f} | {100 * m['top1_agreement']:.2f}% | "
+                     f"{m['ppl_llama']:.4f} | {m['ppl_edgekv']:.4f} |")
+        L.append("")
     L.append("## Targets (all positions)\n")
     L.append("| target | value | result |")
     L.append("|---|---:|---|")

@@ -7,7 +7,8 @@ with the NumPy reference and llama.cpp):
 * fused attention with head_dim 256 (Gemma 3 270M's) over mixed-precision records against
   dequantize-then-attend (test_kv.py's check);
 * chat templates: Gemma's and ChatML render exactly what llama.cpp's llama_chat_apply_template renders;
-* the real Gemma 3 270M against llama.cpp on a short WikiText-2 prefix.
+* the real Gemma 3 270M against llama.cpp on a short WikiText-2 prefix, and closer than llama.cpp to
+  the float64 reference over its weights.
 """
 
 from __future__ import annotations
@@ -180,12 +181,20 @@ def test_gemma_270m_without_template_renders_chatml_as_llama_cpp(gemma_path, lla
 # the real model
 # ---------------------------------------------------------------------------------------------
 
-def test_gemma_270m_matches_llama_cpp_on_a_short_prefix(gemma_path, llama_cpp):
-    """BOS + the first 96 WikiText-2 tokens through both engines: a gross error (a norm, scale or
-    RoPE base wrong) puts KL far above 0.1. Measured: mean KL 0.0075 nats, top-1 92.8% (the
-    WikiText-2 figures are benchmarks/results/parity_gemma3-270m: 0.0071, 95.7%; on the first 64
-    tokens a float64 NumPy reference puts edgekv at KL 0.0042 from it and llama.cpp at 0.0077),
-    so this asserts 0.02 and 85%."""
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _kl(p_logits, q_logits):
+    """Per-position KL(P || Q) in nats, float64."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def prefix_logits(gemma_path, llama_cpp):
+    """BOS + the first 96 WikiText-2 tokens: (ids, edgekv's logits, llama.cpp's logits), float64."""
     with open(TEXT_EXCERPT, encoding="utf-8") as f:
         text = f.read()
     m = edgekv.Model(gemma_path, threads=THREADS, ctx=128)
@@ -194,18 +203,37 @@ def test_gemma_270m_matches_llama_cpp_on_a_short_prefix(gemma_path, llama_cpp):
     ids = m.tokenize(text)[:97]
     assert ids[0] == m.tokenizer.bos_id
     ours = m.logits(ids).astype(np.float64)
+    m.close()
     llm = llama_cpp.Llama(str(gemma_path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=THREADS)
     try:
         llm.eval(ids)
         theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
     finally:
         llm.close()
+    return ids, ours, theirs
 
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    lp, lq = log_softmax(theirs), log_softmax(ours)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    top1 = np.mean(lp.argmax(-1) == lq.argmax(-1))
+def test_gemma_270m_matches_llama_cpp_on_a_short_prefix(prefix_logits):
+    """Both engines on the same prefix: a gross error (a norm, scale or RoPE base wrong) puts KL far
+    above 0.1. Measured: mean KL 0.0075 nats, top-1 92.8% (WikiText-2, 4 x 1,024 tokens:
+    benchmarks/results/parity_gemma3-270m), so this asserts 0.02 and 85%. The issue's 0.005 is out
+    of any engine's reach here: llama.cpp itself is 0.006 from the exact result (next test)."""
+    _, ours, theirs = prefix_logits
+    kl = _kl(theirs, ours)
+    top1 = np.mean(theirs.argmax(-1) == ours.argmax(-1))
     assert kl.mean() <= 0.02 and top1 >= 0.85, f"mean KL {kl.mean():.4f} nats, top-1 {top1:.1%}"
+
+
+def test_gemma_270m_is_closer_to_the_exact_result_than_llama_cpp(gemma_path, prefix_logits):
+    """The float64 NumPy reference over the file's weights dequantized exactly (tests/reference.py:
+    no activation rounding, no FP16 cache) is what the GGUF computes; edgekv must stay closer to it
+    than llama.cpp, whose int8 activation blocks of 256 for the K-quant matrices (ffn_down) cost it
+    most of its error (docs/decisions.md). Measured on this prefix: KL(reference || edgekv) 0.0036,
+    KL(reference || llama.cpp) 0.0063 nats. A regression to llama.cpp's rounding (measured: 256-wide
+    activation blocks put edgekv at 0.0056 on a 256-token prefix, llama.cpp 0.0048) fails here."""
+    from reference import ReferenceModel
+
+    ids, ours, theirs = prefix_logits
+    exact = ReferenceModel(gemma_path).logits(ids)
+    kl_ek, kl_ll = _kl(exact, ours).mean(), _kl(exact, theirs).mean()
+    assert kl_ek < 0.75 * kl_ll and kl_ek <= 0.008, f"KL from exact: edgekv {kl_ek:.5f}, llama.cpp {kl_ll:.5f} nats"
