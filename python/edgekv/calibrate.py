@@ -32,6 +32,7 @@ import math
 import os
 import subprocess
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -552,6 +553,7 @@ class CalibratedPolicy(KVPolicy):
         self.name = "auto" if target_bits is None else f"auto@{target_bits:g}"
         self.layer_policy: LayerPolicy | None = None
         self._for = None  # (sha256, groups) the allocation was made for
+        self._bound = None  # weakref to the model bind() last prepared for
 
     def prepare(self, model, profile: dict | None = None) -> None:
         """Allocate bits for this model (its profile loaded, or measured and cached, first)."""
@@ -573,7 +575,11 @@ class CalibratedPolicy(KVPolicy):
         self._for = key
 
     def bind(self, model) -> None:
-        self.prepare(model)
+        # at every decode step: a loaded model's file and groups do not change, so the model it was
+        # prepared for last is enough (prepare hashes the path's stat, ~50 us)
+        if self._bound is None or self._bound() is not model:
+            self.prepare(model)
+            self._bound = weakref.ref(model)
 
     def check_layers(self, n_layer: int) -> None:
         if self.layer_policy is not None:

@@ -72,13 +72,21 @@ class TokenFeatures:
     def __len__(self) -> int:
         return int(self.positions.size)
 
+    @classmethod
+    def of_positions(cls, positions: np.ndarray, token_ids: np.ndarray, age: np.ndarray) -> "TokenFeatures":
+        """What a policy with needs_features False is given: positions, token ids and age; the
+        statistics NaN (the model does not collect them for it)."""
+        nan = np.full(positions.shape, np.nan, np.float32)
+        return cls(positions, token_ids, nan, nan, nan, nan, nan, age, nan)
+
 
 class KVPolicy:
     """Base class. Subclasses set ``name`` and implement :meth:`decide`."""
 
     name = "policy"
     window = 0               # W: decide a token once it is this many steps old
-    needs_features = False   # ask the model for per-position logits statistics
+    needs_features = False   # True: the model collects logit and attention statistics for decide();
+                             # False: decide() gets TokenFeatures.of_positions (statistics NaN)
 
     def decide(self, features: TokenFeatures) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
