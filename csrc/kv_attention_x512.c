@@ -41,19 +41,20 @@ EK_INLINE void fp16_pairs_to_ps(__m512i v, __m512 *d, __m512 *m) {
 /* ---- value order -------------------------------------------------------------------------
  * A unit is 64 values (two 32-value chunks of the record format, see kv_quant.h). The codes of a
  * group of records of a unit become four registers x[a] of 16 int32 lanes, lane t holding each
- * record's code of one value: 8-bit values two records as int16 (for vpdpwssd), 4- and 2-bit
+ * record's code of one value: 8-bit values two records as int16 (for vpdpwssd), 4-, 3- and 2-bit
  * values four records as bytes (for vpdpbusd). One byte permute (vpermt2b / vpermb) gathers the same
  * byte of every record into a lane; nibbles or bit pairs are then taken out with a shift and a mask:
  *   8-bit: x[a] lane t = byte 16a + t                                  -> value 16a + t
  *   4-bit: x[0|1] = bytes 0-15 low | high nibble, x[2|3] = bytes 16-31 -> value 16a + t
  *   2-bit: x[s] = byte t, bits 2s..2s+1 (byte t: chunk t/8, byte t%8)   -> value 32(t/8) + t%8 + 8s */
-static int acc_dword_dim(int bits, int a, int t) { return bits == 2 ? 32 * (t / 8) + t % 8 + 8 * a : 16 * a + t; }
+/*   3-bit: as 2-bit (the codes' low bits), bit 2 added from the record's masks (unit_quad)    */
+static int acc_dword_dim(int bits, int a, int t) { return bits <= 3 ? 32 * (t / 8) + t % 8 + 8 * a : 16 * a + t; }
 
 /* dwords of accumulator a whose value lies in the unit's second chunk (acc_dword_dim(bits, a, t) >= 32
  * exactly for the set bits t; a wrong mask would scale by the wrong group, which the attention tests
  * with groups of 32 catch) */
 EK_INLINE __mmask16 second_chunk_mask(int a, const int bits) {
-    if (bits == 2) return 0xFF00;
+    if (bits <= 3) return 0xFF00;
     return a >= 2 ? 0xFFFF : 0;
 }
 
@@ -75,13 +76,39 @@ static const uint8_t QUAD4[2][64] __attribute__((aligned(64))) = {{Q4x4(0, 0), Q
 #define Q2(t) (t), 16 + (t), 32 + (t), 48 + (t)
 #define Q2x4(t) Q2(t), Q2(t + 1), Q2(t + 2), Q2(t + 3)
 static const uint8_t QUAD2[64] __attribute__((aligned(64))) = {Q2x4(0), Q2x4(4), Q2x4(8), Q2x4(12)};
+/* 3-bit units (two 12-byte chunks: 8 bytes of low bits in the 2-bit layout, then a 32-bit mask of
+ * the codes' bit 2, bit i for value i of the chunk), loaded as A = unit bytes 0-15 and B = bytes 8-23
+ * per record (16 bytes each, record R at 16R of [A0..A3] and of [B0..B3]). QUAD3: the 2-bit quads
+ * from A (chunk 0's low bits) and B (chunk 1's, at B byte 4); QUAD3_HI[s]: lane t = mask byte s of
+ * chunk t/8 (B byte s or 12 + s), whose bit t % 8 is bit 2 of value acc_dword_dim(3, s, t) */
+#define Q3(t) Q3R(t, 0), Q3R(t, 1), Q3R(t, 2), Q3R(t, 3)
+#define Q3R(t, R) ((t) < 8 ? 16 * (R) + (t) : 64 + 16 * (R) + 4 + (t) - 8)
+#define Q3x4(t) Q3(t), Q3(t + 1), Q3(t + 2), Q3(t + 3)
+static const uint8_t QUAD3[64] __attribute__((aligned(64))) = {Q3x4(0), Q3x4(4), Q3x4(8), Q3x4(12)};
+#define H3R(t, R, s) (16 * (R) + ((t) < 8 ? 0 : 12) + (s))
+#define H3(t, s) H3R(t, 0, s), H3R(t, 1, s), H3R(t, 2, s), H3R(t, 3, s)
+#define H3x4(t, s) H3(t, s), H3(t + 1, s), H3(t + 2, s), H3(t + 3, s)
+#define H3x16(s) H3x4(0, s), H3x4(4, s), H3x4(8, s), H3x4(12, s)
+static const uint8_t QUAD3_HI[4][64] __attribute__((aligned(64))) = {{H3x16(0)}, {H3x16(1)}, {H3x16(2)}, {H3x16(3)}};
+#define B3(t) 1 << ((t) % 8), 1 << ((t) % 8), 1 << ((t) % 8), 1 << ((t) % 8)
+#define B3x4(t) B3(t), B3(t + 1), B3(t + 2), B3(t + 3)
+static const uint8_t QUAD3_BIT[64] __attribute__((aligned(64))) = {B3x4(0), B3x4(4), B3x4(8), B3x4(12)};
+#undef B3x4
+#undef B3
+#undef H3x16
+#undef H3x4
+#undef H3
+#undef H3R
+#undef Q3x4
+#undef Q3R
+#undef Q3
 #undef Q2x4
 #undef Q2
 #undef Q4x4
 #undef Q4
 
 /* Weights: 8-bit values (step 1/255 of their range) keep 15-bit weights, two records per lane and
- * vpdpwssd; 4- and 2-bit values (steps of 1/15, 1/3) take 8-bit weights, four records per lane and
+ * vpdpwssd; 4-, 3- and 2-bit values (steps of 1/15, 1/7, 1/3) take 8-bit weights, four records per lane and
  * vpdpbusd, half the multiply instructions (the bound on a weight's rounding, 1/510 of the tile's
  * largest w * d, stays under 1/30 of a 4-bit step times that weight). */
 #define WEIGHT_RECS(bits) ((bits) == 8 ? 2 : 4)          /* records per int32 lane */
@@ -110,6 +137,22 @@ EK_INLINE void unit_quad(const uint8_t *const *r, int u, __m512i x[4], const int
         x[1] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), k);
         x[2] = _mm512_and_si512(hi, k);
         x[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), k);
+    } else if (bits == 3) {
+        __m512i za = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[0] + 24 * u)));
+        __m512i zb = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[0] + 24 * u + 8)));
+        za = _mm512_inserti32x4(za, _mm_loadu_si128((const __m128i *)(r[1] + 24 * u)), 1);
+        zb = _mm512_inserti32x4(zb, _mm_loadu_si128((const __m128i *)(r[1] + 24 * u + 8)), 1);
+        za = _mm512_inserti32x4(za, _mm_loadu_si128((const __m128i *)(r[2] + 24 * u)), 2);
+        zb = _mm512_inserti32x4(zb, _mm_loadu_si128((const __m128i *)(r[2] + 24 * u + 8)), 2);
+        za = _mm512_inserti32x4(za, _mm_loadu_si128((const __m128i *)(r[3] + 24 * u)), 3);
+        zb = _mm512_inserti32x4(zb, _mm_loadu_si128((const __m128i *)(r[3] + 24 * u + 8)), 3);
+        const __m512i p = _mm512_permutex2var_epi8(za, _mm512_load_si512(QUAD3), zb);
+        const __m512i k = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), bit = _mm512_load_si512(QUAD3_BIT);
+        for (int s = 0; s < 4; s++) {
+            const __m512i lo = _mm512_and_si512(s ? _mm512_srli_epi16(p, 2 * s) : p, k);
+            const __mmask64 hi = _mm512_test_epi8_mask(_mm512_permutexvar_epi8(_mm512_load_si512(QUAD3_HI[s]), zb), bit);
+            x[s] = _mm512_mask_add_epi8(lo, hi, lo, four);
+        }
     } else {
         __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[0] + 16 * u)));
         z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r[1] + 16 * u)), 1);
@@ -131,7 +174,7 @@ EK_INLINE __m512i dp_weights(__m512i acc, __m512i x, __m512i w, const int bits) 
 
 /* Records r[0..R-1] (R = WEIGHT_RECS) of unit u, the first at slot j, into the accumulators of heads
  * h0 .. h0+HB-1; qw rows are (head, group) of ATTN_CHUNK weights, 2 bytes each for 8-bit values, 1
- * for 4- and 2-bit */
+ * for 4-, 3- and 2-bit */
 EK_INLINE void accum_group(const uint8_t *const *r, int u, int j, int k0, int k1, const uint8_t *qw, int h0,
                            __m512i acc[][4], const int HB, const int bits) {
     const size_t wb = bits == 8 ? 2 : 1; /* bytes per weight */
@@ -148,7 +191,7 @@ EK_INLINE void accum_group(const uint8_t *const *r, int u, int j, int k0, int k1
         } else {
             memcpy(&p1, qh + (k1 * ATTN_CHUNK + j) * wb, 4);
             const __m512i w1 = _mm512_set1_epi32(p1);
-            if (bits != 2) { /* a chunk per register pair */
+            if (bits > 3) { /* a chunk per register pair */
                 acc[h][0] = dp_weights(acc[h][0], x[0], w0, bits);
                 acc[h][1] = dp_weights(acc[h][1], x[1], w0, bits);
                 acc[h][2] = dp_weights(acc[h][2], x[2], w1, bits);
@@ -314,6 +357,9 @@ int ek_x512_values_q4(const uint8_t *base, size_t stride, int n, int hd, int g, 
 }
 int ek_x512_values_q2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm) {
     return values_accum(base, stride, n, hd, g, w, gs, o_perm, 2);
+}
+int ek_x512_values_q3(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm) {
+    return values_accum(base, stride, n, hd, g, w, gs, o_perm, 3);
 }
 
 /* ---- key scores ---------------------------------------------------------------------------- */

@@ -5,7 +5,7 @@
  * is computed as scale * sum_j qw_j * u_ji + sum_j w_j * m_j, where qw_j is
  * w_j * d_j rounded against the tile's largest (qw = rint(w * d * Q / max),
  * scale = max / Q; per head and quantization group). 8-bit values: Q = 32767,
- * two records' codes per int32 lane as int16, vpdpwssd; 4- and 2-bit values:
+ * two records' codes per int32 lane as int16, vpdpwssd; 4-, 3- and 2-bit values:
  * Q = 255, four records' codes per lane as bytes, vpdpbusd (half the
  * multiplies; a weight's rounding error, at most max / 510, stays under 1/30
  * of the 4-bit quantization step of the tile's heaviest record).
@@ -32,9 +32,9 @@
 /* 1 if head_dim hd and gs query heads fit the integer value sums (which precisions have one: their
  * rows in kv_types.c, kernels ek_x512_values_q*). */
 int ek_x512_values_shape_ok(int hd, int gs);
-/* The largest rounded weight for values of `bits`: 32767 (8-bit), 255 (4- and 2-bit). */
+/* The largest rounded weight for values of `bits`: 32767 (8-bit), 255 (4-, 3- and 2-bit). */
 int ek_x512_weight_max(int bits);
-/* The value kernels (ek_x512_values_q8/q4/q2, kv_types.h): fold n (<= ATTN_CHUNK) value records at
+/* The value kernels (ek_x512_values_q8/q4/q3/q2, kv_types.h): fold n (<= ATTN_CHUNK) value records at
  * base (stride bytes apart), groups of g, into o_perm with weights w[h * ATTN_CHUNK + j] (<= 1:
  * exponentials of score - running max). Return -1, touching nothing, if a weight is NaN, inf or >= 2
  * (the caller then takes the float path for this tile). */

@@ -34,9 +34,9 @@ static const ek_kv_type TYPES[KVP_COUNT] = {
     [KVP_Q2] = {2, EK_KVG_2, ek_kv_bytes_q2, ek_kv_encode_q2, ek_kv_decode_q2, ek_kv_decode_q2_ref,
                 EK_QORDER_CRUMB AVX2(ek_kv_score_q2_avx2, ek_kv_values_q2_avx2) X512(ek_x512_score_q2, ek_x512_values_q2)
                      NEON(ek_kv_score_q2_neon, ek_kv_values_q2_neon)},
-    /* 3-bit: the 4-bit group; AVX-512 has no 3-bit kernel (the AVX2 ones run) */
+    /* 3-bit: the 4-bit group; AVX-512 keys take the AVX2 kernel */
     [KVP_Q3] = {3, EK_KVG_4, ek_kv_bytes_q3, ek_kv_encode_q3, ek_kv_decode_q3, ek_kv_decode_q3_ref,
-                EK_QORDER_CRUMB AVX2(ek_kv_score_q3_avx2, ek_kv_values_q3_avx2) X512(NULL, NULL)
+                EK_QORDER_CRUMB AVX2(ek_kv_score_q3_avx2, ek_kv_values_q3_avx2) X512(NULL, ek_x512_values_q3)
                      NEON(ek_kv_score_q3_neon, ek_kv_values_q3_neon)},
     /* 6-bit: the 4-bit group; codes unpack in the 4-bit order (low nibbles) plus 2 high bits, so
      * keys take the integer scoring; AVX-512 has no 6-bit kernel (the AVX2 ones run) */

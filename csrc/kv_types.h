@@ -125,6 +125,7 @@ void ek_x512_score_q2(const qi8_query *qi, const query512 *qz, const uint8_t *ba
 int ek_x512_values_q8(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
 int ek_x512_values_q4(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
 int ek_x512_values_q2(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
+int ek_x512_values_q3(const uint8_t *base, size_t stride, int n, int hd, int g, const float *w, int gs, float *o_perm);
 #endif
 #if defined(EK_NEON_KV)
 /* kv_attention_neon.c */

@@ -715,7 +715,7 @@ def test_integer_value_sum_error_is_small_and_bounded(vbits, group):
         check_attention(out, q, kd, vd, q_key, kb, vb, group, True)
 
 
-@pytest.mark.parametrize("vbits,group", [(4, 64), (2, 32)])
+@pytest.mark.parametrize("vbits,group", [(4, 64), (3, 64), (2, 32)])
 def test_integer_value_sum_adds_little_to_quantization_error(vbits, group):
     """The weight rounding of the integer value sum is small next to the error the values' own
     quantization causes: attention over a 4-bit-key cache with these values, against the same cache
