@@ -1,10 +1,13 @@
 /* qemu_insn_count: a qemu TCG plugin that counts the guest instructions a program executes.
  *
  *   cc -O2 -shared -fPIC -o qemu_insn_count.so tools/qemu_insn_count.c
- *   qemu-aarch64 -plugin ./qemu_insn_count.so,out=counts.txt -L /usr/aarch64-linux-gnu PROGRAM ARGS...
+ *   qemu-aarch64 -plugin ./qemu_insn_count.so,out=counts.txt[,sym=per_symbol.txt] -L /usr/aarch64-linux-gnu PROGRAM ARGS...
  *
  * At exit it writes one line "insns N vcpus V" (N executed guest instructions, V vCPUs = guest
- * threads seen) to the file named by out=PATH, or to stderr without it. Each translated block gets
+ * threads seen) to the file named by out=PATH, or to stderr without it. With sym=PATH it also writes
+ * the count per function to PATH, "COUNT SYMBOL" per line, largest first: each block is charged to
+ * the symbol of its first instruction (qemu's lookup in the guest's ELF symbol table; "?" where
+ * there is none). Each translated block gets
  * an inline "add the block's instruction count to a counter" op, so the count is exact for a block
  * that runs to its end. A block left early by an exception (a fault, a syscall in the middle) still
  * counts whole; for compute-bound code that is noise far below one part in a million. The inline op
@@ -20,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 
 /* ---- the plugin API, version 1 (declarations of the functions qemu exports) ---- */
 typedef uint64_t qemu_plugin_id_t;
@@ -36,6 +40,9 @@ void qemu_plugin_register_vcpu_tb_exec_inline(struct qemu_plugin_tb *tb, enum qe
 void qemu_plugin_register_vcpu_init_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_simple_cb_t cb);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn;
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+const char *qemu_plugin_insn_symbol(const struct qemu_plugin_insn *insn);
 
 #define EXPORT __attribute__((visibility("default")))
 EXPORT int qemu_plugin_version = 1;
@@ -44,7 +51,29 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
 
 static uint64_t insn_count;     /* bumped by the inline ops qemu emits into each block */
 static unsigned int max_vcpu;   /* highest vCPU index seen + 1 (guest threads, in user mode) */
-static char *out_path;
+static char *out_path, *sym_path;
+
+/* sym=PATH: one counter per symbol, in an open-addressing table keyed by name */
+#define SYM_SLOTS 65536
+typedef struct { const char *name; uint64_t count; } sym_slot;
+static sym_slot *syms;
+static pthread_mutex_t sym_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t *sym_counter(const char *name) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ull;
+    for (size_t i = 0; i < SYM_SLOTS; i++) {
+        sym_slot *s = &syms[(h + i) % SYM_SLOTS];
+        if (!s->name) { s->name = strdup(name); return &s->count; }
+        if (!strcmp(s->name, name)) return &s->count;
+    }
+    return NULL; /* table full: the block counts in the total only */
+}
+
+static int by_count_desc(const void *a, const void *b) {
+    const sym_slot *x = a, *y = b;
+    return x->count < y->count ? 1 : x->count > y->count ? -1 : 0;
+}
 
 static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index) {
     (void)id;
@@ -53,8 +82,15 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index) {
 
 static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
     (void)id;
-    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &insn_count,
-                                             (uint64_t)qemu_plugin_tb_n_insns(tb));
+    const uint64_t n = (uint64_t)qemu_plugin_tb_n_insns(tb);
+    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &insn_count, n);
+    if (syms && n > 0) {
+        const char *name = qemu_plugin_insn_symbol(qemu_plugin_tb_get_insn(tb, 0));
+        pthread_mutex_lock(&sym_lock);
+        uint64_t *c = sym_counter(name ? name : "?");
+        pthread_mutex_unlock(&sym_lock);
+        if (c) qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, c, n);
+    }
 }
 
 static void on_plugin_exit(qemu_plugin_id_t id, void *userdata) {
@@ -63,6 +99,14 @@ static void on_plugin_exit(qemu_plugin_id_t id, void *userdata) {
     if (out_path && !f) fprintf(stderr, "qemu_insn_count: cannot write %s\n", out_path);
     fprintf(f ? f : stderr, "insns %llu vcpus %u\n", (unsigned long long)insn_count, max_vcpu);
     if (f) fclose(f);
+    if (syms) {
+        FILE *g = fopen(sym_path, "w");
+        if (!g) { fprintf(stderr, "qemu_insn_count: cannot write %s\n", sym_path); return; }
+        qsort(syms, SYM_SLOTS, sizeof *syms, by_count_desc);
+        for (size_t i = 0; i < SYM_SLOTS && syms[i].count; i++)
+            fprintf(g, "%llu %s\n", (unsigned long long)syms[i].count, syms[i].name);
+        fclose(g);
+    }
 }
 
 EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv) {
@@ -70,8 +114,12 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
     for (int i = 0; i < argc; i++) {
         if (!strncmp(argv[i], "out=", 4)) {
             out_path = strdup(argv[i] + 4);
+        } else if (!strncmp(argv[i], "sym=", 4)) {
+            sym_path = strdup(argv[i] + 4);
+            syms = calloc(SYM_SLOTS, sizeof *syms);
+            if (!syms) return 1;
         } else {
-            fprintf(stderr, "qemu_insn_count: unknown argument '%s' (want out=PATH)\n", argv[i]);
+            fprintf(stderr, "qemu_insn_count: unknown argument '%s' (want out=PATH or sym=PATH)\n", argv[i]);
             return 1;
         }
     }
