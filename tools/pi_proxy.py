@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Instructions per decoded token under qemu-aarch64: edgekv vs llama.cpp, a Raspberry Pi PROXY.
 
-    PYTHON=/path/to/venv/bin/python  $PYTHON tools/pi_proxy.py            # everything (slow: ~1 h on 2 cores)
+    PYTHON=/path/to/venv/bin/python  $PYTHON tools/pi_proxy.py            # everything: 21 min of qemu runs
+                                                                          # on 2 cores, + ~8 min of builds from cold
     $PYTHON tools/pi_proxy.py --models smollm2-135m --no-long             # the short-prompt table only
     $PYTHON tools/pi_proxy.py --out benchmarks/results/pi_proxy           # writes pi_proxy.json and .md
 
