@@ -28,7 +28,9 @@
 #   EDGEKV_FUZZ_CASES  fuzz cases (default 20000);  EDGEKV_FUZZ_JOBS  workers (default: nproc)
 #   EDGEKV_CI_BUILD    build folder (default: build/native-checks)
 #   EDGEKV_CI_STEPS    steps to run, e.g. "x86 aarch64 e2e" (default: all of
-#                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz arm64py, plus wheel when EDGEKV_CI_WHEEL=1)
+#                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz arm64py, plus wheel when EDGEKV_CI_WHEEL=1);
+#                      "crossbuild" only builds the x86_64 and the two aarch64 folders, testing nothing
+#                      (tools/pi_proxy.sh uses it)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -142,7 +144,7 @@ DRIVER_RUNS=(
 # 1. x86_64
 # ---------------------------------------------------------------------------------------------
 X86="$B/x86_64"
-if want x86 || want e2e || want valgrind; then
+if want x86 || want e2e || want valgrind || want crossbuild; then
     t=$SECONDS
     if configure_build "$X86" -DEDGEKV_ARCH=portable -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
         if want x86; then
@@ -181,7 +183,7 @@ fi
 # 2. aarch64 (plain NEON) under qemu: Raspberry Pi 4 (Cortex-A72) and Pi 3 (Cortex-A53) cores
 # ---------------------------------------------------------------------------------------------
 A64="$B/aarch64"
-if want aarch64 || want e2e; then
+if want aarch64 || want e2e || want crossbuild; then
     t=$SECONDS
     if configure_build "$A64" -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
         -DEDGEKV_ARCH=portable -DCMAKE_BUILD_TYPE=Release; then
@@ -201,7 +203,7 @@ fi
 # 3. aarch64 + dotprod (Raspberry Pi 5 class: Cortex-A76)
 # ---------------------------------------------------------------------------------------------
 DOT="$B/aarch64-dotprod"
-if want dotprod || want e2e; then
+if want dotprod || want e2e || want crossbuild; then
     t=$SECONDS
     if configure_build "$DOT" -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
         -DEDGEKV_ARCH=none -DCMAKE_C_FLAGS="-march=armv8.2-a+dotprod+fp16" -DCMAKE_BUILD_TYPE=Release; then
