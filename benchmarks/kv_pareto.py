@@ -42,7 +42,7 @@ CACHE = RESULTS / "cache" / "kv_pareto"
 POLICIES = "fp16,int8,int4,k4v3,int3,auto@4.5,auto@4,auto@3.5,rand@4,auto"
 LLAMA = "f16,q8_0,q5_0,q4_0"
 accuracy.LLAMA_TYPES.setdefault("q5_0", (6, 5.5))  # GGML_TYPE_Q5_0: blocks of 32, one fp16 scale
-SPEED_CTX, SPEED_REPS = 256, 8
+SPEED_REPS = 8
 UNIFORM = ("fp16", "int8", "int4", "k4v3", "int3")
 UNIFORM_SLACK = 0.01  # a uniform policy's one map (about 0.01 bits) does not rule it out as auto@B's control
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -123,33 +123,40 @@ def run(args) -> None:
                 r.close()
 
 
-def speed(args) -> dict:
-    """Decode ms/token at SPEED_CTX tokens, fp16 against each --speed-policies policy (benchmarks/decode.py's
-    way: one ek_forward per step through Session.eval, blocks of 16 steps taking turns, medians; here
-    one session per policy in one Model, each cache refilled per rep)."""
+def speed(args) -> None:
+    """Decode ms/token at each --speed-ctx context, fp16 against each --speed-policies policy
+    (benchmarks/decode.py's way: one ek_forward per step through Session.eval, blocks of 16 steps
+    taking turns, medians; here one session per policy in one Model, each cache refilled per rep)."""
+    for ctx in args.speed_ctx:
+        speed_at(args, ctx)
+
+
+def speed_at(args, ctx: int) -> dict:
     import edgekv
 
     path = Path(edgekv.registry.resolve(args.model))
     names = ["fp16"] + [p for p in args.speed_policies.split(",") if p and p != "fp16"]
     times: dict = {n: [] for n in names}
-    with edgekv.load(path, threads=args.threads, ctx=SPEED_CTX + 32, progress=False) as m:
-        ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:20000], special=False)[:SPEED_CTX], np.int32)
+    with edgekv.load(path, threads=args.threads, ctx=ctx + 32, progress=False) as m:
+        ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:8 * ctx], special=False)[:ctx], np.int32)
         sessions = {n: m.new_session(kv=model_policy(m, n)) for n in names}
         for rep in range(SPEED_REPS):
             for n in names if rep % 2 == 0 else names[::-1]:
                 s = sessions[n]
                 s.truncate(0)
-                tok = int(np.argmax(s.eval(ids)))  # SPEED_CTX tokens cached under the policy
+                tok = int(np.argmax(s.eval(ids)))  # ctx tokens cached under the policy
                 for _ in range(16):
                     t0 = time.perf_counter()
                     logits = s.eval([tok], defer=True)
                     times[n].append(1000 * (time.perf_counter() - t0))
                     tok = int(np.argmax(logits))
-    out = {"model": path.name, "ctx": SPEED_CTX, "steps_per_policy": len(times["fp16"]),
+    if ids.size < ctx:
+        raise SystemExit(f"--speed-ctx {ctx}: the text gives only {ids.size} tokens")
+    out = {"model": path.name, "ctx": ctx, "threads": args.threads, "steps_per_policy": len(times["fp16"]),
            "ms_per_token": {n: float(np.median(t)) for n, t in times.items()}}
     f = Path(args.out + "_speed.json")
     prev = json.loads(f.read_text()) if f.is_file() else {}
-    prev[args.model] = out
+    prev[f"{args.model}@{ctx}"] = out
     f.write_text(json.dumps(prev, indent=1))
     print(out, file=sys.stderr)
     return out
@@ -245,8 +252,11 @@ def profile_summary(model: str) -> dict | None:
 
 
 def report(args) -> None:
+    # a model with no window cache here (it is git-ignored) keeps its entry from the committed JSON
+    f = Path(args.out + ".json")
+    prev = {s["model"]: s for s in json.loads(f.read_text())["models"]} if f.is_file() else {}
     res = {"machine": machine(command_line("kv_pareto.py", args.argv)), "window": WINDOW, "window_ctx": WINDOW_CTX,
-           "models": [s for s in (summarize(mo) for mo in MODELS) if s]}
+           "models": [s for s in (summarize(mo) or prev.get(mo) for mo in MODELS) if s]}
     Path(args.out + ".json").write_text(json.dumps(res, indent=1))
     L = ["# KV precision Pareto: WikiText-2 perplexity against average KV bits", "",
          f"`../shared/data/wikitext2_valid.txt`, consecutive {WINDOW}-token windows; {WINDOW_CTX} tokens of context "
@@ -299,11 +309,11 @@ def report(args) -> None:
     if f.is_file():
         sps = json.loads(f.read_text()).values()
         cols = list(dict.fromkeys(c for sp in sps for c in sp["ms_per_token"]))
-        L += ["## Decode speed at 256 tokens (`--speed`)", "", "| model | steps | " + " | ".join(cols) + " |",
-              "|---|---|" + "---|" * len(cols)]
+        L += ["## Decode speed (`--speed`)", "", "| model | context | steps | " + " | ".join(cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
         for sp in sps:
             ms = sp["ms_per_token"]
-            L.append(f"| {sp['model']} | {sp['steps_per_policy']} | " + " | ".join(
+            L.append(f"| {sp['model']} | {sp['ctx']} | {sp['steps_per_policy']} | " + " | ".join(
                 f"{ms[c]:.2f} ms" if c in ms else "--" for c in cols) + " |")
         L += ["", "Median ms/token over blocks of 16 decode steps taking turns (one Model, same run).", ""]
     L += [f"Machine: {machine_line(res['machine'])}", ""]
@@ -318,7 +328,8 @@ def main(argv=None) -> None:
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--llama", default=LLAMA, help="llama.cpp KV types ('' for none)")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--speed", action="store_true", help="only time decode at 256 tokens: fp16 vs --speed-policies")
+    ap.add_argument("--speed", action="store_true", help="only time decode: fp16 vs --speed-policies at --speed-ctx")
+    ap.add_argument("--speed-ctx", type=int, nargs="+", default=[256], help="context lengths (tokens cached)")
     ap.add_argument("--speed-policies", default="auto,int4")
     ap.add_argument("--out", default=str(RESULTS / "kv_pareto"))
     args = ap.parse_args(argv)

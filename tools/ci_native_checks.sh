@@ -30,7 +30,7 @@
 #   EDGEKV_CI_STEPS    steps to run, e.g. "x86 aarch64 e2e" (default: all of
 #                      x86 scalar aarch64 dotprod e2e asan asan512 valgrind fuzz arm64py, plus wheel when EDGEKV_CI_WHEEL=1);
 #                      "crossbuild" only builds the x86_64 and the two aarch64 folders, testing nothing
-#                      (tools/pi_proxy.sh uses it)
+#                      (tools/pi_proxy.py uses it)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
