@@ -229,8 +229,9 @@ def summarize(model: str) -> dict | None:
             r["vs_random"] = paired(r["nll"], rnd["nll"], r["n_tok"])
     best = {}
     for b in TARGET_BITS:  # the targets: the best edgekv policy at <= b bits, maps included
-        cands = [r for r in out if r["engine"] == "edgekv" and "vs_fp16" in r and r["avg_bits_maps"] <= b + (
-            UNIFORM_SLACK if r["policy"] in UNIFORM else 1e-9)]
+        slack = lambda r: UNIFORM_SLACK if r["policy"] in UNIFORM else 1e-9  # noqa: E731
+        cands = [r for r in out if r["engine"] == "edgekv" and "vs_fp16" in r  # rand@B is a control, not a policy
+                 and not r["policy"].startswith("rand@") and r["avg_bits_maps"] <= b + slack(r)]
         if cands:
             r = min(cands, key=lambda r: r["ppl"])
             best[str(b)] = {"policy": r["policy"], "avg_bits_maps": r["avg_bits_maps"], **r["vs_fp16"]}
