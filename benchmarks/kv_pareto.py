@@ -45,7 +45,7 @@ accuracy.LLAMA_TYPES.setdefault("q5_0", (6, 5.5))  # GGML_TYPE_Q5_0: blocks of 3
 SPEED_REPS = 8
 UNIFORM = ("fp16", "int8", "int4", "k4v3", "int3")
 UNIFORM_SLACK = 0.01  # a uniform policy's one map (about 0.01 bits) does not rule it out as auto@B's control
-MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m")
 TARGET_BITS = (8.5, 5.5, 4.5, 4.0, 3.5)  # issue 18's done-when budgets
 
 

@@ -184,7 +184,7 @@ def test_damage_table_modes():
 def test_registry_models_ship_their_profile():
     from edgekv import registry
 
-    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"):
         sha = registry.get_entry(name)["sha256"]
         prof = calibrate.load_profile(calibrate.SHIPPED / f"{sha}.json")
         calibrate.check_profile(prof, sha)
