@@ -12,14 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from common import command_line, machine, machine_line
-from kv_layers import WIKI
+from kv_layers import RESULTS, wiki_prefix
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")  # the three
 POLICIES = "fp16,int8,int4,auto@4,auto"
 GIB = 1 << 30
 
@@ -29,7 +25,7 @@ def measure(model: str, policies: list[str], tokens: int, threads: int) -> dict:
 
     out = {}
     with edgekv.load(edgekv.registry.resolve(model), threads=threads, ctx=tokens + 24, progress=False) as m:
-        ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:8 * tokens], special=False)[:tokens], np.int32)
+        ids = wiki_prefix(m, tokens)
         for p in policies:
             s = m.new_session(kv=p)
             try:

@@ -33,6 +33,14 @@ WINDOW, WINDOW_CTX, N_CTX = 512, 384, 1024
 DEFAULT_POLICIES = "fp16,int4,layers:int4,0=k8v4,k4v3,layers:k4v3,0=k8v3"
 
 
+def wiki_prefix(m, n: int) -> np.ndarray:
+    """The first n tokens of WIKI (edgekv's tokenizer, no BOS), int32; SystemExit if the text is shorter."""
+    ids = np.asarray(m.tokenize(WIKI.read_text(encoding="utf-8")[:8 * n], special=False)[:n], np.int32)
+    if ids.size < n:
+        raise SystemExit(f"{WIKI.name} gives only {ids.size} of the {n} tokens asked for")
+    return ids
+
+
 def split_policies(s: str) -> list[str]:
     """Comma-separated policies; a part that is an override (L=P) belongs to the layers: before it."""
     out: list[str] = []

@@ -34,7 +34,7 @@ import numpy as np
 
 import accuracy
 from common import bootstrap, ci95, command_line, machine, machine_line
-from kv_layers import N_CTX, WIKI, WINDOW, WINDOW_CTX, score_window, split_policies
+from kv_layers import N_CTX, WIKI, WINDOW, WINDOW_CTX, score_window, split_policies, wiki_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -138,7 +138,7 @@ def speed_at(args, ctx: int) -> dict:
     names = ["fp16"] + [p for p in args.speed_policies.split(",") if p and p != "fp16"]
     times: dict = {n: [] for n in names}
     with edgekv.load(path, threads=args.threads, ctx=ctx + 32, progress=False) as m:
-        ids = np.asarray(m.tokenize(Path(WIKI).read_text(encoding="utf-8")[:8 * ctx], special=False)[:ctx], np.int32)
+        ids = wiki_prefix(m, ctx)
         sessions = {n: m.new_session(kv=model_policy(m, n)) for n in names}
         for rep in range(SPEED_REPS):
             for n in names if rep % 2 == 0 else names[::-1]:
@@ -150,8 +150,6 @@ def speed_at(args, ctx: int) -> dict:
                     logits = s.eval([tok], defer=True)
                     times[n].append(1000 * (time.perf_counter() - t0))
                     tok = int(np.argmax(logits))
-    if ids.size < ctx:
-        raise SystemExit(f"--speed-ctx {ctx}: the text gives only {ids.size} tokens")
     out = {"model": path.name, "ctx": ctx, "threads": args.threads, "steps_per_policy": len(times["fp16"]),
            "ms_per_token": {n: float(np.median(t)) for n, t in times.items()}}
     f = Path(args.out + "_speed.json")
@@ -228,8 +226,8 @@ def summarize(model: str) -> dict | None:
         if rnd is not None:
             r["vs_random"] = paired(r["nll"], rnd["nll"], r["n_tok"])
     best = {}
+    slack = lambda r: UNIFORM_SLACK if r["policy"] in UNIFORM else 1e-9  # noqa: E731
     for b in TARGET_BITS:  # the targets: the best edgekv policy at <= b bits, maps included
-        slack = lambda r: UNIFORM_SLACK if r["policy"] in UNIFORM else 1e-9  # noqa: E731
         cands = [r for r in out if r["engine"] == "edgekv" and "vs_fp16" in r  # rand@B is a control, not a policy
                  and not r["policy"].startswith("rand@") and r["avg_bits_maps"] <= b + slack(r)]
         if cands:
